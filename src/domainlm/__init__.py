@@ -1,0 +1,3 @@
+"""domainlm: pretrain your own domain-specific language model from scratch."""
+
+__version__ = "0.1.0"

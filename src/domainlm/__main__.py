@@ -1,0 +1,4 @@
+from domainlm.cli import main
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,222 @@
+"""The `domainlm` command: one thin typer command per pipeline stage.
+
+Errors from bad input print one line (``error: ...``) and exit with code 2; ``--debug`` anywhere on the
+command line shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from domainlm import __version__
+from domainlm.errors import ConfigError, UserError
+
+app = typer.Typer(
+    name="domainlm",
+    help="Pretrain your own domain-specific language model from scratch (the BloombergGPT recipe).",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+console = Console()
+err_console = Console(stderr=True)
+DEBUG = False
+
+ConfigArg = Annotated[Path | None, typer.Argument(help="run config YAML (see recipes/legal-demo.yaml)")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"domainlm {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: Annotated[bool, typer.Option("--debug", help="show tracebacks on errors")] = False,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, help="show the version")] = False,
+) -> None:
+    global DEBUG
+    DEBUG = DEBUG or debug
+
+
+def print_json(obj) -> None:
+    sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------------- plan
+
+
+@app.command()
+def plan(
+    config: ConfigArg = None,
+    flops: Annotated[str | None, typer.Option(help="compute budget in FLOPs, e.g. 1e21")] = None,
+    gpu: Annotated[str | None, typer.Option(help="a100-40gb, a100-80gb, h100, h200, l4 or cpu (measured)")] = None,
+    gpus: Annotated[str | None, typer.Option(help="number of GPUs [1]")] = None,
+    hours: Annotated[str | None, typer.Option(help="wall-clock hours on --gpus GPUs")] = None,
+    mfu: Annotated[str | None, typer.Option(help="model FLOPs utilisation in (0, 1] [0.40]")] = None,
+    unique_tokens: Annotated[
+        list[str] | None, typer.Option("--unique-tokens", help="data limit per source, NAME=TOKENS (repeatable)")
+    ] = None,
+    weight: Annotated[list[str] | None, typer.Option("--weight", help="mixture weight, NAME=W (repeatable)")] = None,
+    law: Annotated[
+        str | None, typer.Option(help="chinchilla-1|chinchilla-2|chinchilla-3|epoch-2024|kaplan|fitted:PATH")
+    ] = None,
+    vocab_size: Annotated[str | None, typer.Option(help="vocabulary size for the model shape [32768]")] = None,
+    seq_len: Annotated[str | None, typer.Option(help="sequence length for FLOPs and memory [2048]")] = None,
+    plot: Annotated[Path | None, typer.Option(help="write the params-vs-tokens chart to this PNG")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Size the model and its token budget with scaling laws (compute-optimal and data-constrained)."""
+    from domainlm.plan.command import run_plan
+
+    result, written = run_plan(
+        config,
+        flops=flops,
+        gpu=gpu,
+        gpus=gpus,
+        hours=hours,
+        mfu=mfu,
+        unique_tokens=unique_tokens,
+        weight=weight,
+        law=law,
+        vocab_size=vocab_size,
+        seq_len=seq_len,
+        plot=plot,
+    )
+    if as_json:
+        print_json(result)
+        return
+    from domainlm.plan.report import print_plan
+
+    print_plan(result, console)
+    for p in written:
+        console.print(f"wrote [bold]{p}[/]")
+
+
+# ---------------------------------------------------------------------------------------------------- memory
+
+
+@app.command()
+def memory(
+    params: Annotated[str, typer.Option(help="parameter count, e.g. 7.5e9 or 7.5B")],
+    precision: Annotated[str, typer.Option(help="fp32 | bf16-mixed | bf16")] = "bf16-mixed",
+    optimizer: Annotated[str, typer.Option(help="adamw | sgd | adafactor")] = "adamw",
+    sharding: Annotated[str | None, typer.Option(help="ddp | zero1 | zero2 | zero3")] = None,
+    gpus: Annotated[str, typer.Option(help="data-parallel GPUs")] = "1",
+    gpu: Annotated[str | None, typer.Option(help="GPU kind, for its memory (a100-40gb, h100, ...)")] = None,
+    gpu_memory_gb: Annotated[str | None, typer.Option(help="memory per GPU in GB")] = None,
+    seq_len: Annotated[str | None, typer.Option(help="sequence length (activations)")] = None,
+    micro_batch: Annotated[str | None, typer.Option(help="sequences per GPU per micro-step (activations)")] = None,
+    n_layers: Annotated[str | None, typer.Option(help="layers (default: the plan's shape rule)")] = None,
+    d_model: Annotated[str | None, typer.Option(help="hidden size (default: the plan's shape rule)")] = None,
+    vocab_size: Annotated[str, typer.Option(help="vocabulary size (logits)")] = "32768",
+    activation_checkpointing: Annotated[bool, typer.Option(help="recompute activations in backward")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Per-GPU memory for weights, gradients, optimizer states and activations; the least sharding that fits."""
+    from domainlm.plan.command import run_memory
+
+    result = run_memory(
+        params=params,
+        precision=precision,
+        optimizer=optimizer,
+        sharding=sharding,
+        gpus=gpus,
+        gpu=gpu,
+        gpu_memory_gb=gpu_memory_gb,
+        seq_len=seq_len,
+        micro_batch=micro_batch,
+        n_layers=n_layers,
+        d_model=d_model,
+        vocab_size=vocab_size,
+        activation_checkpointing=activation_checkpointing,
+    )
+    if as_json:
+        print_json(result)
+        return
+    from domainlm.plan.report import print_memory
+
+    print_memory(result, console)
+
+
+# ---------------------------------------------------------------------------------------------------- run
+
+
+@app.command()
+def run(
+    config: ConfigArg = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Run the whole pipeline; the default CONFIG is the packaged legal demo."""
+    from domainlm.run import run_all
+
+    run_all(config, console=console, as_json=as_json)
+
+
+# ---------------------------------------------------------------------------------------------------- entry
+
+
+def _one_line(msg: str) -> str:
+    return " ".join(msg.split())
+
+
+def main(argv: list[str] | None = None) -> None:
+    global DEBUG
+    args = list(sys.argv[1:] if argv is None else argv)
+    if "--debug" in args:
+        DEBUG = True
+        args = [a for a in args if a != "--debug"]
+    DEBUG = DEBUG or os.environ.get("DOMAINLM_DEBUG") == "1"
+    command = typer.main.get_command(app)
+    try:
+        rc = command.main(args=args, prog_name="domainlm", standalone_mode=False)
+    except ConfigError as e:
+        if DEBUG:
+            raise
+        for p in e.problems:
+            err_console.print(f"[red]error:[/] {p}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except UserError as e:
+        if DEBUG:
+            raise
+        err_console.print(f"[red]error:[/] {_one_line(str(e))}", highlight=False, soft_wrap=True)
+        sys.exit(e.exit_code)
+    except KeyboardInterrupt:
+        err_console.print("interrupted; rerun the same command to resume")
+        sys.exit(130)
+    except Exception as e:  # click usage errors and abort
+        name = type(e).__name__
+        if name in ("UsageError", "BadParameter", "NoSuchOption", "MissingParameter", "BadOptionUsage",
+                    "BadArgumentUsage", "NoArgsIsHelpError"):
+            if name == "NoArgsIsHelpError":
+                command.main(args=["--help"], prog_name="domainlm", standalone_mode=False)
+                sys.exit(0)
+            if DEBUG:
+                raise
+            msg = e.format_message() if hasattr(e, "format_message") else str(e)
+            ctx = getattr(e, "ctx", None)
+            where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            err_console.print(f"[red]error:[/] {_one_line(msg)}{where}", highlight=False, soft_wrap=True)
+            sys.exit(2)
+        if name == "Abort":
+            sys.exit(1)
+        raise
+    sys.exit(rc if isinstance(rc, int) else 0)

@@ -1,0 +1,205 @@
+"""Typed run configuration (pydantic v2), loaded from YAML.
+
+Every section rejects unknown keys. A config that does not validate raises :class:`ConfigError` with one
+line per problem, each naming the file, the key path (``sources[0].weight``) and what was expected.
+"""
+
+from __future__ import annotations
+
+import math
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from domainlm.errors import ConfigError, UserError
+
+LAWS = ("chinchilla-1", "chinchilla-2", "chinchilla-3", "epoch-2024", "kaplan")
+DEMO_RECIPE = "legal-demo.yaml"
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class SourceConfig(_Section):
+    """One text source of the mixture."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="folder-safe name")
+    role: Literal["domain", "general"]
+    weight: float = Field(ge=0.0, le=1.0, description="share of training sequences drawn from this source")
+    input: str = Field(min_length=1, description="path/glob, hf:<dataset>, or package:licensedcode|bbc-news")
+    text_key: str = "text"  # .jsonl inputs
+    text_column: str = "text"  # .parquet and hf: inputs
+    split: str = "train"  # hf: inputs
+    unique_tokens: float | None = Field(default=None, gt=0, description="known unique tokens (plan limits)")
+
+
+class BudgetConfig(_Section):
+    """Compute budget for `domainlm plan`: either ``flops`` or ``gpu`` + ``gpus`` + ``hours``."""
+
+    flops: float | None = Field(default=None, gt=0)
+    gpu: str | None = None
+    gpus: int = Field(default=1, ge=1)
+    hours: float | None = Field(default=None, gt=0)
+    mfu: float | None = Field(default=None, gt=0, le=1)
+    law: str = "chinchilla-3"
+    buffer: float = Field(default=0.3, ge=0, lt=1, description="compute kept in reserve (BloombergGPT: ~30%)")
+
+    @field_validator("law")
+    @classmethod
+    def _known_law(cls, v: str) -> str:
+        if v not in LAWS and not v.startswith("fitted:"):
+            raise ValueError(f"expected one of {', '.join(LAWS)} or fitted:PATH")
+        return v
+
+
+class TokenizerConfig(_Section):
+    kind: Literal["bpe", "unigram"] = "bpe"
+    vocab_size: int = Field(default=32768, ge=300)
+    domain_terms: list[str] = Field(default_factory=list)
+
+
+class ModelConfig(_Section):
+    """Model shape. Unset fields come from the plan (`domainlm plan`'s ``model``)."""
+
+    n_layers: int | None = Field(default=None, ge=1)
+    d_model: int | None = Field(default=None, ge=8)
+    n_heads: int | None = Field(default=None, ge=1)
+    n_kv_heads: int | None = Field(default=None, ge=1)
+    ffn_dim: int | None = Field(default=None, ge=8)
+    tie_embeddings: bool = False
+    max_position_embeddings: int | None = Field(default=None, ge=8)
+
+
+class TrainConfig(_Section):
+    seq_len: int = Field(default=512, ge=8)
+    micro_batch: int = Field(default=8, ge=1)
+    tokens_per_step: int | None = Field(default=None, ge=8)
+    max_tokens: float | None = Field(default=None, gt=0, description="token budget; default from the plan")
+    lr: float = Field(default=3e-3, gt=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    warmup_steps: int = Field(default=20, ge=0)
+    schedule: Literal["cosine", "wsd"] = "cosine"
+    weight_decay: float = Field(default=0.1, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    precision: Literal["auto", "fp32", "bf16-mixed"] = "auto"
+    parallel: Literal["auto", "ddp", "fsdp"] = "auto"
+    compile: bool = False
+    eval_every: int = Field(default=50, ge=1)
+    checkpoint_every: int = Field(default=100, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    seed: int = 0
+
+
+class EvalConfig(_Section):
+    probes: str | None = None  # path to a probe file; None = the packaged set for the demo
+    max_bytes_per_source: int = Field(default=200_000, ge=1)
+
+
+class RunConfig(_Section):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    run_dir: str | None = None  # default: runs/<name>
+    sources: list[SourceConfig] = Field(default_factory=list)
+    budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    eval: EvalConfig = Field(default_factory=EvalConfig)
+
+    @field_validator("sources")
+    @classmethod
+    def _check_sources(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
+        names = [s.name for s in sources]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"two sources named {dupes[0]!r}; names must be unique")
+        if sources:
+            total = sum(s.weight for s in sources)
+            if not math.isclose(total, 1.0, abs_tol=1e-6):
+                raise ValueError(f"weights must sum to 1, got {total:g}")
+        return sources
+
+    def directory(self, base: Path | None = None) -> Path:
+        """The run directory: ``run_dir`` if set, else ``runs/<name>`` under ``base`` (default: cwd)."""
+        if self.run_dir:
+            return Path(self.run_dir)
+        return (base or Path.cwd()) / "runs" / self.name
+
+
+def _loc(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for part in loc:
+        if isinstance(part, int):
+            out += f"[{part}]"
+        else:
+            out += ("." if out else "") + str(part)
+    return out or "(top level)"
+
+
+def _describe(err: dict[str, Any]) -> str:
+    msg = err["msg"].removeprefix("Value error, ")
+    if err["type"] == "extra_forbidden":
+        return "unknown key"
+    if err["type"] == "missing":
+        return "required key is missing"
+    got = err.get("input")
+    if err["type"] not in ("model_type",) and not isinstance(got, dict | list):
+        return f"{msg} (got {got!r})"
+    return msg
+
+
+def validate(data: Any, origin: str = "config") -> RunConfig:
+    """Validate a mapping; raise ConfigError with ``origin: key.path: problem`` lines."""
+    if not isinstance(data, dict):
+        raise ConfigError([f"{origin}: expected a mapping of sections at the top level, got {type(data).__name__}"])
+    try:
+        return RunConfig.model_validate(data)
+    except ValidationError as e:
+        problems = [f"{origin}: {_loc(err['loc'])}: {_describe(err)}" for err in e.errors()]
+        raise ConfigError(problems) from None
+
+
+def demo_recipe_path() -> Path:
+    return Path(str(resources.files("domainlm") / "recipes" / DEMO_RECIPE))
+
+
+def load_config(path: str | Path | None) -> RunConfig:
+    """Load and validate a YAML run config; ``None`` loads the packaged legal demo."""
+    p = Path(path) if path is not None else demo_recipe_path()
+    if not p.exists():
+        raise UserError(f"{p}: config file not found")
+    if p.is_dir():
+        raise UserError(f"{p}: expected a YAML config file, got a directory")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{p}: expected a UTF-8 YAML file") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{p}:{mark.line + 1}" if mark is not None else str(p)
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{where}: invalid YAML: {problem}") from None
+    cfg = validate(data, str(p))
+    # Relative paths in a config are relative to the config file, not to the caller's cwd.
+    base = p.parent.resolve()
+    for s in cfg.sources:
+        if not (s.input.startswith(("hf:", "package:")) or Path(s.input).is_absolute()):
+            s.input = str(base / s.input)
+    return cfg
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML (written into every run directory)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def write_resolved(cfg: RunConfig, run_dir: Path) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    out = run_dir / "config.yaml"
+    tmp = out.with_suffix(".yaml.tmp")
+    tmp.write_text(dump_config(cfg), encoding="utf-8")
+    tmp.replace(out)
+    return out

@@ -1,0 +1,1 @@
+"""Corpus preparation: sources → cleaned, deduplicated, split documents → token files."""

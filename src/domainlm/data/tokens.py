@@ -1,0 +1,111 @@
+"""Token files: the contract between `domainlm prepare` (writer) and `domainlm train` / `eval` (readers).
+
+Layout under a run directory::
+
+    tokens/<source>/train.bin   raw little-endian uint16 (vocab ≤ 65536) or uint32 token ids;
+    tokens/<source>/val.bin     documents concatenated, each followed by the EOS id
+    tokens/counts.json          {"version", "dtype", "vocab_size", "eos_id", "tokenizer_sha256",
+                                 "sources": {name: {"train_tokens", "val_tokens", "train_docs", "val_docs",
+                                                    "train_bytes", "val_bytes"}}}
+
+``train_tokens`` is the number of unique (never repeated) training tokens of a source — the data limit
+`domainlm plan` uses. ``*_bytes`` are UTF-8 bytes of the text that was tokenized (bits-per-byte needs them).
+A file is written to ``<name>.tmp`` and renamed when complete, so a reader never sees a partial file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from domainlm.errors import UserError
+
+COUNTS_VERSION = 1
+
+
+def dtype_for(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
+
+
+def tokens_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "tokens"
+
+
+def token_path(run_dir: Path, source: str, split: str) -> Path:
+    return tokens_dir(run_dir) / source / f"{split}.bin"
+
+
+def counts_path(run_dir: Path) -> Path:
+    return tokens_dir(run_dir) / "counts.json"
+
+
+class TokenWriter:
+    """Append token arrays to ``path`` through ``path.tmp``; ``close()`` fsyncs and renames into place."""
+
+    def __init__(self, path: Path, dtype: np.dtype):
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.dtype = np.dtype(dtype)
+        self._f = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()
+        self.n_tokens = 0
+
+    def write(self, ids) -> None:
+        arr = np.asarray(ids, dtype=self.dtype)
+        self._f.write(arr.astype(self.dtype.newbyteorder("<"), copy=False).tobytes())
+        self.n_tokens += int(arr.size)
+
+    def close(self) -> None:
+        self._f.flush()
+        os.fsync(self._f.fileno())
+        self._f.close()
+        os.replace(self.tmp, self.path)
+
+    def __enter__(self) -> TokenWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            self._f.close()
+            self.tmp.unlink(missing_ok=True)
+
+
+def load_counts(run_dir: Path) -> dict:
+    p = counts_path(run_dir)
+    if not p.exists():
+        raise UserError(f"{p}: no token files; run `domainlm prepare CONFIG` first (with a tokenizer trained)")
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise UserError(f"{p}: corrupted counts file ({e.msg} at line {e.lineno}); rerun `domainlm prepare`") from None
+    if data.get("version") != COUNTS_VERSION:
+        raise UserError(f"{p}: token files from an incompatible version; rerun `domainlm prepare`")
+    return data
+
+
+def write_counts(run_dir: Path, data: dict) -> Path:
+    p = counts_path(run_dir)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    tmp.write_text(json.dumps({"version": COUNTS_VERSION, **data}, indent=2), encoding="utf-8")
+    os.replace(tmp, p)
+    return p
+
+
+def open_tokens(run_dir: Path, source: str, split: str, counts: dict | None = None) -> np.memmap:
+    """Memory-map one source's token file (read-only)."""
+    counts = counts or load_counts(run_dir)
+    p = token_path(run_dir, source, split)
+    if not p.exists():
+        raise UserError(f"{p}: missing token file; run `domainlm prepare CONFIG`")
+    dtype = np.dtype(counts["dtype"]).newbyteorder("<")
+    if p.stat().st_size % dtype.itemsize:
+        raise UserError(f"{p}: size is not a multiple of {dtype.itemsize} bytes; rerun `domainlm prepare`")
+    if p.stat().st_size == 0:
+        raise UserError(f"{p}: empty token file; the source has no {split} documents")
+    return np.memmap(p, dtype=dtype, mode="r")

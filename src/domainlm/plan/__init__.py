@@ -1,0 +1,1 @@
+"""Compute planning: scaling laws, hardware, memory, model shape, the plan and its chart."""

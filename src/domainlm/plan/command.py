@@ -1,0 +1,156 @@
+"""Glue between the CLI (strings from flags, the config's `budget`) and the planner / memory model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from domainlm.config import RunConfig, load_config, write_resolved
+from domainlm.data.tokens import counts_path
+from domainlm.errors import UserError
+from domainlm.plan import memory as M
+from domainlm.plan.hardware import GPU_KINDS, get_accelerator
+from domainlm.plan.planner import PlanRequest, make_plan
+from domainlm.units import parse_assignments, parse_number
+
+
+def _int(text: str | None, flag: str) -> int | None:
+    if text is None:
+        return None
+    v = parse_number(text, flag)
+    if v != int(v):
+        raise UserError(f"{flag}: expected a whole number, got {text!r}")
+    return int(v)
+
+
+def measured_unique_tokens(run_dir: Path) -> dict[str, float]:
+    """Unique train tokens per source measured by `domainlm prepare`, if it has run."""
+    p = counts_path(run_dir)
+    if not p.exists():
+        return {}
+    data = json.loads(p.read_text(encoding="utf-8"))
+    return {k: float(v["train_tokens"]) for k, v in data.get("sources", {}).items()}
+
+
+def request_from(cfg: RunConfig | None, **flags) -> PlanRequest:
+    """Flags override the config's `budget` section; sources and their limits come from the config."""
+    req = PlanRequest()
+    if cfg is not None:
+        b = cfg.budget
+        req.flops, req.gpu, req.gpus, req.hours, req.mfu, req.law = b.flops, b.gpu, b.gpus, b.hours, b.mfu, b.law
+        req.buffer = b.buffer
+        req.weights = {s.name: s.weight for s in cfg.sources}
+        req.roles = {s.name: s.role for s in cfg.sources}
+        req.unique_tokens = {s.name: s.unique_tokens for s in cfg.sources if s.unique_tokens}
+        measured = measured_unique_tokens(cfg.directory())
+        for k, v in measured.items():
+            req.unique_tokens.setdefault(k, v)
+        req.vocab_size = cfg.tokenizer.vocab_size
+        req.seq_len = cfg.train.seq_len
+        req.micro_batch = cfg.train.micro_batch
+        req.tie_embeddings = cfg.model.tie_embeddings
+    if flags.get("flops") is not None:
+        req.flops = parse_number(flags["flops"], "--flops")
+        if flags.get("hours") is None:
+            req.hours = None
+    if flags.get("hours") is not None:
+        req.hours = parse_number(flags["hours"], "--hours")
+        if flags.get("flops") is None:
+            req.flops = None
+    if flags.get("gpu") is not None:
+        if flags["gpu"] not in GPU_KINDS:
+            raise UserError(f"--gpu: unknown GPU kind {flags['gpu']!r}; expected one of {', '.join(GPU_KINDS)}")
+        req.gpu = flags["gpu"]
+    if flags.get("gpus") is not None:
+        req.gpus = _int(flags["gpus"], "--gpus")
+    if flags.get("mfu") is not None:
+        req.mfu = parse_number(flags["mfu"], "--mfu", positive=False)
+        if not 0 < req.mfu <= 1:
+            raise UserError(f"--mfu: expected a fraction in (0, 1], got {flags['mfu']!r}")
+    if flags.get("law") is not None:
+        req.law = flags["law"]
+    if flags.get("weight"):
+        req.weights = parse_assignments(flags["weight"], "--weight", positive=False)
+        req.roles = {k: req.roles.get(k, "domain" if i == 0 else "general") for i, k in enumerate(req.weights)}
+    if flags.get("unique_tokens"):
+        req.unique_tokens = parse_assignments(flags["unique_tokens"], "--unique-tokens")
+    if flags.get("vocab_size") is not None:
+        req.vocab_size = _int(flags["vocab_size"], "--vocab-size")
+    if flags.get("seq_len") is not None:
+        req.seq_len = _int(flags["seq_len"], "--seq-len")
+    return req
+
+
+def run_plan(config: Path | None, plot: Path | None = None, **flags) -> tuple[dict, list[Path]]:
+    cfg = load_config(config) if config is not None else None
+    req = request_from(cfg, **flags)
+    result = make_plan(req)
+    written: list[Path] = []
+    if cfg is not None:
+        run_dir = cfg.directory()
+        written.append(write_resolved(cfg, run_dir))
+        result["config"] = str(config)
+        out = run_dir / "plan.json"
+        tmp = out.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
+        tmp.replace(out)
+        written.append(out)
+        from domainlm.plan.chart import plot_plan
+
+        written.append(plot_plan(result, run_dir / "plan.png"))
+    if plot is not None:
+        from domainlm.plan.chart import plot_plan
+
+        written.append(plot_plan(result, plot))
+    return result, written
+
+
+def run_memory(**flags) -> dict:
+    params = parse_number(flags["params"], "--params")
+    gpus = _int(flags["gpus"], "--gpus")
+    capacity = None
+    if flags.get("gpu_memory_gb") is not None:
+        capacity = parse_number(flags["gpu_memory_gb"], "--gpu-memory-gb")
+    elif flags.get("gpu") is not None:
+        capacity = get_accelerator(flags["gpu"]).memory_gb
+    kwargs = dict(
+        params=params,
+        precision=flags["precision"],
+        optimizer=flags["optimizer"],
+        gpus=gpus,
+        seq_len=_int(flags.get("seq_len"), "--seq-len"),
+        micro_batch=_int(flags.get("micro_batch"), "--micro-batch"),
+        n_layers=_int(flags.get("n_layers"), "--n-layers"),
+        d_model=_int(flags.get("d_model"), "--d-model"),
+        vocab_size=_int(flags["vocab_size"], "--vocab-size"),
+        activation_checkpointing=flags.get("activation_checkpointing", False),
+    )
+    sharding = flags.get("sharding")
+    recommended = None
+    if sharding is None and capacity is not None:
+        recommended, ests = M.recommend(capacity, **kwargs)
+        est = ests[recommended or "zero3"]
+    else:
+        est = M.estimate(sharding=sharding or "ddp", **kwargs)
+        ests = {est.sharding: est}
+        if capacity is not None:
+            recommended, ests = M.recommend(capacity, **kwargs)
+    return {
+        "params": params,
+        "precision": est.precision,
+        "optimizer": est.optimizer,
+        "sharding": est.sharding,
+        "gpus": gpus,
+        "weights_gb": est.weights_gb,
+        "grads_gb": est.grads_gb,
+        "optimizer_gb": est.optimizer_gb,
+        "activations_gb": est.activations_gb,
+        "activations_method": est.activations_method,
+        "total_gb": est.total_gb,
+        "bytes_per_param_states": est.bytes_per_param_states,
+        "gpu_memory_gb": capacity,
+        "fits": None if capacity is None else est.total_gb <= capacity,
+        "recommended_sharding": recommended,
+        "all_shardings": {k: {"total_gb": v.total_gb, "fits": None if capacity is None else v.total_gb <= capacity}
+                          for k, v in ests.items()},
+    }

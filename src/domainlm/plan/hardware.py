@@ -1,0 +1,92 @@
+"""Accelerator table (dense peaks from vendor datasheets) and a measured probe for CPUs."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from domainlm.errors import UserError
+
+DEFAULT_MFU = 0.40  # between torchtitan's 33–39% (8B, 8×H100) and llm-foundry/Megatron's 46–47% (H100)
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    name: str
+    bf16_flops: float  # dense bf16 peak FLOP/s, no sparsity
+    fp32_flops: float
+    memory_gb: float
+    note: str
+
+
+# Dense peaks, vendor datasheets (no structured sparsity).
+ACCELERATORS: dict[str, Accelerator] = {
+    "a100-40gb": Accelerator("a100-40gb", 312e12, 19.5e12, 40, "NVIDIA A100 SXM 40GB (BloombergGPT's GPU)"),
+    "a100-80gb": Accelerator("a100-80gb", 312e12, 19.5e12, 80, "NVIDIA A100 SXM 80GB"),
+    "h100": Accelerator("h100", 989e12, 67e12, 80, "NVIDIA H100 SXM 80GB"),
+    "h200": Accelerator("h200", 989e12, 67e12, 141, "NVIDIA H200 SXM 141GB"),
+    "l4": Accelerator("l4", 121e12, 30.3e12, 24, "NVIDIA L4 24GB"),
+}
+GPU_KINDS = (*ACCELERATORS, "cpu")
+
+
+def get_accelerator(kind: str) -> Accelerator:
+    if kind not in ACCELERATORS:
+        raise UserError(f"--gpu: unknown GPU kind {kind!r}; expected one of {', '.join(GPU_KINDS)}")
+    return ACCELERATORS[kind]
+
+
+def measure_cpu_flops(seconds: float = 3.0, seq_len: int = 256, batch: int = 8) -> dict:
+    """Sustained fp32 training FLOP/s of this machine, measured on a small Llama-shaped model.
+
+    There is no datasheet peak for a CPU, so the probe measures what training actually achieves (the MFU
+    is folded in): a d=256, 4-layer, vocab-8192 decoder (7.4M params, the shape of ANCHORS.md's CPU
+    measurement), AdamW, batch 8×256, one warm-up step then timed steps for ~``seconds``."""
+    import torch
+    import torch.nn.functional as F
+
+    from domainlm.plan.shape import make_shape
+
+    shape = make_shape(256, 4, 8192)
+    d, h = shape.d_model, shape.n_heads
+    g = torch.Generator().manual_seed(0)
+
+    def p(*size):
+        return torch.nn.Parameter(torch.randn(*size, generator=g) * 0.02)
+
+    emb, head = p(shape.vocab_size, d), p(shape.vocab_size, d)
+    layers = [
+        [p(3 * d, d), p(d, d), p(shape.ffn_dim, d), p(shape.ffn_dim, d), p(d, shape.ffn_dim)]
+        for _ in range(shape.n_layers)
+    ]
+    params = [emb, head, *(w for layer in layers for w in layer)]
+    opt = torch.optim.AdamW(params, lr=1e-4)
+    x = torch.randint(0, shape.vocab_size, (batch, seq_len + 1), generator=g)
+
+    def step():
+        hid = emb[x[:, :-1]]
+        for wqkv, wo, wg, wu, wd in layers:
+            q, k, v = F.linear(F.rms_norm(hid, (d,)), wqkv).view(batch, seq_len, 3, h, d // h).unbind(2)
+            a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), is_causal=True)
+            hid = hid + F.linear(a.transpose(1, 2).reshape(batch, seq_len, d), wo)
+            z = F.rms_norm(hid, (d,))
+            hid = hid + F.linear(F.silu(F.linear(z, wg)) * F.linear(z, wu), wd)
+        logits = F.linear(F.rms_norm(hid, (d,)), head)
+        loss = F.cross_entropy(logits.view(-1, shape.vocab_size), x[:, 1:].reshape(-1))
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up: allocator, kernels
+    steps, t0 = 0, time.perf_counter()
+    while steps < 2 or time.perf_counter() - t0 < seconds:
+        step()
+        steps += 1
+    elapsed = time.perf_counter() - t0
+    tokens_per_s = steps * batch * seq_len / elapsed
+    return {
+        "flops_per_s": tokens_per_s * shape.flops_per_token(seq_len),
+        "tokens_per_s": tokens_per_s,
+        "probe": f"d_model=256, n_layers=4, vocab=8192, batch {batch}x{seq_len}, fp32, {steps} steps",
+        "threads": torch.get_num_threads(),
+    }

@@ -1,0 +1,88 @@
+"""Readable tables for `domainlm plan` and `domainlm memory`."""
+
+from __future__ import annotations
+
+from rich.console import Console
+from rich.table import Table
+
+from domainlm.plan.memory import SHARDING_NAMES
+from domainlm.units import human
+
+
+def _f(x, unit="") -> str:
+    return "-" if x is None else human(x, unit)
+
+
+def print_plan(p: dict, console: Console) -> None:
+    c = p["compute"]
+    if c["method"] == "gpu":
+        how = (f"{c['gpus']}× {c['gpu']} × {c['hours']:g} h × MFU {c['mfu']:.0%} of "
+               f"{c['peak_flops_per_gpu'] / 1e12:g} TFLOP/s bf16")
+    elif c["method"] == "cpu-probe":
+        how = f"{c['gpus']}× cpu × {c['hours']:g} h at {c['measured_flops_per_s'] / 1e9:.1f} GFLOP/s measured"
+    else:
+        how = "given"
+    m = p["model"]
+    t = Table(title=f"domainlm plan — law {p['law']['name']}", show_header=False, title_justify="left")
+    t.add_column(style="bold")
+    t.add_column()
+    t.add_row("compute", f"{p['compute_flops']:.3g} FLOPs ({how})")
+    t.add_row("law", f"{p['law']['source']}; counts {p['law']['params_counted']} params; "
+              f"N ∝ C^{p['law']['a']}, D ∝ C^{p['law']['b']}")
+    t.add_row("params", f"{_f(p['params'])}  ({p['law']['params_counted']})")
+    t.add_row("tokens", f"{_f(p['tokens'])}  ({p['tokens_per_param']:.1f} tokens/param)")
+    if p["predicted_loss"] is not None:
+        t.add_row("predicted loss", f"{p['predicted_loss']:.3f} nats/token (the law's own data)")
+    t.add_row("model", f"{m['n_layers']} layers × d_model {m['d_model']}, {m['n_heads']} heads of {m['head_dim']}, "
+              f"SwiGLU ffn {m['ffn_dim']}, vocab {m['vocab_size']}")
+    t.add_row("", f"{_f(m['params_total'])} total = {_f(m['params_non_embedding'])} non-embedding + "
+              f"{_f(m['params_total'] - m['params_non_embedding'])} embedding")
+    t.add_row("FLOPs/token", f"{p['flops_per_token']:.3g} at seq_len {p['seq_len']}")
+    if p["gpu_hours"] is not None:
+        t.add_row("GPU-hours" if c.get("gpu") != "cpu" else "CPU-hours", f"{p['gpu_hours']:,.1f}")
+    mem = p["memory"]
+    fit = "" if mem["fits"] is None else (" — fits" if mem["fits"] else " — does NOT fit")
+    t.add_row("memory/GPU", f"{mem['total_gb']:.2f} GB ({mem['precision']}, {SHARDING_NAMES[mem['sharding']]}"
+              f"{', ' + str(mem['gpus']) + ' GPUs' if mem['gpus'] > 1 else ''}){fit}")
+    t.add_row("effective tokens", f"{_f(p['effective_tokens'])} (Muennighoff et al. 2023)")
+    console.print(t)
+    if p["sources"]:
+        s = Table(title="mixture", title_justify="left")
+        for col in ("source", "weight", "tokens", "unique tokens", "epochs", "effective"):
+            s.add_column(col, justify="right" if col != "source" else "left")
+        for k, r in p["sources"].items():
+            ep = "-" if r["epochs"] is None else f"{r['epochs']:.2f}"
+            s.add_row(k, f"{r['weight']:.3f}", _f(r["tokens"]), _f(r["unique_tokens"]), ep, _f(r["effective_tokens"]))
+        console.print(s)
+    if p["alternatives"]:
+        a = Table(title="alternatives", title_justify="left")
+        for col in ("option", "params", "tokens", "tok/param", "loss", "why"):
+            a.add_column(col, overflow="fold")
+        for alt in p["alternatives"]:
+            loss = "-" if alt["predicted_loss"] is None else f"{alt['predicted_loss']:.3f}"
+            a.add_row(alt["name"], _f(alt["params"]), _f(alt["tokens"]), f"{alt['tokens_per_param']:.1f}", loss,
+                      alt["description"])
+        console.print(a)
+    for n in p.get("notes", []):
+        console.print(f"[dim]note:[/] {n}", highlight=False)
+    for w in p["warnings"]:
+        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+
+
+def print_memory(r: dict, console: Console) -> None:
+    t = Table(title=f"memory per GPU — {_f(r['params'])} params, {r['precision']}, {r['optimizer']}, "
+              f"{r['gpus']} GPU(s)", title_justify="left")
+    t.add_column("")
+    t.add_column("GB", justify="right")
+    for k in ("weights", "grads", "optimizer", "activations"):
+        t.add_row(k, f"{r[k + '_gb']:.2f}")
+    t.add_row("[bold]total[/]", f"[bold]{r['total_gb']:.2f}[/]")
+    console.print(t)
+    console.print(f"sharding: {SHARDING_NAMES[r['sharding']]}; activations: {r['activations_method']}", highlight=False)
+    if r["gpu_memory_gb"] is not None:
+        verdict = "fits" if r["fits"] else "does NOT fit"
+        console.print(f"{verdict} in {r['gpu_memory_gb']:g} GB")
+        if r["recommended_sharding"]:
+            console.print(f"recommended: [bold]{SHARDING_NAMES[r['recommended_sharding']]}[/] (the least sharding that fits)")
+        else:
+            console.print("[yellow]nothing fits:[/] add GPUs, --activation-checkpointing, or a smaller micro-batch")
