@@ -56,10 +56,28 @@ class BudgetConfig(_Section):
         return v
 
 
+# Byte-level tokenizers hold all 256 byte values, so any text encodes without <unk>; plus <s> </s> <pad>.
+SPECIAL_TOKENS = ("<s>", "</s>", "<pad>")
+MIN_VOCAB_SIZE = 256 + len(SPECIAL_TOKENS)
+
+
 class TokenizerConfig(_Section):
+    """`domainlm tokenizer`: byte-level BPE (default) or Unigram (BloombergGPT's choice), digits split."""
+
     kind: Literal["bpe", "unigram"] = "bpe"
-    vocab_size: int = Field(default=32768, ge=300)
+    vocab_size: int = 32768
     domain_terms: list[str] = Field(default_factory=list)
+    sample_bytes: int = Field(default=20_000_000, ge=1, description="train text sampled by mixture weight")
+    audit_bytes: int = Field(default=1_000_000, ge=1, description="val text per source for the audit")
+    seed: int = 0
+
+    @field_validator("vocab_size")
+    @classmethod
+    def _fits_bytes(cls, v: int) -> int:
+        if v < MIN_VOCAB_SIZE:
+            specials = " ".join(SPECIAL_TOKENS)
+            raise ValueError(f"must be at least {MIN_VOCAB_SIZE} (256 byte tokens + special tokens {specials})")
+        return v
 
 
 class ModelConfig(_Section):
