@@ -110,6 +110,10 @@ def shape_for_params(
                 s = make_shape(d, n_layers, vocab_size, tie_embeddings)
                 err = abs(math.log(n_of(s) / params))
                 candidates.append((err, abs(math.log((d / n_layers) / aspect)), s))
+    # Keep familiar proportions (16 ≤ d/L ≤ 256): a tiny model with a huge vocabulary would otherwise
+    # become 50 layers of width 64. When nothing in range is close, the planner warns instead.
+    sane = [c for c in candidates if 16 <= c[2].d_model / c[2].n_layers <= 256] or candidates
+    candidates = sane
     close = [c for c in candidates if c[0] < math.log(1.02)]
     if close:
         return min(close, key=lambda c: (c[1], c[0]))[2]

@@ -1,0 +1,241 @@
+"""The planner reproduces published numbers (ANCHORS.md) and handles data limits and bad input."""
+
+import json
+import math
+
+import pytest
+
+from domainlm.plan import laws as L
+from domainlm.plan.planner import PlanRequest, make_plan
+from domainlm.plan.shape import ModelShape, shape_for_params
+
+
+@pytest.mark.parametrize("params,flops,tokens", L.CHINCHILLA_TABLE3)
+def test_chinchilla_table3_approach1_within_5pct(params, flops, tokens):
+    n, d = L.LAWS["chinchilla-1"].optimal(flops)
+    assert n == pytest.approx(params, rel=0.05)
+    assert d == pytest.approx(tokens, rel=0.05)
+
+
+def test_chinchilla1_constants_are_the_minimax_fit_of_table3():
+    from scipy.optimize import minimize
+
+    def worst(p):
+        a, lg = p
+        errs = []
+        for n, c, d in L.CHINCHILLA_TABLE3:
+            nf = math.exp(lg) * c**a
+            errs += [abs(math.log(nf / n)), abs(math.log(c / (6 * nf) / d))]
+        return max(errs)
+
+    res = minimize(worst, [0.5, math.log(0.09)], method="Nelder-Mead", options=dict(xatol=1e-10, fatol=1e-12))
+    assert res.x[0] == pytest.approx(L.CHINCHILLA_1_A, abs=1e-4)
+    assert math.exp(res.x[1]) == pytest.approx(L.CHINCHILLA_1_G, rel=1e-3)
+    assert worst([L.CHINCHILLA_1_A, math.log(L.CHINCHILLA_1_G)]) < math.log(1.035)
+
+
+def test_exponents_match_the_papers():
+    # Chinchilla: approach 1 a=0.50, approach 2 a=0.49, approach 3 a=0.46; Kaplan 0.73.
+    assert L.LAWS["chinchilla-1"].a == pytest.approx(0.50, abs=0.005)
+    assert L.LAWS["chinchilla-2"].a == pytest.approx(0.49, abs=1e-9)
+    assert L.LAWS["chinchilla-3"].a == pytest.approx(0.46, abs=0.01)
+    assert L.LAWS["kaplan"].a == pytest.approx(0.73)
+    assert L.LAWS["kaplan"].b == pytest.approx(0.27)
+    for law in L.LAWS.values():
+        n, d = law.optimal(1e22)
+        assert 6 * n * d == pytest.approx(1e22)
+
+
+def test_parametric_optimum_is_the_minimum_of_the_loss():
+    law = L.LAWS["chinchilla-3"]
+    c = 1e21
+    n_opt, d_opt = law.optimal(c)
+    best = law.loss(n_opt, d_opt)
+    for f in (0.5, 0.8, 1.25, 2.0):
+        n = n_opt * f
+        assert law.loss(n, c / (6 * n)) > best
+    assert best == pytest.approx(1.69 + 406.4 / n_opt**0.34 + 410.7 / d_opt**0.28)
+
+
+def test_kaplan_counts_non_embedding_params():
+    p = make_plan(PlanRequest(flops=1e21, law="kaplan", vocab_size=32768))
+    assert p["law"]["params_counted"] == "non-embedding"
+    assert p["model"]["params_non_embedding"] == pytest.approx(p["params"], rel=0.05)
+    p3 = make_plan(PlanRequest(flops=1e21, law="chinchilla-3"))
+    assert p3["law"]["params_counted"] == "total"
+    assert p3["model"]["params_total"] == pytest.approx(p3["params"], rel=0.05)
+
+
+def test_muennighoff_effective_tokens_by_hand():
+    # No repetition: effective = tokens.
+    assert L.effective_tokens(100.0, 80.0) == 80.0
+    assert L.effective_tokens(100.0, 100.0) == 100.0
+    # 4 epochs of U=100: R=3 → D' = 100 + 100·15.387756·(1 − e^(−3/15.387756)) = 100 + 272.567 = 372.567 (by hand: 3/15.387756 = 0.194960, e^-0.194960 = 0.822867).
+    r_star = 15.387756
+    assert L.effective_tokens(100.0, 400.0) == pytest.approx(100 + 100 * r_star * (1 - math.exp(-3 / r_star)))
+    assert L.effective_tokens(100.0, 400.0) == pytest.approx(372.567, abs=0.01)
+    # Many epochs saturate at U·(1 + R*).
+    assert L.effective_tokens(1.0, 1e6) == pytest.approx(1 + r_star, rel=1e-6)
+
+
+def test_epochs_per_source_from_weights_and_tokens():
+    p = make_plan(
+        PlanRequest(
+            flops=1e21,
+            weights={"legal": 0.51, "news": 0.49},
+            unique_tokens={"legal": 2e9, "news": 50e9},
+            roles={"legal": "domain", "news": "general"},
+        )
+    )
+    d = p["tokens"]
+    legal = p["sources"]["legal"]
+    assert legal["tokens"] == pytest.approx(0.51 * d)
+    assert legal["epochs"] == pytest.approx(0.51 * d / 2e9)
+    assert p["sources"]["news"]["epochs"] == pytest.approx(0.49 * d / 50e9)
+    assert legal["effective_tokens"] == pytest.approx(L.effective_tokens(2e9, 0.51 * d))
+    assert p["effective_tokens"] == pytest.approx(sum(s["effective_tokens"] for s in p["sources"].values()))
+    assert legal["epochs"] > 4
+    assert any("'legal'" in w and "epochs" in w for w in p["warnings"])
+    names = [a["name"] for a in p["alternatives"]]
+    assert {"bloomberggpt", "lower-domain-weight", "data-constrained-optimum"} <= set(names)
+    low = next(a for a in p["alternatives"] if a["name"] == "lower-domain-weight")
+    assert low["sources"]["legal"]["epochs"] == pytest.approx(4.0)
+    assert sum(low["weights"].values()) == pytest.approx(1.0)
+    bbg = next(a for a in p["alternatives"] if a["name"] == "bloomberggpt")
+    assert max(s["epochs"] for s in bbg["sources"].values()) == pytest.approx(1.0)
+    assert bbg["compute_flops"] == pytest.approx(0.7e21)
+    dc = next(a for a in p["alternatives"] if a["name"] == "data-constrained-optimum")
+    assert dc["params"] > p["params"]  # repeated data is worth less → spend compute on parameters
+
+
+def test_bloomberggpt_budget_gives_a_model_of_its_size():
+    # 1.3M A100-40GB hours × 0.75 (the share BloombergGPT planned with, paying for recomputation), MFU 33%,
+    # FinPile 363B + public 345B unique tokens: the paper's choice was 50.6B params on 569B tokens.
+    p = make_plan(
+        PlanRequest(
+            gpu="a100-40gb",
+            gpus=512,
+            hours=1.3e6 * 0.75 / 512,
+            mfu=0.33,
+            law="chinchilla-1",
+            weights={"finpile": 0.5127, "public": 0.4873},
+            unique_tokens={"finpile": 363e9, "public": 345e9},
+            roles={"finpile": "domain", "public": "general"},
+        )
+    )
+    bbg = next(a for a in p["alternatives"] if a["name"] == "bloomberggpt")
+    assert 40e9 < bbg["params"] < 70e9
+    assert bbg["tokens"] == pytest.approx(708e9, rel=0.01)
+    assert p["memory"]["recommended_sharding"] == "zero3"
+
+
+@pytest.mark.parametrize(
+    "params,vocab",
+    [(p, 32768) for p in (2e7, 1.25e8, 3.5e8, 1e9, 7e9, 50.6e9, 1e12)]
+    + [(p, 131072) for p in (1.25e8, 1e9, 50.6e9)]
+    + [(p, 8192) for p in (5e6, 2e7)],
+)
+def test_shape_within_5pct(params, vocab):
+    s = shape_for_params(params, vocab)
+    assert s.params_total == pytest.approx(params, rel=0.05)
+    assert s.d_model % s.n_heads == 0 and s.ffn_dim % 64 == 0
+    assert 16 <= s.d_model / s.n_layers <= 256
+
+
+def test_shape_param_count_matches_transformers_llama():
+    pytest.importorskip("transformers")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    s = ModelShape(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_dim=192, vocab_size=300)
+    cfg = LlamaConfig(
+        vocab_size=300,
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(cfg)
+    assert sum(p.numel() for p in model.parameters()) == s.params_total
+
+
+def test_flops_per_token_is_6n_plus_attention():
+    s = ModelShape(n_layers=4, d_model=256, n_heads=4, n_kv_heads=4, ffn_dim=704, vocab_size=8192)
+    n_matmul = s.params_non_embedding + 8192 * 256
+    assert s.flops_per_token(512) == 6 * n_matmul + 12 * 4 * 256 * 512
+
+
+def test_gpu_budget_and_hours():
+    p = make_plan(PlanRequest(gpu="h100", gpus=8, hours=24))
+    assert p["compute_flops"] == pytest.approx(989e12 * 0.40 * 8 * 24 * 3600)
+    # GPU-hours to train the plan with the detailed FLOPs/token are a bit above the 6ND budget.
+    assert 8 * 24 <= p["gpu_hours"] < 8 * 24 * 1.3
+
+
+def test_cpu_budget_uses_the_measured_probe():
+    p = make_plan(PlanRequest(gpu="cpu", hours=0.5, cpu_flops_per_s=5e10))
+    assert p["compute_flops"] == pytest.approx(5e10 * 1800)
+    assert p["compute"]["method"] == "cpu-probe"
+
+
+def test_json_keys(cli):
+    code, out, _ = cli("plan", "--flops", "1e21", "--json")
+    assert code == 0
+    p = json.loads(out)
+    for k in ("compute_flops", "law", "params", "tokens", "tokens_per_param", "predicted_loss", "model", "sources",
+              "effective_tokens", "gpu_hours", "warnings", "alternatives"):
+        assert k in p
+    for k in ("n_layers", "d_model", "n_heads", "ffn_dim", "vocab_size", "params_non_embedding", "params_total"):
+        assert k in p["model"]
+    assert p["predicted_loss"] == pytest.approx(L.LAWS["chinchilla-3"].loss(p["params"], p["tokens"]))
+
+
+def test_plot(tmp_path, cli):
+    out = tmp_path / "plan.png"
+    code, _, _ = cli("plan", "--flops", "1e21", "--plot", str(out))
+    assert code == 0
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 20_000
+
+
+@pytest.mark.parametrize(
+    "args,flag",
+    [
+        (["--flops", "-1e20"], "--flops"),
+        (["--flops", "0"], "--flops"),
+        (["--flops", "1e"], "--flops"),
+        (["--gpu", "h100", "--hours", "10", "--mfu", "1.5"], "--mfu"),
+        (["--gpu", "h100", "--hours", "10", "--mfu", "0"], "--mfu"),
+        (["--gpu", "tpu-v9", "--hours", "10"], "--gpu"),
+        (["--flops", "1e20", "--weight", "a=0.5", "--weight", "b=0.4"], "--weight"),
+        (["--flops", "1e20", "--weight", "a=0.5", "--weight", "b=0.5", "--unique-tokens", "a=1e9"], "--unique-tokens"),
+        (["--flops", "1e20", "--unique-tokens", "a=1e"], "--unique-tokens"),
+        (["--flops", "1e20", "--law", "chinchilla-9"], "--law"),
+        (["--gpu", "h100", "--gpus", "0", "--hours", "1"], "--gpus"),
+        ([], "budget"),
+    ],
+)
+def test_bad_input_one_line_exit_2(cli, args, flag):
+    code, out, err = cli("plan", *args)
+    assert code == 2
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert lines[0].startswith("error:") and flag in lines[0]
+    assert "Traceback" not in err
+
+
+def test_debug_shows_traceback(cli):
+    from domainlm.errors import UserError
+
+    with pytest.raises(UserError):
+        from domainlm.cli import main
+
+        main(["--debug", "plan", "--flops", "0"])
+    import domainlm.cli
+
+    domainlm.cli.DEBUG = False
+
+
+def test_tiny_budget_with_big_vocab_warns():
+    p = make_plan(PlanRequest(flops=1e15, vocab_size=131072))
+    assert any("vocab" in w for w in p["warnings"])
