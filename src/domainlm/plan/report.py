@@ -56,13 +56,16 @@ def print_plan(p: dict, console: Console) -> None:
         console.print(s)
     if p["alternatives"]:
         a = Table(title="alternatives", title_justify="left")
-        for col in ("option", "params", "tokens", "tok/param", "loss", "why"):
-            a.add_column(col, overflow="fold")
+        for col in ("option", "params", "tokens", "tok/param", "max epochs", "effective", "loss"):
+            a.add_column(col, justify="left" if col == "option" else "right", no_wrap=col == "option")
         for alt in p["alternatives"]:
             loss = "-" if alt["predicted_loss"] is None else f"{alt['predicted_loss']:.3f}"
-            a.add_row(alt["name"], _f(alt["params"]), _f(alt["tokens"]), f"{alt['tokens_per_param']:.1f}", loss,
-                      alt["description"])
+            epochs = [r["epochs"] for r in alt["sources"].values() if r["epochs"] is not None]
+            a.add_row(alt["name"], _f(alt["params"]), _f(alt["tokens"]), f"{alt['tokens_per_param']:.1f}",
+                      f"{max(epochs):.2f}" if epochs else "-", _f(alt["effective_tokens"]), loss)
         console.print(a)
+        for alt in p["alternatives"]:
+            console.print(f"  [bold]{alt['name']}[/]: {alt['description']}", highlight=False)
     for n in p.get("notes", []):
         console.print(f"[dim]note:[/] {n}", highlight=False)
     for w in p["warnings"]:
