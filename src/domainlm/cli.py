@@ -163,6 +163,19 @@ def memory(
 # ---------------------------------------------------------------------------------------------------- tokenizer (issue 3)
 # (tokenizer command goes here)
 
+
+@app.command()
+def tokenizer(config: ConfigArg = None, as_json: JsonOpt = False) -> None:
+    """Train the tokenizer on the prepared data (mixture-weighted) and audit it against a general-only baseline."""
+    from domainlm.tokenizer import print_audit, run_tokenizer
+
+    result = run_tokenizer(config, console=None if as_json else console)
+    if as_json:
+        print_json(result)
+        return
+    print_audit(result, console)
+
+
 # ---------------------------------------------------------------------------------------------------- train, generate (issue 4)
 # (train and generate commands go here)
 
