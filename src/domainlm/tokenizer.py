@@ -362,10 +362,10 @@ def print_audit(a: dict, console: Console) -> None:
     if a["domain_terms"]:
         t = Table(title="domain terms (as split mid-sentence, with the leading space)", title_justify="left")
         t.add_column("term")
-        t.add_column("tokenizer")
+        t.add_column("tokenizer", overflow="fold")
         t.add_column("n", justify="right")
         if base:
-            t.add_column("baseline")
+            t.add_column("baseline", overflow="fold")
             t.add_column("n", justify="right")
         for r in a["domain_terms"]:
             row = [r["term"], _pieces(r["tokens"]), str(r["count"])]
