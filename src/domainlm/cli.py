@@ -177,7 +177,36 @@ def tokenizer(config: ConfigArg = None, as_json: JsonOpt = False) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------- train, generate (issue 4)
-# (train and generate commands go here)
+
+
+@app.command()
+def train(
+    config: ConfigArg = None,
+    restart: Annotated[bool, typer.Option("--restart", help="delete checkpoints and logs; start over")] = False,
+    max_steps: Annotated[int | None, typer.Option("--max-steps", min=1, help="train N steps in all (the schedule fits N)")] = None,
+) -> None:
+    """Pretrain the model from scratch (resumes from the latest checkpoint); also `torchrun -m domainlm train`."""
+    from domainlm.train.loop import run_training
+
+    run_training(config, restart=restart, max_steps=max_steps, console=err_console)
+
+
+@app.command()
+def generate(
+    model_dir: Annotated[Path, typer.Argument(help="a model folder, e.g. runs/<name>/model")],
+    prompt: Annotated[str, typer.Option(help="text to continue")] = "",
+    max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens to sample")] = 50,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.8,
+    top_k: Annotated[int, typer.Option(min=0, help="sample from the k most likely tokens (0 = all)")] = 50,
+    seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
+) -> None:
+    """Sample a continuation of --prompt from a trained model folder."""
+    from domainlm.generate import generate as sample
+
+    text = sample(model_dir, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+                  top_k=top_k or None, seed=seed)
+    console.print(text, highlight=False, markup=False)
+
 
 # ---------------------------------------------------------------------------------------------------- eval (issue 5)
 # (eval command goes here)

@@ -101,12 +101,15 @@ class TrainConfig(_Section):
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     warmup_steps: int = Field(default=20, ge=0)
     schedule: Literal["cosine", "wsd"] = "cosine"
+    decay_fraction: float = Field(default=0.2, gt=0, le=1, description="wsd: share of steps in the final decay")
     weight_decay: float = Field(default=0.1, ge=0)
     grad_clip: float = Field(default=1.0, gt=0)
     precision: Literal["auto", "fp32", "bf16-mixed"] = "auto"
     parallel: Literal["auto", "ddp", "fsdp"] = "auto"
     compile: bool = False
     eval_every: int = Field(default=50, ge=1)
+    eval_tokens: int = Field(default=65536, ge=8, description="validation tokens per source per evaluation")
+    max_bad_steps: int = Field(default=5, ge=1, description="stop after this many NaN/inf steps in a row")
     checkpoint_every: int = Field(default=100, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
     seed: int = 0

@@ -1,0 +1,1 @@
+"""`domainlm train`: data loading, the training step, the loop, parallelism and checkpoints."""

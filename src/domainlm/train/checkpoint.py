@@ -1,0 +1,182 @@
+"""Checkpoints that survive crashes, and exact resume.
+
+``<run>/checkpoints/step-00000100/``::
+
+    model.safetensors   weights (one process or DDP)          ┐ or, with FSDP, dcp/: torch.distributed.checkpoint
+    optimizer.pt        AdamW state (tensors + numbers only)  ┘ shards of both (resumable on any process count)
+    rng-<rank>.pt       torch RNG state per rank
+    state.json          step, data-loader state, skip counters, schedule length, parallel mode
+    manifest.json       sha256 of every file above — written last
+
+Written into ``.tmp-step-…``, every file fsynced, then renamed: a crash (even SIGKILL) mid-write leaves
+only a temp folder, ignored and removed on the next start, and never touches the last good checkpoint.
+Loading verifies the manifest first and reads tensors with ``weights_only=True`` (no arbitrary unpickling).
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_model, save_model
+
+from domainlm.errors import UserError
+from domainlm.train.parallel import Dist, barrier, is_fsdp, unwrap
+
+CHECKPOINTS = "checkpoints"
+PREFIX = "step-"
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / CHECKPOINTS
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete checkpoints, oldest first (temp folders of interrupted writes are not listed)."""
+    d = checkpoints_dir(run_dir)
+    if not d.exists():
+        return []
+    found = [p for p in d.iterdir() if p.is_dir() and p.name.startswith(PREFIX) and p.name[len(PREFIX):].isdigit()]
+    return sorted(found, key=lambda p: int(p.name[len(PREFIX):]))
+
+
+def remove_partial(run_dir: Path) -> None:
+    d = checkpoints_dir(run_dir)
+    if d.exists():
+        for p in d.glob(".tmp-*"):
+            shutil.rmtree(p, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, world: Dist, keep: int) -> Path:
+    ck = checkpoints_dir(run_dir)
+    final = ck / f"{PREFIX}{step:08d}"
+    tmp = ck / f".tmp-{final.name}"
+    if world.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    barrier()
+    try:
+        if is_fsdp(model):
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict
+
+            msd, osd = get_state_dict(model, optimizer)  # sharded: each rank writes its own shards
+            dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
+        elif world.is_main:
+            save_model(unwrap(model), str(tmp / "model.safetensors"))  # drops the tied head's duplicate
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        rng = {"cpu": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            rng["cuda"] = torch.cuda.get_rng_state()
+        torch.save(rng, tmp / f"rng-{world.rank}.pt")
+        barrier()
+        if world.is_main:
+            (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+            files = sorted(p for p in tmp.rglob("*") if p.is_file())
+            for p in files:
+                _fsync(p)
+            manifest = {str(p.relative_to(tmp)): _sha256(p) for p in files}
+            (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+            _fsync(tmp / "manifest.json")
+            for d in {p.parent for p in files} | {tmp}:
+                _fsync(d)
+            os.replace(tmp, final)  # atomic: the checkpoint exists completely or not at all
+            _fsync(ck)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        prev = list_checkpoints(run_dir)
+        intact = f"the previous checkpoint {prev[-1]} is intact" if prev else "no earlier checkpoint exists"
+        what = "disk full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else f"{e.strerror or e}"
+        raise UserError(
+            f"{final}: {what} while writing the checkpoint; {intact}; free space and rerun to resume"
+        ) from None
+    barrier()
+    if world.is_main:
+        for old in list_checkpoints(run_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+class CorruptCheckpoint(Exception):
+    def __init__(self, file: Path, why: str):
+        self.file, self.why = file, why
+
+
+def _verify(path: Path) -> None:
+    mf = path / "manifest.json"
+    try:
+        manifest = json.loads(mf.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise CorruptCheckpoint(mf, f"unreadable manifest: {e}") from None
+    for rel, sha in manifest.items():
+        f = path / rel
+        if not f.exists():
+            raise CorruptCheckpoint(f, "missing file")
+        if _sha256(f) != sha:
+            raise CorruptCheckpoint(f, "checksum mismatch")
+
+
+def load_checkpoint(path: Path, model, optimizer, world: Dist) -> dict:
+    """Restore model, optimizer and RNG in place; return state.json. Raises CorruptCheckpoint."""
+    _verify(path)
+    try:
+        if (path / "dcp").exists():  # FSDP-written; loads into FSDP of any size, DDP or one process
+            import torch.distributed.checkpoint as dcp
+            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+            msd, osd = get_state_dict(model, optimizer)
+            dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(path / "dcp"))
+            set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
+        elif is_fsdp(model):
+            raise UserError(f"{path}: written without FSDP; resume with train.parallel: ddp, or --restart")
+        else:
+            load_model(unwrap(model), str(path / "model.safetensors"), strict=True)
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        rng_file = path / f"rng-{world.rank}.pt"
+        if rng_file.exists():  # absent when resuming on more processes than wrote it
+            rng = torch.load(rng_file, weights_only=True)
+            torch.set_rng_state(rng["cpu"])
+            if "cuda" in rng and torch.cuda.is_available():
+                torch.cuda.set_rng_state(rng["cuda"])
+        return json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except UserError:
+        raise
+    except Exception as e:  # verified files that still fail to load: a format problem, name the folder
+        raise CorruptCheckpoint(path, f"{type(e).__name__}: {e}") from None
+
+
+def load_latest(run_dir: Path, model, optimizer, world: Dist) -> tuple[Path, dict] | None:
+    """Resume point: the newest checkpoint, or None. A corrupted one is an error that names the bad file and
+    offers the previous checkpoint."""
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        return None
+    try:
+        return ckpts[-1], load_checkpoint(ckpts[-1], model, optimizer, world)
+    except CorruptCheckpoint as e:
+        if len(ckpts) > 1:
+            offer = f"delete {ckpts[-1]} to resume from the previous checkpoint {ckpts[-2].name}, or use --restart"
+        else:
+            offer = "no earlier checkpoint exists; use --restart to start over"
+        raise UserError(f"{e.file}: corrupted checkpoint ({e.why}); {offer}") from None

@@ -1,0 +1,79 @@
+"""THE training step — the only one: used by the loop, `benchmarks/train_step.py` and the tests.
+
+One optimizer step on this rank's slice of the global batch: split into micro-batches, forward/backward
+each (gradients accumulate; DDP all-reduces only on the last), clip, and step — unless the loss or the
+gradient norm is NaN/inf, in which case the update is skipped (and the caller counts it).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean next-token loss over the global batch (nats/token)
+    grad_norm: float  # before clipping
+    skipped: bool  # NaN/inf: no update
+    tokens: int  # tokens trained on by this rank
+
+
+def autocast_for(device: torch.device, precision: str):
+    """bf16 autocast on CUDA (weights and optimizer stay fp32); plain fp32 on CPU, where bf16 runs ~30×
+    slower on CPUs without bf16 units (ANCHORS.md)."""
+    if precision == "bf16-mixed":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def next_token_loss(model: torch.nn.Module, batch: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Cross-entropy of predicting ``batch[:, 1:]`` from ``batch[:, :-1]``; batch [B, T+1] int64."""
+    x, y = batch[:, :-1], batch[:, 1:]
+    logits = model(input_ids=x, use_cache=False).logits  # [B, T, V]
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction=reduction)
+
+
+def train_step(
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: torch.Tensor,
+    *,
+    lr: float,
+    micro_batch: int,
+    grad_clip: float,
+    precision: str = "fp32",
+) -> StepResult:
+    """batch: this rank's [B_local, T+1] token ids (already on the model's device)."""
+    n_micro = batch.shape[0] // micro_batch
+    device = batch.device
+    total = torch.zeros((), device=device)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    for i in range(n_micro):
+        last = i == n_micro - 1
+        # DDP: all-reduce gradients once per step, not once per micro-batch.
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with autocast_for(device, precision):
+                loss = next_token_loss(model, batch[i * micro_batch : (i + 1) * micro_batch])
+            (loss / n_micro).backward()  # mean over micro-batches = mean over the rank's batch
+        total += loss.detach()
+    mean_loss = total / n_micro
+    if dist.is_initialized():  # the global mean (ranks hold equal batches); also makes every rank agree to skip
+        dist.all_reduce(mean_loss)  # SUM: gloo has no AVG
+        mean_loss /= dist.get_world_size()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    if hasattr(grad_norm, "full_tensor"):  # FSDP2: a DTensor
+        grad_norm = grad_norm.full_tensor()
+    loss_value, norm_value = mean_loss.item(), grad_norm.item()
+    skipped = not (math.isfinite(loss_value) and math.isfinite(norm_value))
+    if not skipped:
+        optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss_value, norm_value, skipped, n_micro * micro_batch * (batch.shape[1] - 1))

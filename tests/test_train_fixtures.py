@@ -1,0 +1,88 @@
+"""Tiny, self-contained training runs for the train/model tests: a BPE tokenizer trained on a few sentences,
+token files written with the real `TokenWriter`, and a config for a 2-layer, d_model-32 Llama."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from domainlm.data.tokens import TokenWriter, dtype_for, token_path, write_counts
+
+LEGAL = [
+    "The licensee shall indemnify the licensor against all claims arising from use of the software.",
+    "This license is irrevocable, royalty-free and worldwide, notwithstanding any other provision.",
+    "Redistribution in source and binary forms, with or without modification, is permitted.",
+    "THE SOFTWARE IS PROVIDED AS IS, WITHOUT WARRANTY OF ANY KIND, EXPRESS OR IMPLIED.",
+    "In consideration of the mutual covenants herein, the parties agree as follows.",
+]
+NEWS = [
+    "The government announced a new budget for schools and hospitals on Tuesday.",
+    "Shares in the company rose sharply after the quarterly results were published.",
+    "The team won the final match of the season in front of a home crowd.",
+    "A new film by the director opened to strong reviews at the festival.",
+]
+
+
+def make_tokenizer(out: Path, vocab_size: int = 300) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(LEGAL + NEWS, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+    fast.save_pretrained(out)
+    return out
+
+
+def make_run(tmp: Path, *, train_docs: int = 60, seq_len: int = 32, **train_overrides) -> Path:
+    """A run directory with tokenizer/, tokens/ and config.yaml; returns the config path."""
+    from transformers import AutoTokenizer
+
+    run = tmp / "run"
+    tok = AutoTokenizer.from_pretrained(make_tokenizer(run / "tokenizer"))
+    vocab = len(tok)
+    eos = tok.eos_token_id
+    dtype = dtype_for(vocab)
+    rng = np.random.default_rng(0)
+    sources = {}
+    for name, texts in (("legal", LEGAL), ("news", NEWS)):
+        row = {}
+        for split, n_docs in (("train", train_docs), ("val", 12)):
+            n_bytes = 0
+            with TokenWriter(token_path(run, name, split), dtype) as w:
+                for _ in range(n_docs):
+                    text = " ".join(rng.choice(texts, size=2))
+                    w.write(tok(text).input_ids + [eos])
+                    n_bytes += len(text.encode())
+            row.update({f"{split}_tokens": w.n_tokens, f"{split}_docs": n_docs, f"{split}_bytes": n_bytes})
+        sources[name] = row
+    write_counts(run, {"dtype": dtype.name, "vocab_size": vocab, "eos_id": eos, "tokenizer_sha256": "test",
+                       "sources": sources})
+    train = {"seq_len": seq_len, "micro_batch": 4, "tokens_per_step": 8 * seq_len, "max_tokens": 40 * 8 * seq_len,
+             "lr": 1e-2, "warmup_steps": 3, "eval_every": 10, "checkpoint_every": 10, "eval_tokens": 256,
+             "keep_checkpoints": 3}
+    train.update(train_overrides)
+    cfg = {
+        "name": "tiny",
+        "run_dir": str(run),
+        "sources": [{"name": "legal", "role": "domain", "weight": 0.5, "input": "package:licensedcode"},
+                    {"name": "news", "role": "general", "weight": 0.5, "input": "package:bbc-news"}],
+        "tokenizer": {"vocab_size": 300},
+        "model": {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2},
+        "train": train,
+    }
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return path
+
+
+def read_metrics(run: Path, kind: str = "train") -> list[dict]:
+    lines = (run / "logs" / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.get("kind") == kind]
