@@ -212,6 +212,36 @@ def generate(
 # (eval command goes here)
 
 
+@app.command("eval")
+def eval_(
+    model_or_run: Annotated[Path, typer.Argument(help="a run directory (scores <run>/model/) or any HF model folder")],
+    text: Annotated[
+        list[str] | None, typer.Option("--text", help="extra text to score, NAME=PATH (file or folder; repeatable)")
+    ] = None,
+    probes: Annotated[Path | None, typer.Option(help="term probe JSONL (default: the config's eval.probes)")] = None,
+    run_dir: Annotated[Path | None, typer.Option("--run", help="with an HF folder: score the val splits of RUN")] = None,
+    out: Annotated[Path | None, typer.Option(help="write eval.json here (default: <run>/eval/eval.json)")] = None,
+    context: Annotated[int | None, typer.Option(help="window in tokens (default: the model's context)")] = None,
+    stride: Annotated[int | None, typer.Option(help="new tokens per sliding window (default: context/2)")] = None,
+    max_bytes: Annotated[int | None, typer.Option(help="bytes scored per source (default: eval config)")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Bits per byte per source and on your text, loss/token, perplexity, and domain-term probe accuracy."""
+    from domainlm.evaluate.command import print_eval, run_eval
+
+    for flag, v in (("--context", context), ("--stride", stride), ("--max-bytes", max_bytes)):
+        if v is not None and v < 1:
+            raise UserError(f"{flag}: expected a whole number >= 1, got {v}")
+    result, written = run_eval(model_or_run, texts=text, probes=probes, run=run_dir, out=out, context=context,
+                               stride=stride, max_bytes=max_bytes, console=None if as_json else err_console)
+    if as_json:
+        print_json(result)
+        return
+    print_eval(result, console)
+    if written is not None:
+        console.print(f"wrote [bold]{written}[/]")
+
+
 # ---------------------------------------------------------------------------------------------------- run
 
 

@@ -118,6 +118,9 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     probes: str | None = None  # path to a probe file; None = the packaged set for the demo
     max_bytes_per_source: int = Field(default=200_000, ge=1)
+    context: int | None = Field(default=None, ge=2, description="window in tokens; default: the model's context")
+    stride: int | None = Field(default=None, ge=1, description="new tokens per window; default: context // 2")
+    batch_tokens: int = Field(default=8192, ge=64, description="tokens per forward pass (memory vs speed)")
 
 
 class RunConfig(_Section):

@@ -1,0 +1,150 @@
+"""Bits per byte: total negative log-likelihood of a text in bits ÷ its UTF-8 bytes.
+
+Per-token loss depends on the tokenizer (a bigger vocabulary packs more bytes into a token, so its per-token
+loss is higher for the same model quality); bits per byte does not, which is why models with different
+tokenizers are compared with it (Gao et al. 2020, The Pile, arXiv 2101.00027, sec. 3; DESIGN.md principles).
+
+How a document is scored, identically for every model:
+- the document is tokenized alone, without special tokens, and preceded by the tokenizer's own
+  start-of-document context: the tokens it adds in front of text (Llama's BOS), else EOS (the separator GPT-2
+  and domainlm's token files put between documents), else BOS. These prefix tokens are context, never scored;
+- every text token is scored exactly once; EOS after the document is not scored (it has no bytes);
+- a document longer than the context is scored with strided sliding windows: the first window scores its
+  first ``context`` tokens, each later window scores the next ``stride`` tokens with up to ``context`` tokens
+  of window in total, so each token sees at least ``context - stride`` tokens of left context. A document that
+  fits in one window gives exactly the full-context pass.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from domainlm.errors import UserError
+
+LN2 = math.log(2.0)
+
+
+def doc_start_ids(tok) -> list[int]:
+    """The context put in front of every document (see the module docstring)."""
+    with_special = tok("a", add_special_tokens=True)["input_ids"]
+    plain = tok("a", add_special_tokens=False)["input_ids"]
+    n = len(with_special)
+    # The tokenizer's own prefix: with-special = prefix + plain (+ suffix, e.g. an EOS we ignore).
+    for k in range(n - len(plain) + 1):
+        if with_special[k : k + len(plain)] == plain:
+            if k:
+                return list(with_special[:k])
+            break
+    for tid in (tok.eos_token_id, tok.bos_token_id):
+        if tid is not None:
+            return [int(tid)]
+    raise UserError("the tokenizer has no BOS or EOS token: cannot give the first token of a document a context")
+
+
+def model_context(model) -> int:
+    n = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if not n:
+        raise UserError("the model config has no max_position_embeddings; pass --context")
+    return int(n)
+
+
+def windows(n_tokens: int, n_prefix: int, context: int, stride: int) -> list[tuple[int, int, int]]:
+    """Sliding windows over a sequence of ``n_tokens`` (prefix included) as ``(start, first_scored, end)``:
+    the model reads ``ids[start:end-1]`` (≤ ``context`` tokens) and ``ids[first_scored:end]`` are scored."""
+    if stride > context:
+        raise UserError(f"stride {stride} is larger than the context {context}: some tokens would not be scored")
+    out = []
+    a = n_prefix
+    b = min(n_tokens, context + 1)  # first window: inputs ids[0:context] score targets up to index context
+    while a < n_tokens:
+        out.append((max(0, b - 1 - context), a, b))
+        a, b = b, min(n_tokens, b + stride)
+    return out
+
+
+def score_sequences(
+    model, seqs: Sequence[Sequence[int]], starts: Sequence[int], *, batch_tokens: int = 8192,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Sum of −log p(ids[j] | ids[:j]) in nats over ``j ≥ starts[i]`` for each sequence (float64 array).
+
+    Sequences are sorted by length and right-padded into batches of about ``batch_tokens`` tokens; right
+    padding with an attention mask leaves the real positions' logits unchanged in a causal model."""
+    import torch
+    import torch.nn.functional as F
+
+    device = next(model.parameters()).device
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    nll = np.zeros(len(seqs), dtype=np.float64)
+    i = 0
+    while i < len(order):
+        width = len(seqs[order[i]])
+        group = order[i : i + max(1, batch_tokens // max(1, width - 1))]
+        i += len(group)
+        ids = torch.zeros(len(group), width, dtype=torch.long)
+        scored = torch.zeros(len(group), width - 1, dtype=torch.bool)  # per label position (ids[1:])
+        for r, k in enumerate(group):
+            s = seqs[k]
+            ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
+            scored[r, max(starts[k], 1) - 1 : len(s) - 1] = True
+        attn = torch.zeros_like(ids)
+        for r, k in enumerate(group):
+            attn[r, : len(seqs[k])] = 1
+        ids, attn, scored = ids.to(device), attn.to(device), scored.to(device)
+        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
+            logits = model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1]).logits
+        # fp32 softmax even under autocast: small per-token errors add up over 10^5 tokens.
+        ce = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
+        sums = (ce * scored).double().sum(dim=1).cpu().numpy()
+        nll[group] = sums
+        if progress is not None:
+            progress(len(group))
+    return nll
+
+
+@dataclass
+class TextScore:
+    nll_nats: float
+    tokens: int  # scored tokens (the text's tokens, prefix excluded)
+    bytes: int
+    docs: int
+
+    def as_dict(self) -> dict:
+        loss = self.nll_nats / self.tokens if self.tokens else float("nan")
+        return {
+            "bpb": self.nll_nats / LN2 / self.bytes if self.bytes else float("nan"),
+            "loss_per_token": loss,  # nats
+            "ppl": math.exp(loss) if self.tokens else float("nan"),
+            "tokens": self.tokens,
+            "bytes": self.bytes,
+            "docs": self.docs,
+            "bytes_per_token": self.bytes / self.tokens if self.tokens else float("nan"),
+            "nll_bits": self.nll_nats / LN2,
+        }
+
+
+def score_texts(
+    model, tok, docs: Sequence[str], *, context: int, stride: int, batch_tokens: int = 8192,
+    progress: Callable[[int], None] | None = None,
+) -> TextScore:
+    """Bits-per-byte ingredients of a list of documents (see the module docstring for the rules)."""
+    prefix = doc_start_ids(tok)
+    if len(prefix) >= context:
+        raise UserError(f"context {context} leaves no room after the {len(prefix)} start-of-document tokens")
+    docs = [d for d in docs if d]
+    encoded = tok(list(docs), add_special_tokens=False, verbose=False)["input_ids"] if docs else []
+    seqs, starts = [], []
+    n_tokens = 0
+    for ids in encoded:
+        full = prefix + list(ids)
+        n_tokens += len(ids)
+        for s, a, b in windows(len(full), len(prefix), context, stride):
+            seqs.append(full[s:b])
+            starts.append(a - s)
+    nll = score_sequences(model, seqs, starts, batch_tokens=batch_tokens, progress=progress)
+    n_bytes = sum(len(d.encode("utf-8")) for d in docs)
+    return TextScore(float(nll.sum()), n_tokens, n_bytes, len(docs))

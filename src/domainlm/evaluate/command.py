@@ -1,0 +1,148 @@
+"""Glue between the CLI and the scorers: resolve inputs, score, write ``eval.json``, print the table."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from domainlm import __version__
+from domainlm.config import EvalConfig
+from domainlm.errors import UserError
+from domainlm.evaluate import bpb, inputs
+from domainlm.evaluate import probes as P
+from domainlm.stages import file_fingerprint, fingerprint, mark_done
+
+EVAL_VERSION = 1
+
+
+def _probe_file(flag: Path | None, target: inputs.Target) -> Path | None:
+    """--probes, else the config's eval.probes, else the packaged legal set for the legal demo corpus."""
+    if flag is not None:
+        return Path(flag)
+    cfg = target.cfg
+    if cfg is None:
+        return None
+    if cfg.eval.probes:
+        p = Path(cfg.eval.probes)
+        if not p.is_absolute() and not p.exists() and target.run_dir is not None:
+            p = target.run_dir / p
+        return p
+    if any(s.input == "package:licensedcode" for s in cfg.sources):
+        return P.packaged_probes("legal")
+    return None
+
+
+def run_eval(
+    model_or_run: Path,
+    *,
+    texts: list[str] | None = None,
+    probes: Path | None = None,
+    run: Path | None = None,
+    out: Path | None = None,
+    context: int | None = None,
+    stride: int | None = None,
+    max_bytes: int | None = None,
+    batch_tokens: int | None = None,
+    console: Console | None = None,
+) -> tuple[dict, Path | None]:
+    """Score a model; returns the eval.json content and where it was written (None: nowhere)."""
+    t0 = time.perf_counter()
+    target = inputs.resolve(model_or_run, run)
+    ecfg = target.cfg.eval if target.cfg is not None else EvalConfig()
+    max_bytes = max_bytes or ecfg.max_bytes_per_source
+    batch_tokens = batch_tokens or ecfg.batch_tokens
+
+    # Gather every text before loading the model, so bad input fails fast.
+    named: list[tuple[str, str, list[str]]] = []  # (name, role, documents)
+    if target.cfg is not None:
+        for s in target.cfg.sources:
+            named.append((s.name, s.role, inputs.cap_bytes(inputs.source_documents(target.run_dir, s.name), max_bytes)))
+    for name, path in inputs.parse_text_args(texts):
+        if name in {n for n, _, _ in named}:
+            raise UserError(f"--text {name}=...: a source of the run is already called {name!r}")
+        named.append((name, "text", inputs.cap_bytes(inputs.text_documents(path), max_bytes)))
+    for name, _, docs in named:
+        if not docs:
+            raise UserError(f"{name}: no text to score (all documents are empty)")
+    probe_path = _probe_file(probes, target)
+    probe_items = P.load_probes(probe_path) if probe_path is not None else []
+    if not named and not probe_items:
+        raise UserError(f"{model_or_run}: nothing to score; give --text NAME=PATH, --run RUN_DIR or --probes FILE")
+
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model, tok = inputs.load_model(target.model_dir, device)
+    ctx = context or ecfg.context or bpb.model_context(model)
+    ctx = min(ctx, bpb.model_context(model))  # positions past the trained context are meaningless
+    step = stride or ecfg.stride or max(1, ctx // 2)
+
+    result: dict = {
+        "version": EVAL_VERSION,
+        "domainlm": __version__,
+        "model": str(target.model_dir),
+        "run_dir": str(target.run_dir) if target.run_dir else None,
+        "device": device,
+        "context": ctx,
+        "stride": step,
+        "max_bytes_per_source": max_bytes,
+        "doc_start_ids": bpb.doc_start_ids(tok),
+        "sources": {},
+        "probes": None,
+    }
+    for name, role, docs in named:
+        if console is not None:
+            console.print(f"[dim]scoring {name}: {len(docs)} documents, "
+                          f"{sum(len(d.encode()) for d in docs):,} bytes[/]", highlight=False)
+        score = bpb.score_texts(model, tok, docs, context=ctx, stride=step, batch_tokens=batch_tokens)
+        result["sources"][name] = {"role": role, **score.as_dict()}
+    if probe_items:
+        scored = P.score_probes(model, tok, probe_items, context=ctx, batch_tokens=batch_tokens)
+        result["probes"] = P.summarise(scored, probe_path)
+    result["seconds"] = round(time.perf_counter() - t0, 2)
+
+    dest = out if out is not None else (target.run_dir / "eval" / "eval.json" if target.is_run else None)
+    if dest is not None:
+        _write_json(Path(dest), result)
+        if target.is_run:
+            mark_done(target.run_dir, "eval", eval_fingerprint(target.model_dir, ecfg, probe_path, texts))
+    return result, dest
+
+
+def eval_fingerprint(model_dir: Path, ecfg: EvalConfig, probe_path: Path | None, texts: list[str] | None) -> str:
+    """What an eval result depends on, for `domainlm run` to skip an eval that is already done."""
+    files = sorted(f for f in Path(model_dir).iterdir() if f.is_file())
+    return fingerprint(
+        EVAL_VERSION, ecfg.model_dump(mode="json"), texts or [],
+        {f.name: file_fingerprint(f) for f in files},
+        file_fingerprint(probe_path) if probe_path is not None and probe_path.is_file() else None,
+    )
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def print_eval(result: dict, console: Console) -> None:
+    table = Table(title=f"eval of {result['model']} (context {result['context']}, stride {result['stride']})")
+    for col in ("text", "role", "bits/byte", "loss/token", "ppl", "tokens", "bytes", "bytes/token"):
+        table.add_column(col, justify="left" if col in ("text", "role") else "right")
+    for name, s in result["sources"].items():
+        table.add_row(name, s["role"], f"{s['bpb']:.4f}", f"{s['loss_per_token']:.4f}", f"{s['ppl']:.2f}",
+                      f"{s['tokens']:,}", f"{s['bytes']:,}", f"{s['bytes_per_token']:.2f}")
+    if result["sources"]:
+        console.print(table)
+    p = result.get("probes")
+    if p:
+        console.print(
+            f"term probes ({p['file']}): {p['items']} items, accuracy [bold]{p['acc']:.1%}[/] "
+            f"(per-byte normalised {p['acc_per_byte']:.1%}; chance {p['chance']:.1%})", highlight=False)
+    console.print("[dim]bits/byte is comparable across tokenizers; loss/token (nats) and ppl are not.[/]")

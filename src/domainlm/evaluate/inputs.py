@@ -1,0 +1,195 @@
+"""What `domainlm eval` reads: a model (a run directory's ``model/`` or any HF model folder) and the texts to
+score (each source's val split, or files given with ``--text NAME=PATH``)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from domainlm.config import RunConfig, validate
+from domainlm.errors import ConfigError, UserError
+
+# Any one of these makes a folder loadable by AutoTokenizer (fast, sentencepiece or GPT-2-style slow tokenizers).
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".jsonl.gz")
+
+
+@dataclass
+class Target:
+    """The model to score and, when known, the run directory whose val splits it is scored on."""
+
+    model_dir: Path
+    run_dir: Path | None
+    cfg: RunConfig | None
+    is_run: bool  # MODEL_OR_RUN was a run directory (eval.json then goes to <run>/eval/)
+
+
+def resolve(model_or_run: Path, run: Path | None = None) -> Target:
+    p = Path(model_or_run)
+    if not p.exists():
+        raise UserError(f"{p}: no such model folder or run directory")
+    if (p / "config.json").is_file():  # an HF model folder
+        check_tokenizer_files(p)  # before any text is read: fail fast
+        cfg = load_run_config(run) if run is not None else None
+        return Target(p, run, cfg, is_run=False)
+    if (p / "config.yaml").is_file() or (p / "model").is_dir():
+        if run is not None and Path(run).resolve() != p.resolve():
+            raise UserError(f"--run {run}: only with an HF model folder; {p} is already a run directory")
+        cfg = load_run_config(p)
+        model_dir = p / "model"
+        if not (model_dir / "config.json").is_file():
+            raise UserError(f"{model_dir}: no trained model in this run directory; run `domainlm train` first")
+        check_tokenizer_files(model_dir)
+        return Target(model_dir, p, cfg, is_run=True)
+    raise UserError(f"{p}: neither an HF model folder (config.json) nor a run directory (config.yaml)")
+
+
+def load_run_config(run_dir: Path) -> RunConfig:
+    """The resolved config a run directory was made with. One that no longer validates was written by another
+    (incompatible) version of domainlm: say so instead of failing later on a missing file or key."""
+    run_dir = Path(run_dir)
+    p = run_dir / "config.yaml"
+    if not p.is_file():
+        raise UserError(f"{run_dir}: not a run directory (no config.yaml); run `domainlm plan CONFIG` first")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        cfg = validate(data, str(p))
+    except (yaml.YAMLError, UnicodeDecodeError, ConfigError) as e:
+        first = e.problems[0] if isinstance(e, ConfigError) else f"{p}: unreadable YAML"
+        raise UserError(
+            f"{run_dir}: run directory from an incompatible version of domainlm ({first}); rerun the pipeline"
+        ) from None
+    counts = run_dir / "tokens" / "counts.json"
+    if counts.is_file():  # token files carry their own format version
+        from domainlm.data.tokens import load_counts
+
+        try:
+            load_counts(run_dir)
+        except UserError as e:
+            raise UserError(f"{run_dir}: run directory from an incompatible version of domainlm ({e})") from None
+    return cfg
+
+
+def check_tokenizer_files(model_dir: Path) -> None:
+    if not any((model_dir / f).is_file() for f in TOKENIZER_FILES):
+        raise UserError(f"{model_dir}: no tokenizer in the model folder (expected tokenizer.json); "
+                        "save it with tokenizer.save_pretrained(folder)")
+
+
+def load_model(model_dir: Path, device: str):
+    """AutoModelForCausalLM + AutoTokenizer from a local folder, never the network. fp32 weights; on CUDA the
+    forward pass runs under bf16 autocast (see bpb.score_sequences)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_dir = Path(model_dir)
+    check_tokenizer_files(model_dir)
+    try:
+        tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as e:  # transformers raises OSError/ValueError/KeyError depending on what is broken
+        raise UserError(f"{model_dir}: cannot load the tokenizer ({type(e).__name__}: {_first_line(e)})") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+    except Exception as e:
+        raise UserError(f"{model_dir}: cannot load the model ({type(e).__name__}: {_first_line(e)})") from None
+    model.to(device).eval()
+    return model, tok
+
+
+def _first_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else "no message"
+
+
+# ------------------------------------------------------------------------------------------------ texts
+
+
+def source_documents(run_dir: Path, source: str, split: str = "val") -> Iterator[str]:
+    """Cleaned documents of one source written by `domainlm prepare` (sorted file order: deterministic)."""
+    try:
+        from domainlm.data.pipeline import iter_documents  # the prepare stage's own reader, once it exists
+    except ImportError:
+        iter_documents = None
+    folder = Path(run_dir) / "data" / source / split
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no {split} documents for source {source!r}; run `domainlm prepare CONFIG`")
+    if iter_documents is not None:
+        yield from (d if isinstance(d, str) else d["text"] for d in iter_documents(run_dir, source, split))
+        return
+    for f in sorted(folder.glob("*.jsonl.gz")):
+        yield from _jsonl(f)
+
+
+def _jsonl(path: Path) -> Iterator[str]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                raise UserError(f"{path}:{lineno}: expected a JSON object with a \"text\" string") from None
+            if not isinstance(text, str):
+                raise UserError(f"{path}:{lineno}: \"text\" must be a string")
+            yield text
+
+
+def parse_text_args(items: list[str] | None) -> list[tuple[str, Path]]:
+    out: list[tuple[str, Path]] = []
+    for item in items or []:
+        name, sep, path = item.partition("=")
+        if not sep or not name.strip() or not path.strip():
+            raise UserError(f"--text: expected NAME=PATH, got {item!r}")
+        if name.strip() in {n for n, _ in out}:
+            raise UserError(f"--text: name {name.strip()!r} given twice")
+        out.append((name.strip(), Path(path.strip())))
+    return out
+
+
+def text_files(path: Path) -> list[Path]:
+    """The files behind ``--text NAME=PATH``: the file itself, or a folder's .txt/.md/.jsonl(.gz) files."""
+    if not path.exists():
+        raise UserError(f"--text {path}: no such file or folder")
+    if path.is_file():
+        return [path]
+    files = sorted(f for f in path.rglob("*") if f.is_file() and f.name.endswith(TEXT_SUFFIXES))
+    if not files:
+        raise UserError(f"--text {path}: no {'/'.join(TEXT_SUFFIXES)} files in this folder")
+    return files
+
+
+def text_documents(path: Path) -> Iterator[str]:
+    """One document per .txt/.md file, one per line of a .jsonl file ({"text": ...})."""
+    for f in text_files(path):
+        if f.name.endswith((".jsonl", ".jsonl.gz")):
+            yield from _jsonl(f)
+        else:
+            try:
+                yield f.read_text(encoding="utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{f}: not UTF-8 text") from None
+
+
+def cap_bytes(docs: Iterable[str], max_bytes: int) -> list[str]:
+    """The first documents (in order) up to ``max_bytes`` UTF-8 bytes; the last one is cut at a character
+    boundary, so every model is scored on exactly the same bytes."""
+    out: list[str] = []
+    left = max_bytes
+    for d in docs:
+        if not d:
+            continue
+        b = d.encode("utf-8")
+        if len(b) > left:
+            d = b[:left].decode("utf-8", errors="ignore")  # drops a split multi-byte character
+        if d:
+            out.append(d)
+            left -= len(d.encode("utf-8"))
+        if left <= 0 or len(b) > len(d.encode("utf-8")):
+            break
+    return out
