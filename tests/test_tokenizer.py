@@ -32,6 +32,7 @@ def write_split(run: Path, source: str, split: str, docs: list[str], n_files: in
     """The `domainlm prepare` contract: data/<source>/<split>/*.jsonl.gz, one {"text": ...} per line."""
     folder = run / "data" / source / split
     folder.mkdir(parents=True, exist_ok=True)
+    (run / "data" / "stats.json").write_text("{}")  # prepare's "complete" marker
     for i in range(n_files):
         with gzip.open(folder / f"{i:05d}.jsonl.gz", "wt", encoding="utf-8") as f:
             for d in docs[i::n_files]:
@@ -168,7 +169,10 @@ def test_vocab_too_small(tmp_path):
 
 def test_no_prepared_data(tmp_path):
     cfg_path = make_run(tmp_path, prepared=False)
-    with pytest.raises(UserError, match=r"data/legal/train: no prepared data.*run `domainlm prepare .*cfg.yaml` first"):
+    with pytest.raises(UserError, match=r"data/stats.json: no prepared data; run `domainlm prepare .*cfg.yaml` first"):
+        run_tokenizer(cfg_path)
+    write_split(tmp_path / "run", "news", "train", ["some text"])  # prepared, but not the legal source
+    with pytest.raises(UserError, match=r"data/legal/train: no prepared data for source 'legal'; run `domainlm prep"):
         run_tokenizer(cfg_path)
 
 

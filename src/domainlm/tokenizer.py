@@ -65,6 +65,9 @@ def iter_documents(run_dir: Path, source: str, split: str) -> Iterator[str]:
 def _check_prepared(cfg: RunConfig, run_dir: Path, config_name: str) -> None:
     if not cfg.sources:
         raise UserError(f"{config_name}: sources: no sources configured; the tokenizer needs text to train on")
+    stats = run_dir / "data" / "stats.json"  # written last by `prepare`: its existence means the data are complete
+    if not stats.exists():
+        raise UserError(f"{stats}: no prepared data; run `domainlm prepare {config_name}` first")
     for s in cfg.sources:
         folder = run_dir / "data" / s.name / "train"
         if not folder.is_dir():
