@@ -37,6 +37,44 @@ class SourceConfig(_Section):
     unique_tokens: float | None = Field(default=None, gt=0, description="known unique tokens (plan limits)")
 
 
+class SlurmConfig(_Section):
+    """datatrove SlurmPipelineExecutor settings (``prepare.executor: slurm``)."""
+
+    partition: str | None = None
+    time: str = "4:00:00"
+    cpus_per_task: int = Field(default=1, ge=1)
+    mem_per_cpu_gb: float = Field(default=2.0, gt=0)
+    qos: str | None = None
+    sbatch_args: dict[str, str] = Field(default_factory=dict)
+
+
+class RayConfig(_Section):
+    """datatrove RayPipelineExecutor settings (``prepare.executor: ray``); ``ray.init()`` is the caller's."""
+
+    cpus_per_task: int = Field(default=1, ge=1)
+    mem_per_cpu_gb: float = Field(default=2.0, gt=0)
+
+
+class PrepareConfig(_Section):
+    """`domainlm prepare`: cleaning, dedup, split, executor."""
+
+    executor: Literal["local", "slurm", "ray"] = "local"
+    workers: int | None = Field(default=None, ge=1, description="parallel tasks; default: CPU cores")
+    tasks: int | None = Field(default=None, ge=1, description="shards per source; default: workers")
+    min_chars: int = Field(default=32, ge=0)
+    max_chars: int = Field(default=5_000_000, ge=1)
+    max_dup_line_frac: float = Field(default=0.3, gt=0, le=1, description="Gopher repetition rule (Rae et al. 2021)")
+    max_error_rate: float = Field(default=0.01, ge=0, le=1, description="malformed JSONL lines tolerated")
+    near_dup: bool = True
+    minhash_buckets: int = Field(default=8, ge=1)
+    minhash_hashes_per_bucket: int = Field(default=8, ge=1)
+    minhash_ngrams: int = Field(default=5, ge=1)
+    val_fraction: float = Field(default=0.01, ge=0.01, lt=0.5)
+    val_min_docs: int = Field(default=20, ge=20)
+    slurm: SlurmConfig = Field(default_factory=SlurmConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
+
+
 class BudgetConfig(_Section):
     """Compute budget for `domainlm plan`: either ``flops`` or ``gpu`` + ``gpus`` + ``hours``."""
 
@@ -128,6 +166,7 @@ class RunConfig(_Section):
     run_dir: str | None = None  # default: runs/<name>
     sources: list[SourceConfig] = Field(default_factory=list)
     budget: BudgetConfig = Field(default_factory=BudgetConfig)
+    prepare: PrepareConfig = Field(default_factory=PrepareConfig)
     tokenizer: TokenizerConfig = Field(default_factory=TokenizerConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)

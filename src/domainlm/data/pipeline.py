@@ -1,0 +1,329 @@
+"""`domainlm prepare`: one datatrove pipeline per source, then statistics, then (with a tokenizer) token files.
+
+Stages of a source (datatrove executors; each skips its completed tasks on a rerun)::
+
+    clean     N tasks  read → normalise → filter → JsonlWriter(.prepare/<s>/clean) + ExactDedupSignature
+    exact     1 task   ExactFindDedups
+    mh-sig    N tasks  clean → ExactDedupFilter → MinHash signatures
+    mh-bucket B tasks  MinhashDedupBuckets (B = minhash_buckets)
+    mh-clust  1 task   MinhashDedupCluster
+    keys      N tasks  clean → both dedup filters → split keys
+    split     1 task   PlanSplit
+    write     N tasks  clean → both dedup filters → data/<s>/{train,val}/<rank>.jsonl.gz
+
+Work files live in ``<run>/.prepare/<source>/``, keyed by a fingerprint of the source's config and input
+files: a changed source starts over, an unchanged one resumes. ``data/stats.json`` is written last; its
+existence means the data stage is complete.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gzip
+import json
+import os
+import shutil
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+
+from domainlm import stages
+from domainlm.config import PrepareConfig, RunConfig
+from domainlm.data import sources
+from domainlm.errors import UserError
+
+STATS_VERSION = 1
+SPLITS = ("train", "val")
+
+
+def data_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "data"
+
+
+def stats_path(run_dir: Path) -> Path:
+    return data_dir(run_dir) / "stats.json"
+
+
+def work_dir(run_dir: Path, source: str) -> Path:
+    return Path(run_dir) / ".prepare" / source
+
+
+# ------------------------------------------------------------------------------------------- reading outputs
+
+
+def document_files(run_dir: Path, source: str, split: str) -> list[Path]:
+    if not stats_path(run_dir).exists():
+        raise UserError(f"{stats_path(run_dir)}: no prepared data; run `domainlm prepare CONFIG` first")
+    if split not in SPLITS:
+        raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
+    folder = data_dir(run_dir) / source / split
+    if not folder.is_dir():
+        raise UserError(f"{folder}: no prepared documents for source {source!r}")
+    return sorted(folder.glob("*.jsonl.gz"))
+
+
+def iter_records(run_dir: Path, source: str, split: str) -> Iterator[dict]:
+    """Prepared documents (``{"id", "text", "metadata"}``) of one source and split, in a fixed order."""
+    for path in document_files(run_dir, source, split):
+        with gzip.open(path, "rb") as f:
+            for line in f:
+                yield orjson.loads(line)
+
+
+def iter_documents(run_dir: Path, source: str, split: str) -> Iterator[str]:
+    """Texts of the prepared documents of one source and split, in a fixed (deterministic) order."""
+    for rec in iter_records(run_dir, source, split):
+        yield rec["text"]
+
+
+# ------------------------------------------------------------------------------------------- fingerprints
+
+
+def _inputs_fingerprint(spec: sources.SourceSpec) -> list:
+    if spec.kind == "hf":
+        p = Path(spec.dataset)
+        return [spec.dataset, spec.split, sorted((str(f), f.stat().st_size, f.stat().st_mtime_ns)
+                                                 for f in p.rglob("*") if f.is_file()) if p.is_dir() else None]
+    # name, size and mtime of every input file: re-reading 37k files' contents would cost more than the stage
+    out = []
+    for f in spec.files:
+        st = os.stat(f)
+        out.append((f, st.st_size, st.st_mtime_ns))
+    return out
+
+
+def source_fingerprint(spec: sources.SourceSpec, pcfg: PrepareConfig, tasks: int) -> str:
+    knobs = pcfg.model_dump(exclude={"executor", "workers", "slurm", "ray"})
+    knobs["tasks"] = tasks
+    return stages.fingerprint("prepare-v1", spec.__dict__ | {"files": len(spec.files)}, knobs,
+                              _inputs_fingerprint(spec))
+
+
+# ------------------------------------------------------------------------------------------- executors
+
+
+def default_workers() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _executor(pcfg: PrepareConfig, pipeline: list, tasks: int, workers: int, logdir: Path, name: str, depends=None):
+    if pcfg.executor == "slurm":
+        from datatrove.executor import SlurmPipelineExecutor
+
+        s = pcfg.slurm
+        return SlurmPipelineExecutor(
+            pipeline, tasks=tasks, time=s.time, partition=s.partition, cpus_per_task=s.cpus_per_task,
+            mem_per_cpu_gb=s.mem_per_cpu_gb, qos=s.qos or "normal", sbatch_args=s.sbatch_args or None,
+            job_name=f"domainlm-{name}", logging_dir=str(logdir), depends=depends,
+        )
+    if pcfg.executor == "ray":
+        from datatrove.executor import RayPipelineExecutor
+
+        return RayPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logdir),
+                                   cpus_per_task=pcfg.ray.cpus_per_task, mem_per_cpu_gb=pcfg.ray.mem_per_cpu_gb)
+    from datatrove.executor import LocalPipelineExecutor
+
+    return LocalPipelineExecutor(pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=str(logdir))
+
+
+def build_stages(spec: sources.SourceSpec, pcfg: PrepareConfig, run_dir: Path, tasks: int):
+    """The (name, pipeline, tasks) list of one source's datatrove stages."""
+    from datatrove.pipeline.dedup import (
+        ExactDedupConfig, ExactDedupFilter, ExactDedupSignature, ExactFindDedups,
+        MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter,
+    )
+    from datatrove.pipeline.writers import JsonlWriter
+    from datatrove.utils.hashing import HashConfig
+
+    from domainlm.data import steps
+
+    w = work_dir(run_dir, spec.name)
+    ws = str(w)
+    exact_cfg = ExactDedupConfig(content_getter=_text_of)
+    mh_cfg = MinhashConfig(
+        n_grams=pcfg.minhash_ngrams, num_buckets=pcfg.minhash_buckets,
+        hashes_per_bucket=pcfg.minhash_hashes_per_bucket, hash_config=HashConfig(precision=64, hash_fc="sha1"),
+    )
+
+    def deduped() -> list:
+        out = [steps.CleanReader(str(w / "clean")), ExactDedupFilter(str(w / "exact_dups"), exact_cfg)]
+        if pcfg.near_dup:
+            out.append(MinhashDedupFilter(str(w / "mh_remove")))
+        return out
+
+    clean = [
+        steps.ReadAndClean(spec, ws, pcfg.min_chars, pcfg.max_chars, pcfg.max_dup_line_frac),
+        JsonlWriter(str(w / "clean"), output_filename="${rank}.jsonl.gz", compression="gzip"),
+        ExactDedupSignature(str(w / "exact_sigs"), exact_cfg),
+    ]
+    out = [("clean", clean, tasks), ("exact", [ExactFindDedups(str(w / "exact_sigs"), str(w / "exact_dups"),
+                                                               exact_cfg)], 1)]
+    if pcfg.near_dup:
+        out += [
+            ("mh-sig", [steps.CleanReader(str(w / "clean")), ExactDedupFilter(str(w / "exact_dups"), exact_cfg),
+                        steps.CountDocs(ws, "after_exact"), steps.FastMinhashSignature(str(w / "mh_sigs"), mh_cfg)],
+             tasks),
+            ("mh-bucket", [MinhashDedupBuckets(str(w / "mh_sigs"), str(w / "mh_buckets"), config=mh_cfg)],
+             pcfg.minhash_buckets),
+            ("mh-cluster", [MinhashDedupCluster(str(w / "mh_buckets"), str(w / "mh_remove"), config=mh_cfg)], 1),
+        ]
+    else:
+        out += [("count", [steps.CleanReader(str(w / "clean")), ExactDedupFilter(str(w / "exact_dups"), exact_cfg),
+                           steps.CountDocs(ws, "after_exact")], tasks)]
+    out += [
+        ("keys", [*deduped(), steps.CollectKeys(ws)], tasks),
+        ("split", [steps.PlanSplit(ws, pcfg.val_fraction, pcfg.val_min_docs)], 1),
+        ("write", [*deduped(), steps.SplitWriter(ws, str(data_dir(run_dir) / spec.name))], tasks),
+    ]
+    return out
+
+
+def _text_of(doc) -> bytes:
+    return doc.text.encode("utf-8")  # bytes: datatrove's default xxhash needs them
+
+
+@contextlib.contextmanager
+def _stderr_to(path: Path):
+    """Send fd 2 (datatrove's loguru output, also of its worker processes) to a log file, so the terminal
+    shows our progress bars; errors are in the log, and datatrove keeps per-task logs in each stage folder."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    saved = os.dup(2)
+    with open(path, "ab") as log:
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _run_stage(executor, logdir: Path, tasks: int, progress, label: str) -> None:
+    """Run one executor in a thread and follow its completion markers with a progress bar."""
+    bar = progress.add_task(label, total=tasks)
+    errors: list[BaseException] = []
+
+    def target():
+        try:
+            executor.run()
+        except BaseException as e:  # noqa: BLE001 - re-raised in the main thread
+            errors.append(e)
+
+    t = threading.Thread(target=target, daemon=True)
+    t.start()
+    done_dir = logdir / "completions"
+    while t.is_alive():
+        t.join(0.2)
+        progress.update(bar, completed=len(list(done_dir.glob("*"))) if done_dir.is_dir() else 0)
+    done = len(list(done_dir.glob("*"))) if done_dir.is_dir() else 0
+    progress.update(bar, completed=done)
+    if errors:
+        raise errors[0]
+    if done < tasks:
+        raise UserError(f"{label}: {tasks - done} of {tasks} tasks failed; see the logs in {logdir}/logs")
+
+
+# ------------------------------------------------------------------------------------------- statistics
+
+
+def _sum_counts(work: Path, step: str) -> tuple[Counter, list[str], int]:
+    total, errors, n_errors = Counter(), [], 0
+    for f in sorted((work / "counts" / step).glob("*.json")):
+        d = json.loads(f.read_text())
+        total.update(d["counts"])
+        errors += d.get("errors", [])
+        n_errors += d.get("n_errors", 0)
+    return total, errors, n_errors
+
+
+def check_clean(spec: sources.SourceSpec, pcfg: PrepareConfig, run_dir: Path) -> None:
+    """After the clean stage: too many malformed lines, or nothing left, is the user's problem to fix."""
+    counts, errors, n_errors = _sum_counts(work_dir(run_dir, spec.name), "clean")
+    lines = counts.get("json_lines", 0)
+    if lines and n_errors / lines > pcfg.max_error_rate:
+        raise UserError(
+            f"source {spec.name!r}: {n_errors} of {lines} JSONL lines malformed or without text key "
+            f"{spec.text_key!r} (first at {errors[0]}); above prepare.max_error_rate={pcfg.max_error_rate:g}"
+        )
+    if counts.get("clean_docs", 0) == 0:
+        drops = ", ".join(f"{k.removeprefix('drop/')} {v}" for k, v in sorted(counts.items()) if k.startswith("drop/"))
+        raise UserError(
+            f"source {spec.name!r}: no documents left after filtering "
+            f"({counts.get('docs_in', 0)} read; dropped: {drops or 'none'})"
+        )
+
+
+def source_stats(spec: sources.SourceSpec, pcfg: PrepareConfig, run_dir: Path) -> dict:
+    w = work_dir(run_dir, spec.name)
+    c, errors, n_errors = _sum_counts(w, "clean")
+    after_exact = _sum_counts(w, "after_exact")[0].get("docs", 0)
+    out = _sum_counts(w, "write")[0]
+    drops = {k.removeprefix("drop/"): v for k, v in sorted(c.items()) if k.startswith("drop/") and v}
+    drops["exact_duplicate"] = c.get("clean_docs", 0) - after_exact
+    docs_out = out.get("train_docs", 0) + out.get("val_docs", 0)
+    drops["near_duplicate"] = after_exact - docs_out
+    return {
+        "input": spec.kind if spec.kind != "files" else spec.root,
+        "docs_in": c.get("docs_in", 0),
+        "bytes_in": c.get("bytes_in", 0),
+        "docs_out": docs_out,
+        "bytes_out": out.get("train_bytes", 0) + out.get("val_bytes", 0),
+        **{f"{s}_{k}": out.get(f"{s}_{k}", 0) for s in SPLITS for k in ("docs", "bytes")},
+        "drops": drops,
+        "invalid_utf8_replaced": c.get("invalid_utf8", 0),
+        "decoded_cp1252": c.get("decoded_cp1252", 0),
+        "malformed_lines": n_errors,
+        "malformed_at": errors[:20],
+    }
+
+
+# ------------------------------------------------------------------------------------------- the command
+
+
+def prepare_sources(cfg: RunConfig, run_dir: Path, progress) -> dict:
+    """Clean, dedup and split every source; return (and write) ``data/stats.json``."""
+    pcfg = cfg.prepare
+    if not cfg.sources:
+        raise UserError("config: sources: no sources to prepare")
+    workers = pcfg.workers or default_workers()
+    tasks = pcfg.tasks or workers
+    specs = [sources.resolve(s, f"sources[{i}].input", pcfg.max_chars) for i, s in enumerate(cfg.sources)]
+    fps = {s.name: source_fingerprint(s, pcfg, tasks) for s in specs}
+    overall = stages.fingerprint(fps)
+    if stats_path(run_dir).exists() and stages.is_done(run_dir, "prepare", overall):
+        return json.loads(stats_path(run_dir).read_text())
+    stats_path(run_dir).unlink(missing_ok=True)  # the completion mark of the data stage goes first
+    stats = {"version": STATS_VERSION, "fingerprint": overall, "tasks": tasks, "sources": {}}
+    for spec in specs:
+        w = work_dir(run_dir, spec.name)
+        fp_file = w / "fingerprint"
+        if not fp_file.exists() or fp_file.read_text() != fps[spec.name]:
+            shutil.rmtree(w, ignore_errors=True)  # another config or changed inputs: start this source over
+            shutil.rmtree(data_dir(run_dir) / spec.name, ignore_errors=True)
+            w.mkdir(parents=True)
+            fp_file.write_text(fps[spec.name])
+        depends = None
+        with _stderr_to(w / "datatrove.log"):
+            for name, pipeline, n in build_stages(spec, pcfg, run_dir, tasks):
+                logdir = w / "stages" / name
+                ex = _executor(pcfg, pipeline, n, workers, logdir, f"{spec.name}-{name}", depends)
+                if pcfg.executor == "slurm":
+                    ex.run()  # submits; the jobs run later, each depending on the previous stage
+                    depends = ex
+                    continue
+                _run_stage(ex, logdir, n, progress, f"{spec.name}: {name}")
+                if name == "clean":
+                    check_clean(spec, pcfg, run_dir)
+        if pcfg.executor == "slurm":
+            continue
+        stats["sources"][spec.name] = source_stats(spec, pcfg, run_dir)
+    if pcfg.executor == "slurm":  # the jobs run later; a rerun after they finish writes the statistics
+        return {"submitted": "slurm", "logs": str(run_dir / ".prepare"), "sources": {}}
+    from domainlm.data.steps import write_json_atomic
+
+    write_json_atomic(stats_path(run_dir), stats)
+    stages.mark_done(run_dir, "prepare", overall, {"sources": list(fps)})
+    return stats

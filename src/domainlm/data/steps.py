@@ -1,0 +1,240 @@
+"""The datatrove pipeline steps of `domainlm prepare` that datatrove does not ship.
+
+Each step writes its counters to ``<work>/counts/<step>/<rank>.json`` when its shard is done (a rerun of a
+killed task overwrites them), so the statistics survive resumption and workers on other machines.
+"""
+
+from __future__ import annotations
+
+import gzip
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import orjson
+import xxhash
+from datatrove.data import Document, DocumentsPipeline
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.dedup import MinhashDedupSignature
+from datatrove.utils.word_tokenizers import WordTokenizer
+
+from domainlm.data import clean, sources
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
+
+
+def _save_counts(work: str, step: str, rank: int, counts: Counter, **extra) -> None:
+    write_json_atomic(Path(work) / "counts" / step / f"{rank:05d}.json", {"counts": dict(counts), **extra})
+
+
+def split_key(text: str) -> int:
+    """Content hash that decides train/val: independent of file order, shard count and machine."""
+    return xxhash.xxh64_intdigest(text.encode("utf-8"))
+
+
+class ReadAndClean(PipelineStep):
+    """Read one shard of a source, normalise, filter; every drop counted by reason."""
+
+    name = "read + clean"
+    type = "domainlm"
+
+    def __init__(self, spec: sources.SourceSpec, work: str, min_chars: int, max_chars: int, max_dup: float):
+        super().__init__()
+        self.spec, self.work = spec, work
+        self.min_chars, self.max_chars, self.max_dup = min_chars, max_chars, max_dup
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        counts, errors = Counter(), []
+        for d in sources.read(self.spec, rank, world_size, counts, errors):
+            reason, text = clean.check(
+                d.text, min_chars=self.min_chars, max_chars=self.max_chars, max_dup_line_frac=self.max_dup
+            )
+            if reason:
+                counts[f"drop/{reason}"] += 1
+                continue
+            counts["clean_docs"] += 1
+            self.stat_update("clean_docs")
+            yield Document(text=text, id=d.id, metadata=d.metadata)
+        # malformed lines: the first 100 file:line locations are kept, all are counted
+        _save_counts(self.work, "clean", rank, counts, errors=errors[:100], n_errors=len(errors))
+
+
+class CleanReader(PipelineStep):
+    """Read back shard ``rank`` of the cleaned documents: exactly one file per rank, so document indices
+    line up with the dedup steps' per-rank removal lists even when a shard is empty."""
+
+    name = "read cleaned"
+    type = "domainlm"
+
+    def __init__(self, folder: str):
+        super().__init__()
+        self.folder = folder
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        path = Path(self.folder) / f"{rank:05d}.jsonl.gz"
+        if not path.exists():
+            return
+        with gzip.open(path, "rb") as f:
+            for line in f:
+                rec = orjson.loads(line)
+                yield Document(text=rec["text"], id=rec.get("id", ""), metadata=rec.get("metadata", {}))
+
+
+class CountDocs(PipelineStep):
+    """Pass documents through, counting them (the difference of two counts is a dedup step's drops)."""
+
+    name = "count"
+    type = "domainlm"
+
+    def __init__(self, work: str, label: str):
+        super().__init__()
+        self.work, self.label = work, label
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        n = 0
+        for doc in data:
+            n += 1
+            yield doc
+        _save_counts(self.work, self.label, rank, Counter(docs=n))
+
+
+class _Words(WordTokenizer):
+    """Whitespace words. datatrove's default English tokenizer needs spaCy; our shingles do not use it."""
+
+    def word_tokenize(self, text: str) -> list[str]:
+        return text.split()
+
+    def sent_tokenize(self, text: str) -> list[str]:
+        return text.splitlines()
+
+    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+        return [m.span() for m in re.finditer(r"\S+", text)]
+
+
+_WORD = re.compile(r"\w+")
+_MIX = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio: the usual odd multiplier for hash mixing
+
+
+class FastMinhashSignature(MinhashDedupSignature):
+    """datatrove's MinHash signature step with cheaper hashing (measured: 1.1 → ~4 MB/s per core on the demo).
+
+    Shingles: word n-grams of lower-cased ``\\w+`` words, each word hashed once with xxh64 and the n-gram hash
+    combined in numpy. Permutations: ``a·x + b mod 2^64`` with odd ``a`` (a bijection on 64-bit values),
+    instead of datatrove's mod-Mersenne-prime universal hash, which costs a 64-bit modulo per (shingle, hash)."""
+
+    def __init__(self, output_folder: str, config):
+        super().__init__(output_folder, config, language=_Words())
+        rng = np.random.RandomState(config.seed)
+        h = config.num_buckets * config.hashes_per_bucket
+        self._a = rng.randint(1, 2**62, size=(1, h), dtype=np.uint64) * np.uint64(2) + np.uint64(1)
+        self._b = rng.randint(0, 2**62, size=(1, h), dtype=np.uint64)
+
+    def get_shingles(self, text: str) -> np.ndarray:
+        n = self.config.n_grams
+        words = np.fromiter((xxhash.xxh64_intdigest(w.encode()) for w in _WORD.findall(text.lower())), np.uint64)
+        if len(words) < n:
+            return np.empty((0, 1), np.uint64)
+        m = len(words) - n + 1
+        h = words[:m].copy()
+        with np.errstate(over="ignore"):
+            for j in range(1, n):
+                h = h * _MIX ^ words[j : j + m]
+        return np.unique(h).reshape(-1, 1)
+
+    def get_signature(self, shingles: np.ndarray) -> list[list[int]]:
+        with np.errstate(over="ignore"):
+            phv = shingles * self._a + self._b  # (n_shingles, n_hashes), wraps mod 2^64
+        return [x.tolist() for x in np.split(phv.min(axis=0), self.config.num_buckets)]
+
+
+class CollectKeys(PipelineStep):
+    """Save the split key of every surviving document of a shard (8 bytes each) for the split plan."""
+
+    name = "split keys"
+    type = "domainlm"
+
+    def __init__(self, work: str):
+        super().__init__()
+        self.work = work
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        keys = np.fromiter((split_key(doc.text) for doc in data), dtype=np.uint64)
+        out = Path(self.work) / "keys" / f"{rank:05d}.npy"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(out.name + ".tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, keys)
+        os.replace(tmp, out)
+        return
+        yield  # a generator that yields nothing: the last step of its pipeline
+
+
+class PlanSplit(PipelineStep):
+    """One task: the validation set is the ``k`` documents with the smallest split keys,
+    ``k = max(val_min_docs, ceil(val_fraction · n))`` (capped at half the corpus) — exact counts, unlike
+    a hash threshold chosen blind. Writes ``split.json`` with the largest validation key."""
+
+    name = "plan split"
+    type = "domainlm"
+
+    def __init__(self, work: str, val_fraction: float, val_min_docs: int):
+        super().__init__()
+        self.work, self.val_fraction, self.val_min_docs = work, val_fraction, val_min_docs
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        files = sorted((Path(self.work) / "keys").glob("*.npy"))
+        keys = np.concatenate([np.load(f) for f in files]) if files else np.empty(0, np.uint64)
+        n = len(keys)
+        k = min(max(self.val_min_docs, -(-int(self.val_fraction * n * 1e6) // 1_000_000)), n // 2)
+        threshold = int(np.partition(keys, k - 1)[k - 1]) if k > 0 else -1
+        write_json_atomic(Path(self.work) / "split.json", {"docs": n, "val_docs": k, "val_max_key": threshold})
+        return
+        yield
+
+
+class SplitWriter(PipelineStep):
+    """Write the surviving documents of a shard to ``<out>/{train,val}/<rank>.jsonl.gz``.
+
+    gzip with mtime 0 and no file name in the header, so a rerun writes byte-identical files; each file is
+    written to ``.tmp`` and renamed, so a killed task never leaves a file that looks complete."""
+
+    name = "write train/val"
+    type = "domainlm"
+
+    def __init__(self, work: str, out: str):
+        super().__init__()
+        self.work, self.out = work, out
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        plan = json.loads((Path(self.work) / "split.json").read_text())
+        max_key = plan["val_max_key"]
+        counts, handles = Counter(), {}
+        for split in ("train", "val"):
+            path = Path(self.out) / split / f"{rank:05d}.jsonl.gz"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            raw = open(path.with_name(path.name + ".tmp"), "wb")  # noqa: SIM115 - closed below
+            handles[split] = (path, raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=6, mtime=0))
+        for doc in data:
+            split = "val" if split_key(doc.text) <= max_key else "train"
+            meta = {k: v for k, v in doc.metadata.items() if k != "duplicate_count"}
+            handles[split][2].write(orjson.dumps({"id": doc.id, "text": doc.text, "metadata": meta}) + b"\n")
+            counts[f"{split}_docs"] += 1
+            counts[f"{split}_bytes"] += len(doc.text.encode("utf-8"))
+        for path, raw, gz in handles.values():
+            gz.close()
+            raw.flush()
+            os.fsync(raw.fileno())
+            raw.close()
+            os.replace(path.with_name(path.name + ".tmp"), path)
+        _save_counts(self.work, "write", rank, counts)
+        return
+        yield

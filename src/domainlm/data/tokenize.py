@@ -1,0 +1,135 @@
+"""Tokenize the prepared documents into the token files of :mod:`domainlm.data.tokens`.
+
+Each prepared file (``data/<source>/<split>/<rank>.jsonl.gz``) becomes a part file in
+``tokens/<source>/.parts/`` with a small JSON of its counts, written last (the part's completion mark); a
+rerun skips finished parts. The parts are then concatenated in file order into ``<split>.bin``.
+``encode_batch`` runs the Rust tokenizer on all cores, so one Python process is enough.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from domainlm import stages
+from domainlm.config import RunConfig
+from domainlm.data import pipeline, tokens
+from domainlm.data.steps import write_json_atomic
+from domainlm.errors import UserError
+
+BATCH_BYTES = 1 << 20  # ~1 MB of text per encode_batch call: enough to keep every core busy
+EOS_NAMES = ("</s>", "<|endoftext|>", "<eos>", "[EOS]")
+
+
+def tokenizer_file(run_dir: Path) -> Path:
+    return Path(run_dir) / "tokenizer" / "tokenizer.json"
+
+
+def load_tokenizer(run_dir: Path):
+    """The HF tokenizer of the run and its EOS id (``eos_token`` of tokenizer_config.json, else ``</s>``…)."""
+    from tokenizers import Tokenizer
+
+    path = tokenizer_file(run_dir)
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a bad file
+        raise UserError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    names = list(EOS_NAMES)
+    cfg_path = path.parent / "tokenizer_config.json"
+    if cfg_path.exists():
+        eos = json.loads(cfg_path.read_text(encoding="utf-8")).get("eos_token")
+        if isinstance(eos, dict):
+            eos = eos.get("content")
+        if eos:
+            names.insert(0, eos)
+    for name in names:
+        eos_id = tok.token_to_id(name)
+        if eos_id is not None:
+            return tok, eos_id
+    raise UserError(f"{path}: tokenizer has no EOS token (looked for {', '.join(names)})")
+
+
+def _encode_file(tok, src: Path, eos_id: int, dtype, part: Path) -> dict:
+    """Tokenize one prepared file into ``part`` (EOS after every document); return its counts."""
+    import gzip
+
+    import orjson
+
+    docs = nbytes = 0
+    with tokens.TokenWriter(part, dtype) as w, gzip.open(src, "rb") as f:
+        batch, batch_bytes = [], 0
+
+        def flush():
+            for enc in tok.encode_batch(batch, add_special_tokens=False):
+                w.write(enc.ids)
+                w.write((eos_id,))
+
+        for line in f:
+            text = orjson.loads(line)["text"]
+            batch.append(text)
+            n = len(text.encode("utf-8"))
+            batch_bytes += n
+            nbytes += n
+            docs += 1
+            if batch_bytes >= BATCH_BYTES:
+                flush()
+                batch, batch_bytes = [], 0
+        if batch:
+            flush()
+        n_tokens = w.n_tokens
+    return {"tokens": n_tokens, "docs": docs, "bytes": nbytes}
+
+
+def _concat(parts: list[Path], out: Path, dtype) -> None:
+    with tokens.TokenWriter(out, dtype) as w:
+        for p in parts:
+            arr = np.memmap(p, dtype=np.dtype(dtype).newbyteorder("<"), mode="r") if p.stat().st_size else []
+            for i in range(0, len(arr), 1 << 24):  # 16M tokens at a time: bounded memory
+                w.write(arr[i : i + (1 << 24)])
+
+
+def tokenize_run(cfg: RunConfig, run_dir: Path, progress=None) -> dict:
+    """Write ``tokens/<source>/{train,val}.bin`` and ``tokens/counts.json``; a no-op when up to date."""
+    tok, eos_id = load_tokenizer(run_dir)
+    vocab_size = tok.get_vocab_size(with_added_tokens=True)
+    dtype = tokens.dtype_for(vocab_size)
+    tok_sha = hashlib.sha256(tokenizer_file(run_dir).read_bytes()).hexdigest()
+    stats = json.loads(pipeline.stats_path(run_dir).read_text())
+    fp = stages.fingerprint("tokenize-v1", stats["fingerprint"], tok_sha, [s.name for s in cfg.sources])
+    if tokens.counts_path(run_dir).exists() and stages.is_done(run_dir, "tokenize", fp):
+        return tokens.load_counts(run_dir)
+    tokens.counts_path(run_dir).unlink(missing_ok=True)  # counts.json is the completion mark: remove it first
+    files = {(s.name, sp): pipeline.document_files(run_dir, s.name, sp) for s in cfg.sources for sp in pipeline.SPLITS}
+    total_bytes = sum(f.stat().st_size for fs in files.values() for f in fs)
+    bar = progress.add_task("tokenize", total=total_bytes) if progress is not None else None
+    result = {}
+    for (source, split), srcs in files.items():
+        part_dir = tokens.tokens_dir(run_dir) / source / ".parts"
+        parts, counts = [], {"tokens": 0, "docs": 0, "bytes": 0}
+        for src in srcs:
+            part = part_dir / f"{split}-{src.name.removesuffix('.jsonl.gz')}.bin"
+            meta = part.with_suffix(".json")
+            done = json.loads(meta.read_text()) if meta.exists() else None
+            if not done or done.get("fingerprint") != fp or not part.exists():
+                done = {**_encode_file(tok, src, eos_id, dtype, part), "fingerprint": fp}
+                write_json_atomic(meta, done)  # after the part's rename: the part's completion mark
+            parts.append(part)
+            for k in counts:
+                counts[k] += done[k]
+            if bar is not None:
+                progress.advance(bar, src.stat().st_size)
+        _concat(parts, tokens.token_path(run_dir, source, split), dtype)
+        src_counts = result.setdefault(source, {})
+        src_counts.update({f"{split}_tokens": counts["tokens"], f"{split}_docs": counts["docs"],
+                           f"{split}_bytes": counts["bytes"]})
+    data = {"dtype": dtype.name, "vocab_size": vocab_size, "eos_id": eos_id, "tokenizer_sha256": tok_sha,
+            "sources": result}
+    tokens.write_counts(run_dir, data)
+    for s in cfg.sources:  # the parts are copies of the .bin files: drop them once counts.json is written
+        for p in (tokens.tokens_dir(run_dir) / s.name / ".parts").glob("*"):
+            p.unlink()
+    stages.mark_done(run_dir, "tokenize", fp)
+    return tokens.load_counts(run_dir)
