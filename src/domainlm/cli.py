@@ -158,7 +158,17 @@ def memory(
 
 
 # ---------------------------------------------------------------------------------------------------- prepare (issue 3)
-# (prepare command goes here)
+
+
+@app.command()
+def prepare(config: ConfigArg = None, as_json: JsonOpt = False) -> None:
+    """Clean, deduplicate and split the sources (datatrove); tokenize them once a tokenizer exists."""
+    from domainlm.data.command import print_prepare, run_prepare
+
+    result = run_prepare(config, console=err_console if as_json else console)
+    print_json(result) if as_json else print_prepare(result, console)
+
+
 
 # ---------------------------------------------------------------------------------------------------- tokenizer (issue 3)
 # (tokenizer command goes here)
