@@ -169,7 +169,6 @@ def prepare(config: ConfigArg = None, as_json: JsonOpt = False) -> None:
     print_json(result) if as_json else print_prepare(result, console)
 
 
-
 # ---------------------------------------------------------------------------------------------------- tokenizer (issue 3)
 # (tokenizer command goes here)
 
