@@ -86,3 +86,59 @@ def make_run(tmp: Path, *, train_docs: int = 60, seq_len: int = 32, **train_over
 def read_metrics(run: Path, kind: str = "train") -> list[dict]:
     lines = (run / "logs" / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r.get("kind") == kind]
+
+
+def clone_run(cfg_path: Path, dst: Path, **train_overrides) -> Path:
+    """Copy a run directory (tokenizer and token files) to ``dst``; returns the new config path."""
+    import shutil
+
+    cfg = yaml.safe_load(cfg_path.read_text())
+    shutil.copytree(cfg["run_dir"], dst / "run")
+    cfg["run_dir"] = str(dst / "run")
+    cfg["train"].update(train_overrides)
+    out = dst / cfg_path.name
+    out.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return out
+
+
+def set_train(cfg_path: Path, **train_overrides) -> Path:
+    cfg = yaml.safe_load(cfg_path.read_text())
+    cfg["train"].update(train_overrides)
+    cfg_path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    return cfg_path
+
+
+def run_dir(cfg_path: Path) -> Path:
+    return Path(yaml.safe_load(cfg_path.read_text())["run_dir"])
+
+
+def train_in_process(cfg_path: Path, **kw) -> dict:
+    import io
+
+    from rich.console import Console
+
+    from domainlm.train.loop import run_training
+
+    return run_training(cfg_path, console=Console(file=io.StringIO()), **kw)
+
+
+def cli_subprocess(args: list[str], patch: str = "", timeout: float = 180, torchrun: int = 0):
+    """`domainlm ARGS` in a fresh process (for SIGKILL and torchrun), one thread per process."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    if torchrun:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
+               "-m", "domainlm", *args]
+    else:
+        code = f"import os, signal\n{patch}\nfrom domainlm.cli import main\nmain({args!r})\n"
+        cmd = [sys.executable, "-c", code]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def weights(model_dir: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(model_dir / "model.safetensors"))
