@@ -26,6 +26,10 @@ import numpy as np
 from domainlm.errors import UserError
 
 LN2 = math.log(2.0)
+# Default window cap: BloombergGPT's context (Wu et al. 2023). Long-context public models (128k positions)
+# would otherwise score a 50k-token document in one pass with a logits tensor of tens of GB.
+DEFAULT_MAX_CONTEXT = 2048
+LOGITS_BUDGET = 2**27  # fp32 logits per forward pass (512 MiB): rows shrink as the vocabulary grows
 
 
 def doc_start_ids(tok) -> list[int]:
@@ -78,6 +82,8 @@ def score_sequences(
     import torch.nn.functional as F
 
     device = next(model.parameters()).device
+    vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 1
+    batch_tokens = max(1, min(batch_tokens, LOGITS_BUDGET // max(1, vocab)))
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     nll = np.zeros(len(seqs), dtype=np.float64)
     i = 0

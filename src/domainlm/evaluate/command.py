@@ -78,7 +78,7 @@ def run_eval(
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model, tok = inputs.load_model(target.model_dir, device)
-    ctx = context or ecfg.context or bpb.model_context(model)
+    ctx = context or ecfg.context or min(bpb.model_context(model), bpb.DEFAULT_MAX_CONTEXT)
     ctx = min(ctx, bpb.model_context(model))  # positions past the trained context are meaningless
     step = stride or ecfg.stride or max(1, ctx // 2)
 
