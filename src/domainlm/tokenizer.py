@@ -13,7 +13,6 @@ temporary name and renamed into place, so a killed run never leaves a half-writt
 
 from __future__ import annotations
 
-import gzip
 import json
 import os
 import random
@@ -26,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from domainlm.config import SPECIAL_TOKENS, RunConfig, SourceConfig, load_config
+from domainlm.data.pipeline import data_dir, document_files, iter_documents, stats_path
 from domainlm.errors import UserError
 from domainlm.stages import file_fingerprint, fingerprint, is_done, mark_done
 
@@ -42,34 +42,17 @@ def tokenizer_dir(run_dir: Path) -> Path:
 
 
 # ------------------------------------------------------------------------------------------ prepared data
-
-
-def split_files(run_dir: Path, source: str, split: str) -> list[Path]:
-    """`domainlm prepare`'s output for one source and split, in the order documents are read."""
-    return sorted((Path(run_dir) / "data" / source / split).glob("*.jsonl.gz"))
-
-
-def iter_documents(run_dir: Path, source: str, split: str) -> Iterator[str]:
-    """The ``text`` of each cleaned document (one JSON object per line), files in sorted name order."""
-    for path in split_files(run_dir, source, split):
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    yield json.loads(line)["text"]
-                except (json.JSONDecodeError, KeyError, TypeError):
-                    raise UserError(f"{path}:{lineno}: not a prepared document; rerun `domainlm prepare`") from None
+# Read with `prepare`'s own reader (data/pipeline.py): data/<source>/{train,val}/*.jsonl.gz in sorted order.
 
 
 def _check_prepared(cfg: RunConfig, run_dir: Path, config_name: str) -> None:
     if not cfg.sources:
         raise UserError(f"{config_name}: sources: no sources configured; the tokenizer needs text to train on")
-    stats = run_dir / "data" / "stats.json"  # written last by `prepare`: its existence means the data are complete
+    stats = stats_path(run_dir)  # written last by `prepare`: its existence means the data are complete
     if not stats.exists():
         raise UserError(f"{stats}: no prepared data; run `domainlm prepare {config_name}` first")
     for s in cfg.sources:
-        folder = run_dir / "data" / s.name / "train"
+        folder = data_dir(run_dir) / s.name / "train"
         if not folder.is_dir():
             raise UserError(f"{folder}: no prepared data for source {s.name!r}; run `domainlm prepare {config_name}` "
                             "first")
@@ -77,7 +60,7 @@ def _check_prepared(cfg: RunConfig, run_dir: Path, config_name: str) -> None:
 
 def _data_fingerprint(cfg: RunConfig, run_dir: Path) -> dict[str, str]:
     return {str(p.relative_to(run_dir)): file_fingerprint(p)
-            for s in cfg.sources for split in ("train", "val") for p in split_files(run_dir, s.name, split)}
+            for s in cfg.sources for split in ("train", "val") for p in document_files(run_dir, s.name, split)}
 
 
 # ------------------------------------------------------------------------------------------ sampling
@@ -94,7 +77,7 @@ def train_bytes(run_dir: Path, source: str) -> int:
     """UTF-8 bytes of a source's train split (one streaming pass; sampling needs the total first)."""
     n = sum(len(t.encode("utf-8")) for t in iter_documents(run_dir, source, "train"))
     if n == 0:
-        folder = run_dir / "data" / source / "train"
+        folder = data_dir(run_dir) / source / "train"
         raise UserError(f"{folder}: source {source!r} has an empty train split; nothing to train the tokenizer on")
     return n
 
