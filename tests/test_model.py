@@ -10,12 +10,11 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train_fixtures import make_tokenizer  # noqa: E402
-
 from domainlm.config import validate  # noqa: E402
 from domainlm.errors import UserError  # noqa: E402
 from domainlm.model import build_model, export_hf, resolve_shape  # noqa: E402
 from domainlm.plan.shape import ModelShape  # noqa: E402
+from test_train_fixtures import make_tokenizer  # noqa: E402
 
 
 def test_build_matches_shape_and_is_seeded():
@@ -25,7 +24,7 @@ def test_build_matches_shape_and_is_seeded():
     assert n_params == shape.params_total
     assert m.config.num_key_value_heads == 2 and m.config._attn_implementation == "sdpa"
     m2 = build_model(shape, 32, seed=1)
-    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(m.parameters(), m2.parameters(), strict=True))
 
 
 def test_tied_export_roundtrip(tmp_path):

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
+from domainlm.errors import UserError  # noqa: E402
 from test_train_fixtures import (  # noqa: E402
     cli_subprocess,
     clone_run,
@@ -20,8 +21,6 @@ from test_train_fixtures import (  # noqa: E402
     train_in_process,
     weights,
 )
-
-from domainlm.errors import UserError  # noqa: E402
 
 STEPS = 20  # 2N of the resume test; checkpoints every N = 10
 
@@ -68,12 +67,12 @@ def test_loss_goes_down_and_outputs(straight):
 
 
 def test_hf_export_reproduces_logits(straight):
+    from safetensors.torch import load_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from domainlm.model import build_model, resolve_shape
     from domainlm.config import load_config
     from domainlm.data.tokens import load_counts
-    from safetensors.torch import load_model
+    from domainlm.model import build_model, resolve_shape
 
     cfg, _ = straight
     run = run_dir(cfg)
@@ -216,7 +215,8 @@ def test_disk_full_while_checkpointing(straight, tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(C, "save_model", full)
-    with pytest.raises(UserError, match="disk full while writing the checkpoint; the previous checkpoint .*step-00000020 is intact"):
+    msg = "disk full while writing the checkpoint; the previous checkpoint .*step-00000020 is intact"
+    with pytest.raises(UserError, match=msg):
         train_in_process(cfg, max_steps=30)
     ck = run_dir(cfg) / "checkpoints"
     assert sorted(p.name for p in ck.iterdir()) == ["step-00000010", "step-00000020"]

@@ -17,7 +17,8 @@ T = 8
 
 def sources(sizes=(4001, 1201, 801)) -> dict[str, np.ndarray]:
     # Each source's tokens are its own range of ids, so a sequence's source is visible in its tokens.
-    return {name: (np.arange(n) % 1000 + 1000 * i).astype(np.uint16) for i, (name, n) in enumerate(zip("abc", sizes))}
+    return {name: (np.arange(n) % 1000 + 1000 * i).astype(np.uint16)
+            for i, (name, n) in enumerate(zip("abc", sizes, strict=True))}
 
 
 def loader(rank=0, world=1, batch=32, weights=None, **kw) -> MixtureLoader:

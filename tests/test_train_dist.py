@@ -52,7 +52,7 @@ def losses(cfg) -> list[float]:
 
 def assert_close_curves(got: list[float], want: list[float]) -> None:
     assert len(got) == len(want)
-    for g, w in zip(got, want):
+    for g, w in zip(got, want, strict=True):
         assert abs(g - w) <= REL * abs(w), (got, want)
 
 

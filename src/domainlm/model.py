@@ -38,7 +38,8 @@ def resolve_shape(cfg: RunConfig, run_dir: Path, vocab_size: int) -> ModelShape:
         plan_path = Path(run_dir) / "plan.json"
         if not plan_path.exists():
             raise UserError(
-                f"{plan_path}: no plan; run `domainlm plan CONFIG` or fix model.d_model and model.n_layers in the config"
+                f"{plan_path}: no plan; run `domainlm plan CONFIG` or fix model.d_model and model.n_layers "
+                "in the config"
             )
         try:
             planned = json.loads(plan_path.read_text(encoding="utf-8"))["model"]

@@ -128,7 +128,8 @@ def evaluate(model, val: dict[str, np.ndarray], counts: dict, *, seq_len: int, m
         mine = list(range(world.rank, n, world.world_size))
         nll = torch.zeros((), dtype=torch.float64, device=world.device)
         for i in range(0, len(mine), micro_batch):
-            rows = [np.asarray(arr[j * seq_len : j * seq_len + seq_len + 1], dtype=np.int64) for j in mine[i : i + micro_batch]]
+            rows = [np.asarray(arr[j * seq_len : (j + 1) * seq_len + 1], dtype=np.int64)
+                    for j in mine[i : i + micro_batch]]
             batch = torch.from_numpy(np.stack(rows)).to(world.device)
             with autocast_for(world.device, precision):
                 nll += next_token_loss(model, batch, reduction="sum").double()
@@ -281,8 +282,9 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
                      "skipped": res.skipped, "tokens": step * tokens_per_step, "tokens_per_s": tokens_per_s,
                      "mfu": mfu, **{f"epochs/{k}": v for k, v in epochs.items()}})
                 if tb is not None:
-                    for k, v in {"loss": res.loss, "lr": lr, "grad_norm": res.grad_norm, "tokens_per_s": tokens_per_s,
-                                 **({"mfu": mfu} if mfu else {}), **{f"epochs/{k}": v for k, v in epochs.items()}}.items():
+                    scalars = {"loss": res.loss, "lr": lr, "grad_norm": res.grad_norm, "tokens_per_s": tokens_per_s,
+                               "mfu": mfu or float("nan"), **{f"epochs/{k}": v for k, v in epochs.items()}}
+                    for k, v in scalars.items():
                         if math.isfinite(v):
                             tb.add_scalar(f"train/{k}", v, step)
                 mfu_text = f" mfu {mfu:.1%}" if mfu else ""
