@@ -72,7 +72,7 @@ def windows(n_tokens: int, n_prefix: int, context: int, stride: int) -> list[tup
 
 def score_sequences(
     model, seqs: Sequence[Sequence[int]], starts: Sequence[int], *, batch_tokens: int = 8192,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> np.ndarray:
     """Sum of −log p(ids[j] | ids[:j]) in nats over ``j ≥ starts[i]`` for each sequence (float64 array).
 
@@ -92,14 +92,13 @@ def score_sequences(
         group = order[i : i + max(1, batch_tokens // max(1, width - 1))]
         i += len(group)
         ids = torch.zeros(len(group), width, dtype=torch.long)
+        attn = torch.zeros_like(ids)
         scored = torch.zeros(len(group), width - 1, dtype=torch.bool)  # per label position (ids[1:])
         for r, k in enumerate(group):
             s = seqs[k]
             ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
+            attn[r, : len(s)] = 1
             scored[r, max(starts[k], 1) - 1 : len(s) - 1] = True
-        attn = torch.zeros_like(ids)
-        for r, k in enumerate(group):
-            attn[r, : len(seqs[k])] = 1
         ids, attn, scored = ids.to(device), attn.to(device), scored.to(device)
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
             logits = model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1]).logits
@@ -108,7 +107,7 @@ def score_sequences(
         sums = (ce * scored).double().sum(dim=1).cpu().numpy()
         nll[group] = sums
         if progress is not None:
-            progress(len(group))
+            progress(len(group), len(seqs))
     return nll
 
 
@@ -135,7 +134,7 @@ class TextScore:
 
 def score_texts(
     model, tok, docs: Sequence[str], *, context: int, stride: int, batch_tokens: int = 8192,
-    progress: Callable[[int], None] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> TextScore:
     """Bits-per-byte ingredients of a list of documents (see the module docstring for the rules)."""
     prefix = doc_start_ids(tok)

@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 import os
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from domainlm import __version__
@@ -96,10 +98,9 @@ def run_eval(
         "probes": None,
     }
     for name, role, docs in named:
-        if console is not None:
-            console.print(f"[dim]scoring {name}: {len(docs)} documents, "
-                          f"{sum(len(d.encode()) for d in docs):,} bytes[/]", highlight=False)
-        score = bpb.score_texts(model, tok, docs, context=ctx, stride=step, batch_tokens=batch_tokens)
+        with _progress(console, f"{name}: {len(docs)} docs, {sum(len(d.encode()) for d in docs):,} bytes") as tick:
+            score = bpb.score_texts(model, tok, docs, context=ctx, stride=step, batch_tokens=batch_tokens,
+                                    progress=tick)
         result["sources"][name] = {"role": role, **score.as_dict()}
     if probe_items:
         scored = P.score_probes(model, tok, probe_items, context=ctx, batch_tokens=batch_tokens)
@@ -112,6 +113,23 @@ def run_eval(
         if target.is_run:
             mark_done(target.run_dir, "eval", eval_fingerprint(target.model_dir, ecfg, probe_path, texts))
     return result, dest
+
+
+@contextmanager
+def _progress(console: Console | None, label: str):
+    """A transient progress bar over scored windows (nothing without a console, e.g. with --json)."""
+    if console is None:
+        yield None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as bar:
+        task = bar.add_task(f"scoring {label}", total=None)
+
+        def tick(done: int, total: int) -> None:
+            bar.update(task, advance=done, total=total)
+
+        yield tick
+    console.print(f"[dim]scored {label}[/]", highlight=False)
 
 
 def eval_fingerprint(model_dir: Path, ecfg: EvalConfig, probe_path: Path | None, texts: list[str] | None) -> str:
