@@ -37,15 +37,19 @@ def print_prepare(result: dict, console: Console) -> None:
     if "submitted" in stats:
         console.print(f"submitted the Slurm jobs (logs in {stats['logs']}); rerun `domainlm prepare` when they finish")
         return
+    srcs = stats["sources"]
     t = Table(title=f"prepared data → {result['run_dir']}/data ({result['seconds']:.1f} s)")
-    for col in ("source", "docs in", "bytes in", "docs out", "bytes out", "train/val docs", "dropped (reason: docs)"):
-        t.add_column(col, justify="left" if col in ("source", "dropped (reason: docs)") else "right")
-    for name, s in stats["sources"].items():
-        drops = ", ".join(f"{k} {v}" for k, v in s["drops"].items() if v) or "-"
-        if s.get("invalid_utf8_replaced"):
-            drops += f"; invalid UTF-8 replaced in {s['invalid_utf8_replaced']}"
-        t.add_row(name, f"{s['docs_in']:,}", human(s["bytes_in"], "B"), f"{s['docs_out']:,}", human(s["bytes_out"], "B"),
-                  f"{s['train_docs']:,}/{s['val_docs']:,}", drops)
+    t.add_column("", justify="left")
+    for name in srcs:
+        t.add_column(name, justify="right")
+    rows = [("docs in", "docs_in", "{:,}"), ("bytes in", "bytes_in", "B"), ("docs out", "docs_out", "{:,}"),
+            ("bytes out", "bytes_out", "B"), ("train docs", "train_docs", "{:,}"), ("val docs", "val_docs", "{:,}"),
+            ("invalid UTF-8 (replaced)", "invalid_utf8_replaced", "{:,}")]
+    for label, key, fmt in rows:
+        t.add_row(label, *(human(s[key], "B") if fmt == "B" else fmt.format(s[key]) for s in srcs.values()))
+    reasons = sorted({r for s in srcs.values() for r in s["drops"]})
+    for r in reasons:
+        t.add_row(f"dropped: {r}", *(f"{s['drops'].get(r, 0):,}" for s in srcs.values()))
     console.print(t)
     for name, s in stats["sources"].items():
         if s.get("malformed_at"):

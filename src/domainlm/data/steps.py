@@ -120,16 +120,20 @@ class _Words(WordTokenizer):
         return [m.span() for m in re.finditer(r"\S+", text)]
 
 
-_WORD = re.compile(r"\w+")
-_MIX = np.uint64(0x9E3779B97F4A7C15)  # 2^64 / golden ratio: the usual odd multiplier for hash mixing
+_P = np.uint64(0x100000001B3)  # FNV-1a 64-bit prime: odd, so it has an inverse mod 2^64
+_P_INV = np.uint64(pow(int(_P), -1, 2**64))
+# bytes that belong to words: ASCII letters and digits, and every byte of a multi-byte UTF-8 character
+_IS_WORD = np.array([chr(b).isalnum() if b < 128 else True for b in range(256)])
 
 
 class FastMinhashSignature(MinhashDedupSignature):
-    """datatrove's MinHash signature step with cheaper hashing (measured: 1.1 → ~4 MB/s per core on the demo).
+    """datatrove's MinHash signature step with vectorised hashing (1.1 → ~5 MB/s per core on the demo).
 
-    Shingles: word n-grams of lower-cased ``\\w+`` words, each word hashed once with xxh64 and the n-gram hash
-    combined in numpy. Permutations: ``a·x + b mod 2^64`` with odd ``a`` (a bijection on 64-bit values),
-    instead of datatrove's mod-Mersenne-prime universal hash, which costs a 64-bit modulo per (shingle, hash)."""
+    Shingles: the ``6·n_grams`` bytes (≈ n words of English, 5.1 letters + a space on average) starting at
+    each word of the lower-cased text, non-word runs collapsed to one space — word n-gram shingles up to the
+    window edge, hashed for all words at once with a polynomial prefix hash mod 2^64 instead of one Python
+    call per word. Permutations: ``a·x + b mod 2^64`` with odd ``a`` (a bijection on 64-bit values) instead of
+    datatrove's universal hash mod a Mersenne prime, which costs a 64-bit modulo per (shingle, hash)."""
 
     def __init__(self, output_folder: str, config):
         super().__init__(output_folder, config, language=_Words())
@@ -137,23 +141,32 @@ class FastMinhashSignature(MinhashDedupSignature):
         h = config.num_buckets * config.hashes_per_bucket
         self._a = rng.randint(1, 2**62, size=(1, h), dtype=np.uint64) * np.uint64(2) + np.uint64(1)
         self._b = rng.randint(0, 2**62, size=(1, h), dtype=np.uint64)
+        self._width = 6 * config.n_grams
 
     def get_shingles(self, text: str) -> np.ndarray:
-        n = self.config.n_grams
-        words = np.fromiter((xxhash.xxh64_intdigest(w.encode()) for w in _WORD.findall(text.lower())), np.uint64)
-        if len(words) < n:
+        a = np.frombuffer(text.lower().encode("utf-8"), np.uint8)
+        w = _IS_WORD[a]
+        keep = w.copy()
+        keep[1:] |= w[:-1]  # keep a non-word byte only right after a word byte: "a ,  b" -> "a b"
+        a, w = np.where(w, a, 32)[keep], w[keep]
+        n, width = len(a), self._width
+        starts = np.flatnonzero(w & ~np.concatenate(([False], w[:-1])))
+        starts = starts[starts + width <= n] if n >= width else starts[:1]
+        if n == 0 or len(starts) == 0:
             return np.empty((0, 1), np.uint64)
-        m = len(words) - n + 1
-        h = words[:m].copy()
+        width = min(width, n)
         with np.errstate(over="ignore"):
-            for j in range(1, n):
-                h = h * _MIX ^ words[j : j + m]
-        return np.unique(h).reshape(-1, 1)
+            powers = np.cumprod(np.full(n, _P, np.uint64))  # P^1 .. P^n (wraps mod 2^64)
+            inv = np.cumprod(np.full(n, _P_INV, np.uint64))  # P^-1 .. P^-n
+            prefix = np.concatenate(([np.uint64(0)], np.cumsum((a.astype(np.uint64) + np.uint64(1)) * powers)))
+            h = (prefix[starts + width] - prefix[starts]) * inv[starts]  # = sum_j x[s+j] P^(j+1)
+        return h.reshape(-1, 1)  # repeated shingles do not change a minimum: no np.unique needed
 
     def get_signature(self, shingles: np.ndarray) -> list[list[int]]:
         with np.errstate(over="ignore"):
-            phv = shingles * self._a + self._b  # (n_shingles, n_hashes), wraps mod 2^64
-        return [x.tolist() for x in np.split(phv.min(axis=0), self.config.num_buckets)]
+            phv = shingles * self._a  # (n_shingles, n_hashes), wraps mod 2^64
+            phv += self._b
+        return phv.min(axis=0).reshape(self.config.num_buckets, -1).tolist()
 
 
 class CollectKeys(PipelineStep):
