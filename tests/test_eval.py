@@ -125,6 +125,8 @@ def test_sliding_windows_score_every_token_once(loaded):
     for context, stride in ((64, 64), (64, 16), (20, 7)):
         s = bpb.score_texts(model, tok, [long_doc], context=context, stride=stride)
         assert s.tokens == n and math.isfinite(s.nll_nats)
+    with pytest.raises(UserError, match="stride 65 is larger than the context 64"):
+        bpb.windows(100, 1, 64, 65)
     for n_tokens in range(2, 60):  # coverage and left context of the window plan itself
         for s, a, b in bpb.windows(n_tokens, 1, 10, 3):
             assert b - 1 - s <= 10 and (s == 0 or a - s >= 10 - 3)
@@ -169,10 +171,11 @@ def test_text_folder_file_and_byte_cap(tmp_path, model_dir, cli):
     (folder / "ignored.bin").write_bytes(b"\x00\x01")
     out = tmp_path / "res.json"
     code, stdout, err = cli("eval", str(model_dir), "--text", f"mine={folder}", "--text", f"one={folder / 'a.txt'}",
-                            "--out", str(out))
+                            "--out", str(out), "--context", "32", "--stride", "8")
     assert code == 0, err
     assert "bits/byte" in stdout
     res = json.loads(out.read_text())
+    assert (res["context"], res["stride"]) == (32, 8)
     assert res["sources"]["mine"]["docs"] == 5 and res["sources"]["one"]["docs"] == 1
     assert res["sources"]["one"]["bytes"] == len(LEGAL[0])
     assert inputs.cap_bytes(["abc", "dé€f", "gh"], 6) == ["abc", "dé"]  # cut at a character boundary
