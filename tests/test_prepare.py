@@ -12,7 +12,6 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 import yaml
 
@@ -341,3 +340,20 @@ def test_kill_9_then_rerun_gives_identical_outputs(tmp_path):
     assert _tree(run) == reference
     # completed tasks were not redone
     assert all(p.stat().st_mtime_ns == t for p, t in done_before.items())
+
+
+def test_own_folder_recipe_runs(tmp_path):
+    from domainlm.config import demo_recipe_path
+
+    recipe = demo_recipe_path().parent / "own-folder.yaml"
+    data = yaml.safe_load(recipe.read_text())
+    (tmp_path / "my-corpus" / "sub").mkdir(parents=True)
+    rng = random.Random(7)
+    for i in range(45):
+        (tmp_path / "my-corpus" / ("sub" if i % 2 else "") / f"{i}.md").write_text(make_doc(rng, 60))
+    data["run_dir"] = str(tmp_path / "run")
+    data["prepare"]["workers"] = 2
+    (tmp_path / "own.yaml").write_text(yaml.safe_dump(data))  # same relative input: my-corpus/
+    s = run_prepare(tmp_path / "own.yaml", quiet_console())["stats"]["sources"]
+    assert s["mydomain"]["docs_out"] == 45 and s["news"]["docs_in"] == 2225
+    assert load_config(demo_recipe_path()).sources[0].input == "package:licensedcode"

@@ -34,6 +34,7 @@ import orjson
 from domainlm import stages
 from domainlm.config import PrepareConfig, RunConfig
 from domainlm.data import sources
+from domainlm.data.steps import write_json_atomic
 from domainlm.errors import UserError
 
 STATS_VERSION = 1
@@ -121,7 +122,11 @@ def _executor(pcfg: PrepareConfig, pipeline: list, tasks: int, workers: int, log
             job_name=f"domainlm-{name}", logging_dir=str(logdir), depends=depends,
         )
     if pcfg.executor == "ray":
+        import ray  # optional: `pip install ray`; datatrove expects ray.init() done by the caller
         from datatrove.executor import RayPipelineExecutor
+
+        if not ray.is_initialized():
+            ray.init()  # joins the cluster named by RAY_ADDRESS, else starts a local one
 
         return RayPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logdir),
                                    cpus_per_task=pcfg.ray.cpus_per_task, mem_per_cpu_gb=pcfg.ray.mem_per_cpu_gb)
@@ -135,8 +140,14 @@ def _executor(pcfg: PrepareConfig, pipeline: list, tasks: int, workers: int, log
 def build_stages(spec: sources.SourceSpec, pcfg: PrepareConfig, run_dir: Path, tasks: int):
     """The (name, pipeline, tasks) list of one source's datatrove stages."""
     from datatrove.pipeline.dedup import (
-        ExactDedupConfig, ExactDedupFilter, ExactDedupSignature, ExactFindDedups,
-        MinhashConfig, MinhashDedupBuckets, MinhashDedupCluster, MinhashDedupFilter,
+        ExactDedupConfig,
+        ExactDedupFilter,
+        ExactDedupSignature,
+        ExactFindDedups,
+        MinhashConfig,
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
     )
     from datatrove.pipeline.writers import JsonlWriter
     from datatrove.utils.hashing import HashConfig
@@ -203,6 +214,11 @@ def _stderr_to(path: Path):
             os.close(saved)
 
 
+def _completed(logdir: Path) -> int:
+    done_dir = logdir / "completions"
+    return len(list(done_dir.glob("*"))) if done_dir.is_dir() else 0
+
+
 def _run_stage(executor, logdir: Path, tasks: int, progress, label: str) -> float:
     """Run one executor in a thread and follow its completion markers with a progress bar."""
     bar = progress.add_task(label, total=tasks)
@@ -217,11 +233,10 @@ def _run_stage(executor, logdir: Path, tasks: int, progress, label: str) -> floa
 
     t = threading.Thread(target=target, daemon=True)
     t.start()
-    done_dir = logdir / "completions"
     while t.is_alive():
         t.join(0.2)
-        progress.update(bar, completed=len(list(done_dir.glob("*"))) if done_dir.is_dir() else 0)
-    done = len(list(done_dir.glob("*"))) if done_dir.is_dir() else 0
+        progress.update(bar, completed=_completed(logdir))
+    done = _completed(logdir)
     progress.update(bar, completed=done)
     if errors:
         raise errors[0]
@@ -309,29 +324,28 @@ def prepare_sources(cfg: RunConfig, run_dir: Path, progress) -> dict:
             shutil.rmtree(data_dir(run_dir) / spec.name, ignore_errors=True)
             w.mkdir(parents=True)
             fp_file.write_text(fps[spec.name])
+        plan = build_stages(spec, pcfg, run_dir, tasks)
+        finished = all(_completed(w / "stages" / name) >= n for name, _, n in plan)
+        submitted = False
         depends, seconds = None, {}
         with _stderr_to(w / "datatrove.log"):
-            for name, pipeline, n in build_stages(spec, pcfg, run_dir, tasks):
+            for name, steps_, n in plan:
                 logdir = w / "stages" / name
-                ex = _executor(pcfg, pipeline, n, workers, logdir, f"{spec.name}-{name}", depends)
-                if pcfg.executor == "slurm":
+                ex = _executor(pcfg, steps_, n, workers, logdir, f"{spec.name}-{name}", depends)
+                if pcfg.executor == "slurm" and not finished:
                     ex.run()  # submits; the jobs run later, each depending on the previous stage
-                    depends = ex
+                    depends, submitted = ex, True
                     continue
                 seconds[name] = round(_run_stage(ex, logdir, n, progress, f"{spec.name}: {name}"), 2)
                 if name == "clean":
                     check_clean(spec, pcfg, run_dir)
-        if pcfg.executor == "slurm":
+        if submitted:
             continue
         stats["sources"][spec.name] = source_stats(spec, pcfg, run_dir)
         # timings vary run to run: kept out of stats.json, whose bytes must not depend on the machine's load
-        from domainlm.data.steps import write_json_atomic
-
         write_json_atomic(w / "seconds.json", seconds)
-    if pcfg.executor == "slurm":  # the jobs run later; a rerun after they finish writes the statistics
+    if len(stats["sources"]) < len(specs):  # Slurm: a rerun after the jobs have finished writes the statistics
         return {"submitted": "slurm", "logs": str(run_dir / ".prepare"), "sources": {}}
-    from domainlm.data.steps import write_json_atomic
-
     write_json_atomic(stats_path(run_dir), stats)
     stages.mark_done(run_dir, "prepare", overall, {"sources": list(fps)})
     return stats

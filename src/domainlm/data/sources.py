@@ -147,9 +147,9 @@ def _check_jsonl_key(path: str, key: str, where: str) -> None:
                 continue
             if not isinstance(rec, dict) or key not in rec:
                 found = ", ".join(sorted(rec)[:8]) if isinstance(rec, dict) else type(rec).__name__
-                raise UserError(f"{path}:{lineno}: no text key {key!r} (found: {found}); set {where.rsplit('.', 1)[0]}.text_key")
-            return
-            # one good record is enough: the check is for a wrong text_key, not for every line
+                section = where.rsplit(".", 1)[0]
+                raise UserError(f"{path}:{lineno}: no text key {key!r} (found: {found}); set {section}.text_key")
+            return  # one good record is enough: the check is for a wrong text_key, not for every line
 
 
 def _check_parquet_column(path: str, column: str, where: str) -> None:
@@ -160,9 +160,8 @@ def _check_parquet_column(path: str, column: str, where: str) -> None:
     except Exception as e:  # noqa: BLE001 - pyarrow raises several types for a bad file
         raise UserError(f"{path}: not a readable parquet file ({type(e).__name__})") from None
     if column not in names:
-        raise UserError(
-            f"{path}: no text column {column!r} (found: {', '.join(names[:8])}); set {where.rsplit('.', 1)[0]}.text_column"
-        )
+        section = where.rsplit(".", 1)[0]
+        raise UserError(f"{path}: no text column {column!r} (found: {', '.join(names[:8])}); set {section}.text_column")
 
 
 def _load_hf(dataset: str, split: str):

@@ -36,7 +36,8 @@ def load_tokenizer(run_dir: Path):
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a bad file
-        raise UserError(f"{path}: cannot load tokenizer ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"{path}: cannot load tokenizer ({why})") from None
     names = list(EOS_NAMES)
     cfg_path = path.parent / "tokenizer_config.json"
     if cfg_path.exists():
