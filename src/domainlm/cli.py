@@ -251,6 +251,21 @@ def eval_(
         console.print(f"wrote [bold]{written}[/]")
 
 
+# ---------------------------------------------------------------------------------------------------- report (issue 5)
+
+
+@app.command()
+def report(
+    run_dir: Annotated[Path, typer.Argument(help="a run directory, e.g. runs/<name>")],
+    as_json: JsonOpt = False,
+) -> None:
+    """One self-contained HTML page (plus PNGs) in RUN_DIR/report/: plan, data, tokenizer, loss curves, eval."""
+    from domainlm.report import build_report, print_report
+
+    result = build_report(run_dir)
+    print_json(result) if as_json else print_report(result, console)
+
+
 # ---------------------------------------------------------------------------------------------------- run
 
 

@@ -1,0 +1,516 @@
+"""`domainlm report RUN_DIR`: one self-contained HTML page (plus its PNGs) from the files of a run directory.
+
+Each section reads one stage's output; when that file is missing or unreadable the section says which
+command writes it instead of failing, so a report can be made at any point of a run. The page has inline
+CSS, images as base64 data URIs and no JavaScript: it can be mailed or archived as one file.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from html import escape
+from pathlib import Path
+
+from domainlm import __version__
+from domainlm.errors import UserError
+from domainlm.report import plots
+from domainlm.units import human
+
+REPORT_DIR = "report"
+# Every PNG this module may write; ones not made this time are deleted, so the folder never shows a stale chart.
+PNGS = ("plan.png", "drops.png", "tokens.png", "epochs.png", "bytes_per_token.png", "loss.png", "eval_bpb.png",
+        "probes.png", "ablation.png")
+
+# run file -> the command that writes it (shown when the file is missing)
+PRODUCERS = {
+    "plan.json": "domainlm plan CONFIG",
+    "data/stats.json": "domainlm prepare CONFIG",
+    "tokens/counts.json": "domainlm tokenizer CONFIG` then `domainlm prepare CONFIG",
+    "tokenizer/audit.json": "domainlm tokenizer CONFIG",
+    "logs/metrics.jsonl": "domainlm train CONFIG",
+    "eval/eval.json": "domainlm eval {run}",
+    "ablate/ablate.json": "domainlm ablate CONFIG --domain-weights 0,0.51,1",
+}
+# What a section catches from a file of an unexpected shape (e.g. written by another domainlm version).
+SHAPE_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError)
+
+
+@dataclass
+class Section:
+    id: str
+    title: str
+    body: list[str] = field(default_factory=list)  # HTML fragments
+    hints: list[str] = field(default_factory=list)  # plain text: what to run to fill the gaps
+    images: list[str] = field(default_factory=list)
+
+    @property
+    def complete(self) -> bool:
+        return not self.hints
+
+
+class Report:
+    """The state one report build shares between sections: where to read, where to write, what was drawn."""
+
+    def __init__(self, run_dir: Path):
+        self.run_dir = run_dir
+        self.out = run_dir / REPORT_DIR
+        self.cache: dict[str, tuple[object, str | None]] = {}
+        self.roles: dict[str, str] = {}  # source -> domain | general, from whichever file names it
+
+    def read(self, rel: str) -> tuple[object, str | None]:
+        """(content, None), or (None, why not) where why-not names the file and the command to run."""
+        if rel not in self.cache:
+            self.cache[rel] = self._read(rel)
+        return self.cache[rel]
+
+    def _read(self, rel: str):
+        path = self.run_dir / rel
+        cmd = PRODUCERS[rel].format(run=self.run_dir)
+        if not path.exists():
+            return None, f"no {rel} yet: run `{cmd}`"
+        try:
+            text = path.read_text(encoding="utf-8")
+            if rel.endswith(".jsonl"):
+                return _jsonl(text), None
+            return json.loads(text), None
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            return None, f"could not read {rel} ({type(e).__name__}: {e}); rerun `{cmd}`"
+
+    def figure(self, section: Section, draw, name: str, *args) -> None:
+        """Draw one chart into the report folder and embed it; a chart that cannot be drawn becomes a hint."""
+        try:
+            path = draw(*args, self.out / name)
+        except SHAPE_ERRORS as e:
+            section.hints.append(f"could not draw {name} ({type(e).__name__}: {e})")
+            return
+        data = base64.b64encode(path.read_bytes()).decode("ascii")
+        section.body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{escape(section.title)}: '
+                            f'{escape(name)}"><figcaption>{escape(name)}</figcaption></figure>')
+        section.images.append(name)
+
+
+def _jsonl(text: str) -> list[dict]:
+    # The last line may be half-written while training runs: skip lines that do not parse.
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+# ------------------------------------------------------------------------------------------------ HTML helpers
+
+
+def _num(x, fmt: str = "{:.3f}") -> str:
+    if x is None or (isinstance(x, float) and not math.isfinite(x)):
+        return "–"
+    return fmt.format(x)
+
+
+def _table(header: list[str], rows: list[list[str]], *, cls: str = "") -> str:
+    """A table whose cells are already HTML; numbers right-aligned by the CSS (every column but the first)."""
+    head = "".join(f"<th>{escape(h)}</th>" for h in header)
+    thead = f"<thead><tr>{head}</tr></thead>" if any(header) else ""
+    body = "".join("<tr>" + "".join(f"<td>{c}</td>" for c in r) + "</tr>" for r in rows)
+    return f'<table class="{cls}">{thead}<tbody>{body}</tbody></table>'
+
+
+def _hint_html(hint: str) -> str:
+    # `command` spans become <code>; the rest is escaped text.
+    parts = escape(hint).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+# ------------------------------------------------------------------------------------------------ sections
+
+
+def plan_section(r: Report) -> Section:
+    s = Section("plan", "Plan: model size and token budget")
+    plan, why = r.read("plan.json")
+    if plan is None:
+        s.hints.append(why)
+        return s
+    from domainlm.plan.chart import plot_plan
+
+    def draw(p, path: Path) -> Path:
+        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")  # plot_plan picks the format by suffix
+        plot_plan(p, tmp)
+        os.replace(tmp, path)
+        return path
+
+    m = plan["model"]
+    s.body.append(_table(["", ""], [
+        ["compute", f"{plan['compute_flops']:.3g} FLOPs"],
+        ["scaling law", escape(str(plan["law"]["name"]))],
+        ["parameters", f"{human(plan['params'])} (shape: {m['n_layers']} layers × d_model {m['d_model']}, "
+                       f"{human(m['params_total'])} total)"],
+        ["training tokens", f"{human(plan['tokens'])} ({plan['tokens_per_param']:.1f} tokens/param)"],
+        ["effective tokens (repeats discounted)", human(plan.get("effective_tokens"))],
+        ["predicted loss", _num(plan.get("predicted_loss"))],
+        ["GPU hours", _num(plan.get("gpu_hours"), "{:,.1f}")],
+    ], cls="kv"))
+    r.figure(s, draw, "plan.png", plan)
+    if plan.get("sources"):
+        rows = [[escape(n), _num(v["weight"], "{:.0%}"), human(v["tokens"]), human(v.get("unique_tokens")),
+                 _num(v.get("epochs"), "{:.2f}"), human(v.get("effective_tokens"))]
+                for n, v in plan["sources"].items()]
+        s.body.append("<h3>Mixture</h3>" + _table(
+            ["source", "weight", "tokens", "unique tokens", "epochs", "effective tokens"], rows))
+    for w in plan.get("warnings", []):
+        s.body.append(f'<p class="warn">{escape(w)}</p>')
+    return s
+
+
+def data_section(r: Report) -> Section:
+    s = Section("data", "Data: cleaning, deduplication, tokens, epochs")
+    stats, why = r.read("data/stats.json")
+    if stats is None:
+        s.hints.append(why)
+    elif "sources" not in stats:  # a Slurm submission marker, not finished stats
+        s.hints.append("data/stats.json has no per-source stats yet (jobs still running?): rerun "
+                       "`domainlm prepare CONFIG` when they finish")
+    else:
+        srcs = stats["sources"]
+        rows = [[escape(n), f"{v['docs_in']:,}", human(v["bytes_in"], "B"), f"{v['docs_out']:,}",
+                 human(v["bytes_out"], "B"), f"{v.get('train_docs', 0):,}", f"{v.get('val_docs', 0):,}",
+                 f"{sum(v.get('drops', {}).values()):,}"] for n, v in srcs.items()]
+        s.body.append(_table(["source", "docs in", "bytes in", "docs out", "bytes out", "train docs", "val docs",
+                              "dropped"], rows))
+        r.figure(s, plots.drops_chart, "drops.png", stats)
+
+    counts, why = r.read("tokens/counts.json")
+    if counts is None:
+        s.hints.append(why)
+    else:
+        srcs = counts["sources"]
+        rows = [[escape(n), human(c["train_tokens"]), human(c["val_tokens"]),
+                 _num(c["train_bytes"] / c["train_tokens"] if c.get("train_tokens") else None, "{:.2f}")]
+                for n, c in srcs.items()]
+        s.body.append("<h3>Tokens</h3>" + _table(["source", "train tokens (unique)", "val tokens",
+                                                  "train bytes/token"], rows))
+        r.figure(s, plots.tokens_chart, "tokens.png", counts)
+
+    plan, _ = r.read("plan.json")
+    planned = {n: v["epochs"] for n, v in (plan or {}).get("sources", {}).items() if v.get("epochs") is not None}
+    trained = _last_epochs(r)
+    if planned or trained:
+        s.body.append("<h3>Epochs</h3><p>How many times each source's unique tokens are seen: planned by "
+                      "<code>plan.json</code>, reached by training (last logged step).</p>")
+        r.figure(s, plots.epochs_chart, "epochs.png", planned, trained)
+    return s
+
+
+def _last_epochs(r: Report) -> dict[str, float]:
+    rows, _ = r.read("logs/metrics.jsonl")
+    train = [x for x in rows or [] if x.get("kind") == "train"]
+    if not train:
+        return {}
+    return {k.removeprefix("epochs/"): v for k, v in train[-1].items() if k.startswith("epochs/")}
+
+
+def tokenizer_section(r: Report) -> Section:
+    s = Section("tokenizer", "Tokenizer audit")
+    a, why = r.read("tokenizer/audit.json")
+    if a is None:
+        s.hints.append(why)
+        return s
+    base = a.get("baseline")
+    s.body.append(f"<p>{escape(str(a.get('kind', '?')))} tokenizer, vocab {a.get('vocab_size_trained', '?'):,}; "
+                  + (f"baseline: same kind and size trained on {escape(', '.join(base['sources']))} alone."
+                     if base else "no general source, so no baseline.") + "</p>")
+    rows = []
+    for n, v in a["bytes_per_token"].items():
+        r.roles.setdefault(n, v.get("role", ""))
+        rows.append([escape(n), escape(v.get("role", "")), f"{v['val_bytes']:,}", _num(v["bytes_per_token"]),
+                     _num(v.get("baseline_bytes_per_token")), _num(v.get("gain_pct"), "{:+.1f}%")])
+    s.body.append(_table(["source", "role", "val bytes", "bytes/token", "baseline", "gain"], rows))
+    r.figure(s, plots.bytes_per_token_chart, "bytes_per_token.png", a)
+    if a.get("domain_terms"):
+        def pieces(tokens):  # show spaces, so " res" and "res" differ; '|' separates tokens
+            return "<code>" + escape("|".join(t.replace(" ", "␣") for t in tokens)) + "</code>"
+
+        header = ["term", "ours", "tokens"] + (["baseline", "tokens"] if base else [])
+        rows = [[escape(t["term"]), pieces(t["tokens"]), str(t["count"])]
+                + ([pieces(t["baseline_tokens"]), str(t["baseline_count"])] if base else [])
+                for t in a["domain_terms"]]
+        s.body.append("<h3>Domain terms (as split mid-sentence)</h3>" + _table(header, rows, cls="terms"))
+        tm = a.get("summary", {}).get("terms")
+        if tm and tm.get("baseline_mean_tokens") is not None:
+            s.body.append(f"<p>{tm['mean_tokens']:.2f} tokens per term on average ({tm['single_token']}/{tm['n']} "
+                          f"single-token) vs {tm['baseline_mean_tokens']:.2f} ({tm['baseline_single_token']}/"
+                          f"{tm['n']}) for the baseline.</p>")
+    return s
+
+
+def training_section(r: Report) -> Section:
+    s = Section("training", "Training: loss curves")
+    rows, why = r.read("logs/metrics.jsonl")
+    if rows is None:
+        s.hints.append(why)
+        return s
+    train = [x for x in rows if x.get("kind") == "train"]
+    evals = [x for x in rows if x.get("kind") == "eval"]
+    if not train and not evals:
+        s.hints.append("logs/metrics.jsonl has no rows yet: run `domainlm train CONFIG`")
+        return s
+    sources = list(dict.fromkeys(k.split("/", 1)[1] for e in evals for k in e if k.startswith(("val_loss/", "bpb/"))))
+    r.figure(s, plots.loss_chart, "loss.png", train, evals, sources)
+    kv = []
+    if train:
+        last = train[-1]
+        tail = [x["loss"] for x in train[-10:] if isinstance(x.get("loss"), (int, float))]
+        kv += [["steps", f"{last['step']:,}"], ["tokens seen", human(last.get("tokens"))],
+               ["train loss (mean of last 10 steps)", _num(sum(tail) / len(tail) if tail else None, "{:.4f}")],
+               ["throughput", f"{human(last.get('tokens_per_s'))} tokens/s"],
+               ["MFU", _num(last.get("mfu"), "{:.1%}")],
+               ["skipped steps (NaN/inf)", f"{sum(bool(x.get('skipped')) for x in train):,}"]]
+    if evals:
+        e = evals[-1]
+        for n in sources:
+            kv.append([f"val {escape(n)} at step {e['step']:,}",
+                       f"{_num(e.get(f'val_loss/{n}'), '{:.4f}')} nats/token, {_num(e.get(f'bpb/{n}'), '{:.4f}')} bpb"])
+    s.body.append(_table(["", ""], kv, cls="kv"))
+    return s
+
+
+def _baselines(ev: dict) -> list[tuple[str, dict]]:
+    """Baseline models scored in the same eval.json: ``baseline`` (one eval result) or ``baselines``
+    (name -> eval result, or a list of results with a ``name``)."""
+    out = []
+    b = ev.get("baseline")
+    if isinstance(b, dict) and isinstance(b.get("sources"), dict):
+        out.append((str(b.get("name") or "general-only baseline"), b))
+    bs = ev.get("baselines")
+    items = bs.items() if isinstance(bs, dict) else enumerate(bs) if isinstance(bs, list) else []
+    for key, v in items:
+        if isinstance(v, dict) and isinstance(v.get("sources"), dict):
+            out.append((str(v.get("name") or (key if isinstance(key, str) else f"baseline {key + 1}")), v))
+    return out
+
+
+def eval_section(r: Report) -> Section:
+    s = Section("eval", "Evaluation: bits per byte")
+    ev, why = r.read("eval/eval.json")
+    if ev is None:
+        s.hints.append(why)
+        return s
+    if not ev.get("sources"):
+        s.hints.append(f"eval/eval.json has no per-source scores: run `domainlm eval {r.run_dir}`")
+        return s
+    baselines = _baselines(ev)
+    header = ["text", "role", "bits/byte"]
+    for label, _ in baselines:
+        header += [f"{label} bits/byte", "Δ vs it"]
+    header += ["loss/token (nats)", "ppl", "tokens", "bytes", "bytes/token"]
+    rows = []
+    for n, v in ev["sources"].items():
+        r.roles.setdefault(n, v.get("role", ""))
+        row = [escape(n), escape(v.get("role", "")), f"<b>{_num(v['bpb'], '{:.4f}')}</b>"]
+        for _, b in baselines:
+            theirs = b["sources"].get(n, {}).get("bpb")
+            delta = (v["bpb"] / theirs - 1) if theirs else None
+            row += [_num(theirs, "{:.4f}"), _num(delta, "{:+.1%}")]
+        row += [_num(v.get("loss_per_token"), "{:.4f}"), _num(v.get("ppl"), "{:.2f}"), f"{v.get('tokens', 0):,}",
+                f"{v.get('bytes', 0):,}", _num(v.get("bytes_per_token"), "{:.2f}")]
+        rows.append(row)
+    s.body.append(_table(header, rows))
+    s.body.append("<p class=note>Bits per byte compares models with different tokenizers; loss per token and "
+                  "perplexity do not. Negative Δ: this model is better.</p>")
+    r.figure(s, plots.eval_chart, "eval_bpb.png", ev, baselines)
+    if not baselines:
+        s.body.append("<p class=note>No baseline model in eval.json: the general-only baseline is trained by "
+                      "<code>domainlm run</code> (or <code>domainlm ablate</code> with weight 0).</p>")
+    return s
+
+
+def probes_section(r: Report) -> Section:
+    s = Section("probes", "Domain term probes")
+    ev, why = r.read("eval/eval.json")
+    if ev is None:
+        s.hints.append(why)
+        return s
+    p = ev.get("probes")
+    if not p:
+        s.hints.append(f"no probe scores in eval/eval.json: run `domainlm eval {r.run_dir} --probes FILE` "
+                       "(or set eval.probes in the config)")
+        return s
+    models = [("this model", p)] + [(label, b["probes"]) for label, b in _baselines(ev) if b.get("probes")]
+    rows = [[escape(label), str(q.get("items", "?")), _num(q.get("acc"), "{:.1%}"),
+             _num(q.get("acc_per_byte"), "{:.1%}"), _num(q.get("chance"), "{:.1%}")] for label, q in models]
+    s.body.append(f"<p>Cloze items from <code>{escape(str(p.get('file', '?')))}</code>: the right term must get a "
+                  "higher log-probability than every distractor.</p>")
+    s.body.append(_table(["model", "items", "accuracy", "per-byte normalised", "chance"], rows))
+    r.figure(s, plots.probes_chart, "probes.png", models)
+    items = p.get("results") or []
+    if items:
+        rows = [[escape(str(x.get("term", ""))), "✓" if x.get("correct") else "✗",
+                 "✓" if x.get("correct_per_byte") else "✗",
+                 escape(", ".join(f"{v:.2f}" for v in x.get("logprobs", [])))] for x in items]
+        s.body.append(f"<details><summary>all {len(items)} items (log-probabilities: right answer first)"
+                      "</summary>" + _table(["term", "right", "right (per byte)", "log-probs"], rows) + "</details>")
+    return s
+
+
+def _ablation_points(ab: dict, roles: dict[str, str]) -> list[dict]:
+    """One point per domain weight: mean bpb over domain sources and over general sources.
+
+    Accepts ``{"results": [{"domain_weight", "bpb": {source: bpb}}, ...]}``, ``runs`` instead of
+    ``results``, a ``{weight: {...}}`` mapping, and per-source ``{"sources": {s: {"bpb", "role"}}}``.
+    """
+    roles = {**roles, **ab.get("roles", {})}
+    raw = ab.get("results", ab.get("runs", ab.get("weights", ab)))
+    entries = list(raw) if isinstance(raw, list) else [{"domain_weight": float(k), **v} for k, v in raw.items()
+                                                      if isinstance(v, dict)]
+    points = []
+    for e in entries:
+        weight = e.get("domain_weight", e.get("weight"))
+        per = {k: (v["bpb"] if isinstance(v, dict) else v) for k, v in (e.get("bpb") or e.get("sources") or {}).items()}
+        for k, v in (e.get("sources") or {}).items():
+            if isinstance(v, dict) and v.get("role"):
+                roles.setdefault(k, v["role"])
+        by_role = {role: [per[k] for k in per if roles.get(k) == role] for role in ("domain", "general")}
+        if weight is None or not all(by_role.values()):
+            continue
+        points.append({"weight": float(weight), "per_source": per,
+                       **{f"{role}_bpb": sum(v) / len(v) for role, v in by_role.items()}})
+    return points
+
+
+def ablation_section(r: Report) -> Section | None:
+    """Only when `domainlm ablate` has run: the section is left out of the page otherwise."""
+    ab, why = r.read("ablate/ablate.json")
+    if ab is None and why.startswith("no "):
+        return None
+    s = Section("ablation", "Mixture ablation: domain weight vs bits per byte")
+    if ab is None:
+        s.hints.append(why)
+        return s
+    points = _ablation_points(ab, r.roles)
+    if not points:
+        s.hints.append("ablate/ablate.json has no weight with both domain and general bpb: rerun "
+                       "`domainlm ablate CONFIG --domain-weights 0,0.51,1`")
+        return s
+    sources = list(dict.fromkeys(k for p in points for k in p["per_source"]))
+    rows = [[_num(p["weight"], "{:.0%}"), *(_num(p["per_source"].get(k), "{:.4f}") for k in sources),
+             _num(p["domain_bpb"], "{:.4f}"), _num(p["general_bpb"], "{:.4f}")]
+            for p in sorted(points, key=lambda p: p["weight"])]
+    s.body.append(_table(["domain weight", *(f"{k} bpb" for k in sources), "domain (mean)", "general (mean)"], rows))
+    r.figure(s, plots.ablation_chart, "ablation.png", points)
+    return s
+
+
+def summary_html(r: Report) -> str:
+    """The headline numbers: what the run bought, in one table at the top."""
+    plan, _ = r.read("plan.json")
+    ev, _ = r.read("eval/eval.json")
+    items = []
+    if plan:
+        items.append(["model", f"{human(plan['model']['params_total'])} params, "
+                               f"{human(plan['tokens'])} tokens planned"])
+    if ev and ev.get("sources"):
+        baselines = _baselines(ev)
+        for n, v in ev["sources"].items():
+            line = f"{_num(v.get('bpb'), '{:.4f}')} bits/byte"
+            for label, b in baselines:
+                theirs = b["sources"].get(n, {}).get("bpb")
+                if theirs:
+                    line += f" (vs {theirs:.4f} for {escape(label)}: {v['bpb'] / theirs - 1:+.1%})"
+            items.append([f"{escape(n)} ({escape(v.get('role', ''))})", line])
+        if ev.get("probes"):
+            items.append(["term probes", f"{ev['probes']['acc']:.1%} (chance {ev['probes']['chance']:.1%})"])
+    return _table(["", ""], items, cls="kv summary") if items else ""
+
+
+# ------------------------------------------------------------------------------------------------ page
+
+CSS = """
+body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",Roboto,sans-serif;color:#1d1d1f;margin:0;background:#f6f6f8}
+main{max-width:1150px;margin:0 auto;padding:24px 32px;background:#fff;min-height:100vh}
+h1{margin:0 0 4px}h2{border-bottom:2px solid #e3e3e8;padding-bottom:4px;margin-top:36px}
+.meta{color:#666;font-size:13px}
+nav ul{list-style:none;padding:0;display:flex;flex-wrap:wrap;gap:6px 18px}
+nav a{text-decoration:none;color:#0a58ca}.ok{color:#198754}.todo{color:#b26a00}
+table{border-collapse:collapse;margin:10px 0;font-size:13.5px}
+th,td{border:1px solid #dcdce2;padding:4px 9px;text-align:right;vertical-align:top}
+th{background:#f0f0f4}td:first-child,th:first-child{text-align:left}
+table.kv td:last-child,table.terms td{text-align:left}
+figure{margin:14px 0}figure img{max-width:100%;border:1px solid #eee}
+figcaption{font-size:12px;color:#888}
+.hint{background:#fff7e6;border-left:4px solid #f0a020;padding:6px 12px;margin:8px 0}
+.warn{background:#fdecea;border-left:4px solid #d9534f;padding:6px 12px}
+.note{color:#555;font-size:13px}code{background:#f2f2f5;padding:1px 4px;border-radius:3px}
+details{margin:8px 0}summary{cursor:pointer;color:#0a58ca}
+"""
+
+
+def render(r: Report, sections: list[Section], now: str) -> str:
+    nav = "".join(f'<li><a href="#{s.id}">{escape(s.title)}</a> '
+                  f'<span class="{"ok" if s.complete else "todo"}">{"✓" if s.complete else "…"}</span></li>'
+                  for s in sections)
+    parts = []
+    for s in sections:
+        hints = "".join(f'<p class="hint">{_hint_html(h)}</p>' for h in s.hints)
+        parts.append(f'<section id="{s.id}"><h2>{escape(s.title)}</h2>{hints}{"".join(s.body)}</section>')
+    return (
+        "<!DOCTYPE html>\n"
+        f'<html lang="en"><head><meta charset="utf-8"><title>domainlm report: {escape(r.run_dir.name)}</title>'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<style>{CSS}</style></head><body><main>"
+        f"<h1>domainlm report: {escape(r.run_dir.name)}</h1>"
+        f'<p class="meta">run directory <code>{escape(str(r.run_dir))}</code> · made {now} by domainlm '
+        f"{__version__}</p>{summary_html(r)}<nav><ul>{nav}</ul></nav>{''.join(parts)}"
+        "</main></body></html>\n"
+    )
+
+
+def build_report(run_dir: Path | str) -> dict:
+    """Write ``<run>/report/index.html`` and its PNGs; return what was written and what is missing."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise UserError(f"{run_dir}: no such run directory (make one with `domainlm plan CONFIG`)")
+    r = Report(run_dir)
+    r.out.mkdir(exist_ok=True)
+    sections = []
+    # page order; the tokenizer and eval sections record source roles that the ablation section uses
+    for make in (plan_section, data_section, tokenizer_section, training_section, eval_section, probes_section,
+                 ablation_section):
+        try:
+            s = make(r)
+        except SHAPE_ERRORS as e:  # a file of an unexpected shape: say so, keep the rest of the report
+            name = make.__name__.removesuffix("_section")
+            s = Section(name, name.capitalize(), hints=[f"could not use the {name} files ({type(e).__name__}: {e}); "
+                                                         "were they written by another domainlm version?"])
+        if s is not None:
+            sections.append(s)
+    now = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    page = r.out / "index.html"
+    tmp = page.with_name(f".index.html.tmp-{os.getpid()}")
+    tmp.write_text(render(r, sections, now), encoding="utf-8")
+    os.replace(tmp, page)
+    made = {name for s in sections for name in s.images}
+    for name in PNGS:
+        if name not in made:
+            (r.out / name).unlink(missing_ok=True)
+    return {
+        "path": str(page),
+        "sections": {s.id: {"title": s.title, "complete": s.complete, "hints": s.hints, "images": s.images}
+                     for s in sections},
+    }
+
+
+def print_report(result: dict, console) -> None:
+    for s in result["sections"].values():
+        mark = "[green]✓[/]" if s["complete"] else "[yellow]…[/]"
+        console.print(f"{mark} {s['title']}", highlight=False)
+        for h in s["hints"]:
+            console.print(f"    {h}", style="yellow", highlight=False, markup=False, soft_wrap=True)
+    console.print(f"wrote [bold]{result['path']}[/]")

@@ -1,0 +1,249 @@
+"""The report's charts: one function per figure, each takes already-loaded run files and writes one PNG.
+
+Every function returns the path it wrote. Files are saved under a temporary name and renamed, so a reader
+never sees half a PNG. Colours are fixed per source (``colours``) so a source looks the same in every chart.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display on servers and in CI; must precede pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.ticker import FuncFormatter  # noqa: E402
+
+from domainlm.plan.laws import MAX_USEFUL_EPOCHS  # noqa: E402
+from domainlm.units import human  # noqa: E402
+
+DPI = 110
+OURS = "tab:blue"
+BASELINES = ("0.6", "0.4", "0.8", "0.25")  # greys: baseline models and tokenizers, in the order given
+HUMAN = FuncFormatter(lambda v, _: human(v))  # 1.6M rather than 1.6 with a "1e6" offset
+
+
+def colours(names: list[str]) -> dict[str, str]:
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    return {n: cycle[i % len(cycle)] for i, n in enumerate(names)}
+
+
+def save(fig, path: Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    fig.tight_layout()
+    fig.savefig(tmp, format="png", dpi=DPI)
+    plt.close(fig)
+    os.replace(tmp, path)
+    return path
+
+
+def _label_bars(ax, bars, fmt=human, horizontal: bool = False) -> None:
+    for b in bars:
+        v = b.get_width() if horizontal else b.get_height()
+        if not np.isfinite(v) or v == 0:
+            continue
+        if horizontal:
+            ax.annotate(fmt(v), (v, b.get_y() + b.get_height() / 2), xytext=(3, 0), textcoords="offset points",
+                        va="center", fontsize=7)
+        else:
+            ax.annotate(fmt(v), (b.get_x() + b.get_width() / 2, v), xytext=(0, 2), textcoords="offset points",
+                        ha="center", fontsize=7)
+
+
+def _grouped(ax, groups: list[str], series: list[tuple[str, list[float], str]], *, horizontal=False, fmt=human):
+    """Bars for each of ``groups``, one bar per series (label, values, colour) side by side."""
+    x = np.arange(len(groups))
+    width = 0.8 / max(len(series), 1)
+    for i, (label, values, colour) in enumerate(series):
+        pos = x - 0.4 + width * (i + 0.5)
+        vals = [np.nan if v is None else v for v in values]
+        bars = (ax.barh if horizontal else ax.bar)(pos, vals, width, label=label, color=colour)
+        _label_bars(ax, bars, fmt, horizontal)
+    if horizontal:
+        ax.set_yticks(x, groups)
+        ax.invert_yaxis()
+    else:
+        ax.set_xticks(x, groups)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+def drops_chart(stats: dict, path: Path) -> Path:
+    """Documents dropped per reason (rows), one bar per source; datatrove gives every drop a reason."""
+    srcs = stats["sources"]
+    reasons = sorted({r for s in srcs.values() for r in s.get("drops", {})})
+    col = colours(list(srcs))
+    fig, ax = plt.subplots(figsize=(8, 0.45 * max(len(reasons), 2) * max(len(srcs), 1) + 1.2))
+    series = [(f"{n} ({human(s.get('docs_in', 0))} docs in)", [s.get("drops", {}).get(r, 0) for r in reasons], col[n])
+              for n, s in srcs.items()]
+    _grouped(ax, reasons, series, horizontal=True, fmt=lambda v: f"{v:,.0f}")
+    ax.set_xlabel("documents dropped")
+    ax.set_title("Why documents were dropped (per source)")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.margins(x=0.15)
+    return save(fig, path)
+
+
+def tokens_chart(counts: dict, path: Path) -> Path:
+    """Train and val tokens per source (train = unique tokens: the data limit the planner uses)."""
+    srcs = counts["sources"]
+    names = list(srcs)
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    _grouped(ax, names, [("train", [srcs[n].get("train_tokens", 0) for n in names], "tab:blue"),
+                         ("val", [srcs[n].get("val_tokens", 0) for n in names], "tab:orange")])
+    ax.set_ylabel("tokens")
+    ax.yaxis.set_major_formatter(HUMAN)
+    ax.set_title(f"Tokens per source (vocab {human(counts.get('vocab_size', 0))})")
+    ax.legend(fontsize=8)
+    ax.margins(y=0.15)
+    return save(fig, path)
+
+
+def epochs_chart(planned: dict[str, float | None], trained: dict[str, float], path: Path) -> Path:
+    """Passes over each source's unique tokens: what the plan asked for and what training did."""
+    names = list(dict.fromkeys([*planned, *trained]))
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    series = []
+    if planned:
+        series.append(("planned", [planned.get(n) for n in names], "0.6"))
+    if trained:
+        series.append(("trained", [trained.get(n) for n in names], "tab:green"))
+    _grouped(ax, names, series, fmt=lambda v: f"{v:.2g}")
+    top = max([v for s in series for v in s[1] if v is not None] or [0])
+    if top > MAX_USEFUL_EPOCHS / 2:  # only worth drawing when the bars come near it
+        ax.axhline(MAX_USEFUL_EPOCHS, color="tab:red", ls="--", lw=1,
+                   label=f"~{MAX_USEFUL_EPOCHS:g} epochs: repeats stop paying (Muennighoff 2023)")
+    ax.set_ylabel("epochs")
+    ax.set_title("Epochs per source")
+    ax.legend(fontsize=8)
+    ax.margins(y=0.15)
+    return save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer
+
+
+def bytes_per_token_chart(audit: dict, path: Path) -> Path:
+    """Bytes per token on each source's val split: higher = the tokenizer packs that text better."""
+    rows = audit["bytes_per_token"]
+    names = list(rows)
+    series = [(f"ours ({audit.get('kind', '?')}, vocab {human(audit.get('vocab_size_trained', 0))})",
+               [rows[n].get("bytes_per_token") for n in names], OURS)]
+    if any(rows[n].get("baseline_bytes_per_token") for n in names):
+        base = audit.get("baseline") or {}
+        series.append((f"baseline (trained on {', '.join(base.get('sources', [])) or 'general text'} alone)",
+                       [rows[n].get("baseline_bytes_per_token") for n in names], BASELINES[0]))
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    _grouped(ax, [f"{n}\n({rows[n].get('role', '?')})" for n in names], series, fmt=lambda v: f"{v:.2f}")
+    ax.set_ylabel("bytes per token (val split)")
+    ax.set_title("Tokenizer compression per source")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.margins(y=0.15)
+    return save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------ training
+
+
+def _smooth(y: np.ndarray, k: int) -> np.ndarray:
+    if k <= 1 or len(y) < k:
+        return y
+    return np.convolve(y, np.ones(k) / k, mode="valid")
+
+
+def loss_chart(train: list[dict], evals: list[dict], sources: list[str], path: Path) -> Path:
+    """Left: train loss and per-source val loss (nats/token); right: per-source val bits per byte.
+
+    The x axis is tokens seen when the train rows carry them (comparable across batch sizes), else steps.
+    """
+    tokens_at = {r["step"]: r["tokens"] for r in train if r.get("tokens") is not None}
+    use_tokens = bool(tokens_at)
+
+    def x_of(step: int) -> float:
+        return tokens_at.get(step, np.nan) if use_tokens else step
+
+    col = colours(sources)
+    fig, (ax_l, ax_r) = plt.subplots(1, 2, figsize=(11, 4.2))
+    rows = [r for r in train if isinstance(r.get("loss"), (int, float)) and np.isfinite(r["loss"])]
+    if rows:
+        x = np.array([x_of(r["step"]) for r in rows], dtype=float)
+        y = np.array([r["loss"] for r in rows], dtype=float)
+        ax_l.plot(x, y, color="0.75", lw=0.8, label="train (per step)")
+        k = max(1, len(y) // 50)  # ~50 points of moving average, whatever the run length
+        if k > 1:
+            ax_l.plot(x[k - 1:], _smooth(y, k), color="k", lw=1.3, label=f"train (mean of {k} steps)")
+    for name in sources:
+        for ax, key in ((ax_l, f"val_loss/{name}"), (ax_r, f"bpb/{name}")):
+            pts = [(x_of(r["step"]), r[key]) for r in evals if isinstance(r.get(key), (int, float))]
+            if pts:
+                xs, ys = zip(*pts, strict=True)
+                ax.plot(xs, ys, marker="o", ms=3, color=col[name], label=f"val {name}")
+    xlabel = "tokens seen" if use_tokens else "step"
+    ax_l.set(xlabel=xlabel, ylabel="loss (nats/token)", title="Training and validation loss")
+    ax_r.set(xlabel=xlabel, ylabel="bits per byte", title="Validation bits per byte (tokenizer-independent)")
+    for ax in (ax_l, ax_r):
+        if use_tokens:
+            ax.xaxis.set_major_formatter(HUMAN)
+        ax.grid(alpha=0.3)
+        if ax.has_data():
+            ax.legend(fontsize=8)
+    return save(fig, path)
+
+
+# ------------------------------------------------------------------------------------------------ eval
+
+
+def eval_chart(ours: dict, baselines: list[tuple[str, dict]], path: Path) -> Path:
+    """Bits per byte per source for our model and any baseline models (lower is better)."""
+    names = list(ours["sources"])
+    for _, b in baselines:
+        names += [n for n in b.get("sources", {}) if n not in names]
+    series = [("this model", [ours["sources"].get(n, {}).get("bpb") for n in names], OURS)]
+    series += [(label, [b.get("sources", {}).get(n, {}).get("bpb") for n in names], BASELINES[i % len(BASELINES)])
+               for i, (label, b) in enumerate(baselines)]
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    roles = {n: ours["sources"].get(n, {}).get("role", "") for n in names}
+    _grouped(ax, [f"{n}\n({roles[n]})" if roles[n] else n for n in names], series, fmt=lambda v: f"{v:.3f}")
+    ax.set_ylabel("bits per byte (lower is better)")
+    ax.set_title("Held-out bits per byte per source")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.margins(y=0.15)
+    return save(fig, path)
+
+
+def probes_chart(models: list[tuple[str, dict]], path: Path) -> Path:
+    """Domain-term cloze accuracy (raw and per-byte normalised) per model, with the chance level."""
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    metrics = ["acc", "acc_per_byte"]
+    series = [(label, [p.get(m) for m in metrics], OURS if i == 0 else BASELINES[(i - 1) % len(BASELINES)])
+              for i, (label, p) in enumerate(models)]
+    _grouped(ax, ["accuracy", "accuracy (per-byte normalised)"], series, fmt=lambda v: f"{v:.0%}")
+    chance = models[0][1].get("chance")
+    if chance:
+        ax.axhline(chance, color="tab:red", ls="--", lw=1, label=f"chance ({chance:.0%})")
+    ax.set_ylim(0, 1.1)
+    ax.set_ylabel("fraction of items right")
+    ax.set_title(f"Domain term probes ({models[0][1].get('items', '?')} items)")
+    ax.legend(fontsize=8, loc="upper right")
+    return save(fig, path)
+
+
+def ablation_chart(points: list[dict], path: Path) -> Path:
+    """Domain bpb vs general bpb, one point per domain weight: the trade-off BloombergGPT chose 51% on."""
+    pts = sorted(points, key=lambda p: p["weight"])
+    fig, ax = plt.subplots(figsize=(6, 4.5))
+    ax.plot([p["domain_bpb"] for p in pts], [p["general_bpb"] for p in pts], "-o", color="tab:purple")
+    for p in pts:
+        ax.annotate(f"domain {p['weight']:.0%}", (p["domain_bpb"], p["general_bpb"]), xytext=(5, 4),
+                    textcoords="offset points", fontsize=8)
+    ax.set_xlabel("domain bits per byte (lower is better)")
+    ax.set_ylabel("general bits per byte (lower is better)")
+    ax.set_title("Mixture ablation: domain weight vs held-out bpb")
+    ax.grid(alpha=0.3)
+    ax.margins(0.15)
+    return save(fig, path)
