@@ -170,7 +170,8 @@ def build_stages(spec: sources.SourceSpec, pcfg: PrepareConfig, run_dir: Path, t
 
     clean = [
         steps.ReadAndClean(spec, ws, pcfg.min_chars, pcfg.max_chars, pcfg.max_dup_line_frac),
-        JsonlWriter(str(w / "clean"), output_filename="${rank}.jsonl.gz", compression="gzip"),
+        # uncompressed, with a flat adapter: gzip and dataclasses.asdict were 40% of this stage's time
+        JsonlWriter(str(w / "clean"), output_filename="${rank}.jsonl", compression=None, adapter=_as_record),
         ExactDedupSignature(str(w / "exact_sigs"), exact_cfg),
     ]
     out = [("clean", clean, tasks), ("exact", [ExactFindDedups(str(w / "exact_sigs"), str(w / "exact_dups"),
@@ -193,6 +194,10 @@ def build_stages(spec: sources.SourceSpec, pcfg: PrepareConfig, run_dir: Path, t
         ("write", [*deduped(), steps.SplitWriter(ws, str(data_dir(run_dir) / spec.name))], tasks),
     ]
     return out
+
+
+def _as_record(writer, doc) -> dict:
+    return {"text": doc.text, "id": doc.id, "metadata": doc.metadata}
 
 
 def _text_of(doc) -> bytes:

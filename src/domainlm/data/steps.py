@@ -80,10 +80,10 @@ class CleanReader(PipelineStep):
         self.folder = folder
 
     def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
-        path = Path(self.folder) / f"{rank:05d}.jsonl.gz"
+        path = Path(self.folder) / f"{rank:05d}.jsonl"
         if not path.exists():
             return
-        with gzip.open(path, "rb") as f:
+        with open(path, "rb") as f:
             for line in f:
                 rec = orjson.loads(line)
                 yield Document(text=rec["text"], id=rec.get("id", ""), metadata=rec.get("metadata", {}))
@@ -126,6 +126,18 @@ _P_INV = np.uint64(pow(int(_P), -1, 2**64))
 _IS_WORD = np.array([chr(b).isalnum() if b < 128 else True for b in range(256)])
 
 
+_POWERS: list[np.ndarray] = []
+
+
+def _powers(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """P^1..P^m and P^-1..P^-m (mod 2^64) for m ≥ n, computed once per process and grown by doubling."""
+    if not _POWERS or len(_POWERS[0]) < n:
+        m = max(n, 2 * len(_POWERS[0]) if _POWERS else 1 << 16)
+        with np.errstate(over="ignore"):
+            _POWERS[:] = [np.cumprod(np.full(m, _P, np.uint64)), np.cumprod(np.full(m, _P_INV, np.uint64))]
+    return _POWERS[0], _POWERS[1]
+
+
 class FastMinhashSignature(MinhashDedupSignature):
     """datatrove's MinHash signature step with vectorised hashing (1.1 → ~5 MB/s per core on the demo).
 
@@ -155,10 +167,10 @@ class FastMinhashSignature(MinhashDedupSignature):
         if n == 0 or len(starts) == 0:
             return np.empty((0, 1), np.uint64)
         width = min(width, n)
+        powers, inv = _powers(n)
         with np.errstate(over="ignore"):
-            powers = np.cumprod(np.full(n, _P, np.uint64))  # P^1 .. P^n (wraps mod 2^64)
-            inv = np.cumprod(np.full(n, _P_INV, np.uint64))  # P^-1 .. P^-n
-            prefix = np.concatenate(([np.uint64(0)], np.cumsum((a.astype(np.uint64) + np.uint64(1)) * powers)))
+            prefix = np.zeros(n + 1, np.uint64)
+            np.cumsum((a + np.uint64(1)) * powers[:n], out=prefix[1:])
             h = (prefix[starts + width] - prefix[starts]) * inv[starts]  # = sum_j x[s+j] P^(j+1)
         return h.reshape(-1, 1)  # repeated shingles do not change a minimum: no np.unique needed
 
