@@ -182,12 +182,14 @@ def test_missing_inputs_say_which_stage_to_run(tmp_path, cli):
     _metrics(run, steps=60)
     (run / "eval").mkdir()
     (run / "eval/eval.json").write_text("{not json", encoding="utf-8")
+    _write(run / "tokenizer/audit.json", {"version": 99})  # a shape this version does not know
     result = build_report(run)
     html = (run / "report" / "index.html").read_text(encoding="utf-8")
     s = result["sections"]
     assert s["plan"]["complete"] and s["training"]["complete"]
     assert not s["data"]["complete"] and not s["eval"]["complete"]
     assert "could not read eval/eval.json" in html
+    assert "another domainlm version" in " ".join(s["tokenizer"]["hints"])
     assert _images(html) == 3  # plan, epochs (planned and trained), loss
     assert sorted(p.name for p in (run / "report").glob("*.png")) == ["epochs.png", "loss.png", "plan.png"]
 
@@ -202,6 +204,14 @@ def test_eval_without_baseline_or_probes(tmp_path):
     assert result["sections"]["eval"]["complete"]
     assert "--probes FILE" in " ".join(result["sections"]["probes"]["hints"])
     assert "No baseline model" in (run / "report/index.html").read_text(encoding="utf-8")
+
+
+def test_ablation_keyed_by_weight(tmp_path):
+    run = tmp_path / "r"
+    _write(run / "ablate/ablate.json", {"version": 1, "roles": SOURCES, "0": {"bpb": {"legal": 1.4, "news": 1.2}},
+                                        "1": {"sources": {"legal": {"bpb": 0.9}, "news": {"bpb": 1.5}}}})
+    s = build_report(run)["sections"]["ablation"]
+    assert s["complete"] and s["images"] == ["ablation.png"]
 
 
 def test_not_a_directory(tmp_path, cli):

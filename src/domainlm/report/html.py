@@ -367,9 +367,9 @@ def _ablation_points(ab: dict, roles: dict[str, str]) -> list[dict]:
     ``results``, a ``{weight: {...}}`` mapping, and per-source ``{"sources": {s: {"bpb", "role"}}}``.
     """
     roles = {**roles, **ab.get("roles", {})}
-    raw = ab.get("results", ab.get("runs", ab.get("weights", ab)))
+    raw = ab.get("results", ab.get("runs", ab))
     entries = list(raw) if isinstance(raw, list) else [{"domain_weight": float(k), **v} for k, v in raw.items()
-                                                      if isinstance(v, dict)]
+                                                      if isinstance(v, dict) and _is_number(k)]
     points = []
     for e in entries:
         weight = e.get("domain_weight", e.get("weight"))
@@ -383,6 +383,14 @@ def _ablation_points(ab: dict, roles: dict[str, str]) -> list[dict]:
         points.append({"weight": float(weight), "per_source": per,
                        **{f"{role}_bpb": sum(v) / len(v) for role, v in by_role.items()}})
     return points
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def ablation_section(r: Report) -> Section | None:
