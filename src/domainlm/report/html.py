@@ -417,7 +417,14 @@ def ablation_section(r: Report) -> Section | None:
 
 
 def summary_html(r: Report) -> str:
-    """The headline numbers: what the run bought, in one table at the top."""
+    """The headline numbers: what the run bought, in one table at the top (none if the files are odd)."""
+    try:
+        return _summary(r)
+    except SHAPE_ERRORS:  # the sections below say what is wrong with which file
+        return ""
+
+
+def _summary(r: Report) -> str:
     plan, _ = r.read("plan.json")
     ev, _ = r.read("eval/eval.json")
     items = []
