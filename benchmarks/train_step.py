@@ -3,7 +3,7 @@
 Both steps train the same model (transformers LlamaForCausalLM, same init), on the same batch, with
 AdamW. The reference is the least a training step can do — forward, cross-entropy, backward, AdamW step,
 zero_grad — while domainlm's `train_step` (the one the loop uses) adds micro-batching, gradient clipping,
-the NaN/inf check and the loss read-back. Timings alternate between the two in rounds so that machine load
+the NaN/inf check and the loss read-back. Timings alternate between the two step by step so that machine load
 affects both alike; the median step time of each is reported. Goal: ratio ≥ 0.95 (no framework tax).
 
     python benchmarks/train_step.py                      # the demo shape on CPU (fp32)
@@ -52,8 +52,11 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--micro-batch", type=int, default=None, help="default: the whole batch (no accumulation)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
     args = ap.parse_args()
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     d, n_layers, vocab, seq_len, batch_size = PRESETS[args.preset]
     device = torch.device(args.device)
     precision = "bf16-mixed" if device.type == "cuda" else "fp32"
@@ -76,12 +79,11 @@ def main() -> None:
     times: dict[str, list[float]] = {"domainlm": [], "reference": []}
     for name in times:  # warm-up: allocator, kernels, optimizer state
         run(name), run(name)
-    for _ in range(args.rounds):
-        for name in times:
-            for _ in range(args.steps):
-                t0 = time.perf_counter()
-                run(name)  # both read the loss back (.item()), which synchronises CUDA
-                times[name].append(time.perf_counter() - t0)
+    for _ in range(args.rounds * args.steps):
+        for name in times:  # alternate step by step: a load spike on the machine hits both alike
+            t0 = time.perf_counter()
+            run(name)  # both read the loss back (.item()), which synchronises CUDA
+            times[name].append(time.perf_counter() - t0)
 
     tokens = batch_size * seq_len
     flops_per_token = shape.flops_per_token(seq_len)

@@ -111,9 +111,15 @@ def export_hf(state_dict: dict[str, torch.Tensor], config, tokenizer_dir: Path, 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
+    from transformers.utils import logging as hf_logging
+
     model = LlamaForCausalLM(config)
     model.load_state_dict(state_dict, strict=False)  # a tied head may be absent: it is the embedding
-    model.save_pretrained(tmp, safe_serialization=True)
+    hf_logging.disable_progress_bar()  # one shard; its bar would only break our own progress output
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+    finally:
+        hf_logging.enable_progress_bar()
     for f in Path(tokenizer_dir).iterdir():
         if f.is_file() and f.name != "audit.json":
             shutil.copy2(f, tmp / f.name)
