@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import time
 from collections import deque
@@ -76,7 +77,8 @@ def peak_flops(device: torch.device, precision: str, run_dir: Path, world_size: 
         mem_gb = torch.cuda.get_device_properties(device).total_memory / 1e9
         for key, acc in ACCELERATORS.items():
             kind = key.split("-")[0]
-            if kind in name and (key != "a100-40gb" or mem_gb < 60) and (key != "a100-80gb" or mem_gb >= 60):
+            size_ok = (key != "a100-40gb" or mem_gb < 60) and (key != "a100-80gb" or mem_gb >= 60)
+            if re.search(rf"\b{kind}\b", name) and size_ok:
                 return (acc.bf16_flops if precision == "bf16-mixed" else acc.fp32_flops) * world_size
         return None
     return plan_of(run_dir).get("compute", {}).get("measured_flops_per_s")
@@ -288,8 +290,10 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
                         if math.isfinite(v):
                             tb.add_scalar(f"train/{k}", v, step)
                 mfu_text = f" mfu {mfu:.1%}" if mfu else ""
-                progress.update(task, completed=step,
-                                info=f"loss {res.loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s{mfu_text}")
+                info = f"loss {res.loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s{mfu_text}"
+                progress.update(task, completed=step, info=info)
+                if not console.is_terminal and world.is_main and step % max(total_steps // 20, 1) == 0:
+                    progress.console.print(f"step {step}/{total_steps}: {info}")  # log files get 20 lines a run
                 if bad_in_row >= t.max_bad_steps:
                     prev = ckpt.list_checkpoints(run_dir)
                     where = f"the last checkpoint {prev[-1].name} is intact" if prev else "no checkpoint was written"
