@@ -103,11 +103,16 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, wor
                 _fsync(d)
             os.replace(tmp, final)  # atomic: the checkpoint exists completely or not at all
             _fsync(ck)
-    except OSError as e:
+    except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        # torch.save and safetensors report a failed write as RuntimeError/SafetensorError, not OSError(ENOSPC):
+        # ask the filesystem whether it is full.
+        full = getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or shutil.disk_usage(ck).free < 2**26
+        if not (full or isinstance(e, OSError)):
+            raise
         prev = list_checkpoints(run_dir)
         intact = f"the previous checkpoint {prev[-1]} is intact" if prev else "no earlier checkpoint exists"
-        what = "disk full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else f"{e.strerror or e}"
+        what = "disk full" if full else f"{e.strerror or e}"
         raise UserError(
             f"{final}: {what} while writing the checkpoint; {intact}; free space and rerun to resume"
         ) from None
