@@ -15,6 +15,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+IGNORE = -100  # label of a token that contributes no loss (the transformers / PyTorch convention)
+
 
 @dataclass
 class StepResult:
@@ -32,11 +34,15 @@ def autocast_for(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
-def next_token_loss(model: torch.nn.Module, batch: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Cross-entropy of predicting ``batch[:, 1:]`` from ``batch[:, :-1]``; batch [B, T+1] int64."""
-    x, y = batch[:, :-1], batch[:, 1:]
+def next_token_loss(model: torch.nn.Module, batch: torch.Tensor, reduction: str = "mean",
+                    labels: torch.Tensor | None = None) -> torch.Tensor:
+    """Cross-entropy of predicting ``batch[:, 1:]`` from ``batch[:, :-1]``; batch [B, T+1] int64.
+
+    ``labels`` (same shape as ``batch``): the targets instead of ``batch``, -100 where a token is not trained
+    on (fine-tuning: prompt and padding); ``mean`` is then over the trained tokens only."""
+    x, y = batch[:, :-1], (batch if labels is None else labels)[:, 1:]
     logits = model(input_ids=x, use_cache=False).logits  # [B, T, V]
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction=reduction)
+    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction=reduction, ignore_index=IGNORE)
 
 
 def train_step(
@@ -48,11 +54,25 @@ def train_step(
     micro_batch: int,
     grad_clip: float,
     precision: str = "fp32",
+    labels: torch.Tensor | None = None,
 ) -> StepResult:
-    """batch: this rank's [B_local, T+1] token ids (already on the model's device)."""
+    """batch: this rank's [B_local, T+1] token ids (already on the model's device).
+
+    labels: optional [B_local, T+1] targets with -100 on untrained tokens (fine-tuning). The loss is then the
+    mean over the trained tokens of the whole global batch, not a mean of per-micro-batch means (which would
+    weight a token of a short answer more than one of a long answer)."""
     n_micro = batch.shape[0] // micro_batch
     device = batch.device
     total = torch.zeros((), device=device)
+    if labels is not None:
+        # Σ over micro-batches of (token-sum × scale) = the mean over all trained tokens of all ranks; × world
+        # because DDP averages gradients over ranks.
+        n_trained = (labels[:, 1:] != IGNORE).sum().to(torch.float32)
+        world = 1
+        if dist.is_initialized():
+            dist.all_reduce(n_trained)
+            world = dist.get_world_size()
+        scale = world / n_trained.clamp(min=1.0)
     for group in optimizer.param_groups:
         group["lr"] = lr
     for i in range(n_micro):
@@ -60,8 +80,12 @@ def train_step(
         # DDP: all-reduce gradients once per step, not once per micro-batch.
         sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
         with sync:
+            rows = slice(i * micro_batch, (i + 1) * micro_batch)
             with autocast_for(device, precision):
-                loss = next_token_loss(model, batch[i * micro_batch : (i + 1) * micro_batch])
+                if labels is None:
+                    loss = next_token_loss(model, batch[rows])
+                else:  # already this micro-batch's share of the batch mean: undo the ÷ n_micro below
+                    loss = next_token_loss(model, batch[rows], "sum", labels[rows]) * scale * n_micro
             (loss / n_micro).backward()  # mean over micro-batches = mean over the rank's batch
         total += loss.detach()
     mean_loss = total / n_micro
