@@ -151,8 +151,9 @@ def _write_json(path: Path, data: dict) -> None:
 
 def print_eval(result: dict, console: Console) -> None:
     table = Table(title=f"eval of {result['model']} (context {result['context']}, stride {result['stride']})")
-    for col in ("text", "role", "bits/byte", "loss/token", "ppl", "tokens", "bytes", "bytes/token"):
-        table.add_column(col, justify="left" if col in ("text", "role") else "right")
+    # Short headers so the table fits 80 columns; loss is in nats per token.
+    for col in ("text", "role", "bits/byte", "nats/tok", "ppl", "tokens", "bytes", "bytes/tok"):
+        table.add_column(col, justify="left" if col in ("text", "role") else "right", no_wrap=True)
     for name, s in result["sources"].items():
         table.add_row(name, s["role"], f"{s['bpb']:.4f}", f"{s['loss_per_token']:.4f}", f"{s['ppl']:.2f}",
                       f"{s['tokens']:,}", f"{s['bytes']:,}", f"{s['bytes_per_token']:.2f}")
@@ -163,4 +164,4 @@ def print_eval(result: dict, console: Console) -> None:
         console.print(
             f"term probes ({p['file']}): {p['items']} items, accuracy [bold]{p['acc']:.1%}[/] "
             f"(per-byte normalised {p['acc_per_byte']:.1%}; chance {p['chance']:.1%})", highlight=False)
-    console.print("[dim]bits/byte is comparable across tokenizers; loss/token (nats) and ppl are not.[/]")
+    console.print("[dim]bits/byte is comparable across tokenizers; nats/tok and ppl only within one tokenizer.[/]")

@@ -86,7 +86,9 @@ def load_model(model_dir: Path, device: str):
     forward pass runs under bf16 autocast (see bpb.score_sequences)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    hf_logging.disable_progress_bar()  # our own progress bar is over scored windows; weights load in a blink
     model_dir = Path(model_dir)
     check_tokenizer_files(model_dir)
     try:
