@@ -8,11 +8,15 @@ rerun skips finished parts. The parts are then concatenated in file order into `
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+import orjson
 
 from domainlm import stages
 from domainlm.config import RunConfig
@@ -53,35 +57,46 @@ def load_tokenizer(run_dir: Path):
     raise UserError(f"{path}: tokenizer has no EOS token (looked for {', '.join(names)})")
 
 
-def _encode_file(tok, src: Path, eos_id: int, dtype, part: Path) -> dict:
-    """Tokenize one prepared file into ``part`` (EOS after every document); return its counts."""
-    import gzip
-
-    import orjson
-
-    docs = nbytes = 0
-    with tokens.TokenWriter(part, dtype) as w, gzip.open(src, "rb") as f:
+def _batches(src: Path, counts: dict) -> Iterator[list[str]]:
+    """Texts of one prepared file in ~BATCH_BYTES batches; counts docs and UTF-8 bytes."""
+    with gzip.open(src, "rb") as f:
         batch, batch_bytes = [], 0
+        for line in f:
+            text = orjson.loads(line)["text"]
+            n = len(text.encode("utf-8"))
+            batch.append(text)
+            batch_bytes += n
+            counts["bytes"] += n
+            counts["docs"] += 1
+            if batch_bytes >= BATCH_BYTES:
+                yield batch
+                batch, batch_bytes = [], 0
+        if batch:
+            yield batch
 
-        def flush():
-            for enc in tok.encode_batch(batch, add_special_tokens=False):
+
+def _encode_file(tok, src: Path, eos_id: int, dtype, part: Path) -> dict:
+    """Tokenize one prepared file into ``part`` (EOS after every document); return its counts.
+
+    encode_batch releases the GIL, so it runs in a thread while this one parses the next batch."""
+    counts = {"docs": 0, "bytes": 0}
+    with tokens.TokenWriter(part, dtype) as w, ThreadPoolExecutor(1) as pool:
+        pending = None
+
+        def write(encodings):
+            for enc in encodings:
                 w.write(enc.ids)
                 w.write((eos_id,))
 
-        for line in f:
-            text = orjson.loads(line)["text"]
-            batch.append(text)
-            n = len(text.encode("utf-8"))
-            batch_bytes += n
-            nbytes += n
-            docs += 1
-            if batch_bytes >= BATCH_BYTES:
-                flush()
-                batch, batch_bytes = [], 0
-        if batch:
-            flush()
+        for batch in _batches(src, counts):
+            future = pool.submit(tok.encode_batch, batch, add_special_tokens=False)
+            if pending is not None:
+                write(pending.result())
+            pending = future
+        if pending is not None:
+            write(pending.result())
         n_tokens = w.n_tokens
-    return {"tokens": n_tokens, "docs": docs, "bytes": nbytes}
+    return {"tokens": n_tokens, **counts}
 
 
 def _concat(parts: list[Path], out: Path, dtype) -> None:
