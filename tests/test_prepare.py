@@ -357,3 +357,16 @@ def test_own_folder_recipe_runs(tmp_path):
     s = run_prepare(tmp_path / "own.yaml", quiet_console())["stats"]["sources"]
     assert s["mydomain"]["docs_out"] == 45 and s["news"]["docs_in"] == 2225
     assert load_config(demo_recipe_path()).sources[0].input == "package:licensedcode"
+
+
+def test_second_prepare_on_same_run_dir_is_refused(tmp_path):
+    import fcntl
+
+    cfg = two_sources(tmp_path, 45)
+    lock = tmp_path / "run" / ".prepare" / "lock"
+    lock.parent.mkdir(parents=True)
+    with open(lock, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)  # as a running `domainlm prepare` holds it
+        with pytest.raises(UserError, match="another `domainlm prepare` is running"):
+            run_prepare(cfg, quiet_console())
+    assert run_prepare(cfg, quiet_console())["stats"]["sources"]["a"]["docs_out"] == 45

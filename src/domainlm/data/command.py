@@ -2,13 +2,30 @@
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from domainlm.errors import UserError
 from domainlm.units import human
+
+
+@contextlib.contextmanager
+def _locked(run_dir: Path):
+    """One `prepare` per run directory at a time: two would overwrite each other's shards. An flock is
+    released by the kernel when its process dies, so a killed run never leaves a stale lock."""
+    path = Path(run_dir) / ".prepare" / "lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as f:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise UserError(f"{run_dir}: another `domainlm prepare` is running on this run directory") from None
+        yield
 
 
 def run_prepare(config: Path | None, console: Console) -> dict:
@@ -23,7 +40,7 @@ def run_prepare(config: Path | None, console: Console) -> dict:
     write_resolved(cfg, run_dir)
     t0 = time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
+    with _locked(run_dir), Progress(*columns, console=console) as progress:
         stats = pipeline.prepare_sources(cfg, run_dir, progress)
         result = {"run_dir": str(run_dir), "stats": stats, "tokens": None}
         if "submitted" not in stats and tokenize.tokenizer_file(run_dir).exists():
