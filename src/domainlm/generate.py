@@ -17,10 +17,19 @@ def generate(model_dir: Path, prompt: str, *, max_new_tokens: int = 50, temperat
     if temperature < 0:
         raise UserError(f"--temperature: expected ≥ 0, got {temperature:g}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     tok = AutoTokenizer.from_pretrained(model_dir)
+    hf_logging.disable_progress_bar()  # keep stdout to the generated text
     model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
-    ids = tok(prompt, return_tensors="pt").input_ids
+    # A fine-tuned model (`domainlm finetune`) carries a chat template: wrap the prompt as a user turn, as in
+    # fine-tuning, and return only the reply.
+    chat = bool(getattr(tok, "chat_template", None)) and bool(prompt)
+    if chat:
+        text = tok.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True)
+        ids = tok(text, add_special_tokens=False, return_tensors="pt").input_ids
+    else:
+        ids = tok(prompt, return_tensors="pt").input_ids
     if ids.shape[1] == 0:
         ids = torch.tensor([[tok.bos_token_id if tok.bos_token_id is not None else tok.eos_token_id]])
     torch.manual_seed(seed)
@@ -35,4 +44,4 @@ def generate(model_dir: Path, prompt: str, *, max_new_tokens: int = 50, temperat
         top_p=None,
         pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
     )
-    return tok.decode(out[0], skip_special_tokens=True)
+    return tok.decode(out[0, ids.shape[1]:] if chat else out[0], skip_special_tokens=True)
