@@ -34,11 +34,18 @@ import orjson
 from domainlm import stages
 from domainlm.config import PrepareConfig, RunConfig
 from domainlm.data import sources
-from domainlm.data.steps import write_json_atomic
 from domainlm.errors import UserError
 
 STATS_VERSION = 1
 SPLITS = ("train", "val")
+
+
+def write_json_atomic(path: Path, obj) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
+    os.replace(tmp, path)
 
 
 def data_dir(run_dir: Path) -> Path:
@@ -319,7 +326,8 @@ def prepare_sources(cfg: RunConfig, run_dir: Path, progress) -> dict:
     overall = stages.fingerprint(fps)
     if stats_path(run_dir).exists() and stages.is_done(run_dir, "prepare", overall):
         return json.loads(stats_path(run_dir).read_text())
-    stats_path(run_dir).unlink(missing_ok=True)  # the completion mark of the data stage goes first
+    stats_path(run_dir).unlink(missing_ok=True)  # the completion mark of the data stage goes first,
+    (Path(run_dir) / "tokens" / "counts.json").unlink(missing_ok=True)  # and the tokens of the old data
     stats = {"version": STATS_VERSION, "fingerprint": overall, "tasks": tasks, "sources": {}}
     for spec in specs:
         w = work_dir(run_dir, spec.name)

@@ -93,6 +93,7 @@ def resolve(src: SourceConfig, where: str, max_chars: int = 5_000_000) -> Source
             raise UserError(f"{where}: unknown package {which!r}; expected one of {', '.join(PACKAGES)}")
         if not files:
             raise UserError(f"{where}: no data files found in {root}; reinstall the package")
+        files = _exclude(files, str(root), src.exclude_ids, where)
         return SourceSpec(kind=which, files=tuple(files), root=str(root), **common)
     if inp.startswith("hf:"):
         return _resolve_hf(src, where, common)
@@ -103,7 +104,26 @@ def resolve(src: SourceConfig, where: str, max_chars: int = 5_000_000) -> Source
             _check_jsonl_key(f, src.text_key, where)
         elif kind == "parquet":
             _check_parquet_column(f, src.text_column, where)
+    files = _exclude(files, root, src.exclude_ids, where)
     return SourceSpec(kind="files", files=tuple(files), root=root, **common)
+
+
+def _exclude(files: list[str], root: str, exclude_ids: str | None, where: str) -> list[str]:
+    """Drop the files listed in ``exclude_ids`` (paths relative to ``root``; blank lines and # comments skipped)."""
+    if not exclude_ids:
+        return files
+    key = where.rsplit(".", 1)[0] + ".exclude_ids"
+    try:
+        lines = Path(exclude_ids).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{key}: cannot read {exclude_ids} ({type(e).__name__})") from None
+    drop = {ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")}
+    prefix = len(root.rstrip(os.sep)) + 1
+    kept = [f for f in files if f[prefix:] not in drop]
+    if drop and len(kept) == len(files):
+        raise UserError(f"{exclude_ids}: none of its {len(drop)} ids is a file of this source (ids are paths "
+                        f"relative to {root}); check {key}")
+    return kept
 
 
 def _expand(inp: str, where: str) -> tuple[list[str], str]:

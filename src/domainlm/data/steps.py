@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -22,14 +23,7 @@ from datatrove.pipeline.dedup import MinhashDedupSignature
 from datatrove.utils.word_tokenizers import WordTokenizer
 
 from domainlm.data import clean, sources
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+from domainlm.data.pipeline import write_json_atomic
 
 
 def _save_counts(work: str, step: str, rank: int, counts: Counter, **extra) -> None:
@@ -219,7 +213,7 @@ class PlanSplit(PipelineStep):
         files = sorted((Path(self.work) / "keys").glob("*.npy"))
         keys = np.concatenate([np.load(f) for f in files]) if files else np.empty(0, np.uint64)
         n = len(keys)
-        k = min(max(self.val_min_docs, -(-int(self.val_fraction * n * 1e6) // 1_000_000)), n // 2)
+        k = min(max(self.val_min_docs, math.ceil(round(self.val_fraction * n, 6))), n // 2)
         threshold = int(np.partition(keys, k - 1)[k - 1]) if k > 0 else -1
         write_json_atomic(Path(self.work) / "split.json", {"docs": n, "val_docs": k, "val_max_key": threshold})
         return

@@ -21,7 +21,7 @@ import orjson
 from domainlm import stages
 from domainlm.config import RunConfig
 from domainlm.data import pipeline, tokens
-from domainlm.data.steps import write_json_atomic
+from domainlm.data.pipeline import write_json_atomic
 from domainlm.errors import UserError
 
 BATCH_BYTES = 1 << 20  # ~1 MB of text per encode_batch call: enough to keep every core busy
