@@ -35,6 +35,9 @@ class SourceConfig(_Section):
     text_column: str = "text"  # .parquet and hf: inputs
     split: str = "train"  # hf: inputs
     unique_tokens: float | None = Field(default=None, gt=0, description="known unique tokens (plan limits)")
+    # A held-out experiment (docs/finetune.md): files of this source to leave out of every stage, one path
+    # relative to the source's root per line (e.g. licenses/mit.LICENSE; `domainlm tasks licensedb` writes it).
+    exclude_ids: str | None = None
 
 
 class SlurmConfig(_Section):
@@ -251,6 +254,8 @@ def load_config(path: str | Path | None) -> RunConfig:
     for s in cfg.sources:
         if not (s.input.startswith(("hf:", "package:")) or Path(s.input).is_absolute()):
             s.input = str(base / s.input)
+        if s.exclude_ids and not Path(s.exclude_ids).is_absolute():
+            s.exclude_ids = str(base / s.exclude_ids)
     return cfg
 
 
