@@ -82,6 +82,10 @@ def test_fsdp_two_processes_match_one_and_resume_on_one(reference, tmp_path):
     assert "2 process(es) (fsdp)" in " ".join(proc.stderr.split())
     assert_close_curves(losses(cfg), losses(reference)[: STEPS // 2])
     assert (run_dir(cfg) / "checkpoints" / f"step-{STEPS // 2:08d}" / "dcp").is_dir()
+    plain = clone_run(cfg, tmp_path / "plain", parallel="auto")  # before cfg's run goes on
     # Resume the 2-process sharded checkpoint on 1 process (still FSDP): DCP reshards on load.
     train_in_process(cfg, max_steps=STEPS)
     assert_close_curves(losses(cfg), losses(reference))
+    # ... and into a plain single-process model (no process group at all).
+    train_in_process(plain, max_steps=STEPS)
+    assert_close_curves(losses(plain), losses(reference))

@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -151,7 +152,9 @@ def load_checkpoint(path: Path, model, optimizer, world: Dist) -> dict:
             from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
             msd, osd = get_state_dict(model, optimizer)
-            dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(path / "dcp"))
+            with warnings.catch_warnings():  # one process without a process group is a supported case
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(path / "dcp"))
             set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
         elif is_fsdp(model):
             raise UserError(f"{path}: written without FSDP; resume with train.parallel: ddp, or --restart")
