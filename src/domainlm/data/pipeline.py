@@ -27,6 +27,7 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
+from importlib import metadata
 from pathlib import Path
 
 import orjson
@@ -37,6 +38,9 @@ from domainlm.data import sources
 from domainlm.errors import UserError
 
 STATS_VERSION = 1
+# Part of every fingerprint: bump it when a change to this package changes what prepare writes, so runs
+# prepared by older code are redone instead of reused.
+PIPELINE_VERSION = "prepare-2"
 SPLITS = ("train", "val")
 
 
@@ -107,7 +111,8 @@ def _inputs_fingerprint(spec: sources.SourceSpec) -> list:
 def source_fingerprint(spec: sources.SourceSpec, pcfg: PrepareConfig, tasks: int) -> str:
     knobs = pcfg.model_dump(exclude={"executor", "workers", "slurm", "ray"})
     knobs["tasks"] = tasks
-    return stages.fingerprint("prepare-v1", spec.__dict__ | {"files": len(spec.files)}, knobs,
+    spec_fields = spec.__dict__ | {"files": len(spec.files)}  # the files themselves: _inputs_fingerprint
+    return stages.fingerprint(PIPELINE_VERSION, metadata.version("datatrove"), spec_fields, knobs,
                               _inputs_fingerprint(spec))
 
 
