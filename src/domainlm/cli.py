@@ -217,6 +217,64 @@ def generate(
     console.print(text, highlight=False, markup=False)
 
 
+# ---------------------------------------------------------------------------------------------------- finetune (issue 7)
+
+
+@app.command()
+def finetune(
+    model_or_run: Annotated[Path, typer.Argument(help="a run directory (its model/) or an HF model folder")],
+    data: Annotated[Path, typer.Option(help="instruction JSONL: prompt/response or messages per line")],
+    val: Annotated[Path | None, typer.Option(help="validation JSONL (loss on response tokens)")] = None,
+    out: Annotated[Path | None, typer.Option(help="output folder [<run>/finetune/<data name>]")] = None,
+    steps: Annotated[int, typer.Option(min=1, help="optimizer steps")] = 300,
+    batch_size: Annotated[int, typer.Option(min=1, help="conversations per step")] = 16,
+    micro_batch: Annotated[int, typer.Option(min=1, help="conversations per forward pass")] = 16,
+    lr: Annotated[float, typer.Option(min=0.0, help="peak learning rate (cosine, 5% warmup)")] = 3e-4,
+    seed: Annotated[int, typer.Option(help="example order seed")] = 0,
+    lora: Annotated[bool, typer.Option("--lora", help="LoRA adapters (needs peft: domainlm[lora]), merged")] = False,
+    too_long: Annotated[str, typer.Option(help="longer than the context: truncate (left) | reject")] = "truncate",
+    compare: Annotated[Path | None, typer.Option(help="also fine-tune this general model; score both")] = None,
+    test: Annotated[Path | None, typer.Option(help="--compare: test JSONL [the built LicenseDB test split]")] = None,
+    task: Annotated[list[str] | None, typer.Option("--task", help="--compare: tasks [both licensedb ones]")] = None,
+    restart: Annotated[bool, typer.Option("--restart", help="delete the output folder; start over")] = False,
+) -> None:
+    """Instruction-tune a model (loss on responses only); --compare GENERAL: domain vs general downstream."""
+    from domainlm.finetune.loop import FinetuneArgs
+
+    args = FinetuneArgs(steps=steps, batch_size=batch_size, micro_batch=min(micro_batch, batch_size), lr=lr,
+                        seed=seed, lora=lora, too_long=too_long)
+    if compare is None:
+        from domainlm.finetune.loop import finetune as run_finetune
+
+        run_finetune(model_or_run, data, val=val, out=out, args=args, restart=restart, console=err_console)
+        return
+    from domainlm.finetune.compare import compare as run_compare
+    from domainlm.finetune.compare import print_compare
+
+    result, written = run_compare(model_or_run, compare, data, val=val, test=test, out=out, args=args, tasks=task,
+                                  restart=restart, console=err_console)
+    print_compare(result, console)
+    for p in written:
+        console.print(f"wrote [bold]{p}[/]")
+
+
+@app.command()
+def tasks(
+    name: Annotated[str, typer.Argument(help="licensedb (the packaged ScanCode LicenseDB)")],
+    out: Annotated[Path, typer.Option(help="folder for train/val/test.jsonl, exclude_ids.txt")] = Path("tasks/licensedb"),
+    test_fraction: Annotated[float, typer.Option(min=0.01, max=0.9, help="licenses held out for test")] = 0.2,
+    seed: Annotated[int, typer.Option(help="split seed")] = 0,
+    as_json: JsonOpt = False,
+) -> None:
+    """Build downstream task data (split by license) and the pretraining exclusion list; print class balance."""
+    from domainlm.evaluate.tasks import print_balance, write_task_data
+
+    if name != "licensedb":
+        raise UserError(f"tasks: unknown task set {name!r}; expected licensedb")
+    result = write_task_data(out, test_fraction=test_fraction, seed=seed)
+    print_json(result) if as_json else print_balance(result, console)
+
+
 # ---------------------------------------------------------------------------------------------------- eval (issue 5)
 # (eval command goes here)
 
@@ -233,10 +291,22 @@ def eval_(
     context: Annotated[int | None, typer.Option(help="window in tokens (default: the model's context)")] = None,
     stride: Annotated[int | None, typer.Option(help="new tokens per sliding window (default: context/2)")] = None,
     max_bytes: Annotated[int | None, typer.Option(help="bytes scored per source (default: eval config)")] = None,
+    task: Annotated[
+        list[str] | None, typer.Option("--task", help="downstream task: licensedb-category | licensedb-name")
+    ] = None,
+    task_data: Annotated[Path | None, typer.Option(help="--task test JSONL [the built LicenseDB test split]")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Bits per byte per source and on your text, loss/token, perplexity, and domain-term probe accuracy."""
     from domainlm.evaluate.command import print_eval, run_eval
+
+    if task:
+        from domainlm.evaluate.command import print_tasks, run_tasks
+
+        results, written = run_tasks(model_or_run, task, test=task_data, out=out,
+                                     console=None if as_json else err_console)
+        print_json(results) if as_json else print_tasks(results, written, console)
+        return
 
     for flag, v in (("--context", context), ("--stride", stride), ("--max-bytes", max_bytes)):
         if v is not None and v < 1:

@@ -165,3 +165,34 @@ def print_eval(result: dict, console: Console) -> None:
             f"term probes ({p['file']}): {p['items']} items, accuracy [bold]{p['acc']:.1%}[/] "
             f"(per-byte normalised {p['acc_per_byte']:.1%}; chance {p['chance']:.1%})", highlight=False)
     console.print("[dim]bits/byte is comparable across tokenizers; nats/tok and ppl only within one tokenizer.[/]")
+
+
+# ------------------------------------------------------------------------------------------------ downstream tasks
+
+
+def run_tasks(model_or_run: Path, task_names: list[str], *, test: Path | None = None, out: Path | None = None,
+              console: Console | None = None) -> tuple[dict, Path | None]:
+    """`domainlm eval MODEL --task licensedb-category`: score any model folder on the LicenseDB tasks
+    (evaluate/tasks.py); written to ``<run>/eval/tasks.json`` for a run directory, or ``--out``."""
+    from domainlm.evaluate import tasks as T
+
+    target = inputs.resolve(model_or_run)
+    items = {t: T.load_test(t, test) for t in task_names}  # bad names / files fail before the model loads
+    results = {}
+    for t, its in items.items():
+        with _progress(console, f"{t}: {len(its)} test items") as tick:
+            results[t] = T.score_task(target.model_dir, t, items=its, progress=tick)
+    dest = out if out is not None else (target.run_dir / "eval" / "tasks.json" if target.is_run else None)
+    if dest is not None:
+        _write_json(Path(dest), results)
+    return results, dest
+
+
+def print_tasks(results: dict, written: Path | None, console: Console) -> None:
+    from domainlm.evaluate.tasks import format_metrics
+
+    for t, r in results.items():
+        base = f" (majority class {r['majority_accuracy']:.1%})" if "majority_accuracy" in r else ""
+        console.print(f"{t} on {r['items']} test items: {format_metrics(r)}{base}", highlight=False)
+    if written is not None:
+        console.print(f"wrote [bold]{written}[/]")

@@ -1,0 +1,120 @@
+"""`domainlm finetune DOMAIN --compare GENERAL --data train.jsonl`: did domain pretraining pay off downstream?
+
+Both models are fine-tuned with the same data, steps, seed and flags, then scored on the same test items;
+differences carry a paired-bootstrap 95% CI (the same resampled items for both models), so "domain − general"
+is significant only when its interval excludes 0. The result goes to ``<out>/compare.json`` and, when DOMAIN
+is a run directory, ``<run>/eval/finetune.json`` (shown by `domainlm report`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from domainlm.errors import UserError
+from domainlm.evaluate import tasks as T
+from domainlm.finetune.loop import FinetuneArgs, finetune, resolve_model
+
+RESULT = "eval/finetune.json"
+
+
+def _licenses_in(path: Path) -> set[str]:
+    out = set()
+    for line in Path(path).read_text(encoding="utf-8").split("\n"):
+        if line.strip():
+            rec = json.loads(line)
+            if isinstance(rec, dict) and isinstance(rec.get("license"), str):
+                out.add(rec["license"])
+    return out
+
+
+def compare(domain: Path, general: Path, data: Path, *, val: Path | None = None, test: Path | None = None,
+            out: Path | None = None, args: FinetuneArgs | None = None, tasks: list[str] | None = None,
+            restart: bool = False, console: Console | None = None) -> tuple[dict, list[Path]]:
+    console = console or Console(stderr=True)
+    args = args or FinetuneArgs()
+    tasks = list(tasks or T.TASKS)
+    domain_dir, run_dir = resolve_model(domain)
+    general_dir, _ = resolve_model(general)
+    test_items = {t: T.load_test(t, test) for t in tasks}  # fail fast, before any training
+    leaked = _licenses_in(data) & {it["license"] for items in test_items.values() for it in items if "license" in it}
+    if leaked:
+        raise UserError(f"{data}: {len(leaked)} license(s) also in the test split (e.g. {sorted(leaked)[0]}); "
+                        "build both with the same `domainlm tasks licensedb` flags")
+    out = Path(out) if out is not None else (run_dir / "finetune" / "compare" if run_dir else Path("finetune-compare"))
+
+    models = {"domain": domain_dir, "general": general_dir}
+    runs = {}
+    for label, model_dir in models.items():
+        console.print(f"[bold]{label}[/]: fine-tuning {model_dir}")
+        runs[label] = finetune(model_dir, data, val=val, out=out / label, args=args, restart=restart, console=console)
+
+    result = {"data": str(data), "test": str(test) if test else "built (domainlm tasks licensedb defaults)",
+              "args": runs["domain"]["args"], "models": {k: str(v) for k, v in models.items()},
+              "finetune": {k: {x: r[x] for x in ("final_loss", "val_loss", "steps", "truncated")}
+                           for k, r in runs.items()},
+              "tasks": {}}
+    for task in tasks:
+        items = test_items[task]
+        scored = {}
+        for label in models:
+            console.print(f"scoring {label} on {task} ({len(items)} items)")
+            scored[label] = T.score_task(Path(runs[label]["out"]), task, items=items)
+        gold = [it["response"] for it in items]
+        idx = T.bootstrap_indices(len(items))
+        preds = {k: [p["pred"] for p in v["predictions"]] for k, v in scored.items()}
+        result["tasks"][task] = {
+            "items": len(items),
+            **{k: {"metrics": T.summarise(task, gold, preds[k], idx), "predictions": v["predictions"]}
+               for k, v in scored.items()},
+            "domain_minus_general": T.paired_diff(task, gold, preds["domain"], preds["general"], idx),
+            **{k: v for k, v in scored["domain"].items() if k in ("chance_accuracy", "majority_accuracy",
+                                                                  "majority_class")},
+        }
+    result["verdict"] = verdict(result)
+    written = [_write(out / "compare.json", result)]
+    if run_dir is not None:
+        written.append(_write(run_dir / RESULT, result))
+    return result, written
+
+
+def verdict(result: dict) -> str:
+    """One honest sentence per metric: better, worse, or no detectable difference (CI contains 0)."""
+    lines = []
+    for task, r in result["tasks"].items():
+        for name, d in r["domain_minus_general"].items():
+            lo, hi = d["ci95"]
+            word = "better" if lo > 0 else "worse" if hi < 0 else "no detectable difference"
+            lines.append(f"{task} {name}: domain − general = {d['value']:+.1%} [{lo:+.1%}, {hi:+.1%}] → {word}")
+    return "; ".join(lines)
+
+
+def _write(path: Path, data: dict) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+def print_compare(result: dict, console: Console) -> None:
+    table = Table(title="fine-tuned: domain vs general (95% bootstrap CI over test items)")
+    for col in ("task", "metric", "domain", "general", "domain − general"):
+        table.add_column(col, justify="left" if col in ("task", "metric") else "right")
+
+    def fmt(m: dict, sign: str = "") -> str:
+        return f"{m['value']:{sign}.1%} [{m['ci95'][0]:{sign}.1%}, {m['ci95'][1]:{sign}.1%}]"
+
+    for task, r in result["tasks"].items():
+        for name in r["domain"]["metrics"]:
+            table.add_row(task, name, fmt(r["domain"]["metrics"][name]), fmt(r["general"]["metrics"][name]),
+                          fmt(r["domain_minus_general"][name], "+"))
+        if "majority_accuracy" in r:
+            table.add_row(task, "majority class", f"{r['majority_accuracy']:.1%}", "", "")
+    console.print(table)
+    for line in result["verdict"].split("; "):
+        console.print(line, highlight=False)

@@ -1,0 +1,268 @@
+"""`domainlm finetune MODEL_OR_RUN --data FILE.jsonl`: instruction fine-tuning around the pretraining step.
+
+Reused from pretraining, not copied: `train_step` (with labels: loss on response tokens only), the AdamW
+groups, the LR schedule, atomic checkpoints with exact resume, metrics.jsonl rows. Writes under ``--out``::
+
+    checkpoints/step-N/   as in pretraining (resume: rerun the same command)
+    logs/metrics.jsonl    {"kind": "train"|"eval", "step", "loss" | "val_loss", ...}
+    model/                the fine-tuned Hugging Face folder; its tokenizer carries the chat template
+    finetune.json         the summary (and the fingerprint that makes a finished run skip)
+
+One process (CPU or one GPU): fine-tuning sets are small; multi-GPU would need a sharded example order.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from functools import lru_cache
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from rich.console import Console
+
+from domainlm import stages
+from domainlm.errors import UserError
+from domainlm.finetune import data as D
+from domainlm.train import checkpoint as ckpt
+from domainlm.train.parallel import Dist
+from domainlm.train.schedule import lr_at
+from domainlm.train.step import autocast_for, next_token_loss, train_step
+
+
+@dataclass
+class FinetuneArgs:
+    steps: int = 300
+    batch_size: int = 16  # conversations per optimizer step
+    micro_batch: int = 16
+    lr: float = 3e-4  # full fine-tuning of a small model; LoRA usually wants ~10× more
+    warmup_steps: int | None = None  # default: 5% of the steps
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    seed: int = 0
+    lora: bool = False
+    lora_rank: int = 8
+    too_long: str = "truncate"  # or reject
+    max_len: int | None = None  # tokens per example; default: the model's context
+    eval_every: int = 50
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 1
+
+
+def resolve_model(model_or_run: Path) -> tuple[Path, Path | None]:
+    """(model folder, run directory or None). A run directory means its ``model/``."""
+    from domainlm.evaluate.inputs import check_tokenizer_files
+
+    p = Path(model_or_run)
+    if (p / "config.json").is_file():
+        check_tokenizer_files(p)
+        return p, None
+    if (p / "model" / "config.json").is_file():
+        check_tokenizer_files(p / "model")
+        return p / "model", p
+    if not p.exists():
+        raise UserError(f"{p}: no such model folder or run directory")
+    raise UserError(f"{p}: neither an HF model folder (config.json) nor a run directory with a trained model/")
+
+
+def default_out(model_dir: Path, run_dir: Path | None, data: Path) -> Path:
+    stem = Path(data).name.split(".")[0]
+    return (run_dir / "finetune" / stem) if run_dir else model_dir.with_name(f"{model_dir.name}-ft-{stem}")
+
+
+@lru_cache(maxsize=4)
+def _permutation(n: int, seed: int, epoch: int) -> np.ndarray:
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def example_order(n: int, seed: int, step: int, batch_size: int) -> list[int]:
+    """The examples of optimizer step ``step``: consecutive slices of a fresh permutation per epoch, a pure
+    function of (seed, step) — so resume needs no loader state."""
+    return [int(_permutation(n, seed, pos // n)[pos % n]) for pos in range(step * batch_size, (step + 1) * batch_size)]
+
+
+def apply_lora(model, rank: int):
+    try:
+        import peft
+    except ImportError:
+        raise UserError("--lora needs the optional package peft: pip install 'domainlm[lora]'") from None
+    cfg = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear",
+                          task_type="CAUSAL_LM")  # α = 2r: the common default (Hu et al. 2021 use α ≈ r…2r)
+    return peft.get_peft_model(model, cfg)
+
+
+@torch.no_grad()
+def val_loss(model, examples: list[D.Example], pad_id: int, micro_batch: int, device, precision: str) -> float:
+    """Mean loss per response token over the validation conversations."""
+    model.eval()
+    total, n = 0.0, 0
+    for i in range(0, len(examples), micro_batch):
+        ids, labels = D.collate(examples[i : i + micro_batch], pad_id)
+        with autocast_for(device, precision):
+            total += next_token_loss(model, ids.to(device), "sum", labels.to(device)).item()
+        n += int((labels[:, 1:] != D.IGNORE).sum())
+    model.train()
+    return total / max(n, 1)
+
+
+def _save_hf(model, tok, out: Path) -> None:
+    """Model + tokenizer (with its chat template) through ``<out>.tmp`` and a rename."""
+    from transformers.utils import logging as hf_logging
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    hf_logging.disable_progress_bar()
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+    finally:
+        hf_logging.enable_progress_bar()
+    # In tokenizer_config.json ("chat_template"), where every transformers version and vLLM look; newer
+    # versions would otherwise write chat_template.jinja, which older ones ignore.
+    tok.save_pretrained(tmp, save_jinja_files=False)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+
+
+def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Path | None = None,
+             args: FinetuneArgs | None = None, restart: bool = False, console: Console | None = None) -> dict:
+    args = args or FinetuneArgs()
+    console = console or Console(stderr=True)
+    if args.too_long not in ("truncate", "reject"):
+        raise UserError(f"--too-long: expected truncate or reject, got {args.too_long!r}")
+    if args.batch_size % args.micro_batch:
+        raise UserError(f"--micro-batch: {args.micro_batch} does not divide --batch-size {args.batch_size}")
+    model_dir, run_dir = resolve_model(model_or_run)
+    train_convs = D.read_jsonl(data)  # bad input fails before any model is loaded
+    val_convs = D.read_jsonl(val) if val is not None else []
+    out = Path(out) if out is not None else default_out(model_dir, run_dir, data)
+
+    from transformers import AutoConfig, AutoTokenizer
+
+    from domainlm.evaluate.inputs import load_model
+
+    context = int(getattr(AutoConfig.from_pretrained(model_dir, local_files_only=True), "max_position_embeddings",
+                          0) or 2048)
+    max_tokens = min(args.max_len or context, context) + 1  # +1: the last target
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    added = D.ensure_chat_template(tok)
+    enc = D.encode_all(tok, train_convs, max_tokens, args.too_long)
+    venc = D.encode_all(tok, val_convs, max_tokens, args.too_long) if val_convs else None
+    pad_id = D.pad_id_of(tok)
+
+    fp = stages.fingerprint(asdict(args), {f.name: stages.file_fingerprint(f) for f in sorted(model_dir.iterdir())
+                                           if f.is_file()},
+                            stages.file_fingerprint(Path(data)), stages.file_fingerprint(Path(val)) if val else None)
+    summary_path = out / "finetune.json"
+    if restart:
+        shutil.rmtree(out, ignore_errors=True)
+    elif summary_path.is_file() and (out / "model" / "config.json").is_file():
+        done = json.loads(summary_path.read_text(encoding="utf-8"))
+        if done.get("fingerprint") == fp:
+            console.print(f"finetune: done already ({out / 'model'}); --restart to fine-tune again")
+            return done
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.remove_partial(out)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    precision = "bf16-mixed" if device.type == "cuda" else "fp32"
+    world = Dist(0, 1, 0, device)
+    model, _ = load_model(model_dir, str(device))
+    model.train()
+    if args.lora:
+        model = apply_lora(model, args.lora_rank)
+    from domainlm.train.loop import _truncate_metrics, make_optimizer
+
+    optimizer = make_optimizer(model, SimpleNamespace(lr=args.lr, weight_decay=args.weight_decay), device)
+    warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 20)
+
+    step, last_ckpt = 0, -1
+    resumed = ckpt.load_latest(out, model, optimizer, world)
+    if resumed:
+        path, state = resumed
+        if state.get("fingerprint") != fp:
+            raise UserError(f"{path}: a checkpoint of another fine-tuning (model, data or flags differ); use "
+                            "--restart or another --out")
+        step = last_ckpt = state["step"]
+        console.print(f"resuming from {path} at step {step}")
+    logs = out / "logs"
+    logs.mkdir(exist_ok=True)
+    metrics_path = logs / "metrics.jsonl"
+    _truncate_metrics(metrics_path, step)
+
+    n_params = sum(p.numel() for p in model.parameters())
+    n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    console.print(
+        f"finetune: {model_dir} ({n_params / 1e6:.2f}M params, {n_train / 1e6:.2f}M trained"
+        f"{', LoRA' if args.lora else ''}) on {len(enc.examples)} conversations ({enc.trained_tokens:,} response "
+        f"of {enc.tokens:,} tokens; {enc.truncated} left-truncated to {max_tokens - 1} tokens); "
+        f"{args.steps} steps × {args.batch_size}, lr {args.lr:g}; chat template "
+        f"{'added' if added else 'kept from the model'}; {precision} on {device.type}", highlight=False)
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    metrics = open(metrics_path, "a", encoding="utf-8")  # noqa: SIM115
+    last_loss, last_val, rates = float("nan"), None, []
+
+    def log(row: dict) -> None:
+        metrics.write(json.dumps(row) + "\n")
+        metrics.flush()
+
+    def checkpoint() -> None:
+        ckpt.save_checkpoint(out, step, model, optimizer, {"step": step, "fingerprint": fp, "total_steps": args.steps},
+                             world, args.keep_checkpoints)
+
+    def evaluate() -> None:
+        nonlocal last_val
+        last_val = val_loss(model, venc.examples, pad_id, args.micro_batch, device, precision)
+        log({"kind": "eval", "step": step, "val_loss": last_val})
+        progress.console.print(f"step {step}: val loss {last_val:.4f} per response token")
+
+    progress = Progress(TextColumn("[bold]finetune"), BarColumn(), MofNCompleteColumn(),
+                        TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console)
+    try:
+        with progress:
+            bar = progress.add_task("finetune", total=args.steps, completed=step, info="")
+            while step < args.steps:
+                lr = lr_at(step, lr=args.lr, total_steps=args.steps, warmup_steps=warmup)
+                t0 = time.perf_counter()
+                idx = example_order(len(enc.examples), args.seed, step, args.batch_size)
+                ids, labels = D.collate([enc.examples[i] for i in idx], pad_id)
+                res = train_step(model, optimizer, ids.to(device), lr=lr, micro_batch=args.micro_batch,
+                                 grad_clip=args.grad_clip, precision=precision, labels=labels.to(device))
+                step += 1
+                rates.append(ids.numel() / (time.perf_counter() - t0))
+                last_loss = res.loss
+                log({"kind": "train", "step": step, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
+                     "skipped": res.skipped, "trained_tokens": int((labels[:, 1:] != D.IGNORE).sum()),
+                     "tokens_per_s": rates[-1]})
+                progress.update(bar, completed=step, info=f"loss {res.loss:.4f} lr {lr:.2e} {rates[-1]:,.0f} tok/s")
+                if venc and step % args.eval_every == 0:
+                    evaluate()
+                if step % args.checkpoint_every == 0:
+                    checkpoint()
+                    last_ckpt = step
+            if venc and (last_val is None or step % args.eval_every):
+                evaluate()
+            if last_ckpt != step:
+                checkpoint()
+    finally:
+        metrics.close()
+
+    final = model.merge_and_unload() if args.lora else model  # LoRA: a plain HF folder, adapters merged in
+    _save_hf(final, tok, out / "model")
+    summary = {"model": str(model_dir), "run_dir": str(run_dir) if run_dir else None, "data": str(data),
+               "val": str(val) if val else None, "out": str(out / "model"), "steps": step, "final_loss": last_loss,
+               "val_loss": last_val, "conversations": len(enc.examples), "truncated": enc.truncated,
+               "response_tokens": enc.trained_tokens, "tokens": enc.tokens,
+               "tokens_per_s": sum(rates) / len(rates) if rates else None, "args": asdict(args), "fingerprint": fp,
+               "chat_template": "added" if added else "model's"}
+    summary_path.write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    console.print(f"wrote [bold]{out / 'model'}[/] (Hugging Face format, chat template in its tokenizer); "
+                  f"final loss {last_loss:.4f}" + (f", val loss {last_val:.4f}" if last_val is not None else ""))
+    return summary
+
