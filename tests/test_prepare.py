@@ -329,13 +329,22 @@ def test_kill_9_then_rerun_gives_identical_outputs(tmp_path):
 
     for sub in ("data", "tokens", ".prepare", ".stages"):
         shutil.rmtree(run / sub, ignore_errors=True)
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    for delay in (1.5, 3.0, 4.5):
-        p = subprocess.Popen([sys.executable, "-m", "domainlm", "prepare", str(cfg)], env=env,
+    def completed() -> int:
+        return len(list((run / ".prepare").rglob("completions/*")))
+
+    # kill -9 three times, each time soon after a new datatrove task has finished: mid-stage, at
+    # different points of the run, however slow the (shared) machine is
+    for delay in (0.0, 0.3, 0.6):
+        before = completed()
+        p = subprocess.Popen([sys.executable, "-m", "domainlm", "prepare", str(cfg)],
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while completed() == before and p.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
         time.sleep(delay)
         os.killpg(p.pid, signal.SIGKILL)  # the whole group: datatrove's worker processes die too
         p.wait()
+        assert not (run / "data" / "stats.json").exists(), "the run finished before it was killed"
     done_before = {p: p.stat().st_mtime_ns for p in (run / ".prepare").rglob("completions/*")}
     assert done_before, "no task finished before the kills: lengthen the delays"
     r = subprocess.run([sys.executable, "-m", "domainlm", "prepare", str(cfg)], capture_output=True, text=True)
