@@ -382,3 +382,17 @@ def test_second_prepare_on_same_run_dir_is_refused(tmp_path):
         with pytest.raises(UserError, match="another `domainlm prepare` is running"):
             run_prepare(cfg, quiet_console())
     assert run_prepare(cfg, quiet_console())["stats"]["sources"]["a"]["docs_out"] == 45
+
+
+def test_hf_missing_column_and_missing_dataset(tmp_path, monkeypatch):
+    import datasets
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    datasets.Dataset.from_dict({"body": ["x"]}).save_to_disk(str(tmp_path / "ds"))
+    cfg = write_config(tmp_path, [{"name": "a", "role": "domain", "weight": 1, "input": f"hf:{tmp_path / 'ds'}"}])
+    with pytest.raises(UserError, match=r"sources\[0\].input: dataset .* has no text column 'text' \(found: body\)"):
+        run_prepare(cfg, quiet_console())
+    cfg = write_config(tmp_path, [{"name": "a", "role": "domain", "weight": 1, "input": f"hf:{tmp_path / 'no'}"}])
+    with pytest.raises(UserError, match=r"sources\[0\].input: dataset folder .* does not exist"):
+        run_prepare(cfg, quiet_console())

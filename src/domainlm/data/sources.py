@@ -196,6 +196,8 @@ def _load_hf(dataset: str, split: str):
 
 def _resolve_hf(src: SourceConfig, where: str, common: dict) -> SourceSpec:
     dataset = src.input.removeprefix("hf:")
+    if dataset.startswith(("/", "./", "../", "~")) and not Path(dataset).expanduser().exists():
+        raise UserError(f"{where}: dataset folder {dataset!r} does not exist")  # not a hub name: don't ask the hub
     try:
         ds = _load_hf(dataset, src.split)
     except Exception as e:  # noqa: BLE001 - datasets raises many types (missing, offline, bad split)
