@@ -11,6 +11,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
+import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -145,7 +146,6 @@ def tokenize_run(cfg: RunConfig, run_dir: Path, progress=None) -> dict:
             "sources": result}
     tokens.write_counts(run_dir, data)
     for s in cfg.sources:  # the parts are copies of the .bin files: drop them once counts.json is written
-        for p in (tokens.tokens_dir(run_dir) / s.name / ".parts").glob("*"):
-            p.unlink()
+        shutil.rmtree(tokens.tokens_dir(run_dir) / s.name / ".parts", ignore_errors=True)
     stages.mark_done(run_dir, "tokenize", fp)
     return tokens.load_counts(run_dir)
