@@ -342,12 +342,30 @@ def report(
 @app.command()
 def run(
     config: ConfigArg = None,
+    quick: Annotated[bool, typer.Option("--quick", help="a scaled-down copy (runs/<name>-quick), ~1-2 minutes")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run the whole pipeline; the default CONFIG is the packaged legal demo."""
+    """Run the whole pipeline (plan → prepare → tokenizer → train → eval → baseline → report); every stage is
+    skipped when done. The default CONFIG is the packaged legal demo."""
     from domainlm.run import run_all
 
-    run_all(config, console=console, as_json=as_json)
+    run_all(config, console=err_console if as_json else console, quick=quick, as_json=as_json)
+
+
+# ---------------------------------------------------------------------------------------------------- ablate
+
+
+@app.command()
+def ablate(
+    config: ConfigArg = None,
+    domain_weights: Annotated[str, typer.Option(help="comma-separated domain weights to train")] = "0,0.51,1",
+    as_json: JsonOpt = False,
+) -> None:
+    """Train the same model shape on the same token budget per domain weight; bpb of each on every source."""
+    from domainlm.ablate import print_ablation, run_ablate
+
+    result = run_ablate(config, domain_weights, console=err_console if as_json else console)
+    print_json(result) if as_json else print_ablation(result, console)
 
 
 # ---------------------------------------------------------------------------------------------------- entry

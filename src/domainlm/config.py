@@ -35,6 +35,7 @@ class SourceConfig(_Section):
     text_column: str = "text"  # .parquet and hf: inputs
     split: str = "train"  # hf: inputs
     unique_tokens: float | None = Field(default=None, gt=0, description="known unique tokens (plan limits)")
+    max_files: int | None = Field(default=None, ge=1, description="use at most this many input files (evenly spaced)")
     # A held-out experiment (docs/finetune.md): files of this source to leave out of every stage, one path
     # relative to the source's root per line (e.g. licenses/mit.LICENSE; `domainlm tasks licensedb` writes it).
     exclude_ids: str | None = None

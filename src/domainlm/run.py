@@ -1,28 +1,236 @@
-"""`domainlm run`: the whole pipeline, stage after stage, on one run directory."""
+"""`domainlm run [CONFIG]`: the whole pipeline on one run directory, every stage skipped when done.
+
+plan → prepare → tokenizer → tokenize → plan with the real token counts → train → eval → general-only
+baseline (same shape and token budget, domain weight 0) → report. Each stage records a fingerprint of its
+inputs (``<run>/.stages/``), so a rerun is a no-op and an interrupted run resumes the stage it was in (the
+trainer from its last checkpoint). ``--quick`` runs a scaled-down copy (``runs/<name>-quick``) for smoke tests.
+"""
 
 from __future__ import annotations
 
+import json
+import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.table import Table
 
-from domainlm.config import load_config
+from domainlm import stages
+from domainlm.config import RunConfig, dump_config, load_config
+
+STAGES = ("plan", "prepare", "tokenizer", "tokenize", "plan (real counts)", "train", "eval", "baseline", "report")
+
+# --quick: a scaled-down copy of the config that runs end to end in about a minute on 2 cores.
+QUICK = {
+    "max_files": 400,  # per source, evenly spaced
+    "vocab_size": 1024,
+    "sample_bytes": 1_000_000,
+    "audit_bytes": 100_000,
+    "d_model": 64,
+    "n_layers": 2,
+    "seq_len": 128,
+    "micro_batch": 8,
+    "max_tokens": 60_000,
+    "eval_bytes": 20_000,
+}
 
 
-def run_all(config: Path | None, *, console: Console, as_json: bool = False) -> dict:
+def quick_config(cfg: RunConfig) -> RunConfig:
+    data = cfg.model_dump()
+    data["name"] = f"{cfg.name}-quick"
+    data["run_dir"] = str(cfg.directory().with_name(cfg.directory().name + "-quick"))
+    for s in data["sources"]:
+        s["max_files"] = min(s.get("max_files") or QUICK["max_files"], QUICK["max_files"])
+    data["budget"] = {**data["budget"], "flops": 1e12, "gpu": None, "hours": None}
+    data["tokenizer"].update(vocab_size=QUICK["vocab_size"], sample_bytes=QUICK["sample_bytes"],
+                             audit_bytes=QUICK["audit_bytes"])
+    data["model"].update(d_model=QUICK["d_model"], n_layers=QUICK["n_layers"], n_heads=None, n_kv_heads=None,
+                         ffn_dim=None)
+    data["train"].update(seq_len=QUICK["seq_len"], micro_batch=QUICK["micro_batch"], tokens_per_step=None,
+                         max_tokens=QUICK["max_tokens"], warmup_steps=5, eval_every=10_000, checkpoint_every=10_000)
+    data["eval"]["max_bytes_per_source"] = QUICK["eval_bytes"]
+    return RunConfig.model_validate(data)
+
+
+class _Timer:
+    """Prints each stage's header and, when the next one starts, how long the previous one took."""
+
+    def __init__(self, console: Console):
+        self.console, self.t, self.times = console, None, {}
+
+    def stage(self, i: int, name: str | None) -> None:
+        now = time.perf_counter()
+        if self.t is not None:
+            self.times[self.name] = now - self.t
+            self.console.print(f"[dim]{self.name}: {now - self.t:.1f} s[/]")
+        self.t, self.name = now, name
+        if name is not None:
+            self.console.rule(f"[bold]stage {i}/{len(STAGES)}: {name}[/]", align="left")
+
+
+def _plan(config_path: Path, run_dir: Path, cfg: RunConfig, console: Console) -> dict:
+    """Plan, unless the config and the measured token counts are unchanged (keeps the CPU probe's number,
+    so a rerun does not re-size the model)."""
+    from domainlm.data.tokens import counts_path
     from domainlm.plan.command import run_plan
     from domainlm.plan.report import print_plan
 
-    cfg = load_config(config)
-    run_dir = cfg.directory()
-    console.rule(f"[bold]domainlm run[/] {cfg.name} → {run_dir}")
-    console.print("[bold]stage 1/7: plan[/]")
-    result, written = run_plan(config)
+    counts = counts_path(run_dir)
+    fp = stages.fingerprint(dump_config(cfg), counts.read_text() if counts.exists() else None)
+    plan_json = run_dir / "plan.json"
+    if plan_json.exists() and stages.is_done(run_dir, "plan", fp):
+        console.print("plan: unchanged, skipped")
+        return json.loads(plan_json.read_text())
+    result, _ = run_plan(config_path)
     print_plan(result, console)
-    for p in written:
-        console.print(f"wrote [bold]{p}[/]")
-    remaining = ["prepare", "tokenizer", "tokenize", "train", "eval", "report"]
-    console.print(
-        "[dim]next stages (not yet available in this version): " + " → ".join(remaining) + "[/]", highlight=False
-    )
+    stages.mark_done(run_dir, "plan", fp)
     return result
+
+
+def _train(cfg: RunConfig, run_dir: Path, console: Console) -> None:
+    from domainlm.train.loop import train
+    from domainlm.train.parallel import init_distributed, shutdown
+
+    world = init_distributed()
+    try:
+        train(cfg, run_dir, world, console=console)
+    finally:
+        shutdown()
+
+
+def _eval(run_dir: Path, cfg: RunConfig, console: Console) -> dict:
+    from domainlm.evaluate import inputs
+    from domainlm.evaluate.command import _probe_file, eval_fingerprint, print_eval, run_eval
+
+    out = run_dir / "eval" / "eval.json"
+    target = inputs.resolve(run_dir)
+    fp = eval_fingerprint(target.model_dir, cfg.eval, _probe_file(None, target), None)
+    if out.exists() and stages.is_done(run_dir, "eval", fp):
+        console.print("eval: done already, skipped")
+        return json.loads(out.read_text())
+    result, _ = run_eval(run_dir, console=console)
+    print_eval(result, console)
+    return result
+
+
+def _baseline(config_path: Path, cfg: RunConfig, run_dir: Path, console: Console) -> dict | None:
+    """The general-only model of the same shape and budget: the ablation's weight-0 variant (shared with
+    `domainlm ablate`, so either command reuses the other's model)."""
+    from domainlm.ablate import evaluate_variant, train_variant, variant_config
+
+    if not any(s.role == "general" for s in cfg.sources) or not any(s.role == "domain" for s in cfg.sources):
+        console.print("baseline: needs both a domain and a general source; skipped")
+        return None
+    vcfg = variant_config(cfg, run_dir, 0.0)
+    model_dir = train_variant(vcfg, run_dir, console)
+    base = evaluate_variant(model_dir, run_dir, vcfg.directory() / "eval.json", console)
+    # The report and the summary read the baseline from the run's eval.json.
+    ev_path = run_dir / "eval" / "eval.json"
+    ev = json.loads(ev_path.read_text())
+    entry = {"name": "general-only baseline (domain weight 0)", **base}
+    if ev.get("baseline") != entry:  # rewrite only on change: the report is skipped when its inputs are unchanged
+        ev["baseline"] = entry
+        tmp = ev_path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(ev, indent=2), encoding="utf-8")
+        tmp.replace(ev_path)
+    return base
+
+
+REPORT_INPUTS = ("plan.json", "data/stats.json", "tokens/counts.json", "tokenizer/audit.json", "logs/metrics.jsonl",
+                 "eval/eval.json", "ablate/ablate.json")
+
+
+def _report(run_dir: Path, console: Console) -> Path:
+    from domainlm import __version__
+    from domainlm.report import build_report
+
+    page = run_dir / "report" / "index.html"
+    found = [run_dir / f for f in REPORT_INPUTS if (run_dir / f).exists()]
+    fp = stages.fingerprint(__version__, {str(f): stages.file_fingerprint(f) for f in found})
+    if page.exists() and stages.is_done(run_dir, "report", fp):
+        console.print("report: inputs unchanged, skipped")
+        return page
+    result = build_report(run_dir)
+    stages.mark_done(run_dir, "report", fp)
+    return Path(result["path"])
+
+
+def summary(run_dir: Path, cfg: RunConfig, seconds: float, report: Path) -> dict:
+    ev = json.loads((run_dir / "eval" / "eval.json").read_text())
+    base = ev.get("baseline") or {}
+    rows = {}
+    for name, s in ev["sources"].items():
+        b = base.get("sources", {}).get(name, {})
+        rows[name] = {
+            "role": s.get("role"),
+            "bpb": s["bpb"],
+            "baseline_bpb": b.get("bpb"),
+            "change_pct": (s["bpb"] / b["bpb"] - 1) * 100 if b.get("bpb") else None,
+        }
+    probes = (ev.get("probes") or {}).get("acc")
+    base_probes = (base.get("probes") or {}).get("acc")
+    return {"run_dir": str(run_dir), "sources": rows, "probe_acc": probes, "baseline_probe_acc": base_probes,
+            "report": str(report), "seconds": round(seconds, 1)}
+
+
+def print_summary(s: dict, console: Console) -> None:
+    t = Table(title="domainlm run — bits per byte on held-out text (lower is better)", title_justify="left")
+    for col in ("source", "role", "domain model", "general-only baseline", "change"):
+        t.add_column(col, justify="left" if col in ("source", "role") else "right")
+    for name, r in s["sources"].items():
+        ch = "-" if r["change_pct"] is None else f"{r['change_pct']:+.1f}%"
+        base = "-" if r["baseline_bpb"] is None else f"{r['baseline_bpb']:.4f}"
+        t.add_row(name, r["role"] or "", f"{r['bpb']:.4f}", base, ch)
+    console.print(t)
+    if s["probe_acc"] is not None:
+        b = "" if s["baseline_probe_acc"] is None else f" (baseline {s['baseline_probe_acc']:.1%})"
+        console.print(f"domain term probes: accuracy {s['probe_acc']:.1%}{b}")
+    console.print(f"report: [bold]{s['report']}[/]  ({s['seconds']:.0f} s)")
+
+
+def run_all(config: Path | None, *, console: Console, quick: bool = False, as_json: bool = False) -> dict:
+    from domainlm.data.command import run_prepare
+    from domainlm.tokenizer import run_tokenizer
+
+    t0 = time.perf_counter()
+    cfg = load_config(config)
+    if quick:
+        cfg = quick_config(cfg)
+    run_dir = cfg.directory()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # Every stage reads the same resolved config file (for --quick, the scaled-down copy).
+    config_path = run_dir / "run-config.yaml"
+    text = dump_config(cfg)
+    if not config_path.exists() or config_path.read_text() != text:
+        config_path.write_text(text, encoding="utf-8")
+    console.rule(f"[bold]domainlm run[/] {cfg.name} → {run_dir}")
+
+    timer = _Timer(console)
+    timer.stage(1, STAGES[0])
+    _plan(config_path, run_dir, cfg, console)
+    timer.stage(2, STAGES[1])
+    run_prepare(config_path, console)
+    timer.stage(3, STAGES[2])
+    run_tokenizer(config_path, console=console)
+    timer.stage(4, STAGES[3])
+    run_prepare(config_path, console)
+    timer.stage(5, STAGES[4])
+    _plan(config_path, run_dir, cfg, console)
+    timer.stage(6, STAGES[5])
+    _train(cfg, run_dir, console)
+    timer.stage(7, STAGES[6])
+    _eval(run_dir, cfg, console)
+    timer.stage(8, "baseline (general only: same shape and tokens, domain weight 0)")
+    _baseline(config_path, cfg, run_dir, console)
+    timer.stage(9, STAGES[8])
+    report = _report(run_dir, console)
+    timer.stage(10, None)
+    s = summary(run_dir, cfg, time.perf_counter() - t0, report)
+    s["stage_seconds"] = {k: round(v, 1) for k, v in timer.times.items()}
+    if as_json:
+        from domainlm.cli import print_json
+
+        print_json(s)
+    else:
+        print_summary(s, console)
+    return s

@@ -93,7 +93,7 @@ def resolve(src: SourceConfig, where: str, max_chars: int = 5_000_000) -> Source
             raise UserError(f"{where}: unknown package {which!r}; expected one of {', '.join(PACKAGES)}")
         if not files:
             raise UserError(f"{where}: no data files found in {root}; reinstall the package")
-        files = _exclude(files, str(root), src.exclude_ids, where)
+        files = _cap(_exclude(files, str(root), src.exclude_ids, where), src.max_files)
         return SourceSpec(kind=which, files=tuple(files), root=str(root), **common)
     if inp.startswith("hf:"):
         return _resolve_hf(src, where, common)
@@ -104,8 +104,16 @@ def resolve(src: SourceConfig, where: str, max_chars: int = 5_000_000) -> Source
             _check_jsonl_key(f, src.text_key, where)
         elif kind == "parquet":
             _check_parquet_column(f, src.text_column, where)
-    files = _exclude(files, root, src.exclude_ids, where)
+    files = _cap(_exclude(files, root, src.exclude_ids, where), src.max_files)
     return SourceSpec(kind="files", files=tuple(files), root=root, **common)
+
+
+def _cap(files: list[str], max_files: int | None) -> list[str]:
+    """At most ``max_files`` files, evenly spaced in sorted order (every part of the corpus is represented)."""
+    if not max_files or len(files) <= max_files:
+        return files
+    step = len(files) / max_files
+    return [files[int(i * step)] for i in range(max_files)]
 
 
 def _exclude(files: list[str], root: str, exclude_ids: str | None, where: str) -> list[str]:

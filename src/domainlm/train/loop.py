@@ -149,29 +149,32 @@ def evaluate(model, val: dict[str, np.ndarray], counts: dict, *, seq_len: int, m
 
 
 def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, max_steps: int | None = None,
-          console: Console | None = None) -> dict:
+          console: Console | None = None, data_dir: Path | None = None) -> dict:
+    """Train into ``run_dir``. ``data_dir`` (default: ``run_dir``) holds the token files, the tokenizer and the
+    plan: `domainlm ablate` and `domainlm scaling` train variants in sub-folders on the parent run's data."""
     console = console or Console(stderr=True)
     t = cfg.train
     run_dir = Path(run_dir)
+    data_dir = Path(data_dir) if data_dir is not None else run_dir
     if not cfg.sources:
         raise UserError("sources: no sources in the config; nothing to train on")
-    counts = load_counts(run_dir)  # says: run `domainlm prepare`
+    counts = load_counts(data_dir)  # says: run `domainlm prepare`
     weights = {s.name: s.weight for s in cfg.sources if s.weight > 0}
     for name in weights:
         if name not in counts.get("sources", {}):
-            raise UserError(f"{counts_path(run_dir)}: no tokens for source {name!r}; rerun `domainlm prepare CONFIG`")
-    train_tokens = {n: open_tokens(run_dir, n, "train", counts) for n in weights}
-    val_tokens = {n: open_tokens(run_dir, n, "val", counts) for n in weights if counts["sources"][n]["val_tokens"]}
-    tok_dir = run_dir / TOKENIZER_DIR
+            raise UserError(f"{counts_path(data_dir)}: no tokens for source {name!r}; rerun `domainlm prepare CONFIG`")
+    train_tokens = {n: open_tokens(data_dir, n, "train", counts) for n in weights}
+    val_tokens = {n: open_tokens(data_dir, n, "val", counts) for n in weights if counts["sources"][n]["val_tokens"]}
+    tok_dir = data_dir / TOKENIZER_DIR
     if not (tok_dir / "tokenizer.json").exists():
         raise UserError(f"{tok_dir}: no tokenizer; run `domainlm tokenizer CONFIG` (the export ships it)")
 
-    shape = resolve_shape(cfg, run_dir, int(counts["vocab_size"]))
+    shape = resolve_shape(cfg, data_dir, int(counts["vocab_size"]))
     max_pos = cfg.model.max_position_embeddings or t.seq_len
     if t.seq_len > max_pos:
         raise UserError(f"train.seq_len: {t.seq_len} is longer than model.max_position_embeddings {max_pos}")
     tokens_per_step, global_batch = _check_batch(cfg, world)
-    plan = plan_of(run_dir)
+    plan = plan_of(data_dir)
     budget = t.max_tokens or plan.get("tokens")
     if budget is None and max_steps is None:
         raise UserError("train.max_tokens: no token budget; set it, run `domainlm plan CONFIG`, or pass --max-steps")
@@ -230,7 +233,7 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
         )
 
     flops_per_token = shape.flops_per_token(t.seq_len)
-    peak = peak_flops(world.device, precision, run_dir, world.world_size)
+    peak = peak_flops(world.device, precision, data_dir, world.world_size)
     rates: deque[float] = deque(maxlen=20)
     last_ckpt, last_eval, last_loss = (step if resumed else -1), -1, float("nan")
     metrics = open(metrics_path, "a", encoding="utf-8") if world.is_main else None  # noqa: SIM115

@@ -1,0 +1,195 @@
+"""`domainlm ablate CONFIG --domain-weights 0,0.51,1`: the BloombergGPT trade-off measured on your data.
+
+Trains the run's model shape on the run's token budget once per domain weight, on the prepared token files
+and tokenizer of the run (nothing is re-prepared), evaluates each model on every source's val split in bits
+per byte, and writes ``<run>/ablate/ablate.json`` and ``ablate.png`` (domain bpb vs general bpb per weight).
+Each variant trains in ``<run>/ablate/w<weight>/`` with the trainer's checkpoints, so a killed ablation
+resumes where it stopped and a finished one is skipped.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from domainlm import stages
+from domainlm.config import RunConfig, load_config, write_resolved
+from domainlm.data.tokens import load_counts
+from domainlm.errors import UserError
+
+ABLATE_VERSION = 1
+
+
+def parse_weights(text: str) -> list[float]:
+    out = []
+    for part in str(text).split(","):
+        part = part.strip()
+        try:
+            w = float(part)
+        except ValueError:
+            raise UserError(f"--domain-weights: expected numbers in [0, 1] like 0,0.51,1, got {part!r}") from None
+        if not 0.0 <= w <= 1.0:
+            raise UserError(f"--domain-weights: {w:g} is outside [0, 1]")
+        out.append(w)
+    if not out:
+        raise UserError("--domain-weights: give at least one weight, e.g. 0,0.51,1")
+    return sorted(set(out))
+
+
+def reweighted(cfg: RunConfig, domain_weight: float) -> dict[str, float]:
+    """Source weights with the domain sources sharing ``domain_weight`` (in their configured proportions)
+    and the general sources the rest."""
+    dom = [s for s in cfg.sources if s.role == "domain"]
+    gen = [s for s in cfg.sources if s.role == "general"]
+    if not dom:
+        raise UserError("sources: no source has role 'domain'; nothing to ablate")
+    if not gen and domain_weight < 1:
+        raise UserError("sources: no source has role 'general'; only --domain-weights 1 is possible")
+    out = {}
+    for group, share in ((dom, domain_weight), (gen, 1.0 - domain_weight)):
+        total = sum(s.weight for s in group)
+        for s in group:
+            out[s.name] = share * (s.weight / total if total > 0 else 1.0 / len(group))
+    return out
+
+
+def domain_share(cfg: RunConfig) -> float:
+    return sum(s.weight for s in cfg.sources if s.role == "domain")
+
+
+def variant_config(cfg: RunConfig, run_dir: Path, domain_weight: float) -> RunConfig:
+    """The run's config with new weights, the run's shape and budget fixed, and its own directory."""
+    from domainlm.model import resolve_shape
+    from domainlm.train.loop import plan_of
+
+    counts = load_counts(run_dir)
+    shape = resolve_shape(cfg, run_dir, int(counts["vocab_size"]))
+    budget = cfg.train.max_tokens or plan_of(run_dir).get("tokens")
+    if budget is None:
+        raise UserError("train.max_tokens: no token budget; set it or run `domainlm plan CONFIG` first")
+    data = cfg.model_dump()
+    weights = reweighted(cfg, domain_weight)
+    for s in data["sources"]:
+        s["weight"] = weights[s["name"]]
+    data["model"].update(n_layers=shape.n_layers, d_model=shape.d_model, n_heads=shape.n_heads,
+                         n_kv_heads=shape.n_kv_heads, ffn_dim=shape.ffn_dim)
+    data["train"]["max_tokens"] = float(budget)
+    data["name"] = f"{cfg.name}-w{domain_weight:g}"
+    data["run_dir"] = str(variant_dir(run_dir, domain_weight))
+    return RunConfig.model_validate(data)
+
+
+def variant_dir(run_dir: Path, domain_weight: float) -> Path:
+    return Path(run_dir) / "ablate" / f"w{domain_weight:g}"
+
+
+def train_variant(vcfg: RunConfig, run_dir: Path, console: Console) -> Path:
+    """Train one variant in-process (one process; use the config's parallel settings on a cluster)."""
+    from domainlm.train.loop import train
+    from domainlm.train.parallel import init_distributed, shutdown
+
+    vdir = vcfg.directory()
+    write_resolved(vcfg, vdir)
+    world = init_distributed()
+    try:
+        train(vcfg, vdir, world, console=console, data_dir=run_dir)
+    finally:
+        shutdown()
+    return vdir / "model"
+
+
+def evaluate_variant(model_dir: Path, run_dir: Path, out: Path, console: Console | None) -> dict:
+    """bpb of ``model_dir`` on the run's val splits; cached by the model's weights and the eval config."""
+    from domainlm.evaluate.command import run_eval
+
+    weights = model_dir / "model.safetensors"
+    fp = stages.fingerprint(stages.file_fingerprint(weights) if weights.exists() else None,
+                            load_config(run_dir / "config.yaml").eval.model_dump())
+    stage = f"eval-{out.parent.name}"
+    if out.exists() and stages.is_done(run_dir, stage, fp):
+        return json.loads(out.read_text(encoding="utf-8"))
+    result, _ = run_eval(model_dir, run=run_dir, out=out, probes=None, console=console)
+    stages.mark_done(run_dir, stage, fp)
+    return result
+
+
+def run_ablate(config: Path | None, domain_weights: str, *, console: Console) -> dict:
+    cfg = load_config(config)
+    run_dir = cfg.directory()
+    weights = parse_weights(domain_weights)
+    load_counts(run_dir)  # fails early with "run `domainlm prepare`"
+    roles = {s.name: s.role for s in cfg.sources}
+    results = []
+    for i, w in enumerate(weights, 1):
+        console.rule(f"ablate {i}/{len(weights)}: domain weight {w:g}")
+        vcfg = variant_config(cfg, run_dir, w)
+        vdir = vcfg.directory()
+        model_dir = train_variant(vcfg, run_dir, console)
+        ev = evaluate_variant(model_dir, run_dir, vdir / "eval.json", console)
+        results.append({
+            "domain_weight": w,
+            "weights": {s.name: s.weight for s in vcfg.sources},
+            "bpb": {k: v["bpb"] for k, v in ev["sources"].items()},
+            "roles": roles,
+            "model": str(model_dir),
+        })
+    out = {
+        "version": ABLATE_VERSION,
+        "config": str(config) if config else None,
+        "model": vcfg.model.model_dump(),
+        "tokens": vcfg.train.max_tokens,
+        "configured_domain_weight": domain_share(cfg),
+        "results": results,
+    }
+    dest = run_dir / "ablate" / "ablate.json"
+    tmp = dest.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(out, indent=2), encoding="utf-8")
+    os.replace(tmp, dest)
+    out["plot"] = str(plot_ablation(out, run_dir / "ablate" / "ablate.png"))
+    return out
+
+
+def role_bpb(result: dict, role: str) -> float | None:
+    """Byte-weighted mean would need bytes; with one source per role (the usual case) it is that source's."""
+    vals = [v for k, v in result["bpb"].items() if result["roles"].get(k) == role]
+    return sum(vals) / len(vals) if vals else None
+
+
+def plot_ablation(ab: dict, path: Path) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 5), dpi=120)
+    xs = [role_bpb(r, "general") for r in ab["results"]]
+    ys = [role_bpb(r, "domain") for r in ab["results"]]
+    ax.plot(xs, ys, "-o", color="tab:blue")
+    for r, x, y in zip(ab["results"], xs, ys, strict=True):
+        ax.annotate(f"w={r['domain_weight']:g}", (x, y), textcoords="offset points", xytext=(6, 4))
+    ax.set_xlabel("general bits per byte (lower is better)")
+    ax.set_ylabel("domain bits per byte (lower is better)")
+    ax.set_title("Domain weight trade-off (same model, same tokens)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def print_ablation(ab: dict, console: Console) -> None:
+    sources = list(ab["results"][0]["bpb"]) if ab["results"] else []
+    t = Table(title="ablation: bits per byte on each val split (lower is better)", title_justify="left")
+    t.add_column("domain weight", justify="right")
+    for s in sources:
+        t.add_column(f"{s} ({ab['results'][0]['roles'].get(s, '?')})", justify="right")
+    for r in ab["results"]:
+        mark = " ←config" if abs(r["domain_weight"] - ab["configured_domain_weight"]) < 1e-9 else ""
+        t.add_row(f"{r['domain_weight']:g}{mark}", *(f"{r['bpb'][s]:.4f}" for s in sources))
+    console.print(t)
+    console.print(f"plot: {ab.get('plot')}")
