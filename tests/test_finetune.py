@@ -281,6 +281,19 @@ def test_metrics():
     assert lo <= s["accuracy"]["value"] == 0.5 <= hi
 
 
+def test_choice_logprobs_match_full_sequence_loss(model_dir, tok):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    choices = ["Permissive", "Copyleft Limited", "CLA"]
+    got = T.choice_logprobs(model, tok, "Which category does this license fall under?", choices)
+    for k, c in enumerate(choices):
+        ids, labels = D.encode(tok, [{"role": "user", "content": "Which category does this license fall under?"},
+                                     {"role": "assistant", "content": c}])
+        want = -next_token_loss(model, torch.tensor([ids]), "sum", torch.tensor([labels]))
+        assert got[k].item() == pytest.approx(want.item(), rel=1e-4)
+
+
 def test_eval_task_scores_a_model_folder(model_dir, tmp_path, cli):
     items = [it for it in T.build(max_chars=60)["test"][:12]]
     test = _write(tmp_path / "test.jsonl", items)
@@ -309,6 +322,15 @@ def test_compare_writes_side_by_side_result(model_dir, tmp_path):
     r = res["tasks"]["licensedb-category"]
     # Same base, data, steps and seed: identical fine-tunes, so the difference is exactly 0.
     assert r["domain_minus_general"]["accuracy"]["value"] == 0 and "no detectable difference" in res["verdict"]
+
+    from domainlm.report import build_report
+
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    (run / "eval" / "finetune.json").write_text(json.dumps(res))
+    page = build_report(run)
+    assert page["sections"]["finetune"]["complete"]
+    assert "domain − general" in (run / "report" / "index.html").read_text()
     with pytest.raises(UserError, match="also in the test split"):
         compare(model_dir, model_dir, _write(tmp_path / "leak.jsonl", built["test"][:2]), test=test,
                 out=tmp_path / "c2")

@@ -255,28 +255,47 @@ def _cut(ids: list[int], labels: list[int], max_tokens: int) -> tuple[list[int],
     return (ids[-max_tokens:], labels[-max_tokens:]) if len(ids) > max_tokens else (ids, labels)
 
 
-def classify(model, tok, items: list[dict], choices: list[str], progress=None) -> list[str]:
-    """For each item, the choice with the highest log p(choice + EOS | prompt) under the chat template."""
+def _cache_kwarg(model) -> str:
+    """transformers ≥ 5.2x names the KV-cache argument ``cache``; earlier versions ``past_key_values``."""
+    import inspect
+
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def choice_logprobs(model, tok, prompt: str, choices: list[str]):
+    """[K] log p(choice + EOS | prompt) under the chat template, tokenized exactly as in fine-tuning. The prompt
+    runs once; its KV cache is repeated for the K choices (the prompt is ~50× longer than an answer)."""
     import torch
 
-    from domainlm.finetune.data import IGNORE, collate, encode, pad_id_of
-    from domainlm.finetune.data import Example as Ex
+    from domainlm.finetune.data import pad_id_of, segments
 
-    max_tokens, pad, device = _context(model) + 1, pad_id_of(tok), next(model.parameters()).device
+    pieces = [segments(tok, [{"role": "user", "content": prompt}, {"role": "assistant", "content": c}])
+              for c in choices]
+    answers = [tok(p[1][0], add_special_tokens=False).input_ids for p in pieces]  # [(prompt, False), (answer, True)]
+    longest = max(len(a) for a in answers)
+    ids = tok(pieces[0][0][0], add_special_tokens=False).input_ids[-(_context(model) - longest):]  # left-truncated
+    device = next(model.parameters()).device
+    with torch.no_grad():
+        out = model(input_ids=torch.tensor([ids], device=device), use_cache=True)
+        first = torch.log_softmax(out.logits[0, -1].float(), -1)
+        score = torch.stack([first[a[0]] for a in answers])
+        if longest > 1:
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(len(choices))
+            pad = pad_id_of(tok)
+            # right pads: causal attention, so no answer token sees them
+            x = torch.tensor([a[:-1] + [pad] * (longest - len(a)) for a in answers], device=device)
+            logp = torch.log_softmax(model(input_ids=x, **{_cache_kwarg(model): cache}).logits.float(), -1)
+            for k, a in enumerate(answers):
+                score[k] += sum(logp[k, j - 1, a[j]] for j in range(1, len(a)))
+    return score
+
+
+def classify(model, tok, items: list[dict], choices: list[str], progress=None) -> list[str]:
+    """For each item, the choice with the highest log p(choice + EOS | prompt)."""
     preds = []
     for it in items:
-        exs = []
-        for c in choices:
-            ids, labels = _cut(*encode(tok, [{"role": "user", "content": it["prompt"]},
-                                             {"role": "assistant", "content": c}]), max_tokens)
-            exs.append(Ex(ids, labels, it["id"]))
-        ids, labels = collate(exs, pad)
-        with torch.no_grad():
-            logits = model(input_ids=ids[:, :-1].to(device), use_cache=False).logits.float()
-        y = labels[:, 1:].to(device)
-        logp = torch.log_softmax(logits, -1).gather(-1, y.clamp(min=0).unsqueeze(-1)).squeeze(-1)
-        score = (logp * (y != IGNORE)).sum(-1)
-        preds.append(choices[int(score.argmax())])
+        preds.append(choices[int(choice_logprobs(model, tok, it["prompt"], choices).argmax())])
         if progress:
             progress(1, len(items))
     return preds

@@ -35,6 +35,7 @@ PRODUCERS = {
     "logs/metrics.jsonl": "domainlm train CONFIG",
     "eval/eval.json": "domainlm eval {run}",
     "ablate/ablate.json": "domainlm ablate CONFIG --domain-weights 0,0.51,1",
+    "eval/finetune.json": "domainlm finetune {run} --compare GENERAL_MODEL --data TRAIN.jsonl",
 }
 # What a section catches from a file of an unexpected shape (e.g. written by another domainlm version).
 SHAPE_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError)
@@ -416,6 +417,29 @@ def ablation_section(r: Report) -> Section | None:
     return s
 
 
+def finetune_section(r: Report) -> Section | None:
+    """Only when `domainlm finetune --compare` has run: downstream scores of the fine-tuned domain and general
+    models side by side, with paired-bootstrap CIs (finetune/compare.py writes the file)."""
+    ft, why = r.read("eval/finetune.json")
+    if ft is None and why.startswith("no "):
+        return None
+    s = Section("finetune", "Downstream tasks after fine-tuning: domain vs general")
+    if ft is None:
+        s.hints.append(why)
+        return s
+
+    def ci(m: dict, fmt: str = "{:.1%}") -> str:
+        return f"{fmt.format(m['value'])} [{fmt.format(m['ci95'][0])}, {fmt.format(m['ci95'][1])}]"
+
+    rows = [[escape(task), escape(name), ci(t["domain"]["metrics"][name]), ci(t["general"]["metrics"][name]),
+             f"<b>{ci(t['domain_minus_general'][name], '{:+.1%}')}</b>"]
+            for task, t in ft["tasks"].items() for name in t["domain"]["metrics"]]
+    s.body.append(_table(["task", "metric", "domain", "general", "domain − general"], rows))
+    s.body.append(f"<p class=note>{escape(ft.get('verdict', ''))}. 95% bootstrap intervals over test items (paired "
+                  "for the difference); both models fine-tuned with the same data, steps and seed.</p>")
+    return s
+
+
 def summary_html(r: Report) -> str:
     """The headline numbers: what the run bought, in one table at the top (none if the files are odd)."""
     try:
@@ -497,7 +521,7 @@ def build_report(run_dir: Path | str) -> dict:
     sections = []
     # page order; the tokenizer and eval sections record source roles that the ablation section uses
     for make in (plan_section, data_section, tokenizer_section, training_section, eval_section, probes_section,
-                 ablation_section):
+                 ablation_section, finetune_section):
         try:
             s = make(r)
         except SHAPE_ERRORS as e:  # a file of an unexpected shape: say so, keep the rest of the report
