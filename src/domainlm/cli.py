@@ -261,7 +261,7 @@ def finetune(
 @app.command()
 def tasks(
     name: Annotated[str, typer.Argument(help="licensedb (the packaged ScanCode LicenseDB)")],
-    out: Annotated[Path, typer.Option(help="folder for train/val/test.jsonl, exclude_ids.txt")] = Path("tasks/licensedb"),
+    out: Annotated[Path, typer.Option(help="folder for the JSONL splits, exclude_ids.txt")] = Path("tasks/licensedb"),
     test_fraction: Annotated[float, typer.Option(min=0.01, max=0.9, help="licenses held out for test")] = 0.2,
     seed: Annotated[int, typer.Option(help="split seed")] = 0,
     as_json: JsonOpt = False,
