@@ -114,3 +114,23 @@ def test_plan_with_config_writes_run_dir(tmp_path, cli, monkeypatch):
     plan = json.loads((run / "plan.json").read_text())
     assert plan["model"]["vocab_size"] == 4096
     assert plan["sources"]["a"]["epochs"] == pytest.approx(0.5 * plan["tokens"] / 1e6)
+
+
+def test_cpu_probe_is_measured_once_per_run(tmp_path, monkeypatch):
+    from domainlm.plan import planner
+    from domainlm.plan.command import run_plan
+
+    calls = []
+
+    def fake_probe():
+        calls.append(1)
+        return {"flops_per_s": 4e10 * len(calls)}
+
+    monkeypatch.setattr(planner, "measure_cpu_flops", fake_probe)
+    monkeypatch.chdir(tmp_path)
+    p = _write(tmp_path, {**BASE, "budget": {"gpu": "cpu", "hours": 0.1}})
+    first, _ = run_plan(p)
+    second, _ = run_plan(p)
+    assert len(calls) == 1
+    assert second["compute"]["measured_flops_per_s"] == first["compute"]["measured_flops_per_s"] == 4e10
+    assert second["params"] == first["params"]

@@ -32,6 +32,21 @@ def measured_unique_tokens(run_dir: Path) -> dict[str, float]:
     return {k: float(v["train_tokens"]) for k, v in data.get("sources", {}).items()}
 
 
+def _cached_cpu_probe(run_dir: Path) -> float | None:
+    """The CPU probe measured by an earlier plan of this run on this machine (re-planning with the real token
+    counts must not re-size the model because the machine was busier the second time)."""
+    from domainlm.plan.planner import machine_id
+
+    p = run_dir / "plan.json"
+    try:
+        compute = json.loads(p.read_text(encoding="utf-8"))["compute"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if compute.get("method") == "cpu-probe" and compute.get("machine") == machine_id():
+        return compute.get("measured_flops_per_s")
+    return None
+
+
 def request_from(cfg: RunConfig | None, **flags) -> PlanRequest:
     """Flags override the config's `budget` section; sources and their limits come from the config."""
     req = PlanRequest()
@@ -49,6 +64,7 @@ def request_from(cfg: RunConfig | None, **flags) -> PlanRequest:
         req.seq_len = cfg.train.seq_len
         req.micro_batch = cfg.train.micro_batch
         req.tie_embeddings = cfg.model.tie_embeddings
+        req.cpu_flops_per_s = _cached_cpu_probe(cfg.directory())
     if flags.get("flops") is not None:
         req.flops = parse_number(flags["flops"], "--flops")
         if flags.get("hours") is None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 from domainlm.errors import UserError
@@ -62,6 +63,7 @@ def _compute(req: PlanRequest) -> dict:
         flops_per_s = req.cpu_flops_per_s or measure_cpu_flops()["flops_per_s"]
         return {
             "method": "cpu-probe",
+            "machine": machine_id(),
             "gpu": "cpu",
             "gpus": req.gpus,
             "hours": req.hours,
@@ -80,6 +82,15 @@ def _compute(req: PlanRequest) -> dict:
         "peak_flops_per_gpu": acc.bf16_flops,
         "flops": flops,
     }
+
+
+def machine_id() -> str:
+    """Where a CPU probe was measured: a later plan in the same run directory on the same machine reuses it."""
+    import platform
+
+    import torch
+
+    return f"{platform.node()}/{platform.machine()}/{os.cpu_count()} cpus/{torch.get_num_threads()} threads"
 
 
 def _sources(req: PlanRequest) -> tuple[dict[str, float], dict[str, float]]:
