@@ -20,6 +20,7 @@ from domainlm import stages
 from domainlm.config import RunConfig, load_config, write_resolved
 from domainlm.data.tokens import load_counts
 from domainlm.errors import UserError
+from domainlm.plan.shape import ModelShape
 
 ABLATE_VERSION = 1
 
@@ -71,15 +72,23 @@ def variant_config(cfg: RunConfig, run_dir: Path, domain_weight: float) -> RunCo
     budget = cfg.train.max_tokens or plan_of(run_dir).get("tokens")
     if budget is None:
         raise UserError("train.max_tokens: no token budget; set it or run `domainlm plan CONFIG` first")
+    return fixed_config(cfg, shape, float(budget), name=f"{cfg.name}-w{domain_weight:g}",
+                        run_dir=variant_dir(run_dir, domain_weight), weights=reweighted(cfg, domain_weight))
+
+
+def fixed_config(cfg: RunConfig, shape: ModelShape, max_tokens: float, *, name: str, run_dir: Path,
+                 weights: dict[str, float] | None = None, **train) -> RunConfig:
+    """A copy of ``cfg`` that trains exactly ``shape`` on ``max_tokens`` tokens in ``run_dir`` (shared by
+    `domainlm ablate` and `domainlm scaling`); ``weights`` and ``train`` override source weights and
+    train fields."""
     data = cfg.model_dump()
-    weights = reweighted(cfg, domain_weight)
     for s in data["sources"]:
-        s["weight"] = weights[s["name"]]
+        s["weight"] = (weights or {}).get(s["name"], s["weight"])
     data["model"].update(n_layers=shape.n_layers, d_model=shape.d_model, n_heads=shape.n_heads,
                          n_kv_heads=shape.n_kv_heads, ffn_dim=shape.ffn_dim)
-    data["train"]["max_tokens"] = float(budget)
-    data["name"] = f"{cfg.name}-w{domain_weight:g}"
-    data["run_dir"] = str(variant_dir(run_dir, domain_weight))
+    data["train"].update(train, max_tokens=float(max_tokens))
+    data["name"] = name
+    data["run_dir"] = str(run_dir)
     return RunConfig.model_validate(data)
 
 

@@ -336,6 +336,27 @@ def report(
     print_json(result) if as_json else print_report(result, console)
 
 
+# ---------------------------------------------------------------------------------------------------- scaling (issue 6)
+
+
+@app.command()
+def scaling(
+    config: ConfigArg = None,
+    budgets: Annotated[str, typer.Option(help="comma-separated compute budgets, FLOPs (C = 6·N·D)")] = "1e13,3e13,1e14",
+    sizes: Annotated[int, typer.Option(help="model sizes per budget, spread ×1/4…×4 around the law's optimum")] = 5,
+    law_out: Annotated[Path | None, typer.Option(help="law.json path (default <run>/scaling/law.json)")] = None,
+    tokens_per_step: Annotated[int | None, typer.Option(help="batch for the sweep (default: the config's)")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """IsoFLOP sweep on the prepared data + fits (Chinchilla approaches 2 and 3) → law.json for
+    `domainlm plan --law fitted:PATH`. Resumable: finished points are skipped."""
+    from domainlm.scaling.sweep import print_scaling, run_sweep
+
+    result = run_sweep(config, budgets, sizes, law_out=law_out, step_tokens=tokens_per_step,
+                       console=err_console if as_json else console)
+    print_json(result) if as_json else print_scaling(result, console)
+
+
 # ---------------------------------------------------------------------------------------------------- run
 
 

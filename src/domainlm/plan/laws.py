@@ -67,7 +67,8 @@ class Law:
         """Predicted pre-training loss (nats/token, on the law's own data and tokenizer)."""
         if not self.has_loss:
             return None
-        return self.E + self.A / n**self.alpha + self.B / d**self.beta
+        # A·N^-α via exp(log): a degenerate fitted law (α ≫ 1) underflows to 0 instead of overflowing N^α.
+        return self.E + self.A * math.exp(-self.alpha * math.log(n)) + self.B * math.exp(-self.beta * math.log(d))
 
     def constants(self) -> dict:
         out = {"a": round(self.a, 4), "b": round(self.b, 4), "g": self.g}

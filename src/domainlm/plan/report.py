@@ -29,6 +29,10 @@ def print_plan(p: dict, console: Console) -> None:
     t.add_row("compute", f"{p['compute_flops']:.3g} FLOPs ({how})")
     t.add_row("law", f"{p['law']['source']}; counts {p['law']['params_counted']} params; "
               f"N ∝ C^{p['law']['a']}, D ∝ C^{p['law']['b']}")
+    if p["law"].get("E") is not None:
+        c = p["law"]
+        t.add_row("L(N, D)", f"E + A/N^α + B/D^β: E={c['E']:.4g}, A={c['A']:.4g}, B={c['B']:.4g}, "
+                  f"α={c['alpha']:.4g}, β={c['beta']:.4g}")
     t.add_row("params", f"{_f(p['params'])}  ({p['law']['params_counted']})")
     t.add_row("tokens", f"{_f(p['tokens'])}  ({p['tokens_per_param']:.1f} tokens/param)")
     if p["predicted_loss"] is not None:

@@ -22,6 +22,12 @@ from domainlm.errors import UserError
 HUBER_DELTA = 1e-3  # Chinchilla §3.3
 
 
+class NoMinimum(UserError):
+    """The IsoFLOP curves do not curve up on both sides: approach 2 has no optimum to fit (approach 3 may)."""
+
+    minima: list[dict] = []
+
+
 @dataclass
 class Points:
     n: np.ndarray  # params
@@ -116,22 +122,27 @@ def fit_approach2(pts: Points) -> dict:
     for c in np.unique(pts.c):
         sel = pts.c == c
         if len(np.unique(pts.n[sel])) < 3:
-            raise UserError(f"scaling: budget {c:.3g} has {len(np.unique(pts.n[sel]))} model sizes; a parabola needs ≥ 3")
+            n_sizes = len(np.unique(pts.n[sel]))
+            raise UserError(f"scaling: budget {c:.3g} has {n_sizes} model sizes; a parabola needs ≥ 3")
         x = np.log(pts.n[sel])
         x0 = x.mean()  # centred for a well-conditioned fit
         coef = np.polyfit(x - x0, pts.loss[sel], 2)
+        curve = {"parabola": coef.tolist(), "log_n_center": float(x0)}  # loss = polyval(parabola, ln N − center)
         if coef[0] <= 0:
             # No interior minimum: the sweep did not bracket the optimum for this budget.
-            minima.append({"flops": float(c), "params": None, "tokens": None, "loss": None, "bracketed": False})
+            minima.append({"flops": float(c), "params": None, "tokens": None, "loss": None, "bracketed": False}
+                          | curve)
             continue
         x_opt = x0 - coef[1] / (2 * coef[0])
         n_opt = math.exp(x_opt)
         bracketed = bool(x.min() <= x_opt <= x.max())
         minima.append({"flops": float(c), "params": n_opt, "tokens": float(c) / (6 * n_opt),
-                       "loss": float(np.polyval(coef, x_opt - x0)), "bracketed": bracketed})
+                       "loss": float(np.polyval(coef, x_opt - x0)), "bracketed": bracketed} | curve)
     ok = [m for m in minima if m["params"] is not None]
     if len(ok) < 2:
-        raise UserError("scaling: fewer than 2 budgets have a minimum inside their sweep; widen --sizes or budgets")
+        err = NoMinimum("scaling: fewer than 2 budgets have a minimum inside their sweep; widen --sizes or budgets")
+        err.minima = minima
+        raise err
     lc = np.log([m["flops"] for m in ok])
     a, log_g = np.polyfit(lc, np.log([m["params"] for m in ok]), 1)
     b, log_h = np.polyfit(lc, np.log([m["tokens"] for m in ok]), 1)
@@ -167,12 +178,16 @@ def fit_law(rows: list[dict], n_boot: int = 100, seed: int = 0) -> dict:
     pts = Points.from_rows(rows)
     pts.check()
     f3 = fit_approach3(pts)
-    f2 = fit_approach2(pts)
+    try:
+        f2 = fit_approach2(pts)
+        approach2 = {k: f2[k] for k in ("a", "b", "g", "h")} | {"minima": f2["minima"]}
+    except NoMinimum as e:
+        # Small budgets often favour the smallest model everywhere; approach 3 still uses every point.
+        approach2 = {"error": str(e), "a": None, "b": None, "g": None, "h": None, "minima": e.minima}
     ci = bootstrap(pts, n_boot=n_boot, seed=seed, fit3=f3)
     a3 = f3["beta"] / (f3["alpha"] + f3["beta"])
     return {
-        "approach2": {k: f2[k] for k in ("a", "b", "g", "h")} | {"a_ci95": ci["a"], "b_ci95": ci["b"],
-                                                                  "minima": f2["minima"]},
+        "approach2": approach2 | {"a_ci95": ci["a"], "b_ci95": ci["b"]},
         "approach3": {k: f3[k] for k in ("E", "A", "B", "alpha", "beta")}
         | {"a": a3, "b": 1 - a3, "alpha_ci95": ci["alpha"], "beta_ci95": ci["beta"], "a_ci95": ci["a3"]},
         "points": len(rows),

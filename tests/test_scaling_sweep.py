@@ -1,0 +1,98 @@
+"""`domainlm scaling`: a tiny IsoFLOP sweep end to end (points, law.json, plot, resume) and its errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from domainlm.config import load_config  # noqa: E402
+from domainlm.errors import UserError  # noqa: E402
+from domainlm.plan.laws import get_law  # noqa: E402
+from domainlm.scaling.sweep import batch_overrides, parse_budgets, plan_sweep  # noqa: E402
+from test_train_fixtures import make_run, run_dir  # noqa: E402
+
+# Vocab 300, seq_len 32, 256 tokens/step: the smallest model (d_model 32, 1 layer) has 35,680 params, and
+# these budgets give 3 distinct sizes each with 20–219 steps.
+BUDGETS = "3e9,6e9,1.2e10"
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny models: one thread is much faster on a loaded 2-core machine
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    return make_run(tmp_path_factory.mktemp("scaling"))
+
+
+def test_sweep_points_law_plot_and_rerun(tiny, cli):
+    code, out, err = cli("scaling", str(tiny), "--budgets", BUDGETS, "--sizes", "3")
+    assert code == 0, err + out
+    sdir = run_dir(tiny) / "scaling"
+    rows = [json.loads(ln) for ln in (sdir / "points.jsonl").read_text().splitlines()]
+    planned = plan_sweep(load_config(tiny), run_dir(tiny), parse_budgets(BUDGETS), 3)
+    assert len(rows) == len(planned) == 9
+    assert len({(r["budget"], r["params"]) for r in rows}) == 9  # one row per point
+    for r in rows:
+        assert math.isfinite(r["loss"]) and set(r["val_loss"]) == {"legal", "news"}
+        assert r["tokens"] == r["steps"] * 256
+        # D = C / (6N) with N the trained shape's total params, to within half a step
+        assert abs(r["tokens"] - r["budget"] / (6 * r["params"])) <= 128
+        metrics = Path(r["dir"]) / "logs" / "metrics.jsonl"
+        evals = [json.loads(ln) for ln in metrics.read_text().splitlines() if '"eval"' in ln]
+        assert [e["step"] for e in evals] == [r["steps"]]  # one eval, at the end of the decayed schedule
+    law = json.loads((sdir / "law.json").read_text())
+    assert law["points"] == 9 and law["params_counted"] == "total"
+    fitted = get_law(f"fitted:{sdir / 'law.json'}")
+    assert fitted.has_loss and 0 < fitted.a < 1
+    assert (sdir / "scaling.png").stat().st_size > 10_000
+    assert "3: α in A/N^α" in out and "--law" in out and "fitted:" in out
+
+    # Rerun: every point is skipped (trainer fingerprint), nothing is retrained, the same points come out.
+    mtimes = {r["dir"]: (Path(r["dir"]) / "logs" / "metrics.jsonl").stat().st_mtime_ns for r in rows}
+    code, out2, err2 = cli("scaling", str(tiny), "--budgets", BUDGETS, "--sizes", "3")
+    assert code == 0, err2
+    assert out2.count("done already") == 9
+    assert mtimes == {d: (Path(d) / "logs" / "metrics.jsonl").stat().st_mtime_ns for d in mtimes}
+    rows2 = [json.loads(ln) for ln in (sdir / "points.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in rows2] == [r["loss"] for r in rows]
+
+
+def test_plan_with_fitted_law_shows_constants(tiny, cli):
+    law = run_dir(tiny) / "scaling" / "law.json"
+    if not law.exists():
+        pytest.skip("needs the sweep of test_sweep_points_law_plot_and_rerun")
+    fitted = get_law(f"fitted:{law}")
+    code, out, err = cli("plan", "--flops", "1e15", "--law", f"fitted:{law}")
+    assert code == 0, err
+    assert f"α={fitted.alpha:.4g}" in out and f"β={fitted.beta:.4g}" in out and "L(N, D)" in out
+
+
+def test_budget_too_small_for_smallest_model(tiny, cli):
+    code, out, err = cli("scaling", str(tiny), "--budgets", "1e6,3e9", "--sizes", "3")
+    assert code == 2
+    line = err.strip().splitlines()[-1]
+    assert "1e+06 FLOPs is too small for the smallest model" in line and "35,680 params" in line
+
+
+def test_argument_errors(tiny):
+    cfg = load_config(tiny)
+    with pytest.raises(UserError, match="--sizes: 2 is too few"):
+        plan_sweep(cfg, run_dir(tiny), [3e9, 6e9], 2)
+    with pytest.raises(UserError, match="at least 2 budgets"):
+        parse_budgets("1e12")
+    with pytest.raises(UserError, match="expected FLOPs"):
+        parse_budgets("1e12,lots")
+    with pytest.raises(UserError, match="not a multiple of train.seq_len"):
+        batch_overrides(cfg, 100)
+    assert batch_overrides(cfg, 64) == {"tokens_per_step": 64, "micro_batch": 2}
