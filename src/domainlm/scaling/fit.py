@@ -187,7 +187,9 @@ def fit_law(rows: list[dict], n_boot: int = 100, seed: int = 0) -> dict:
     ci = bootstrap(pts, n_boot=n_boot, seed=seed, fit3=f3)
     a3 = f3["beta"] / (f3["alpha"] + f3["beta"])
     return {
-        "approach2": approach2 | {"a_ci95": ci["a"], "b_ci95": ci["b"]},
+        # No interval for a fit that failed on the full data (a few lucky resamples would make one up).
+        "approach2": approach2 | ({"a_ci95": None, "b_ci95": None} if "error" in approach2
+                                  else {"a_ci95": ci["a"], "b_ci95": ci["b"]}),
         "approach3": {k: f3[k] for k in ("E", "A", "B", "alpha", "beta")}
         | {"a": a3, "b": 1 - a3, "alpha_ci95": ci["alpha"], "beta_ci95": ci["beta"], "a_ci95": ci["a3"]},
         "points": len(rows),

@@ -180,6 +180,13 @@ def run_sweep(config: Path | None, budgets: str, sizes: int, *, law_out: Path | 
     batch = batch_overrides(cfg, step_tokens)
     cfg.train = cfg.train.model_copy(update=batch)
     points = plan_sweep(cfg, run_dir, parse_budgets(budgets), sizes)
+    smallest = min(p["shape"].params_total for p in points)
+    for c in sorted({p["budget"] for p in points}):
+        optimum = next(p["law_optimum"] for p in points if p["budget"] == c)
+        if optimum < smallest:
+            console.print(f"[yellow]note:[/] at C={c:.3g} {cfg.budget.law} puts the optimum at {optimum:.3g} params, "
+                          f"below the smallest model ({smallest:,}, mostly embeddings): the sweep starts there, "
+                          "and its IsoFLOP curve may have no minimum inside; larger budgets or a smaller vocab help")
     weights = {s.name: s.weight for s in cfg.sources}
     out_dir = run_dir / "scaling"
     out_dir.mkdir(parents=True, exist_ok=True)
