@@ -366,8 +366,7 @@ def run(
     quick: Annotated[bool, typer.Option("--quick", help="a scaled-down copy (runs/<name>-quick), ~1-2 minutes")] = False,
     as_json: JsonOpt = False,
 ) -> None:
-    """Run the whole pipeline (plan → prepare → tokenizer → train → eval → baseline → report); every stage is
-    skipped when done. The default CONFIG is the packaged legal demo."""
+    """The whole pipeline (plan → prepare → tokenizer → train → eval → baseline → report), skipping done stages."""
     from domainlm.run import run_all
 
     run_all(config, console=err_console if as_json else console, quick=quick, as_json=as_json)
