@@ -66,6 +66,7 @@ def test_sweep_points_law_plot_and_rerun(tiny, cli):
     assert mtimes == {d: (Path(d) / "logs" / "metrics.jsonl").stat().st_mtime_ns for d in mtimes}
     rows2 = [json.loads(ln) for ln in (sdir / "points.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in rows2] == [r["loss"] for r in rows]
+    assert [r["seconds"] for r in rows2] == [r["seconds"] for r in rows] and all(r["seconds"] > 0 for r in rows)
 
 
 def test_plan_with_fitted_law_shows_constants(tiny, cli):

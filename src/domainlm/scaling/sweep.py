@@ -191,6 +191,10 @@ def run_sweep(config: Path | None, budgets: str, sizes: int, *, law_out: Path | 
     out_dir = run_dir / "scaling"
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
+    # Seconds of points trained by an earlier invocation (a rerun skips them and keeps their time).
+    old = {}
+    if (out_dir / "points.jsonl").exists():
+        old = {r["dir"]: r for r in map(json.loads, (out_dir / "points.jsonl").read_text().splitlines()) if r}
     t_start = time.perf_counter()
     for i, p in enumerate(points, 1):
         shape: ModelShape = p["shape"]
@@ -201,9 +205,12 @@ def run_sweep(config: Path | None, budgets: str, sizes: int, *, law_out: Path | 
         # to exactly `steps` — a cosine cut short (or a longer run read early) would give a worse loss.
         name = f"{cfg.name}-C{budget_label(p['budget'])}-N{n}"
         vcfg = fixed_config(cfg, shape, p["tokens"], name=name, run_dir=p["dir"], eval_every=p["steps"])
-        t0 = time.perf_counter()
+        t0, wall0 = time.perf_counter(), time.time()
         train_variant(vcfg, run_dir, console)
         losses = final_eval(p["dir"], p["steps"])
+        done = json.loads((p["dir"] / ".stages" / "train.json").read_text(encoding="utf-8"))
+        trained_now = done.get("finished", 0) >= wall0
+        seconds = round(time.perf_counter() - t0, 1) if trained_now else old.get(str(p["dir"]), {}).get("seconds")
         rows.append({
             "budget": p["budget"], "params": n, "params_non_embedding": shape.params_non_embedding,
             "d_model": shape.d_model, "n_layers": shape.n_layers, "steps": p["steps"], "tokens": p["tokens"],
@@ -211,7 +218,8 @@ def run_sweep(config: Path | None, budgets: str, sizes: int, *, law_out: Path | 
             # D to whole steps, so it differs from the budget by < half a step's worth.
             "flops": p["budget"], "flops_6nd": 6.0 * n * p["tokens"],
             "loss": mixture_loss(losses, weights), "val_loss": losses,
-            "law_optimum": p["law_optimum"], "seconds": round(time.perf_counter() - t0, 1), "dir": str(p["dir"]),
+            "law_optimum": p["law_optimum"], "seconds": seconds, "tokens_per_s": done.get("tokens_per_s"),
+            "dir": str(p["dir"]),
         })
         _write_json(out_dir / "points.jsonl", rows, lines=True)  # after every point: a killed sweep keeps them
     minutes = (time.perf_counter() - t_start) / 60
