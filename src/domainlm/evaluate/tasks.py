@@ -280,7 +280,7 @@ def choice_logprobs(model, tok, prompt: str, choices: list[str]):
         first = torch.log_softmax(out.logits[0, -1].float(), -1)
         score = torch.stack([first[a[0]] for a in answers])
         if longest > 1:
-            cache = out.past_key_values
+            cache = out.cache if _cache_kwarg(model) == "cache" else out.past_key_values
             cache.batch_repeat_interleave(len(choices))
             pad = pad_id_of(tok)
             # right pads: causal attention, so no answer token sees them
