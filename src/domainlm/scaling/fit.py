@@ -92,9 +92,15 @@ GRID = {
 }
 
 
+# α, β ≥ 0: loss does not rise with more parameters or data (the premise of the form); unbounded, a sweep that
+# does not constrain the N term (tiny budgets) can return a negative α.
+BOUNDS = [(None, None)] * 3 + [(0.0, None)] * 2
+
+
 def _lbfgs(theta0, log_n, log_d, log_l):
     return minimize(
-        _objective, theta0, args=(log_n, log_d, log_l), jac=True, method="L-BFGS-B", options={"maxiter": 2000}
+        _objective, theta0, args=(log_n, log_d, log_l), jac=True, method="L-BFGS-B", options={"maxiter": 2000},
+        bounds=BOUNDS,
     )
 
 
@@ -146,6 +152,10 @@ def fit_approach2(pts: Points) -> dict:
     lc = np.log([m["flops"] for m in ok])
     a, log_g = np.polyfit(lc, np.log([m["params"] for m in ok]), 1)
     b, log_h = np.polyfit(lc, np.log([m["tokens"] for m in ok]), 1)
+    if max(abs(log_g), abs(log_h)) > 700:  # e^700 ≈ 1e304: minima extrapolated absurdly far (a bootstrap resample)
+        err = NoMinimum("scaling: the IsoFLOP minima give a degenerate power law; widen --sizes or budgets")
+        err.minima = minima
+        raise err
     return {"a": float(a), "b": float(b), "g": float(math.exp(log_g)), "h": float(math.exp(log_h)), "minima": minima}
 
 
