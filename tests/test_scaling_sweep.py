@@ -97,3 +97,28 @@ def test_argument_errors(tiny):
     with pytest.raises(UserError, match="not a multiple of train.seq_len"):
         batch_overrides(cfg, 100)
     assert batch_overrides(cfg, 64) == {"tokens_per_step": 64, "micro_batch": 2}
+
+
+def test_killed_sweep_resumes(tmp_path, cli, monkeypatch):
+    import domainlm.train.loop as loop
+
+    cfg = make_run(tmp_path)  # checkpoints every 10 steps
+    real, calls = loop.train_step, {"n": 0}
+
+    def dying(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 80:  # the 2nd point (37 steps, after the 1st's 55) at its step 25
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(loop, "train_step", dying)
+    code, _, err = cli("scaling", str(cfg), "--budgets", "3e9,6e9", "--sizes", "3")
+    assert code == 130  # KeyboardInterrupt → "interrupted; rerun the same command to resume"
+    points = run_dir(cfg) / "scaling" / "points.jsonl"
+    assert len(points.read_text().splitlines()) == 1  # the finished point was recorded before the kill
+
+    monkeypatch.setattr(loop, "train_step", real)
+    code, out, err = cli("scaling", str(cfg), "--budgets", "3e9,6e9", "--sizes", "3")
+    assert code == 0, err
+    assert out.count("done already") == 1 and "resuming from" in out and "at step 20" in out
+    assert len(points.read_text().splitlines()) == 6
