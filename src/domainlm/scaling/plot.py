@@ -32,7 +32,10 @@ def plot_scaling(rows: list[dict], law: dict, fitted: Law, path: Path) -> Path:
         ax1.plot(n, loss, "o", color=col, label=f"C={c:.2g}")
         m = minima.get(c)
         if m and "parabola" in m:
-            x = np.linspace(np.log(n.min() / 1.3), np.log(n.max() * 1.3), 100)
+            lo, hi = np.log(n.min() / 1.3), np.log(n.max() * 1.3)
+            if m["params"]:  # reach an extrapolated minimum too
+                lo, hi = min(lo, np.log(m["params"])), max(hi, np.log(m["params"]))
+            x = np.linspace(lo, hi, 100)
             ax1.plot(np.exp(x), np.polyval(m["parabola"], x - m["log_n_center"]), "-", color=col, alpha=0.7)
             if m["params"]:
                 ax1.plot(m["params"], m["loss"], "*", color=col, ms=14, mec="k")
@@ -55,6 +58,8 @@ def plot_scaling(rows: list[dict], law: dict, fitted: Law, path: Path) -> Path:
     ax2.plot(cs, [ch.optimal_params(c) for c in cs], ":", color="tab:red", label=f"Chinchilla (a={ch.a:.2f})")
     ax2.set_xscale("log")
     ax2.set_yscale("log")
+    sizes = [r["params"] for r in rows]
+    ax2.set_ylim(min(sizes) / 30, max(sizes) * 30)  # a degenerate fit's N_opt would flatten the view
     ax2.set_xlabel("compute C (FLOPs)")
     ax2.set_ylabel("optimal parameters N_opt")
     ax2.set_title("N_opt(C)")
