@@ -69,10 +69,9 @@ def test_sweep_points_law_plot_and_rerun(tiny, cli):
     assert [r["seconds"] for r in rows2] == [r["seconds"] for r in rows] and all(r["seconds"] > 0 for r in rows)
 
 
-def test_plan_with_fitted_law_shows_constants(tiny, cli):
-    law = run_dir(tiny) / "scaling" / "law.json"
-    if not law.exists():
-        pytest.skip("needs the sweep of test_sweep_points_law_plot_and_rerun")
+def test_plan_with_fitted_law_shows_constants(tmp_path, cli):
+    law = tmp_path / "law.json"
+    law.write_text(json.dumps({"approach3": {"E": 1.8, "A": 300.0, "B": 900.0, "alpha": 0.31, "beta": 0.33}}))
     fitted = get_law(f"fitted:{law}")
     code, out, err = cli("plan", "--flops", "1e15", "--law", f"fitted:{law}")
     assert code == 0, err
