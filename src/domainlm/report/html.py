@@ -33,6 +33,7 @@ PRODUCERS = {
     "tokens/counts.json": "domainlm tokenizer CONFIG` then `domainlm prepare CONFIG",
     "tokenizer/audit.json": "domainlm tokenizer CONFIG",
     "logs/metrics.jsonl": "domainlm train CONFIG",
+    ".stages/train.json": "domainlm train CONFIG",
     "eval/eval.json": "domainlm eval {run}",
     "ablate/ablate.json": "domainlm ablate CONFIG --domain-weights 0,0.51,1",
     "eval/finetune.json": "domainlm finetune {run} --compare GENERAL_MODEL --data TRAIN.jsonl",
@@ -451,8 +452,15 @@ def summary_html(r: Report) -> str:
 def _summary(r: Report) -> str:
     plan, _ = r.read("plan.json")
     ev, _ = r.read("eval/eval.json")
+    trained, _ = r.read(".stages/train.json")
     items = []
-    if plan:
+    if trained and trained.get("params"):
+        # What was trained (the config may fix a shape other than the plan's)
+        line = f"{human(trained['params'])} params trained for {trained['steps']:,} steps"
+        if plan:
+            line += f" (plan: {human(plan['model']['params_total'])} params, {human(plan['tokens'])} tokens)"
+        items.append(["model", line])
+    elif plan:
         items.append(["model", f"{human(plan['model']['params_total'])} params, "
                                f"{human(plan['tokens'])} tokens planned"])
     if ev and ev.get("sources"):
