@@ -348,8 +348,7 @@ def scaling(
     tokens_per_step: Annotated[int | None, typer.Option(help="batch for the sweep (default: the config's)")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """IsoFLOP sweep on the prepared data + fits (Chinchilla approaches 2 and 3) → law.json for
-    `domainlm plan --law fitted:PATH`. Resumable: finished points are skipped."""
+    """IsoFLOP sweep on the prepared data, Chinchilla fits → law.json for `domainlm plan --law fitted:PATH`."""
     from domainlm.scaling.sweep import print_scaling, run_sweep
 
     result = run_sweep(config, budgets, sizes, law_out=law_out, step_tokens=tokens_per_step,
