@@ -16,6 +16,7 @@ from domainlm.errors import UserError
 from domainlm.evaluate import bpb, harness, inputs
 from domainlm.evaluate import probes as P
 from domainlm.evaluate.command import run_eval
+from test_train_fixtures import make_tiny_model  # noqa: E402 (tests/ is on sys.path under pytest)
 
 LEGAL = [
     "The licensee shall indemnify and hold harmless the licensor from any claim arising under this agreement.",
@@ -32,24 +33,7 @@ NEWS = [
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    d = tmp_path_factory.mktemp("model")
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator((LEGAL + NEWS) * 20, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    tok.save_pretrained(d)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                      bos_token_id=0, eos_token_id=1, pad_token_id=2)
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    return d
+    return make_tiny_model(tmp_path_factory.mktemp("model"), (LEGAL + NEWS) * 20)
 
 
 @pytest.fixture(scope="module")

@@ -15,6 +15,7 @@ from domainlm.evaluate import tasks as T
 from domainlm.finetune import data as D
 from domainlm.finetune.loop import FinetuneArgs, example_order, finetune
 from domainlm.train.step import IGNORE, next_token_loss, train_step
+from test_train_fixtures import make_tiny_model  # noqa: E402 (tests/ is on sys.path under pytest)
 
 TEXTS = [
     "Permission is hereby granted, free of charge, to any person obtaining a copy of this software.",
@@ -26,24 +27,7 @@ TEXTS = [
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    d = tmp_path_factory.mktemp("base")
-    tk = Tokenizer(models.BPE())
-    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tk.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>", "<pad>"],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tk.train_from_iterator(TEXTS * 20, trainer)
-    tok = PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
-    tok.save_pretrained(d)
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
-                      bos_token_id=0, eos_token_id=1, pad_token_id=2)
-    LlamaForCausalLM(cfg).save_pretrained(d)
-    return d
+    return make_tiny_model(tmp_path_factory.mktemp("base"), TEXTS * 20)
 
 
 @pytest.fixture(scope="module")

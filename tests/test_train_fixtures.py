@@ -26,7 +26,8 @@ NEWS = [
 ]
 
 
-def make_tokenizer(out: Path, vocab_size: int = 300) -> Path:
+def make_tokenizer(out: Path, vocab_size: int = 300, texts: list[str] | None = None) -> Path:
+    """A tiny byte-level BPE in HF format (<s>, </s>, <pad> = 0, 1, 2) saved to ``out``; returns ``out``."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -35,9 +36,23 @@ def make_tokenizer(out: Path, vocab_size: int = 300) -> Path:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<s>", "</s>", "<pad>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(LEGAL + NEWS, trainer)
+    tok.train_from_iterator(texts if texts is not None else LEGAL + NEWS, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
     fast.save_pretrained(out)
+    return out
+
+
+def make_tiny_model(out: Path, texts: list[str], vocab_size: int = 400) -> Path:
+    """An HF model folder: a random 2-layer Llama (hidden 32, context 64) and a BPE trained on ``texts``."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(make_tokenizer(out, vocab_size, texts))
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=64,
+                      bos_token_id=0, eos_token_id=1, pad_token_id=2)
+    LlamaForCausalLM(cfg).save_pretrained(out)
     return out
 
 
