@@ -70,7 +70,8 @@ def test_muennighoff_effective_tokens_by_hand():
     # No repetition: effective = tokens.
     assert L.effective_tokens(100.0, 80.0) == 80.0
     assert L.effective_tokens(100.0, 100.0) == 100.0
-    # 4 epochs of U=100: R=3 → D' = 100 + 100·15.387756·(1 − e^(−3/15.387756)) = 100 + 272.567 = 372.567 (by hand: 3/15.387756 = 0.194960, e^-0.194960 = 0.822867).
+    # 4 epochs of U=100: R=3 → D' = 100 + 100·15.387756·(1 − e^(−3/15.387756)) = 100 + 272.567 = 372.567
+    # (by hand: 3/15.387756 = 0.194960, e^-0.194960 = 0.822867).
     r_star = 15.387756
     assert L.effective_tokens(100.0, 400.0) == pytest.approx(100 + 100 * r_star * (1 - math.exp(-3 / r_star)))
     assert L.effective_tokens(100.0, 400.0) == pytest.approx(372.567, abs=0.01)

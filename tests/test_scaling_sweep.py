@@ -8,26 +8,17 @@ import sys
 from pathlib import Path
 
 import pytest
-import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from domainlm.config import load_config  # noqa: E402
 from domainlm.errors import UserError  # noqa: E402
 from domainlm.plan.laws import get_law  # noqa: E402
 from domainlm.scaling.sweep import batch_overrides, parse_budgets, plan_sweep  # noqa: E402
-from test_train_fixtures import make_run, run_dir  # noqa: E402
+from test_train_fixtures import make_run, one_thread, run_dir  # noqa: E402, F401 (one_thread: autouse)
 
 # Vocab 300, seq_len 32, 256 tokens/step: the smallest model (d_model 32, 1 layer) has 35,680 params, and
 # these budgets give 3 distinct sizes each with 20–219 steps.
 BUDGETS = "3e9,6e9,1.2e10"
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models: one thread is much faster on a loaded 2-core machine
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

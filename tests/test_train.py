@@ -11,13 +11,16 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from domainlm.errors import UserError  # noqa: E402
-from test_train_fixtures import (  # noqa: E402
+from test_train_fixtures import (  # noqa: E402, F401 (one_thread: autouse fixture)
     cli_subprocess,
     clone_run,
+    losses,
     make_run,
+    one_thread,
     read_metrics,
     run_dir,
     set_train,
+    single_thread,
     train_in_process,
     weights,
 )
@@ -25,29 +28,13 @@ from test_train_fixtures import (  # noqa: E402
 STEPS = 20  # 2N of the resume test; checkpoints every N = 10
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny models run ~30× faster on one thread on a loaded 2-core machine, and one thread per process
-    # makes the in-process and subprocess runs compute bit-identical results.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def straight(tmp_path_factory):
     """The reference run: 2N steps, never interrupted."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    cfg = make_run(tmp_path_factory.mktemp("straight"))
-    summary = train_in_process(cfg, max_steps=STEPS)
-    torch.set_num_threads(n)
+    with single_thread():
+        cfg = make_run(tmp_path_factory.mktemp("straight"))
+        summary = train_in_process(cfg, max_steps=STEPS)
     return cfg, summary
-
-
-def losses(cfg: Path) -> list[float]:
-    return [r["loss"] for r in read_metrics(run_dir(cfg))]
 
 
 def test_loss_goes_down_and_outputs(straight):
@@ -119,11 +106,7 @@ L.train_step = train_step
 
 def test_resume_after_sigkill_is_bitwise_identical(straight, tmp_path):
     ref_cfg, _ = straight
-    cfg = clone_run(ref_cfg, tmp_path)
-    for p in ("checkpoints", "logs", "model", ".stages"):
-        import shutil
-
-        shutil.rmtree(run_dir(cfg) / p, ignore_errors=True)
+    cfg = clone_run(ref_cfg, tmp_path, fresh=True)
     proc = cli_subprocess(["train", str(cfg), "--max-steps", str(STEPS)], patch=KILL_AT_STEP_13)
     assert proc.returncode == -9, proc.stderr[-2000:]
     assert [r["step"] for r in read_metrics(run_dir(cfg))][-1] == 12
@@ -147,11 +130,7 @@ C.save_model = save_model
 
 def test_sigkill_during_checkpoint_write_keeps_previous(straight, tmp_path):
     ref_cfg, _ = straight
-    cfg = clone_run(ref_cfg, tmp_path)
-    import shutil
-
-    for p in ("checkpoints", "logs", "model", ".stages"):
-        shutil.rmtree(run_dir(cfg) / p, ignore_errors=True)
+    cfg = clone_run(ref_cfg, tmp_path, fresh=True)
     proc = cli_subprocess(["train", str(cfg), "--max-steps", str(STEPS)], patch=KILL_IN_SECOND_CHECKPOINT_WRITE)
     assert proc.returncode == -9, proc.stderr[-2000:]
     ck = run_dir(cfg) / "checkpoints"

@@ -10,13 +10,16 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train_fixtures import (  # noqa: E402
+from test_train_fixtures import (  # noqa: E402, F401 (one_thread: autouse fixture)
     cli_subprocess,
     clone_run,
+    losses,
     make_run,
+    one_thread,
     read_metrics,
     run_dir,
     set_train,
+    single_thread,
     train_in_process,
     weights,
 )
@@ -25,29 +28,15 @@ STEPS = 8
 REL = 1e-5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
     """One process, global batch 8 × 32 tokens as 2 micro-batches of 4; constant LR so that a run stopped
     early and resumed follows the same curve."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    cfg = set_train(make_run(tmp_path_factory.mktemp("ref")), lr=3e-3, warmup_steps=0, min_lr_ratio=1.0,
-                    checkpoint_every=4, eval_every=4)
-    train_in_process(cfg, max_steps=STEPS)
-    torch.set_num_threads(n)
+    with single_thread():
+        cfg = set_train(make_run(tmp_path_factory.mktemp("ref")), lr=3e-3, warmup_steps=0, min_lr_ratio=1.0,
+                        checkpoint_every=4, eval_every=4)
+        train_in_process(cfg, max_steps=STEPS)
     return cfg
-
-
-def losses(cfg) -> list[float]:
-    return [r["loss"] for r in read_metrics(run_dir(cfg))]
 
 
 def assert_close_curves(got: list[float], want: list[float]) -> None:

@@ -3,10 +3,12 @@ token files written with the real `TokenWriter`, and a config for a 2-layer, d_m
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import yaml
 
 from domainlm.data.tokens import TokenWriter, dtype_for, token_path, write_counts
@@ -98,17 +100,48 @@ def make_run(tmp: Path, *, train_docs: int = 60, seq_len: int = 32, **train_over
     return path
 
 
+@contextlib.contextmanager
+def single_thread():
+    """Tiny models run ~30× faster on one thread on a loaded 2-core machine, and one thread per process makes
+    in-process and subprocess runs compute bit-identical results."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    """Imported by a test module, runs each of its tests on one thread (see `single_thread`)."""
+    with single_thread():
+        yield
+
+
 def read_metrics(run: Path, kind: str = "train") -> list[dict]:
     lines = (run / "logs" / "metrics.jsonl").read_text().splitlines()
     return [r for r in map(json.loads, lines) if r.get("kind") == kind]
 
 
-def clone_run(cfg_path: Path, dst: Path, **train_overrides) -> Path:
-    """Copy a run directory (tokenizer and token files) to ``dst``; returns the new config path."""
+def losses(cfg_path: Path) -> list[float]:
+    """Per-step train losses of a run, in order."""
+    return [r["loss"] for r in read_metrics(run_dir(cfg_path))]
+
+
+TRAIN_OUTPUTS = ("checkpoints", "logs", "model", ".stages")
+
+
+def clone_run(cfg_path: Path, dst: Path, *, fresh: bool = False, **train_overrides) -> Path:
+    """Copy a run directory (tokenizer and token files) to ``dst``; returns the new config path. With
+    ``fresh``, the copy leaves out what training wrote (checkpoints, logs, export, stage markers)."""
     import shutil
 
     cfg = yaml.safe_load(cfg_path.read_text())
-    shutil.copytree(cfg["run_dir"], dst / "run")
+    ignore = shutil.ignore_patterns(*TRAIN_OUTPUTS) if fresh else None
+    shutil.copytree(cfg["run_dir"], dst / "run", ignore=ignore)
     cfg["run_dir"] = str(dst / "run")
     cfg["train"].update(train_overrides)
     out = dst / cfg_path.name
