@@ -17,7 +17,7 @@ import gzip
 import io
 import os
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -336,31 +336,31 @@ def _read_parquet(path: str, rel: str, spec: SourceSpec, counts: Counter) -> Ite
 
     counts["files"] += 1
     pf = pq.ParquetFile(path)
-    row = 0
-    for batch in pf.iter_batches(batch_size=1024, columns=[spec.text_column]):
-        for text in batch.column(0).to_pylist():
-            row += 1
-            counts["docs_in"] += 1
-            if not isinstance(text, str):
-                counts["drop/missing_text"] += 1
-                continue
-            n = len(text.encode("utf-8", errors="replace"))
-            counts["bytes_in"] += n
-            yield Doc(id=f"{spec.name}/{rel}:{row}", text=text, metadata={"path": rel, "row": row}, raw_bytes=n)
+    texts = (t for batch in pf.iter_batches(batch_size=1024, columns=[spec.text_column])
+             for t in batch.column(0).to_pylist())
+    for i, text, n in _column_texts(texts, counts):
+        row = i + 1  # 1-based, as people count rows
+        yield Doc(id=f"{spec.name}/{rel}:{row}", text=text, metadata={"path": rel, "row": row}, raw_bytes=n)
+
+
+def _column_texts(texts: Iterable, counts: Counter) -> Iterator[tuple[int, str, int]]:
+    """(index, text, UTF-8 bytes) for each cell of a text column; non-strings are counted as missing_text."""
+    for i, text in enumerate(texts):
+        counts["docs_in"] += 1
+        if not isinstance(text, str):
+            counts["drop/missing_text"] += 1
+            continue
+        n = len(text.encode("utf-8", errors="replace"))
+        counts["bytes_in"] += n
+        yield i, text, n
 
 
 def _read_hf(spec: SourceSpec, rank: int, world_size: int, counts: Counter) -> Iterator[Doc]:
     ds = _load_hf(spec.dataset, spec.split)
     n = len(ds)
     lo, hi = n * rank // world_size, n * (rank + 1) // world_size  # contiguous shards: deterministic order
-    row = lo
-    for batch in ds.select_columns([spec.text_column]).select(range(lo, hi)).iter(batch_size=1024):
-        for text in batch[spec.text_column]:
-            row += 1
-            counts["docs_in"] += 1
-            if not isinstance(text, str):
-                counts["drop/missing_text"] += 1
-                continue
-            nbytes = len(text.encode("utf-8", errors="replace"))
-            counts["bytes_in"] += nbytes
-            yield Doc(id=f"{spec.name}/{spec.split}/{row - 1}", text=text, metadata={"row": row - 1}, raw_bytes=nbytes)
+    texts = (t for batch in ds.select_columns([spec.text_column]).select(range(lo, hi)).iter(batch_size=1024)
+             for t in batch[spec.text_column])
+    for i, text, nbytes in _column_texts(texts, counts):
+        row = lo + i
+        yield Doc(id=f"{spec.name}/{spec.split}/{row}", text=text, metadata={"row": row}, raw_bytes=nbytes)
