@@ -16,7 +16,6 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from domainlm import stages
 from domainlm.config import RunConfig, load_config, write_resolved
 from domainlm.data.tokens import load_counts
 from domainlm.errors import UserError
@@ -112,17 +111,10 @@ def train_variant(vcfg: RunConfig, run_dir: Path, console: Console) -> Path:
 
 
 def evaluate_variant(model_dir: Path, run_dir: Path, out: Path, console: Console | None) -> dict:
-    """bpb of ``model_dir`` on the run's val splits; cached by the model's weights and the eval config."""
-    from domainlm.evaluate.command import run_eval
+    """bpb of ``model_dir`` on the run's val splits (and the run's probes); skipped when already done."""
+    from domainlm.evaluate.command import run_eval_cached
 
-    weights = model_dir / "model.safetensors"
-    fp = stages.fingerprint(stages.file_fingerprint(weights) if weights.exists() else None,
-                            load_config(run_dir / "config.yaml").eval.model_dump())
-    stage = f"eval-{out.parent.name}"
-    if out.exists() and stages.is_done(run_dir, stage, fp):
-        return json.loads(out.read_text(encoding="utf-8"))
-    result, _ = run_eval(model_dir, run=run_dir, out=out, probes=None, console=console)
-    stages.mark_done(run_dir, stage, fp)
+    result, _ = run_eval_cached(model_dir, stage=f"eval-{out.parent.name}", run=run_dir, out=out, console=console)
     return result
 
 

@@ -98,18 +98,14 @@ def _train(cfg: RunConfig, run_dir: Path, console: Console) -> None:
         shutdown()
 
 
-def _eval(run_dir: Path, cfg: RunConfig, console: Console) -> dict:
-    from domainlm.evaluate import inputs
-    from domainlm.evaluate.command import _probe_file, eval_fingerprint, print_eval, run_eval
+def _eval(run_dir: Path, console: Console) -> dict:
+    from domainlm.evaluate.command import print_eval, run_eval_cached
 
-    out = run_dir / "eval" / "eval.json"
-    target = inputs.resolve(run_dir)
-    fp = eval_fingerprint(target.model_dir, cfg.eval, _probe_file(None, target), None)
-    if out.exists() and stages.is_done(run_dir, "eval", fp):
+    result, ran = run_eval_cached(run_dir, console=console)
+    if ran:
+        print_eval(result, console)
+    else:
         console.print("eval: done already, skipped")
-        return json.loads(out.read_text())
-    result, _ = run_eval(run_dir, console=console)
-    print_eval(result, console)
     return result
 
 
@@ -136,16 +132,13 @@ def _baseline(config_path: Path, cfg: RunConfig, run_dir: Path, console: Console
     return base
 
 
-REPORT_INPUTS = ("plan.json", "data/stats.json", "tokens/counts.json", "tokenizer/audit.json", "logs/metrics.jsonl",
-                 "eval/eval.json", "ablate/ablate.json")
-
-
 def _report(run_dir: Path, console: Console) -> Path:
     from domainlm import __version__
     from domainlm.report import build_report
+    from domainlm.report.html import PRODUCERS  # every file the report reads
 
     page = run_dir / "report" / "index.html"
-    found = [run_dir / f for f in REPORT_INPUTS if (run_dir / f).exists()]
+    found = [run_dir / f for f in PRODUCERS if (run_dir / f).exists()]
     fp = stages.fingerprint(__version__, {str(f): stages.file_fingerprint(f) for f in found})
     if page.exists() and stages.is_done(run_dir, "report", fp):
         console.print("report: inputs unchanged, skipped")
@@ -219,7 +212,7 @@ def run_all(config: Path | None, *, console: Console, quick: bool = False, as_js
     timer.stage(6, STAGES[5])
     _train(cfg, run_dir, console)
     timer.stage(7, STAGES[6])
-    _eval(run_dir, cfg, console)
+    _eval(run_dir, console)
     timer.stage(8, "baseline (general only: same shape and tokens, domain weight 0)")
     _baseline(config_path, cfg, run_dir, console)
     timer.stage(9, STAGES[8])

@@ -17,7 +17,7 @@ from domainlm.config import EvalConfig
 from domainlm.errors import UserError
 from domainlm.evaluate import bpb, inputs
 from domainlm.evaluate import probes as P
-from domainlm.stages import file_fingerprint, fingerprint, mark_done
+from domainlm.stages import file_fingerprint, fingerprint, is_done, mark_done
 
 EVAL_VERSION = 1
 
@@ -113,6 +113,22 @@ def run_eval(
         if target.is_run:
             mark_done(target.run_dir, "eval", eval_fingerprint(target.model_dir, ecfg, probe_path, texts))
     return result, dest
+
+
+def run_eval_cached(model_or_run: Path, *, stage: str = "eval", run: Path | None = None, out: Path | None = None,
+                    console: Console | None = None) -> tuple[dict, bool]:
+    """`run_eval` with the default probes, skipped when its output exists and the run's ``stage`` marker
+    matches (model files, eval config, probe file). Returns (result, whether it ran). For `domainlm run` and
+    `domainlm ablate`; a plain `domainlm eval` always scores."""
+    target = inputs.resolve(model_or_run, run)
+    ecfg = target.cfg.eval if target.cfg is not None else EvalConfig()
+    dest = Path(out) if out is not None else target.run_dir / "eval" / "eval.json"
+    fp = eval_fingerprint(target.model_dir, ecfg, _probe_file(None, target), None)
+    if dest.exists() and is_done(target.run_dir, stage, fp):
+        return json.loads(dest.read_text(encoding="utf-8")), False
+    result, _ = run_eval(model_or_run, run=run, out=out, console=console)
+    mark_done(target.run_dir, stage, fp)
+    return result, True
 
 
 @contextmanager

@@ -11,6 +11,7 @@ from domainlm.plan import laws as L
 from domainlm.plan import memory as M
 from domainlm.plan.hardware import DEFAULT_MFU, get_accelerator, measure_cpu_flops
 from domainlm.plan.shape import ModelShape, shape_for_params
+from domainlm.units import human
 
 TOKENS_PER_PARAM_RULE = 20.0  # Chinchilla's rule of thumb: ~20 training tokens per parameter
 
@@ -190,7 +191,7 @@ def _alternatives(law, req, flops, n_opt, d_opt, weights, limits, rows) -> list[
         alts.append(
             _option(
                 "bloomberggpt",
-                f"BloombergGPT's choice: every unique token about once ({L_h(d_once)} tokens), the largest model "
+                f"BloombergGPT's choice: every unique token about once ({human(d_once)} tokens), the largest model "
                 f"that fits {1 - req.buffer:.0%} of the compute ({req.buffer:.0%} kept as buffer)",
                 law,
                 req,
@@ -213,9 +214,9 @@ def _alternatives(law, req, flops, n_opt, d_opt, weights, limits, rows) -> list[
         for k in over:
             new[k] = L.MAX_USEFUL_EPOCHS * limits[k] / d_opt
         rest = 1.0 - sum(new[k] for k in weights if k not in general)
-        g_total = sum(weights[k] for k in general) or 1.0
+        g_total = sum(weights[k] for k in general)
         for k in general:
-            new[k] = rest * (weights[k] / g_total if sum(weights[k] for k in general) else 1.0 / len(general))
+            new[k] = rest * (weights[k] / g_total if g_total else 1.0 / len(general))
         shown = ", ".join(f"{k}={v:.3f}" for k, v in new.items())
         alt = _option(
             "lower-domain-weight",
@@ -258,12 +259,6 @@ def _alternatives(law, req, flops, n_opt, d_opt, weights, limits, rows) -> list[
     return alts
 
 
-def L_h(x: float) -> str:
-    from domainlm.units import human
-
-    return human(x)
-
-
 def make_plan(req: PlanRequest) -> dict:
     law = L.get_law(req.law)
     if req.vocab_size < 256:
@@ -298,8 +293,8 @@ def make_plan(req: PlanRequest) -> dict:
         if r["epochs"] and r["epochs"] > L.MAX_USEFUL_EPOCHS:
             warnings.append(
                 f"source {k!r} would be repeated {r['epochs']:.1f} epochs (> 4): beyond ~4 epochs repeated data "
-                f"is worth much less than new data (Muennighoff et al. 2023); its {L_h(r['tokens'])} tokens are "
-                f"worth ~{L_h(r['effective_tokens'])} new ones — see the alternatives"
+                f"is worth much less than new data (Muennighoff et al. 2023); its {human(r['tokens'])} tokens are "
+                f"worth ~{human(r['effective_tokens'])} new ones — see the alternatives"
             )
     if law.has_loss:
         notes.append("predicted_loss is nats/token on the law's own data and tokenizer, not on your corpus.")
