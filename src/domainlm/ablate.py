@@ -16,6 +16,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from domainlm import faults
 from domainlm.config import RunConfig, load_config, write_resolved
 from domainlm.data.tokens import load_counts
 from domainlm.errors import UserError
@@ -138,6 +139,7 @@ def run_ablate(config: Path | None, domain_weights: str, *, console: Console) ->
             "roles": roles,
             "model": str(model_dir),
         })
+        faults.hit("ablate.variant_done")
     out = {
         "version": ABLATE_VERSION,
         "config": str(config) if config else None,

@@ -19,7 +19,8 @@ tokenize.part_done                     a tokenized part and its count file are o
 tokenize.before_counts                 every ``<split>.bin`` is written, ``counts.json`` is not
 tokenize.after_counts                  ``counts.json`` is written, the stage is not yet marked done
 tokenizer.before_save                  the tokenizer is trained, nothing of it is written
-train.step                             a training step is done and logged (also fine-tuning steps)
+train.step                             a training step is done and logged (each rank counts)
+train.before_export                    training is done and checkpointed, the HF export is not written
 checkpoint.mid_write                   a checkpoint's weights are in its temp folder, the rest is not
 finetune.step                          a fine-tuning step is done and logged
 scaling.point_done                     one point of a scaling sweep is trained and evaluated

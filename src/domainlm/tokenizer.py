@@ -24,6 +24,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from domainlm import faults
 from domainlm.config import SPECIAL_TOKENS, RunConfig, SourceConfig, load_config
 from domainlm.data.pipeline import data_dir, document_files, iter_documents, stats_path
 from domainlm.errors import UserError
@@ -311,6 +312,7 @@ def run_tokenizer(config: Path | str | None, *, console: Console | None = None) 
         "path": str(out),
     }
 
+    faults.hit("tokenizer.before_save")
     tmp = run_dir / f".tokenizer.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     save_hf(tok, tmp)

@@ -22,6 +22,7 @@ from datatrove.pipeline.base import PipelineStep
 from datatrove.pipeline.dedup import MinhashDedupSignature
 from datatrove.utils.word_tokenizers import WordTokenizer
 
+from domainlm import faults
 from domainlm.data import clean, sources
 from domainlm.data.pipeline import write_json_atomic
 
@@ -245,7 +246,13 @@ class SplitWriter(PipelineStep):
         for doc in data:
             split = "val" if split_key(doc.text) <= max_key else "train"
             meta = {k: v for k, v in doc.metadata.items() if k != "duplicate_count"}
-            handles[split][2].write(orjson.dumps({"id": doc.id, "text": doc.text, "metadata": meta}) + b"\n")
+            line = orjson.dumps({"id": doc.id, "text": doc.text, "metadata": meta}) + b"\n"
+            if faults.armed("prepare.write.mid_document"):  # a torn write: half a document, then the crash
+                handles[split][2].write(line[: len(line) // 2])
+                handles[split][2].flush()
+                faults.hit("prepare.write.mid_document")
+                line = line[len(line) // 2 :]
+            handles[split][2].write(line)
             counts[f"{split}_docs"] += 1
             counts[f"{split}_bytes"] += len(doc.text.encode("utf-8"))
         for path, raw, gz in handles.values():

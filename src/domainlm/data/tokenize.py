@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import orjson
 
-from domainlm import stages
+from domainlm import faults, stages
 from domainlm.config import RunConfig
 from domainlm.data import pipeline, tokens
 from domainlm.data.pipeline import write_json_atomic
@@ -133,6 +133,7 @@ def tokenize_run(cfg: RunConfig, run_dir: Path, progress=None) -> dict:
             if not done or done.get("fingerprint") != fp or not part.exists():
                 done = {**_encode_file(tok, src, eos_id, dtype, part), "fingerprint": fp}
                 write_json_atomic(meta, done)  # after the part's rename: the part's completion mark
+                faults.hit("tokenize.part_done")
             parts.append(part)
             for k in counts:
                 counts[k] += done[k]
@@ -144,7 +145,9 @@ def tokenize_run(cfg: RunConfig, run_dir: Path, progress=None) -> dict:
                            f"{split}_bytes": counts["bytes"]})
     data = {"dtype": dtype.name, "vocab_size": vocab_size, "eos_id": eos_id, "tokenizer_sha256": tok_sha,
             "sources": result}
+    faults.hit("tokenize.before_counts")
     tokens.write_counts(run_dir, data)
+    faults.hit("tokenize.after_counts")
     for s in cfg.sources:  # the parts are copies of the .bin files: drop them once counts.json is written
         shutil.rmtree(tokens.tokens_dir(run_dir) / s.name / ".parts", ignore_errors=True)
     stages.mark_done(run_dir, "tokenize", fp)

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from domainlm import __version__
+from domainlm import __version__, faults
 from domainlm.config import EvalConfig
 from domainlm.errors import UserError
 from domainlm.evaluate import bpb, inputs
@@ -102,6 +102,7 @@ def run_eval(
             score = bpb.score_texts(model, tok, docs, context=ctx, stride=step, batch_tokens=batch_tokens,
                                     progress=tick)
         result["sources"][name] = {"role": role, **score.as_dict()}
+        faults.hit("eval.source_done")
     if probe_items:
         scored = P.score_probes(model, tok, probe_items, context=ctx, batch_tokens=batch_tokens)
         result["probes"] = P.summarise(scored, probe_path)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from rich.console import Console
 
-from domainlm import stages
+from domainlm import faults, stages
 from domainlm.errors import UserError
 from domainlm.finetune import data as D
 from domainlm.train import checkpoint as ckpt
@@ -241,6 +241,7 @@ def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Pa
                      "skipped": res.skipped, "trained_tokens": int((labels[:, 1:] != D.IGNORE).sum()),
                      "tokens_per_s": rates[-1]})
                 progress.update(bar, completed=step, info=f"loss {res.loss:.4f} lr {lr:.2e} {rates[-1]:,.0f} tok/s")
+                faults.hit("finetune.step")
                 if venc and step % args.eval_every == 0:
                     evaluate()
                 if step % args.checkpoint_every == 0:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 
-from domainlm import __version__
+from domainlm import __version__, faults
 from domainlm.errors import UserError
 from domainlm.report import plots
 from domainlm.units import human
@@ -542,6 +542,7 @@ def build_report(run_dir: Path | str) -> dict:
     page = r.out / "index.html"
     tmp = page.with_name(f".index.html.tmp-{os.getpid()}")
     tmp.write_text(render(r, sections, now), encoding="utf-8")
+    faults.hit("report.mid_write")
     os.replace(tmp, page)
     made = {name for s in sections for name in s.images}
     for name in PNGS:

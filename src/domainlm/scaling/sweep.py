@@ -24,6 +24,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from domainlm import faults
 from domainlm.ablate import fixed_config, train_variant
 from domainlm.config import RunConfig, load_config
 from domainlm.data.tokens import load_counts
@@ -222,6 +223,7 @@ def run_sweep(config: Path | None, budgets: str, sizes: int, *, law_out: Path | 
             "dir": str(p["dir"]),
         })
         _write_json(out_dir / "points.jsonl", rows, lines=True)  # after every point: a killed sweep keeps them
+        faults.hit("scaling.point_done")
     minutes = (time.perf_counter() - t_start) / 60
     law = fit_law(rows)
     law.update(law_name=cfg.budget.law, params_counted="total", loss="val loss (nats/token), mixture-weighted",

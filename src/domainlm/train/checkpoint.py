@@ -26,6 +26,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_model, save_model
 
+from domainlm import faults
 from domainlm.errors import UserError
 from domainlm.train.parallel import Dist, barrier, is_fsdp, unwrap
 
@@ -86,6 +87,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, wor
             dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
         elif world.is_main:
             save_model(unwrap(model), str(tmp / "model.safetensors"))  # drops the tied head's duplicate
+            faults.hit("checkpoint.mid_write")
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
         rng = {"cpu": torch.get_rng_state()}
         if torch.cuda.is_available():

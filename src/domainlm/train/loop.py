@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 
-from domainlm import stages
+from domainlm import faults, stages
 from domainlm.config import RunConfig, load_config
 from domainlm.data.tokens import counts_path, load_counts, open_tokens
 from domainlm.errors import UserError
@@ -295,6 +295,7 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
                 mfu_text = f" mfu {mfu:.1%}" if mfu else ""
                 info = f"loss {res.loss:.4f} lr {lr:.2e} {tokens_per_s:,.0f} tok/s{mfu_text}"
                 progress.update(task, completed=step, info=info)
+                faults.hit("train.step")
                 if not console.is_terminal and world.is_main and step % max(total_steps // 20, 1) == 0:
                     progress.console.print(f"step {step}/{total_steps}: {info}")  # log files get 20 lines a run
                 if bad_in_row >= t.max_bad_steps:
@@ -321,6 +322,7 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
         if tb is not None:
             tb.close()
 
+    faults.hit("train.before_export")
     # Hugging Face export: gather the full weights (a collective under FSDP), rank 0 writes.
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
