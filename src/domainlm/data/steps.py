@@ -247,9 +247,8 @@ class SplitWriter(PipelineStep):
             split = "val" if split_key(doc.text) <= max_key else "train"
             meta = {k: v for k, v in doc.metadata.items() if k != "duplicate_count"}
             line = orjson.dumps({"id": doc.id, "text": doc.text, "metadata": meta}) + b"\n"
-            if faults.armed("prepare.write.mid_document"):  # a torn write: half a document, then the crash
-                handles[split][2].write(line[: len(line) // 2])
-                handles[split][2].flush()
+            if faults.armed("prepare.write.mid_document"):  # half a document in the writer, then the crash
+                handles[split][2].write(line[: len(line) // 2])  # (no flush: it would change the gzip bytes)
                 faults.hit("prepare.write.mid_document")
                 line = line[len(line) // 2 :]
             handles[split][2].write(line)
