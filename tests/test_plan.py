@@ -106,7 +106,11 @@ def test_epochs_per_source_from_weights_and_tokens():
     assert max(s["epochs"] for s in bbg["sources"].values()) == pytest.approx(1.0)
     assert bbg["compute_flops"] == pytest.approx(0.7e21)
     dc = next(a for a in p["alternatives"] if a["name"] == "data-constrained-optimum")
-    assert dc["params"] > p["params"]  # repeated data is worth less → spend compute on parameters
+    # Muennighoff: parameters the unique data cannot use decay faster (R*_N = 5.3) than repeated tokens
+    # (R*_D = 15.4), so the optimum moves to fewer parameters and more epochs.
+    assert dc["params"] < p["params"]
+    assert dc["sources"]["legal"]["epochs"] > legal["epochs"]
+    assert dc["data_constrained"]["loss"] <= p["data_constrained"]["loss"]
 
 
 def test_bloomberggpt_budget_gives_a_model_of_its_size():
@@ -126,6 +130,7 @@ def test_bloomberggpt_budget_gives_a_model_of_its_size():
     )
     bbg = next(a for a in p["alternatives"] if a["name"] == "bloomberggpt")
     assert 40e9 < bbg["params"] < 70e9
+    assert bbg["outside_range"] is False and "warning" not in bbg  # the paper's own choice is inside its range
     assert bbg["tokens"] == pytest.approx(708e9, rel=0.01)
     assert p["memory"]["recommended_sharding"] == "zero3"
 
@@ -167,17 +172,120 @@ def test_flops_per_token_is_6n_plus_attention():
     assert s.flops_per_token(512) == 6 * n_matmul + 12 * 4 * 256 * 512
 
 
-def test_gpu_budget_and_hours():
+def test_gpu_hours_round_trip():
+    # 8 GPUs × 24 h = 192 GPU-hours: the tokens are sized with the same FLOPs per token the hours are counted in.
     p = make_plan(PlanRequest(gpu="h100", gpus=8, hours=24))
-    assert p["compute_flops"] == pytest.approx(989e12 * 0.40 * 8 * 24 * 3600)
-    # GPU-hours to train the plan with the detailed FLOPs/token are a bit above the 6ND budget.
-    assert 8 * 24 <= p["gpu_hours"] < 8 * 24 * 1.3
+    assert p["gpu_hours"] == pytest.approx(192.0, rel=1e-9)
+    hardware = 989e12 * 0.40 * 8 * 24 * 3600
+    assert p["tokens"] * p["flops_per_token"] == pytest.approx(hardware, rel=1e-9)
+    assert p["compute"]["hardware_flops"] == pytest.approx(hardware, rel=1e-9)
+    # ...and the law's budget C = 6·N·D is the one whose optimum is the planned N.
+    law = L.LAWS["chinchilla-3"]
+    assert p["compute_flops"] == pytest.approx(6 * p["params"] * p["tokens"], rel=1e-9)
+    assert law.optimal_params(p["compute_flops"]) == pytest.approx(p["params"], rel=1e-9)
 
 
 def test_cpu_budget_uses_the_measured_probe():
     p = make_plan(PlanRequest(gpu="cpu", hours=0.5, cpu_flops_per_s=5e10))
-    assert p["compute_flops"] == pytest.approx(5e10 * 1800)
     assert p["compute"]["method"] == "cpu-probe"
+    assert p["tokens"] * p["flops_per_token"] == pytest.approx(5e10 * 1800, rel=1e-9)
+    assert p["gpu_hours"] == pytest.approx(0.5, rel=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------- data limits
+
+
+def test_params_for_tokens_inverts_the_optimum():
+    for law in L.LAWS.values():
+        n, d = law.optimal(3e21)
+        assert law.params_for_tokens(d) == pytest.approx(n, rel=1e-9)
+
+
+def test_muennighoff_effective_params_by_hand():
+    assert L.effective_params(100.0, 80.0) == 80.0
+    # N = 4·U_N: R_N = 3 → N' = 100 + 100·5.309743·(1 − e^(−3/5.309743)) = 100 + 5.309743·43.16… = 229.2
+    # (by hand: 3/5.309743 = 0.565000, e^-0.565 = 0.568361).
+    assert L.effective_params(100.0, 400.0) == pytest.approx(100 + 530.9743 * (1 - 0.568361), abs=0.01)
+    assert L.effective_params(1.0, 1e9) == pytest.approx(1 + 5.309743, rel=1e-6)
+
+
+@pytest.mark.parametrize("flops,unique,params,tokens", [(1e22, 5e9, 4.5e9, 373e9), (1e23, 20e9, 12.6e9, None)])
+def test_data_constrained_optimum_matches_the_hand_computation(flops, unique, params, tokens):
+    # ANCHORS.md: Chinchilla approach-3 constants with Muennighoff's D' and N' (U_N = the compute-optimal size for
+    # the unique tokens), hand-computed: 1e22 FLOPs on 5B unique tokens → ≈ 4.5B params on ≈ 373B tokens (≈ 75
+    # epochs); 1e23 on 20B → ≈ 12.6B. Ignoring N' gave 14.8B and 39B.
+    p = make_plan(PlanRequest(flops=flops, weights={"d": 1.0}, unique_tokens={"d": unique}))
+    dc = next(a for a in p["alternatives"] if a["name"] == "data-constrained-optimum")
+    assert dc["params"] == pytest.approx(params, rel=0.10)
+    if tokens:
+        assert dc["tokens"] == pytest.approx(tokens, rel=0.10)
+        assert dc["data_constrained"]["epochs"] == pytest.approx(75, rel=0.10)
+    c3 = L.LAWS["chinchilla-3"]
+    info = dc["data_constrained"]
+    u_n = c3.params_for_tokens(unique)
+    assert info["unique_tokens"] == pytest.approx(unique)
+    assert info["unique_params"] == pytest.approx(u_n)
+    assert info["effective_params"] == pytest.approx(L.effective_params(u_n, dc["params"]))
+    assert info["effective_tokens"] == pytest.approx(L.effective_tokens(unique, dc["tokens"]))
+    assert info["loss"] == pytest.approx(c3.loss(info["effective_params"], info["effective_tokens"]))
+    assert info["loss_law"] == dc["loss_law"] == "chinchilla-3"
+    # It is the minimum of L(N', D') along the iso-FLOP line.
+    for f in (0.8, 1.25):
+        n = dc["params"] * f
+        d = flops / (6 * n)
+        worse = c3.loss(L.effective_params(u_n, n), L.effective_tokens(unique, d))
+        assert worse > info["loss"]
+
+
+def test_fewer_unique_tokens_fewer_params_more_epochs():
+    # Muennighoff et al. 2023 §6: with less unique data the optimum spends compute on epochs, not parameters.
+    n_opt = L.LAWS["chinchilla-3"].optimal_params(1e22)
+    found = []
+    for unique in (160e9, 80e9, 40e9, 20e9):
+        p = make_plan(PlanRequest(flops=1e22, weights={"d": 1.0}, unique_tokens={"d": unique}))
+        dc = next(a for a in p["alternatives"] if a["name"] == "data-constrained-optimum")
+        found.append((dc["params"], dc["data_constrained"]["epochs"]))
+    params, epochs = zip(*found, strict=True)
+    assert n_opt > params[0] and list(params) == sorted(params, reverse=True)
+    assert list(epochs) == sorted(epochs)
+
+
+def test_data_constrained_cli_states_the_law_and_its_numbers(cli):
+    code, out, err = cli("plan", "--flops", "1e22", "--unique-tokens", "d=5e9", "--weight", "d=1", "--law",
+                         "chinchilla-3", "--json")
+    assert code == 0, err
+    p = json.loads(out)
+    dc = next(a for a in p["alternatives"] if a["name"] == "data-constrained-optimum")
+    assert 3.5e9 <= dc["params"] <= 5.6e9
+    for k in ("unique_tokens", "unique_params", "effective_params", "effective_tokens", "epochs", "loss_law"):
+        assert k in dc["data_constrained"]
+    assert "U_N" in dc["description"] and "chinchilla-3" in dc["description"]
+
+
+@pytest.mark.parametrize("law,loss_law", [("chinchilla-1", "chinchilla-3"), ("chinchilla-2", "chinchilla-3"),
+                                          ("epoch-2024", "epoch-2024"), ("kaplan", "kaplan")])
+def test_data_constrained_says_which_loss_it_used(law, loss_law):
+    p = make_plan(PlanRequest(flops=1e22, law=law, weights={"d": 1.0}, unique_tokens={"d": 5e9}))
+    dc = next(a for a in p["alternatives"] if a["name"] == "data-constrained-optimum")
+    assert dc["loss_law"] == p["data_constrained"]["loss_law"] == loss_law
+    if loss_law != law:
+        assert f"{law} has no loss formula" in dc["description"]
+        assert any(f"{law} has no loss formula" in n for n in p["notes"])
+    assert dc["params"] < p["params"]
+
+
+def test_bloomberggpt_outside_its_range_is_flagged():
+    p = make_plan(PlanRequest(flops=1e22, weights={"d": 1.0}, unique_tokens={"d": 5e9}))
+    bbg = next(a for a in p["alternatives"] if a["name"] == "bloomberggpt")
+    assert bbg["tokens_per_param"] < 0.05 and bbg["outside_range"] is True
+    assert "outside the range" in bbg["warning"] and bbg["warning"] in p["warnings"]
+
+
+def test_kaplan_beyond_the_shape_cap_says_so():
+    p = make_plan(PlanRequest(flops=3e25, law="kaplan"))
+    shape_warnings = [w for w in p["warnings"] if w.startswith("model shape")]
+    assert len(shape_warnings) == 1
+    assert "cap" in shape_warnings[0] and "256 layers" in shape_warnings[0] and "vocab" not in shape_warnings[0]
 
 
 def test_json_keys(cli):

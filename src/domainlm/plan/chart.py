@@ -59,9 +59,11 @@ def plot_plan(plan: dict, path: str | Path) -> Path:
         ax.annotate(name, (t, p), textcoords="offset points", xytext=(4, 3), fontsize=7, color="0.25")
 
     for alt in plan.get("alternatives", []):
-        ax.scatter(alt["tokens"], alt["params"], marker="D", s=30, color="tab:purple", zorder=4)
-        ax.annotate(alt["name"], (alt["tokens"], alt["params"]), textcoords="offset points", xytext=(5, -9),
-                    fontsize=7, color="tab:purple")
+        odd = alt.get("outside_range")  # a heuristic outside its range is marked, not offered
+        color = "0.6" if odd else "tab:purple"
+        ax.scatter(alt["tokens"], alt["params"], marker="x" if odd else "D", s=30, color=color, zorder=4)
+        ax.annotate(alt["name"] + (" (outside its range)" if odd else ""), (alt["tokens"], alt["params"]),
+                    textcoords="offset points", xytext=(5, -9), fontsize=7, color=color)
     ax.scatter(d_plan, n_plan, marker="*", s=260, color="tab:red", edgecolor="k", zorder=5,
                label=f"this plan: {n_plan:.3g} params, {d_plan:.3g} tokens")
 

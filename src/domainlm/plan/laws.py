@@ -63,6 +63,12 @@ class Law:
         n = self.optimal_params(flops)
         return n, flops / (6.0 * n)
 
+    def params_for_tokens(self, tokens: float) -> float:
+        """The compute-optimal parameter count whose optimal token count is ``tokens`` (Muennighoff's U_N for
+        U_D = tokens): D_opt(C) = C^(1−a) / (6g) solved for C, then N_opt(C) = g·C^a."""
+        flops = (6.0 * self.g * tokens) ** (1.0 / (1.0 - self.a))
+        return self.optimal_params(flops)
+
     def loss(self, n: float, d: float) -> float | None:
         """Predicted pre-training loss (nats/token, on the law's own data and tokenizer)."""
         if not self.has_loss:
@@ -125,32 +131,46 @@ def kaplan_loss(n_non_embedding: float, d: float) -> float:
     return ((KAPLAN_NC / n_non_embedding) ** (KAPLAN_ALPHA_N / KAPLAN_ALPHA_D) + KAPLAN_DC / d) ** KAPLAN_ALPHA_D
 
 
-def load_fitted(path: str) -> Law:
-    """A law fitted by `domainlm scaling` (law.json with E, A, B, alpha, beta)."""
+def load_fitted(path: str, origin: str = "--law") -> Law:
+    """A law fitted by `domainlm scaling` (law.json with E, A, B, alpha, beta); ``origin`` names where the
+    name came from in errors (the ``--law`` flag or a config's ``budget.law`` key)."""
     p = Path(path)
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
         c = data["approach3"] if "approach3" in data else data
         law = _parametric(f"fitted:{p}", *(float(c[k]) for k in ("E", "A", "B", "alpha", "beta")), f"fitted: {p}")
     except FileNotFoundError:
-        raise UserError(f"--law fitted:{p}: file not found") from None
+        raise UserError(f"{origin} fitted:{p}: file not found; run `domainlm scaling CONFIG` to fit one") from None
+    except IsADirectoryError:
+        raise UserError(f"{origin} fitted:{p}: expected a law.json file, got a folder") from None
     except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"--law fitted:{p}: expected law.json with E, A, B, alpha, beta ({e})") from None
+        raise UserError(f"{origin} fitted:{p}: expected law.json with E, A, B, alpha, beta ({e})") from None
     return law
 
 
-def get_law(name: str) -> Law:
+def get_law(name: str, origin: str = "--law") -> Law:
     if name.startswith("fitted:"):
-        return load_fitted(name.removeprefix("fitted:"))
+        return load_fitted(name.removeprefix("fitted:"), origin)
     if name not in LAWS:
-        raise UserError(f"--law: unknown law {name!r}; expected one of {', '.join(LAWS)} or fitted:PATH")
+        raise UserError(f"{origin}: unknown law {name!r}; expected one of {', '.join(LAWS)} or fitted:PATH")
     return LAWS[name]
 
 
 # Muennighoff et al. 2023 (arXiv 2305.16264), data-constrained scaling: fitted decay constants.
 MUENNIGHOFF_R_D = 15.387756  # R*_D: repeated tokens lose value with this e-folding (in epochs)
-MUENNIGHOFF_R_N = 5.309743  # R*_N: the same for excess parameters
+MUENNIGHOFF_R_N = 5.309743  # R*_N: the same for parameters in excess of U_N (eq. 6)
 MAX_USEFUL_EPOCHS = 4.0  # "up to ~4 epochs of repeated data is almost as good as new data"
+
+
+def effective_params(unique_params: float, params: float) -> float:
+    """Effective parameters N' = U_N + U_N·R*_N·(1 − exp(−R_N/R*_N)), R_N = N/U_N − 1 (Muennighoff eq. 6):
+    parameters beyond U_N, the compute-optimal size for the unique data, decay in value like repeated tokens.
+
+    With params ≤ unique_params nothing is in excess and N' = params."""
+    if params <= unique_params:
+        return params
+    excess = params / unique_params - 1.0
+    return unique_params + unique_params * MUENNIGHOFF_R_N * (1.0 - math.exp(-excess / MUENNIGHOFF_R_N))
 
 
 def effective_tokens(unique_tokens: float, tokens: float) -> float:

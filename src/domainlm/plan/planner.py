@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from domainlm.errors import UserError
 from domainlm.plan import laws as L
 from domainlm.plan import memory as M
 from domainlm.plan.hardware import DEFAULT_MFU, get_accelerator, measure_cpu_flops
-from domainlm.plan.shape import ModelShape, shape_for_params
+from domainlm.plan.shape import MAX_D_MODEL, MAX_LAYERS, ModelShape, largest_params, shape_for_params
 from domainlm.units import human
 
 TOKENS_PER_PARAM_RULE = 20.0  # Chinchilla's rule of thumb: ~20 training tokens per parameter
@@ -69,11 +70,10 @@ def _compute(req: PlanRequest) -> dict:
             "gpus": req.gpus,
             "hours": req.hours,
             "measured_flops_per_s": flops_per_s,
-            "flops": flops_per_s * req.gpus * req.hours * 3600.0,
+            "hardware_flops_per_s": flops_per_s * req.gpus,
         }
     acc = get_accelerator(req.gpu)
     mfu = req.mfu or DEFAULT_MFU
-    flops = acc.bf16_flops * mfu * req.gpus * req.hours * 3600.0
     return {
         "method": "gpu",
         "gpu": acc.name,
@@ -81,8 +81,40 @@ def _compute(req: PlanRequest) -> dict:
         "hours": req.hours,
         "mfu": mfu,
         "peak_flops_per_gpu": acc.bf16_flops,
-        "flops": flops,
+        "hardware_flops_per_s": acc.bf16_flops * mfu * req.gpus,
     }
+
+
+def _size(law: L.Law, req: PlanRequest, compute: dict) -> tuple[float, float, ModelShape]:
+    """The compute-optimal N, D and shape. A FLOPs budget is the laws' C = 6·N·D. A time budget (hours) is
+    spent at the shape's own cost per token (PaLM FLOPs per token, attention included): D = seconds × FLOP/s /
+    flops_per_token(shape), and C = 6·N·D must be the budget whose optimum is N — a fixed point, solved in
+    closed form per shape (C = (6·g·D)^(1/(1−a))) and iterated until the shape stops changing. So the plan's
+    GPU-hours give back exactly the hours asked for."""
+    count = "non-embedding" if law.params_counted == "non-embedding" else "total"
+
+    def shape_of(n: float) -> ModelShape:
+        return shape_for_params(n, req.vocab_size, count=count, tie_embeddings=req.tie_embeddings)
+
+    if compute["method"] == "flops":
+        n, d = law.optimal(compute["flops"])
+        return n, d, shape_of(n)
+    seconds = req.hours * 3600.0
+    rate = compute["hardware_flops_per_s"]
+    n = law.optimal_params(rate * seconds)
+    shape, seen = shape_of(n), []
+    for _ in range(20):
+        d = seconds * rate / shape.flops_per_token(req.seq_len)
+        n = law.optimal_params((6.0 * law.g * d) ** (1.0 / (1.0 - law.a)))  # N_opt of the C that gives D_opt = D
+        nxt = shape_of(n)
+        if nxt == shape or nxt in seen:  # converged (or alternating between two neighbours: keep this one)
+            break
+        seen.append(shape)
+        shape = nxt
+    d = seconds * rate / shape.flops_per_token(req.seq_len)
+    n = law.optimal_params((6.0 * law.g * d) ** (1.0 / (1.0 - law.a)))
+    compute["flops"] = 6.0 * n * d
+    return n, d, shape
 
 
 def machine_id() -> str:
@@ -148,11 +180,51 @@ def _loss(law: L.Law, shape: ModelShape, n: float, d: float) -> float | None:
     return None
 
 
+def loss_law(law: L.Law) -> tuple[L.Law, Callable[[float, float], float], str]:
+    """The L(N, D) the data-constrained numbers use, and a sentence saying which: the law's own (approach-3
+    form, a fitted law, Kaplan's eq. 1.5 in non-embedding N), else Chinchilla approach 3's — stated, never silent."""
+    if law.has_loss:
+        return law, law.loss, f"{law.name}'s own L(N, D)"
+    if law.name == "kaplan":
+        return law, L.kaplan_loss, "Kaplan et al. 2020 eq. 1.5 L(N, D) (non-embedding N, WebText2 nats/token)"
+    c3 = L.LAWS["chinchilla-3"]
+    return c3, c3.loss, f"{law.name} has no loss formula: chinchilla-3's L(N, D) (Hoffmann et al. 2022 eq. 10) is used"
+
+
+def unique_tokens_seen(tokens: float, weights: dict[str, float], limits: dict[str, float]) -> float:
+    """U_D of a mixture: the distinct tokens a run of ``tokens`` sees, Σ_k min(w_k·D, U_k) (a source without a
+    limit is never repeated). For one source with D ≥ U it is U, Muennighoff's U_D."""
+    return sum(min(w * tokens, limits[k]) if limits.get(k) else w * tokens for k, w in weights.items() if w > 0)
+
+
+def data_constrained(law: L.Law, n: float, d: float, weights: dict[str, float], limits: dict[str, float]) -> dict:
+    """Muennighoff et al. 2023 (arXiv 2305.16264) eq. 5–7 for N params on D tokens: L(N', D') with
+    D' the effective data (repeated tokens decay with R*_D) and N' the effective parameters (parameters beyond
+    U_N, the compute-optimal size for the U_D unique tokens, decay with R*_N)."""
+    ll, loss_fn, which = loss_law(law)
+    rows, d_eff = _mixture(d, weights, limits)
+    u_d = unique_tokens_seen(d, weights, limits)
+    u_n = ll.params_for_tokens(u_d)
+    n_eff = L.effective_params(u_n, n)
+    epochs = [r["epochs"] for r in rows.values() if r["epochs"] is not None]
+    return {
+        "loss_law": ll.name,
+        "loss_law_note": which,
+        "unique_tokens": u_d,  # U_D
+        "unique_params": u_n,  # U_N
+        "effective_params": n_eff,  # N'
+        "effective_tokens": d_eff,  # D'
+        "epochs": d / u_d,  # D / U_D over the mixture
+        "max_source_epochs": max(epochs) if epochs else None,
+        "loss": loss_fn(n_eff, d_eff),  # L(N', D')
+    }
+
+
 def _option(name, description, law, req, flops, n, d, weights, limits) -> dict:
     count = "non-embedding" if law.params_counted == "non-embedding" else "total"
     shape = shape_for_params(n, req.vocab_size, count=count, tie_embeddings=req.tie_embeddings)
     rows, eff = _mixture(d, weights, limits)
-    return {
+    out = {
         "name": name,
         "description": description,
         "params": n,
@@ -164,6 +236,9 @@ def _option(name, description, law, req, flops, n, d, weights, limits) -> dict:
         "sources": rows,
         "model": {"n_layers": shape.n_layers, "d_model": shape.d_model, "params_total": shape.params_total},
     }
+    if limits:
+        out["data_constrained"] = data_constrained(law, n, d, weights, limits)
+    return out
 
 
 def _alternatives(law, req, flops, n_opt, d_opt, weights, limits, rows) -> list[dict]:
@@ -202,6 +277,10 @@ def _alternatives(law, req, flops, n_opt, d_opt, weights, limits, rows) -> list[
                 limits,
             )
         )
+        warning = _check_bloomberggpt(alts[-1])
+        alts[-1]["outside_range"] = warning is not None
+        if warning:
+            alts[-1]["warning"] = warning
     # A lower domain weight: cap each over-repeated domain source at 4 epochs, give the rest to general text.
     over = {
         k: r
@@ -231,32 +310,54 @@ def _alternatives(law, req, flops, n_opt, d_opt, weights, limits, rows) -> list[
         )
         alt["weights"] = new
         alts.append(alt)
-    # Data-constrained optimum: minimise L(N, D') where D' is Muennighoff's effective data for D = C/6N.
-    loss_law = law if law.has_loss else L.LAWS["chinchilla-3"]
     if limited:
-        from scipy.optimize import minimize_scalar
-
-        def objective(log_n: float) -> float:
-            n = math.exp(log_n)
-            _, eff = _mixture(flops / (6.0 * n), weights, limits)
-            return loss_law.loss(n, eff)
-
-        res = minimize_scalar(objective, bounds=(math.log(n_opt) - 5, math.log(n_opt) + 5), method="bounded")
-        n_dc = math.exp(res.x)
-        alt = _option(
-            "data-constrained-optimum",
-            f"minimises {loss_law.name}'s L(N, D') with D' = Muennighoff et al. 2023 effective data "
-            "(repeated tokens decay with R*_D = 15.4)",
-            loss_law,
-            req,
-            flops,
-            n_dc,
-            flops / (6.0 * n_dc),
-            weights,
-            limits,
-        )
-        alts.append(alt)
+        alts.append(_data_constrained_optimum(law, req, flops, n_opt, weights, limits))
     return alts
+
+
+def _data_constrained_optimum(law, req, flops, n_opt, weights, limits) -> dict:
+    """Minimise L(N', D') over N with D = C / 6N (Muennighoff et al. 2023 §6: with repeated data, the optimum
+    spends compute on more epochs rather than on parameters the unique data cannot use)."""
+    from scipy.optimize import minimize_scalar
+
+    def objective(log_n: float) -> float:
+        n = math.exp(log_n)
+        return data_constrained(law, n, flops / (6.0 * n), weights, limits)["loss"]
+
+    x0 = math.log(n_opt)
+    res = minimize_scalar(objective, bounds=(x0 - 8, x0 + 8), method="bounded", options={"xatol": 1e-7})
+    n_dc = math.exp(res.x)
+    alt = _option("data-constrained-optimum", "", law, req, flops, n_dc, flops / (6.0 * n_dc), weights, limits)
+    dc = alt["data_constrained"]
+    alt["description"] = (
+        f"minimises L(N', D') (Muennighoff et al. 2023) with {dc['loss_law_note']}: repeated tokens decay with "
+        f"R*_D = {L.MUENNIGHOFF_R_D:.2f}, parameters beyond U_N = {human(dc['unique_params'])} (compute-optimal for "
+        f"the {human(dc['unique_tokens'])} unique tokens) with R*_N = {L.MUENNIGHOFF_R_N:.2f}; "
+        f"N' = {human(dc['effective_params'])}, D' = {human(dc['effective_tokens'])}, {dc['epochs']:.1f} epochs"
+    )
+    alt["loss_law"] = dc["loss_law"]
+    return alt
+
+
+def _check_bloomberggpt(alt: dict) -> str | None:
+    """BloombergGPT's heuristic (the largest model that sees every token once) is only meaningful while the
+    model is not far beyond what the unique data can use: Muennighoff's excess parameters are each worth
+    exp(−R_N/R*_N) of a useful one, under 37% once N > U_N·(1 + R*_N). The paper's own choice (50.6B params, U_N
+    ≈ 35B for 708B unique tokens) sits well inside."""
+    dc = alt.get("data_constrained")
+    if dc is None:
+        return None
+    limit = dc["unique_params"] * (1.0 + L.MUENNIGHOFF_R_N)
+    if alt["params"] <= limit:
+        return None
+    return (
+        f"the bloomberggpt alternative ({human(alt['params'])} params on {human(alt['tokens'])} tokens, "
+        f"{alt['tokens_per_param']:.2g} tokens/param) is outside the range where its heuristic means anything: it is "
+        f"{alt['params'] / dc['unique_params']:,.0f}× U_N = {human(dc['unique_params'])}, the compute-optimal size for "
+        f"its {human(dc['unique_tokens'])} unique tokens; parameters beyond U_N·(1 + R*_N) = {human(limit)} are each "
+        f"worth < 37% of a useful one (Muennighoff et al. 2023), and its effective size N' is "
+        f"{human(dc['effective_params'])} — not a recommendation"
+    )
 
 
 def make_plan(req: PlanRequest) -> dict:
@@ -264,24 +365,33 @@ def make_plan(req: PlanRequest) -> dict:
     if req.vocab_size < 256:
         raise UserError(f"--vocab-size: expected ≥ 256 (every byte needs a token), got {req.vocab_size}")
     compute = _compute(req)
-    flops = compute["flops"]
     weights, limits = _sources(req)
-    n_opt, d_opt = law.optimal(flops)
+    n_opt, d_opt, shape = _size(law, req, compute)
+    flops = compute["flops"]
     count = "non-embedding" if law.params_counted == "non-embedding" else "total"
-    shape = shape_for_params(n_opt, req.vocab_size, count=count, tie_embeddings=req.tie_embeddings)
     shape_n = shape.params_total if count == "total" else shape.params_non_embedding
     rows, effective = _mixture(d_opt, weights, limits)
     fpt = shape.flops_per_token(req.seq_len)
+    compute["hardware_flops"] = d_opt * fpt
     warnings: list[str] = []
     notes = [
         f"{law.name} counts {law.params_counted} parameters ({law.source}).",
-        f"FLOPs per token = 6·N_matmul + 12·L·d·T = {fpt:.4g} at seq_len {req.seq_len} (PaLM appendix B); "
-        "the laws' budgets use C = 6·N·D.",
+        f"FLOPs per token = 6·N_matmul + 12·L·d·T = {fpt:.4g} at seq_len {req.seq_len} (PaLM appendix B): the "
+        "hardware cost of a token, used for hours; the laws' budget is C = 6·N·D "
+        f"({flops:.4g} here, {d_opt * fpt:.4g} hardware FLOPs).",
     ]
     if abs(shape_n / n_opt - 1) > 0.05:
+        cap = largest_params(req.vocab_size, count=count, tie_embeddings=req.tie_embeddings)
+        if n_opt > cap:
+            why = (f"the target is beyond the shape search's cap ({MAX_LAYERS} layers × d_model {MAX_D_MODEL}, at "
+                   f"most {cap:.4g} {count} params): the plan uses the largest shape it builds")
+        elif shape_n > n_opt:
+            why = f"at this size the vocabulary ({req.vocab_size}) dominates; use a smaller vocab"
+        else:
+            why = "no shape of the search's family comes closer"
         warnings.append(
             f"model shape has {shape_n:.4g} {count} params, {abs(shape_n / n_opt - 1):.0%} from the target "
-            f"{n_opt:.4g}: at this size the vocabulary ({req.vocab_size}) dominates; use a smaller vocab"
+            f"{n_opt:.4g}: {why}"
         )
     emb_share = shape.params_embedding / shape.params_total
     if emb_share > 0.5:
@@ -332,7 +442,12 @@ def make_plan(req: PlanRequest) -> dict:
         est = M.estimate(precision="fp32", sharding="ddp", **mem_kwargs)
         memory = _mem_dict(est, None, None)
 
-    return {
+    alternatives = _alternatives(law, req, flops, n_opt, d_opt, weights, limits, rows)
+    warnings += [a["warning"] for a in alternatives if a.get("warning")]
+    if limits:
+        ll, _, which = loss_law(law)
+        notes.append(f"data-constrained numbers (U_N, N', D', L(N', D')) use {which}.")
+    out = {
         "compute_flops": flops,
         "compute": compute,
         "law": {"name": law.name, "source": law.source, "params_counted": law.params_counted, **law.constants()},
@@ -359,9 +474,12 @@ def make_plan(req: PlanRequest) -> dict:
         "gpu_hours": gpu_hours,
         "memory": memory,
         "warnings": warnings,
-        "alternatives": _alternatives(law, req, flops, n_opt, d_opt, weights, limits, rows),
+        "alternatives": alternatives,
         "notes": notes,
     }
+    if limits:
+        out["data_constrained"] = data_constrained(law, n_opt, d_opt, weights, limits)
+    return out
 
 
 def _mem_dict(est: M.MemoryEstimate, capacity_gb: float | None, rec: str | None) -> dict:

@@ -49,6 +49,11 @@ def print_plan(p: dict, console: Console) -> None:
     t.add_row("memory/GPU", f"{mem['total_gb']:.2f} GB ({mem['precision']}, {SHARDING_NAMES[mem['sharding']]}"
               f"{', ' + str(mem['gpus']) + ' GPUs' if mem['gpus'] > 1 else ''}){fit}")
     t.add_row("effective tokens", f"{_f(p['effective_tokens'])} (Muennighoff et al. 2023)")
+    dc = p.get("data_constrained")
+    if dc:
+        t.add_row("data-constrained", f"U_D {_f(dc['unique_tokens'])} unique tokens → U_N {_f(dc['unique_params'])}; "
+                  f"N' {_f(dc['effective_params'])}, D' {_f(dc['effective_tokens'])}, {dc['epochs']:.1f} epochs; "
+                  f"L(N', D') {dc['loss']:.3f} ({dc['loss_law_note']})")
     console.print(t)
     if p["sources"]:
         s = Table(title="mixture", title_justify="left")
@@ -59,14 +64,24 @@ def print_plan(p: dict, console: Console) -> None:
             s.add_row(k, f"{r['weight']:.3f}", _f(r["tokens"]), _f(r["unique_tokens"]), ep, _f(r["effective_tokens"]))
         console.print(s)
     if p["alternatives"]:
+        limited = any(alt.get("data_constrained") for alt in p["alternatives"])
         a = Table(title="alternatives", title_justify="left")
-        for col in ("option", "params", "tokens", "tok/param", "max epochs", "effective", "loss"):
+        cols = ("option", "params", "tokens", "tok/param", "max epochs", "U_N", "N'", "D'", "L(N', D')") if limited \
+            else ("option", "params", "tokens", "tok/param", "loss")
+        for col in cols:
             a.add_column(col, justify="left" if col == "option" else "right", no_wrap=col == "option")
         for alt in p["alternatives"]:
-            loss = "-" if alt["predicted_loss"] is None else f"{alt['predicted_loss']:.3f}"
-            epochs = [r["epochs"] for r in alt["sources"].values() if r["epochs"] is not None]
-            a.add_row(alt["name"], _f(alt["params"]), _f(alt["tokens"]), f"{alt['tokens_per_param']:.1f}",
-                      f"{max(epochs):.2f}" if epochs else "-", _f(alt["effective_tokens"]), loss)
+            name = alt["name"] + (" (outside its range)" if alt.get("outside_range") else "")
+            row = [name, _f(alt["params"]), _f(alt["tokens"]), f"{alt['tokens_per_param']:.2g}"]
+            dc = alt.get("data_constrained")
+            if dc:
+                ep = dc["max_source_epochs"]
+                row += ["-" if ep is None else f"{ep:.2f}", _f(dc["unique_params"]), _f(dc["effective_params"]),
+                        _f(dc["effective_tokens"]), f"{dc['loss']:.3f}"]
+            else:
+                row += ["-"] * 5 if limited else \
+                    ["-" if alt["predicted_loss"] is None else f"{alt['predicted_loss']:.3f}"]
+            a.add_row(*row)
         console.print(a)
         for alt in p["alternatives"]:
             console.print(f"  [bold]{alt['name']}[/]: {alt['description']}", highlight=False)

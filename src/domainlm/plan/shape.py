@@ -85,6 +85,16 @@ def make_shape(d_model: int, n_layers: int, vocab_size: int, tie_embeddings: boo
     return ModelShape(n_layers, d_model, heads, heads, ffn_for(d_model), vocab_size, tie_embeddings)
 
 
+# The search's range: depth 1–256, width up to 65536 (GPT-3 175B: 96 × 12288; BloombergGPT 70 × 7680).
+MAX_LAYERS, MAX_D_MODEL = 256, 65536
+
+
+def largest_params(vocab_size: int, *, count: str = "total", tie_embeddings: bool = False) -> int:
+    """The largest model ``shape_for_params`` can return (MAX_LAYERS × MAX_D_MODEL)."""
+    s = make_shape(MAX_D_MODEL, MAX_LAYERS, vocab_size, tie_embeddings)
+    return s.params_total if count == "total" else s.params_non_embedding
+
+
 def shape_for_params(
     params: float, vocab_size: int, *, count: str = "total", tie_embeddings: bool = False
 ) -> ModelShape:
@@ -95,9 +105,9 @@ def shape_for_params(
         return s.params_total if count == "total" else s.params_non_embedding
 
     candidates = []
-    for n_layers in range(1, 257):
+    for n_layers in range(1, MAX_LAYERS + 1):
         # Solve for d on a grid of head_dim multiples around the continuous solution.
-        lo, hi = 32, 65536
+        lo, hi = 32, MAX_D_MODEL
         while hi - lo > 32:  # bisection on d for this depth
             mid = (lo + hi) // 2
             if n_of(make_shape(mid, n_layers, vocab_size, tie_embeddings)) < params:
