@@ -16,18 +16,27 @@ def domainlm(args: list[str], *, fault: str | None = None, fault_dir: Path | Non
              timeout: float = 600, torchrun: int = 0, env: dict | None = None) -> subprocess.CompletedProcess:
     """``python -m domainlm ARGS`` in its own session (so a fault kills only its process group), one thread per
     process (bit-identical to in-process runs pinned by `single_thread`), offline."""
+    if torchrun:
+        cmd = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}", "-m", "domainlm", *args]
+    else:
+        cmd = ["-m", "domainlm", *args]
+    return _python(cmd, fault, fault_dir, cwd, timeout, env)
+
+
+def python(code: str, *, fault: str | None = None, fault_dir: Path | None = None, cwd: Path | None = None,
+           timeout: float = 600) -> subprocess.CompletedProcess:
+    """``python -c CODE`` the same way: for entry points whose knobs the CLI does not expose."""
+    return _python(["-c", code], fault, fault_dir, cwd, timeout, None)
+
+
+def _python(args, fault, fault_dir, cwd, timeout, env) -> subprocess.CompletedProcess:
     e = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
          "TRANSFORMERS_OFFLINE": "1", **(env or {})}
     e.pop("DOMAINLM_FAULT", None)
     if fault:
         e["DOMAINLM_FAULT"] = fault
         e["DOMAINLM_FAULT_DIR"] = str(fault_dir or cwd or Path.cwd())
-    if torchrun:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={torchrun}",
-               "-m", "domainlm", *args]
-    else:
-        cmd = [sys.executable, "-m", "domainlm", *args]
-    return subprocess.run(cmd, env=e, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+    return subprocess.run([sys.executable, *args], env=e, cwd=cwd, capture_output=True, text=True, timeout=timeout,
                           start_new_session=True)
 
 

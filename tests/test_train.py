@@ -3,16 +3,13 @@
 from __future__ import annotations
 
 import errno
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from domainlm.errors import UserError  # noqa: E402
-from test_train_fixtures import (  # noqa: E402, F401 (one_thread: autouse fixture)
-    cli_subprocess,
+from crashkit import KILLED, domainlm
+from domainlm.errors import UserError
+from test_train_fixtures import (  # noqa: F401 (one_thread: autouse fixture)
     clone_run,
     losses,
     make_run,
@@ -92,52 +89,35 @@ def test_rerun_is_skipped(straight):
     assert (run_dir(cfg) / "logs" / "metrics.jsonl").read_text() == before
 
 
-KILL_AT_STEP_13 = """
-import domainlm.train.loop as L
-_step, _n = L.train_step, [0]
-def train_step(*a, **k):
-    _n[0] += 1
-    if _n[0] == 13:  # between checkpoints 10 and 20: steps 11-12 are lost and redone
-        os.kill(os.getpid(), signal.SIGKILL)
-    return _step(*a, **k)
-L.train_step = train_step
-"""
+# Crash sites (domainlm.faults) and what the kill leaves: the checkpoints on disk, the last logged step.
+CRASHES = [
+    # between checkpoints 10 and 20: steps 11-13 are lost and redone
+    ("train.step:13", ["step-00000010"], 13),
+    # step-20's weights are in its temp folder, the rest of that checkpoint is not
+    ("checkpoint.mid_write:2", [".tmp-step-00000020", "step-00000010"], 20),
+    # trained and checkpointed, the Hugging Face export not yet written
+    ("train.before_export:1", ["step-00000010", "step-00000020"], 20),
+]
 
 
-def test_resume_after_sigkill_is_bitwise_identical(straight, tmp_path):
-    ref_cfg, _ = straight
+@pytest.mark.parametrize(("fault", "left", "last_step"), CRASHES, ids=[c[0] for c in CRASHES])
+def test_sigkill_then_resume_is_bitwise_identical(straight, tmp_path, fault, left, last_step):
+    ref_cfg, ref_summary = straight
     cfg = clone_run(ref_cfg, tmp_path, fresh=True)
-    proc = cli_subprocess(["train", str(cfg), "--max-steps", str(STEPS)], patch=KILL_AT_STEP_13)
-    assert proc.returncode == -9, proc.stderr[-2000:]
-    assert [r["step"] for r in read_metrics(run_dir(cfg))][-1] == 12
-    train_in_process(cfg, max_steps=STEPS)
+    proc = domainlm(["train", str(cfg), "--max-steps", str(STEPS)], fault=fault, fault_dir=tmp_path)
+    assert proc.returncode == KILLED, proc.stderr[-2000:]
+    run = run_dir(cfg)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == left
+    assert read_metrics(run)[-1]["step"] == last_step
+    assert not (run / "model").exists() and not (run / ".stages" / "train.json").exists()
+
+    summary = train_in_process(cfg, max_steps=STEPS)
+    assert not list((run / "checkpoints").glob(".tmp-*"))
     assert losses(cfg) == losses(ref_cfg)  # bitwise: exact float equality of every step's loss
-    a, b = weights(run_dir(ref_cfg) / "model"), weights(run_dir(cfg) / "model")
+    assert read_metrics(run, "eval") == read_metrics(run_dir(ref_cfg), "eval")  # no eval lost or repeated
+    a, b = weights(run_dir(ref_cfg) / "model"), weights(run / "model")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-
-
-KILL_IN_SECOND_CHECKPOINT_WRITE = """
-import domainlm.train.checkpoint as C
-_save, _n = C.save_model, [0]
-def save_model(*a, **k):
-    _save(*a, **k)
-    _n[0] += 1
-    if _n[0] == 2:  # step-20's weights are on disk, the rest of the checkpoint is not
-        os.kill(os.getpid(), signal.SIGKILL)
-C.save_model = save_model
-"""
-
-
-def test_sigkill_during_checkpoint_write_keeps_previous(straight, tmp_path):
-    ref_cfg, _ = straight
-    cfg = clone_run(ref_cfg, tmp_path, fresh=True)
-    proc = cli_subprocess(["train", str(cfg), "--max-steps", str(STEPS)], patch=KILL_IN_SECOND_CHECKPOINT_WRITE)
-    assert proc.returncode == -9, proc.stderr[-2000:]
-    ck = run_dir(cfg) / "checkpoints"
-    assert sorted(p.name for p in ck.iterdir()) == [".tmp-step-00000020", "step-00000010"]
-    train_in_process(cfg, max_steps=STEPS)
-    assert not (ck / ".tmp-step-00000020").exists()
-    assert losses(cfg) == losses(ref_cfg)
+    assert summary["steps"] == STEPS and summary["final_loss"] == ref_summary["final_loss"]
 
 
 # ---------------------------------------------------------------------------------------------------- bad input
