@@ -33,24 +33,34 @@ def test_precisions_and_optimizers():
 
 
 def test_activations_korthikanti():
-    # 34·s·b·h bytes per layer in 16-bit (no s² scores with fused attention) + fp32 logits and their grad.
+    # Korthikanti et al.'s count applied to the Llama layer (plan/memory.py), by hand for h = 2048 (16 heads of
+    # 128, kv = h), ffn 5504 (the shape rule), bf16 (w = 2), per token and layer:
+    #   norms 2·(4h + 4 + 2·2h) = 16h + 8, attention 2·(2h + 2h) + 4·16 = 8h + 64, MLP 4·2·5504 = 44,032
+    #   → 24·2048 + 8 + 64 + 44,032 = 93,256 B; final norm 4h + 4 + 4h = 16,388 B; logits 3·4·V = 384,000 B.
+    tokens = 2048 * 4
     e = M.estimate(1e9, precision="bf16-mixed", seq_len=2048, micro_batch=4, n_layers=24, d_model=2048,
                    vocab_size=32000)
-    expect = 24 * 34 * 2048 * 4 * 2048 + 2 * 4 * 2048 * 4 * 32000
+    expect = 24 * 93_256 * tokens + 16_388 * tokens + 3 * 4 * tokens * 32000
     assert e.activations_gb == pytest.approx(expect / 1e9)
     ckpt = M.estimate(1e9, precision="bf16-mixed", seq_len=2048, micro_batch=4, n_layers=24, d_model=2048,
                       vocab_size=32000, activation_checkpointing=True)
-    # checkpointing keeps each layer's input (2·s·b·h) plus one layer being recomputed; logits stay.
-    assert ckpt.activations_gb == pytest.approx(
-        (24 * 2 * 2048 * 4 * 2048 + 34 * 2048 * 4 * 2048 + 2 * 4 * 2048 * 4 * 32000) / 1e9
-    )
+    # checkpointing keeps each layer's input (2·h bytes per token); the peak then adds the larger of the logits
+    # term (384,000 B per token, at the start of backward) and one recomputed layer (93,256 B).
+    assert ckpt.activations_gb == pytest.approx((24 * 2 * 2048 * tokens + 384_000 * tokens + 16_388 * tokens) / 1e9)
+    # fp32 (w = 4): norms 2·(4h + 4 + 8h) = 24h + 8, attention 4·4h + 64 = 16h + 64, MLP 16·5504 = 88,064.
     fp32 = M.estimate(1e9, precision="fp32", seq_len=2048, micro_batch=4, n_layers=24, d_model=2048, vocab_size=32000)
-    assert fp32.activations_gb == pytest.approx((2 * 24 * 34 * 2048 * 4 * 2048 + 2 * 4 * 2048 * 4 * 32000) / 1e9)
+    per_layer = 40 * 2048 + 8 + 64 + 88_064
+    assert fp32.activations_gb == pytest.approx(
+        (24 * per_layer * tokens + (12 * 2048 + 4) * tokens + 3 * 4 * tokens * 32000) / 1e9)
+    # Grouped-query attention stores k and v at n_kv_heads width: 4 kv heads of 128 save 2·2·2·(2048 − 512) B less.
+    gqa = M.estimate(1e9, precision="bf16-mixed", seq_len=2048, micro_batch=4, n_layers=24, d_model=2048,
+                     vocab_size=32000, n_heads=16, n_kv_heads=4)
+    assert (e.activations_gb - gqa.activations_gb) * 1e9 == pytest.approx(24 * tokens * 2 * 2 * (2048 - 512))
 
 
 def test_recommend_least_sharding_that_fits():
     rec, ests = M.recommend(40, params=7.5e9, gpus=64, seq_len=2048, micro_batch=1, n_layers=32, d_model=4096)
-    # ddp: 120 GB of states; zero1: 31.4 + 9.1 GB activations (32·34·2048·4096 B) + 0.5 GB logits > 40.
+    # ddp: 120 GB of states; zero1: 31.4 + 12.2 GB activations (32 layers × 186,504 B × 2048 tokens) > 40.
     assert rec == "zero2"
     assert ests["ddp"].total_gb > ests["zero1"].total_gb > 40 >= ests["zero2"].total_gb
     rec, _ = M.recommend(1, params=7.5e9, gpus=8, seq_len=2048, micro_batch=1, n_layers=32, d_model=4096)

@@ -148,6 +148,8 @@ class TrainConfig(_Section):
     grad_clip: float = Field(default=1.0, gt=0)
     precision: Literal["auto", "fp32", "bf16-mixed"] = "auto"
     parallel: Literal["auto", "ddp", "fsdp"] = "auto"
+    activation_checkpointing: bool = Field(default=False, description="recompute each decoder layer in backward")
+    cpu_offload: bool = Field(default=False, description="FSDP: keep sharded states and the optimizer step on the host")
     compile: bool = False
     eval_every: int = Field(default=50, ge=1)
     eval_tokens: int = Field(default=65536, ge=8, description="validation tokens per source per evaluation")
@@ -155,6 +157,13 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(default=100, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
     seed: int = 0
+
+    @field_validator("cpu_offload")
+    @classmethod
+    def _offload_needs_fsdp(cls, v: bool, info) -> bool:
+        if v and info.data.get("parallel") == "ddp":
+            raise ValueError("needs train.parallel: fsdp (or auto), not ddp: only FSDP2 offloads to the host")
+        return v
 
 
 class EvalConfig(_Section):

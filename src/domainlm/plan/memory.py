@@ -9,14 +9,26 @@ master weights, momentum, variance) bytes per GPU without sharding;
 ZeRO Fig. 1 (Ψ = 7.5B, N_d = 64): 120, 31.4, 16.6, 1.9 GB — reproduced in tests.
 
 Activations are not sharded by data parallelism (each GPU holds its own micro-batch):
-- with ``seq_len`` and ``micro_batch``: Korthikanti et al. 2022 (arXiv 2205.05198, eq. 2), per layer
-  s·b·h·(34 + 5·a·s/h) bytes in 16-bit — the 5·a·s/h term is the s×s attention scores, which a fused
-  (flash/SDPA) kernel never stores, so we use s·b·h·34 — plus the fp32 logits and their gradient
-  (2 · 4 · s·b·V bytes). fp32 training doubles the 16-bit terms. Activation checkpointing keeps only
-  each layer's input (2·s·b·h bytes per layer) plus one layer's activations while recomputing.
+- with ``seq_len`` and ``micro_batch``: Korthikanti et al. 2022's method (arXiv 2205.05198, §4.1: count
+  every tensor a layer saves for backward) applied to the layer domainlm trains — transformers'
+  LlamaDecoderLayer with SDPA — instead of their GPT layer (34·s·b·h bytes in 16-bit: GeLU MLP of 4h,
+  dropout masks, LayerNorm). Per token and layer, with w bytes per activation (2 in bf16, 4 in fp32),
+  h = d_model, kv = n_kv_heads·head_dim, f = ffn_dim, a = heads:
+    2 RMSNorms     2·(4h + 4 + 2·w·h)  fp32 upcast input, fp32 1/rms, normalised x, its weighted output
+    attention      w·(2h + 2kv) + 4a   q, k, v after RoPE, SDPA output (= o_proj's input), fp32
+                                       log-sum-exp; the fused kernel never stores the s×s scores
+                                       (Korthikanti's 5·a·s/h term)
+    SwiGLU MLP     4·w·f               gate, up, silu(gate), their product
+  = 8h + 8 + 6wh + 2w·kv + 4a + 4wf bytes — bf16 with kv = h, f ≈ 8h/3: ≈ 45h (vs their 34h); fp32 doubles
+  the w terms. Checked exactly against the bytes autograd saves (tests/test_activation_checkpointing.py).
+  Plus the final norm (4h + 4 + 2wh) and, at the start of backward, the fp32 log-probabilities that
+  cross-entropy saves, their gradient and the logits' gradient (3 · 4 · s·b·V). Activation checkpointing
+  (`train.activation_checkpointing`, per decoder layer) keeps each layer's input (w·h per token and layer);
+  in backward one layer at a time is recomputed, after the logits' memory is freed: the peak is the layer
+  inputs + the final norm + the larger of the logits term and one layer's activations.
 - without them: the course rule of thumb, ~8 bytes of activations and temporaries per parameter in fp32
   (4 in 16-bit), which makes 1B params in fp32 with Adam ≈ 4 + 4 + 8 + 8 = 24 GB (~6× the weights).
-  Checkpointing divides that term by 17 (34·s·b·h → 2·s·b·h per layer).
+  Checkpointing divides that term by 17 (Korthikanti's 34·s·b·h → 2·s·b·h per layer).
 GB here are 1e9 bytes, as in the ZeRO paper.
 """
 
@@ -36,6 +48,20 @@ SHARDING_NAMES = {
     "zero3": "ZeRO-3 / FSDP FULL_SHARD (optimizer states + grads + params)",
 }
 RULE_OF_THUMB_ACT_BYTES = 8.0  # per parameter, fp32 (course rule; see module docstring)
+
+
+def layer_activation_bytes(d_model: int, kv_dim: int, ffn_dim: int, n_heads: int, act_width: float) -> float:
+    """Bytes one LlamaDecoderLayer saves for backward per token (the module docstring names each term)."""
+    h, kv, f, a, w = d_model, kv_dim, ffn_dim, n_heads, act_width
+    norms = 2 * (4.0 * h + 4.0 + 2 * w * h)
+    attention = w * (2 * h + 2 * kv) + 4.0 * a
+    mlp = 4 * w * f
+    return norms + attention + mlp
+
+
+def final_norm_bytes(d_model: int, act_width: float) -> float:
+    """The final RMSNorm's saved tensors per token (the head's input is its output)."""
+    return 4.0 * d_model + 4.0 + 2 * act_width * d_model
 
 
 @dataclass(frozen=True)
@@ -91,6 +117,9 @@ def estimate(
     d_model: int | None = None,
     vocab_size: int = 32768,
     activation_checkpointing: bool = False,
+    n_heads: int | None = None,
+    n_kv_heads: int | None = None,
+    ffn_dim: int | None = None,
 ) -> MemoryEstimate:
     if params <= 0:
         raise UserError(f"--params: expected a number > 0, got {params:g}")
@@ -106,9 +135,12 @@ def estimate(
         shape = shape_for_params(params, vocab_size)
         n_layers = n_layers or shape.n_layers
         d_model = d_model or shape.d_model
-    from domainlm.plan.shape import ffn_for
+    from domainlm.plan.shape import ffn_for, head_dim_for
 
-    frac = adafactor_fraction(n_layers, d_model, ffn_for(d_model), vocab_size)
+    ffn_dim = ffn_dim or ffn_for(d_model)
+    n_heads = n_heads or d_model // head_dim_for(d_model)  # the shape rule's heads (plan/shape.py)
+    kv_dim = d_model // n_heads * (n_kv_heads or n_heads)
+    frac = adafactor_fraction(n_layers, d_model, ffn_dim, vocab_size)
     w, g, o = state_bytes(precision, optimizer, frac)
     nd = float(gpus)
     shard_w = nd if sharding == "zero3" else 1.0
@@ -117,15 +149,16 @@ def estimate(
 
     act_width = 4.0 if precision == "fp32" else 2.0  # bytes per activation value
     if seq_len is not None:
-        s, b, h = seq_len, micro_batch, d_model
-        per_layer = 34.0 * s * b * h * act_width / 2.0
-        if activation_checkpointing:
-            layers = n_layers * 2.0 * s * b * h * act_width / 2.0 + per_layer
+        tokens = seq_len * micro_batch
+        per_layer = layer_activation_bytes(d_model, kv_dim, ffn_dim, n_heads, act_width) * tokens
+        logits = 3 * 4.0 * tokens * vocab_size
+        if activation_checkpointing:  # every layer's input; one layer recomputed at a time, after the logits
+            act = n_layers * act_width * d_model * tokens + max(per_layer, logits)
         else:
-            layers = n_layers * per_layer
-        logits = 2 * 4.0 * s * b * vocab_size
-        act = layers + logits
-        method = "Korthikanti et al. 2022: 34·s·b·h per layer (fused attention) + fp32 logits"
+            act = n_layers * per_layer + logits
+        act += final_norm_bytes(d_model, act_width) * tokens
+        method = ("Korthikanti et al. 2022's count for the Llama layer (fused attention)"
+                  + (", checkpointed per layer" if activation_checkpointing else "") + " + fp32 logits")
     else:
         act = params * RULE_OF_THUMB_ACT_BYTES * act_width / 4.0
         if activation_checkpointing:

@@ -29,7 +29,8 @@ from domainlm.model import MODEL_DIR, TOKENIZER_DIR, build_model, export_hf, res
 from domainlm.plan.hardware import ACCELERATORS
 from domainlm.train import checkpoint as ckpt
 from domainlm.train.data import MixtureLoader, val_windows
-from domainlm.train.parallel import Dist, barrier, choose_parallel, init_distributed, parallelize, shutdown, unwrap
+from domainlm.train.parallel import (Dist, barrier, choose_parallel, init_distributed, parallelize, shutdown,
+                                      step_precision, unwrap)
 from domainlm.train.schedule import lr_at
 from domainlm.train.step import autocast_for, next_token_loss, train_step
 
@@ -203,8 +204,11 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
     model = build_model(shape, max_pos, seed=t.seed, bos_id=tok.bos_token_id, eos_id=counts.get("eos_id"),
                         pad_id=tok.pad_token_id).to(world.device)
     config = model.config
-    mode = choose_parallel(t.parallel, shape, world, seq_len=t.seq_len, micro_batch=t.micro_batch, precision=precision)
-    model = parallelize(model, mode, world, compile=t.compile)
+    mode = choose_parallel(t.parallel, shape, world, seq_len=t.seq_len, micro_batch=t.micro_batch, precision=precision,
+                           activation_checkpointing=t.activation_checkpointing, cpu_offload=t.cpu_offload)
+    model = parallelize(model, mode, world, compile=t.compile, activation_checkpointing=t.activation_checkpointing,
+                        precision=precision, cpu_offload=t.cpu_offload)
+    amp = step_precision(mode, world, precision)  # autocast, unless FSDP2 on CUDA already computes in bf16
     optimizer = make_optimizer(unwrap(model), t, world.device)
     loader = MixtureLoader(train_tokens, weights, seq_len=t.seq_len, global_batch=global_batch, rank=world.rank,
                            world_size=world.world_size, seed=t.seed)
@@ -250,7 +254,7 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
 
     def run_eval() -> None:
         res = evaluate(unwrap(model), val_tokens, counts, seq_len=t.seq_len, micro_batch=t.micro_batch,
-                       max_tokens=t.eval_tokens, world=world, precision=precision)
+                       max_tokens=t.eval_tokens, world=world, precision=amp)
         log({"kind": "eval", "step": step, **{f"val_loss/{k}": v["loss"] for k, v in res.items()},
              **{f"bpb/{k}": v["bpb"] for k, v in res.items()}})
         if tb is not None:
@@ -273,7 +277,7 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
                 t0 = time.perf_counter()
                 batch, _ = loader.next_batch()
                 res = train_step(model, optimizer, batch.to(world.device, non_blocking=True), lr=lr,
-                                 micro_batch=t.micro_batch, grad_clip=t.grad_clip, precision=precision)
+                                 micro_batch=t.micro_batch, grad_clip=t.grad_clip, precision=amp)
                 dt = time.perf_counter() - t0
                 step += 1
                 rates.append(tokens_per_step / dt)

@@ -1,8 +1,15 @@
 """Parallelism, applied from outside the model: torch.distributed from torchrun's environment, then
-DDP (replicated) or FSDP2 (`fully_shard` per decoder layer, ZeRO-3), optionally after `torch.compile`.
+activation checkpointing, `torch.compile` and DDP (replicated) or FSDP2 (`fully_shard` per decoder layer,
+ZeRO-3).
 
-Order follows torchtitan: compile each decoder layer → shard/replicate. The same code runs on 1 CPU
-process (no process group, no wrapper), N CPU processes (gloo) and N GPUs (nccl), single or multi-node.
+Order follows torchtitan: checkpoint each decoder layer → compile each decoder layer → shard/replicate. The
+same code runs on 1 CPU process (no process group, no wrapper), N CPU processes (gloo) and N GPUs (nccl),
+single or multi-node.
+
+Precision: fp32 everywhere on CPU. On CUDA with ``bf16-mixed``, FSDP2 keeps fp32 sharded parameters (the
+optimizer's master weights) and all-gathers them as bf16 for compute, reducing gradients in fp32
+(``MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=fp32)``, the policy torchtitan trains Llama with), so
+the step needs no autocast; DDP and a single GPU keep fp32 weights under bf16 autocast.
 """
 
 from __future__ import annotations
@@ -53,9 +60,11 @@ def barrier() -> None:
 
 
 def choose_parallel(mode: str, shape: ModelShape, world: Dist, *, seq_len: int, micro_batch: int,
-                    precision: str) -> str:
+                    precision: str, activation_checkpointing: bool = False, cpu_offload: bool = False) -> str:
     """``none`` for one process; ``auto`` → DDP when replicated training fits the device's memory per the
-    plan's memory model (weights + grads + Adam + activations), else FSDP (ZeRO-3)."""
+    plan's memory model (weights + grads + Adam + activations), else FSDP (ZeRO-3). CPU offload is FSDP's."""
+    if cpu_offload and world.device.type == "cuda":
+        return "fsdp"
     if world.world_size == 1 and mode != "fsdp":
         return "none"
     if mode != "auto":
@@ -66,16 +75,49 @@ def choose_parallel(mode: str, shape: ModelShape, world: Dist, *, seq_len: int, 
     est = M.estimate(
         shape.params_total, precision="fp32" if precision == "fp32" else "bf16-mixed", sharding="ddp",
         gpus=world.world_size, seq_len=seq_len, micro_batch=micro_batch, n_layers=shape.n_layers,
-        d_model=shape.d_model, vocab_size=shape.vocab_size,
+        d_model=shape.d_model, vocab_size=shape.vocab_size, activation_checkpointing=activation_checkpointing,
+        n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads, ffn_dim=shape.ffn_dim,
     )
     return "ddp" if est.total_gb <= 0.9 * capacity_gb else "fsdp"  # 10% headroom: allocator, NCCL buffers
 
 
-def parallelize(model: torch.nn.Module, mode: str, world: Dist, *, compile: bool = False) -> torch.nn.Module:
-    """Return the module to train: ``model`` itself (none/fsdp — `fully_shard` works in place) or a DDP wrapper."""
+def fsdp_mixed_precision(mode: str, world: Dist, precision: str) -> bool:
+    """Whether FSDP2 casts parameters to bf16 itself (CUDA, ``bf16-mixed``) — then the step runs without autocast."""
+    return mode == "fsdp" and world.device.type == "cuda" and precision == "bf16-mixed"
+
+
+def step_precision(mode: str, world: Dist, precision: str) -> str:
+    """The precision `train_step`/`evaluate` should autocast to: none when FSDP2 already computes in bf16."""
+    return "fp32" if fsdp_mixed_precision(mode, world, precision) else precision
+
+
+def checkpoint_layers(model: torch.nn.Module) -> None:
+    """Activation checkpointing per decoder layer: each layer keeps only its input for backward and recomputes
+    the rest (Chen et al. 2016, arXiv 1604.06174; what BloombergGPT did on every layer). Non-reentrant
+    `torch.utils.checkpoint`, which composes with `torch.compile` and FSDP2. Weights keep their names: the
+    wrapper strips its own prefix from state dicts, so checkpoints and the HF export are unchanged."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    layers = model.model.layers
+    for i, layer in enumerate(layers):
+        layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)  # no dropout: no RNG to replay
+
+
+def parallelize(model: torch.nn.Module, mode: str, world: Dist, *, compile: bool = False,
+                activation_checkpointing: bool = False, precision: str = "fp32",
+                cpu_offload: bool = False) -> torch.nn.Module:
+    """Return the module to train: ``model`` itself (none/fsdp — `fully_shard` works in place) or a DDP wrapper.
+
+    ``cpu_offload`` (FSDP only): sharded parameters, gradients and the optimizer step live in host memory
+    (`CPUOffloadPolicy`), for a model whose states do not fit the GPUs even fully sharded."""
+    if activation_checkpointing:
+        checkpoint_layers(model)
     if compile:
         for layer in model.model.layers:
             layer.compile()  # per block: small graphs compile fast and reuse (torchtitan)
+    cpu_offload = cpu_offload and world.device.type == "cuda"  # on a CPU the states are in host memory already
+    if cpu_offload and mode != "fsdp":
+        raise ValueError(f"cpu_offload needs FSDP, not {mode!r}")
     if mode == "none":
         return model
     if mode == "ddp":
@@ -84,22 +126,32 @@ def parallelize(model: torch.nn.Module, mode: str, world: Dist, *, compile: bool
         return DDP(model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
     if mode == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         if not dist.is_initialized():  # FSDP on one process (e.g. resuming a sharded run alone)
             _init_single_process_group(world)
         mesh = init_device_mesh(world.device.type, (dist.get_world_size(),))
+        kw = {"mesh": mesh, "offload_policy": CPUOffloadPolicy() if cpu_offload else OffloadPolicy()}
+        if fsdp_mixed_precision(mode, world, precision):
+            # bf16 all-gathers and matmuls; fp32 gradient reduce-scatter (a sum over ranks in bf16 loses bits).
+            kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for layer in model.model.layers:
-            fully_shard(layer, mesh=mesh)  # one all-gather per layer in forward and backward
-        fully_shard(model, mesh=mesh)  # embeddings, final norm, head
+            fully_shard(layer, **kw)  # one all-gather per layer in forward and backward
+        fully_shard(model, **kw)  # embeddings, final norm, head
         return model
     raise ValueError(f"unknown parallel mode {mode!r}")
 
 
 def _init_single_process_group(world: Dist) -> None:
+    import atexit
+    import shutil
     import tempfile
 
-    store = dist.FileStore(tempfile.mktemp(prefix="domainlm-pg-"), 1)
+    # The store's file lives in a private (0700) folder of our own: a name from mktemp could be taken by
+    # another user between choosing and creating it. Removed at exit.
+    folder = tempfile.mkdtemp(prefix="domainlm-pg-")
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    store = dist.FileStore(os.path.join(folder, "store"), 1)
     dist.init_process_group("nccl" if world.device.type == "cuda" else "gloo", store=store, rank=0, world_size=1)
 
 
