@@ -78,3 +78,72 @@ def test_fsdp_two_processes_match_one_and_resume_on_one(reference, tmp_path):
     # ... and into a plain single-process model (no process group at all).
     train_in_process(plain, max_steps=STEPS)
     assert_close_curves(losses(plain), losses(reference))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_nodes(cfg, steps: int, *, fault_node: int | None = None, fault: str = "", fault_dir: Path | None = None):
+    """Two torchrun "nodes" on this host, one process each, meeting at a c10d rendezvous on localhost — the
+    multi-node launch of docs/training.md with ``--nnodes 2``. Each node is its own session (process group), as
+    on two machines: a fault kills one node only."""
+    import os
+    import subprocess
+
+    endpoint = f"127.0.0.1:{_free_port()}"
+    procs = []
+    for node in range(2):
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+        env.pop("DOMAINLM_FAULT", None)
+        if node == fault_node:
+            env.update(DOMAINLM_FAULT=fault, DOMAINLM_FAULT_DIR=str(fault_dir))
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               f"--node_rank={node}", "--rdzv_backend=c10d", f"--rdzv_endpoint={endpoint}", "--rdzv_id=domainlm-test",
+               "--max_restarts=0", "-m", "domainlm", "train", str(cfg), "--max-steps", str(steps)]
+        procs.append(subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                      start_new_session=True))
+    return procs
+
+
+def wait_nodes(procs, timeout: float = 120) -> list[tuple[int, str]]:
+    import os
+    import signal
+    import subprocess
+
+    out = []
+    for p in procs:
+        try:
+            _, err = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:  # a node left hanging would be a bug: end it and fail below
+            os.killpg(p.pid, signal.SIGKILL)
+            _, err = p.communicate()
+            err += "\n(hung: killed by the test)"
+        out.append((p.returncode, err))
+    return out
+
+
+def test_two_nodes_match_one_process_and_resume_after_a_node_is_killed(reference, tmp_path):
+    """Node 1's training process is SIGKILLed (by fault injection) after step 6 of 8 and its torchrun agent
+    fails; node 0 then fails on its own (its peer is gone). Restarting both nodes resumes from the step-4
+    checkpoint, and the loss curve of the two-node run — steps 1–4 before the kill, 5–8 after the restart — is
+    the one-process curve."""
+    cfg = fresh_clone(reference, tmp_path, parallel="ddp")
+    (node0, err0), (node1, err1) = wait_nodes(start_nodes(cfg, STEPS, fault_node=1, fault="train.step:6",
+                                                          fault_dir=tmp_path))
+    assert node1 != 0 and "Signal 9 (SIGKILL)" in err1, err1[-3000:]  # torchrun runs workers in their own group
+    assert node0 != 0 and "hung" not in err0, err0[-3000:]
+    assert [p.name for p in (run_dir(cfg) / "checkpoints").iterdir() if p.name.startswith("step-")] == ["step-00000004"]
+    assert "2 process(es) (ddp)" in " ".join((err0 + err1).split())
+    assert_close_curves(losses(cfg)[:4], losses(reference)[:4])
+
+    done = wait_nodes(start_nodes(cfg, STEPS))
+    assert [rc for rc, _ in done] == [0, 0], "\n".join(err[-3000:] for _, err in done)
+    assert "resuming from" in " ".join("".join(err for _, err in done).split())
+    assert_close_curves(losses(cfg), losses(reference))
+    a, b = weights(run_dir(reference) / "model"), weights(run_dir(cfg) / "model")
+    assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
