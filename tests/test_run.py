@@ -1,21 +1,33 @@
 """End to end: `domainlm run --quick` on the packaged legal demo, then a rerun that does nothing."""
 
 import json
+from pathlib import Path
 
 import pytest
 
+from crashkit import KILLED, domainlm, is_temp, stamps, tree
 from domainlm.ablate import parse_weights, reweighted
 from domainlm.config import load_config
 from domainlm.errors import UserError
 
 
+def _comparable(summary: dict) -> dict:
+    """What `domainlm run --json` reports about the models (paths and timings differ run to run)."""
+    return {k: summary[k] for k in ("sources", "probe_acc", "baseline_probe_acc")}
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory) -> tuple[Path, dict]:
+    """`domainlm run --quick` on the packaged demo, uninterrupted: its run directory and JSON summary."""
+    cwd = tmp_path_factory.mktemp("quick")
+    proc = domainlm(["run", "--quick", "--json"], cwd=cwd)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return cwd / "runs" / "legal-demo-quick", json.loads(proc.stdout)
+
+
 @pytest.mark.slow
-def test_run_quick_end_to_end_and_idempotent(tmp_path, monkeypatch, cli):
-    monkeypatch.chdir(tmp_path)
-    code, out, err = cli("run", "--quick", "--json")
-    assert code == 0, err[-3000:]
-    summary = json.loads(out)
-    run = tmp_path / "runs" / "legal-demo-quick"
+def test_run_quick_end_to_end_and_idempotent(quick):
+    run, summary = quick
     ev = json.loads((run / "eval" / "eval.json").read_text())
     assert set(ev["sources"]) == {"legal", "news"}
     for s in ev["sources"].values():
@@ -30,13 +42,43 @@ def test_run_quick_end_to_end_and_idempotent(tmp_path, monkeypatch, cli):
               "model/model.safetensors", "logs/metrics.jsonl", "ablate/w0/model/model.safetensors"):
         assert (run / f).exists(), f
 
-    weights = run / "model" / "model.safetensors"
-    before = {p: p.stat().st_mtime_ns for p in (weights, page, run / "eval" / "eval.json")}
-    code, out, err = cli("run", "--quick")
-    assert code == 0, err[-3000:]
+    outputs = ("plan.json", "data", "tokenizer", "tokens", "model", "checkpoints", "logs", "eval", "ablate", "report")
+    before = stamps(run, *outputs)
+    proc = domainlm(["run", "--quick"], cwd=run.parent.parent)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout + proc.stderr
     assert "done already" in out and "report: inputs unchanged, skipped" in out
     assert "step " not in out  # no training step ran
-    assert {p: p.stat().st_mtime_ns for p in before} == before  # nothing rewritten
+    assert stamps(run, *outputs) == before  # nothing rewritten
+
+
+# One kill inside each stage of the main job, each rerun resuming the previous one's work and dying in the next
+# stage; the last rerun finishes. (plan has no site: it writes one file atomically and is redone in seconds.)
+KILLS = [
+    "prepare.task_done:5",  # prepare: a datatrove task of the legal source
+    "tokenizer.before_save:1",  # tokenizer: trained, not saved
+    "tokenize.part_done:1",  # tokenize: one part written
+    "train.step:7",  # train
+    "eval.source_done:1",  # eval: one source scored
+    "train.step:3",  # baseline: the main model is trained, these are the baseline's steps
+    "report.mid_write:1",  # report: figures written, page not published
+]
+
+
+@pytest.mark.slow
+def test_run_killed_in_every_stage_finishes_with_the_same_summary(quick, tmp_path):
+    ref_run, ref_summary = quick
+    for fault in KILLS:
+        proc = domainlm(["run", "--quick"], cwd=tmp_path, fault=fault, fault_dir=tmp_path)
+        assert proc.returncode == KILLED, f"{fault}: rc {proc.returncode}; {proc.stderr[-2000:]}"
+    run = tmp_path / "runs" / "legal-demo-quick"
+    assert not (run / "report" / "index.html").exists()
+    proc = domainlm(["run", "--quick", "--json"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert _comparable(json.loads(proc.stdout)) == _comparable(ref_summary)
+    assert tree(run, "data", "tokens", "tokenizer/tokenizer.json") == tree(
+        ref_run, "data", "tokens", "tokenizer/tokenizer.json")
+    assert not [p for p in run.rglob("*") if is_temp(str(p.relative_to(run)))]
 
 
 def test_domain_weights_parsing():

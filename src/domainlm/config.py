@@ -50,6 +50,9 @@ class SlurmConfig(_Section):
     mem_per_cpu_gb: float = Field(default=2.0, gt=0)
     qos: str | None = None
     sbatch_args: dict[str, str] = Field(default_factory=dict)
+    # true: `prepare` waits for each stage's job array and ends with data/stats.json, like a local run;
+    # false: it submits the stages chained by --dependency and returns; a rerun writes the statistics
+    wait: bool = True
 
 
 class RayConfig(_Section):
@@ -277,7 +280,10 @@ def dump_config(cfg: RunConfig) -> str:
 def write_resolved(cfg: RunConfig, run_dir: Path) -> Path:
     run_dir.mkdir(parents=True, exist_ok=True)
     out = run_dir / "config.yaml"
+    text = dump_config(cfg)
+    if out.exists() and out.read_text(encoding="utf-8") == text:
+        return out  # unchanged: a rerun of a finished run rewrites nothing
     tmp = out.with_suffix(".yaml.tmp")
-    tmp.write_text(dump_config(cfg), encoding="utf-8")
+    tmp.write_text(text, encoding="utf-8")
     tmp.replace(out)
     return out

@@ -540,6 +540,8 @@ def build_report(run_dir: Path | str) -> dict:
             sections.append(s)
     now = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     page = r.out / "index.html"
+    for stale in r.out.glob(".index.html.tmp-*"):  # left by a report killed mid-write
+        stale.unlink(missing_ok=True)
     tmp = page.with_name(f".index.html.tmp-{os.getpid()}")
     tmp.write_text(render(r, sections, now), encoding="utf-8")
     faults.hit("report.mid_write")
