@@ -77,7 +77,9 @@ def score_sequences(
     """Sum of −log p(ids[j] | ids[:j]) in nats over ``j ≥ starts[i]`` for each sequence (float64 array).
 
     Sequences are sorted by length and right-padded into batches of about ``batch_tokens`` tokens; right
-    padding with an attention mask leaves the real positions' logits unchanged in a causal model."""
+    padding with an attention mask leaves the real positions' logits unchanged in a causal model. A batch
+    without padding (all windows but each document's last are full) gets no mask, so SDPA runs its causal
+    kernel (flash attention on CUDA) instead of a masked one."""
     import torch
     import torch.nn.functional as F
 
@@ -91,20 +93,22 @@ def score_sequences(
         width = len(seqs[order[i]])
         group = order[i : i + max(1, batch_tokens // max(1, width - 1))]
         i += len(group)
-        ids = torch.zeros(len(group), width, dtype=torch.long)
-        attn = torch.zeros_like(ids)
-        scored = torch.zeros(len(group), width - 1, dtype=torch.bool)  # per label position (ids[1:])
+        ids = np.zeros((len(group), width), dtype=np.int64)
+        attn = np.zeros_like(ids)
+        scored = np.zeros((len(group), width - 1), dtype=bool)  # per label position (ids[1:])
         for r, k in enumerate(group):
             s = seqs[k]
-            ids[r, : len(s)] = torch.tensor(s, dtype=torch.long)
+            ids[r, : len(s)] = s
             attn[r, : len(s)] = 1
             scored[r, max(starts[k], 1) - 1 : len(s) - 1] = True
-        ids, attn, scored = ids.to(device), attn.to(device), scored.to(device)
+        padded = not attn.all()
+        ids, scored = torch.from_numpy(ids).to(device), torch.from_numpy(scored).to(device)
+        mask = torch.from_numpy(attn[:, :-1]).to(device) if padded else None
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(input_ids=ids[:, :-1], attention_mask=attn[:, :-1]).logits
+            logits = model(input_ids=ids[:, :-1], attention_mask=mask, use_cache=False).logits
         # fp32 softmax even under autocast: small per-token errors add up over 10^5 tokens.
-        ce = F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none")
-        sums = (ce * scored).double().sum(dim=1).cpu().numpy()
+        ce = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
+        sums = (ce.view(len(group), width - 1) * scored).double().sum(dim=1).cpu().numpy()
         nll[group] = sums
         if progress is not None:
             progress(len(group), len(seqs))
@@ -117,6 +121,7 @@ class TextScore:
     tokens: int  # scored tokens (the text's tokens, prefix excluded)
     bytes: int
     docs: int
+    forward_tokens: int = 0  # tokens the model read: the compute, ≥ tokens (windows overlap by context − stride)
 
     def as_dict(self) -> dict:
         loss = self.nll_nats / self.tokens if self.tokens else float("nan")
@@ -129,6 +134,9 @@ class TextScore:
             "docs": self.docs,
             "bytes_per_token": self.bytes / self.tokens if self.tokens else float("nan"),
             "nll_bits": self.nll_nats / LN2,
+            "forward_tokens": self.forward_tokens,
+            # forward tokens per scored token: what the stride costs (1 + overlap; ≈ context/stride on long docs)
+            "cost": self.forward_tokens / self.tokens if self.tokens else float("nan"),
         }
 
 
@@ -150,6 +158,26 @@ def score_texts(
         for s, a, b in windows(len(full), len(prefix), context, stride):
             seqs.append(full[s:b])
             starts.append(a - s)
-    nll = score_sequences(model, seqs, starts, batch_tokens=batch_tokens, progress=progress)
+    forward_tokens = sum(len(q) - 1 for q in seqs)
+    # Data-parallel under torchrun: each rank scores every world-th window of the length-sorted list (balanced
+    # work), and the sums meet in one all-reduce. float64 sums are order-independent to ~1e-16.
+    rank, world = _rank_world()
+    if world > 1:
+        order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))[rank::world]
+        seqs, starts = [seqs[i] for i in order], [starts[i] for i in order]
+    total = float(score_sequences(model, seqs, starts, batch_tokens=batch_tokens, progress=progress).sum())
+    if world > 1:
+        import torch
+        import torch.distributed as dist
+
+        t = torch.tensor([total], dtype=torch.float64, device=next(model.parameters()).device)
+        dist.all_reduce(t)
+        total = float(t.item())
     n_bytes = sum(len(d.encode("utf-8")) for d in docs)
-    return TextScore(float(nll.sum()), n_tokens, n_bytes, len(docs))
+    return TextScore(total, n_tokens, n_bytes, len(docs), forward_tokens)
+
+
+def _rank_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)

@@ -76,10 +76,13 @@ def run_eval(
     if not named and not probe_items:
         raise UserError(f"{model_or_run}: nothing to score; give --text NAME=PATH, --run RUN_DIR or --probes FILE")
 
-    import torch
+    from domainlm.train.parallel import init_distributed
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model, tok = inputs.load_model(target.model_dir, device)
+    world = init_distributed()  # under torchrun every rank scores its share of the windows (bpb.score_texts)
+    device = world.device.type
+    if not world.is_main:
+        console = None
+    model, tok = inputs.load_model(target.model_dir, str(world.device))
     ctx = context or ecfg.context or min(bpb.model_context(model), bpb.DEFAULT_MAX_CONTEXT)
     ctx = min(ctx, bpb.model_context(model))  # positions past the trained context are meaningless
     step = stride or ecfg.stride or max(1, ctx // 2)
@@ -90,6 +93,7 @@ def run_eval(
         "model": str(target.model_dir),
         "run_dir": str(target.run_dir) if target.run_dir else None,
         "device": device,
+        "processes": world.world_size,
         "context": ctx,
         "stride": step,
         "max_bytes_per_source": max_bytes,
@@ -109,7 +113,7 @@ def run_eval(
     result["seconds"] = round(time.perf_counter() - t0, 2)
 
     dest = out if out is not None else (target.run_dir / "eval" / "eval.json" if target.is_run else None)
-    if dest is not None:
+    if dest is not None and world.is_main:
         _write_json(Path(dest), result)
         if target.is_run:
             mark_done(target.run_dir, "eval", eval_fingerprint(target.model_dir, ecfg, probe_path, texts))
@@ -176,6 +180,13 @@ def print_eval(result: dict, console: Console) -> None:
                       f"{s['tokens']:,}", f"{s['bytes']:,}", f"{s['bytes_per_token']:.2f}")
     if result["sources"]:
         console.print(table)
+        read = sum(s.get("forward_tokens", 0) for s in result["sources"].values())
+        scored = sum(s["tokens"] for s in result["sources"].values())
+        if read and scored:  # what --stride costs: tokens the model read per token scored
+            console.print(f"[dim]compute: the model read {read / scored:.2f}× the scored tokens (stride "
+                          f"{result['stride']} of context {result['context']}; --stride {result['context']} reads "
+                          "each token once with less left context, a smaller stride costs ≈ context/stride×)[/]",
+                          highlight=False)
     p = result.get("probes")
     if p:
         console.print(
