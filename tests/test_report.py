@@ -167,6 +167,7 @@ def test_full_report_is_self_contained(tmp_path, cli):
 def test_missing_inputs_say_which_stage_to_run(tmp_path, cli):
     run = tmp_path / "fresh"
     run.mkdir()
+    (run / "config.yaml").write_text("name: fresh\n")  # what `domainlm plan CONFIG` writes first
     code, out, err = cli("report", str(run))
     assert code == 0, err
     html = (run / "report" / "index.html").read_text(encoding="utf-8")

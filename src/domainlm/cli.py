@@ -14,6 +14,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from domainlm import __version__
 from domainlm.errors import ConfigError, UserError
@@ -53,6 +54,73 @@ def print_json(obj) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=_json_default) + "\n")
 
 
+def _wrote(path) -> None:
+    console.print(f"wrote [bold]{escape(str(path))}[/]")
+
+
+def _config_dir(config: Path | None, quick: bool = False) -> Path:
+    """The run directory a config writes into (checked before any work: see `stages.locked`)."""
+    from domainlm.config import load_config
+
+    cfg = load_config(config)
+    if quick:
+        from domainlm.run import quick_config
+
+        cfg = quick_config(cfg)
+    return cfg.directory()
+
+
+def _locked(run_dir: Path, command: str):
+    from domainlm import stages
+
+    return stages.locked(run_dir, command)
+
+
+def _is_run(folder: Path) -> bool:
+    """A folder some stage of domainlm wrote into (its resolved config, stage markers or a stage's output)."""
+    from domainlm.report.html import PRODUCERS
+
+    folder = Path(folder)
+    return folder.is_dir() and any((folder / rel).exists() for rel in ("config.yaml", ".stages", "model", *PRODUCERS))
+
+
+def _writable_file(path: Path, flag: str) -> Path:
+    """Fail before any expensive work when ``flag``'s output file cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{flag} {path}: is a folder; give a file name")
+    _writable_folder(path.parent, flag, path)
+    return path
+
+
+def _writable_folder(folder: Path, flag: str, shown: Path | None = None) -> Path:
+    import tempfile
+
+    shown = shown or folder
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {shown}: {folder} is a file, not a folder; choose another path")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as e:
+        raise UserError(f"{flag} {shown}: cannot write to {folder} ({e.strerror}); choose a writable path") from None
+    return folder
+
+
+PLOT_SUFFIXES = (".png", ".svg", ".pdf")
+
+
+def _plot_path(plot: Path) -> Path:
+    """--plot: a file name with an image suffix, or an existing folder (the chart goes to FOLDER/plan.png)."""
+    if plot.is_dir():
+        plot = plot / "plan.png"
+    elif plot.suffix.lower() not in PLOT_SUFFIXES:
+        raise UserError(f"--plot {plot}: expected an image file name ending in {', '.join(PLOT_SUFFIXES)} "
+                        "(or an existing folder)")
+    return _writable_file(plot, "--plot")
+
+
 def _json_default(o):
     if hasattr(o, "tolist"):
         return o.tolist()
@@ -85,9 +153,26 @@ def plan(
     as_json: JsonOpt = False,
 ) -> None:
     """Size the model and its token budget with scaling laws (compute-optimal and data-constrained)."""
+    import contextlib
+
+    plot = _plot_path(plot) if plot is not None else None
+    with _locked(_config_dir(config), "plan") if config is not None else contextlib.nullcontext():
+        result, written = _plan(config, flops, gpu, gpus, hours, mfu, unique_tokens, weight, law, vocab_size, seq_len,
+                                plot)
+    if as_json:
+        print_json(result)
+        return
+    from domainlm.plan.report import print_plan
+
+    print_plan(result, console)
+    for p in written:
+        _wrote(p)
+
+
+def _plan(config, flops, gpu, gpus, hours, mfu, unique_tokens, weight, law, vocab_size, seq_len, plot):
     from domainlm.plan.command import run_plan
 
-    result, written = run_plan(
+    return run_plan(
         config,
         flops=flops,
         gpu=gpu,
@@ -101,14 +186,6 @@ def plan(
         seq_len=seq_len,
         plot=plot,
     )
-    if as_json:
-        print_json(result)
-        return
-    from domainlm.plan.report import print_plan
-
-    print_plan(result, console)
-    for p in written:
-        console.print(f"wrote [bold]{p}[/]")
 
 
 # ---------------------------------------------------------------------------------------------------- memory
@@ -178,7 +255,8 @@ def tokenizer(config: ConfigArg = None, as_json: JsonOpt = False) -> None:
     """Train the tokenizer on the prepared data (mixture-weighted) and audit it against a general-only baseline."""
     from domainlm.tokenizer import print_audit, run_tokenizer
 
-    result = run_tokenizer(config, console=None if as_json else console)
+    with _locked(_config_dir(config), "tokenizer"):
+        result = run_tokenizer(config, console=None if as_json else console)
     if as_json:
         print_json(result)
         return
@@ -197,7 +275,8 @@ def train(
     """Pretrain the model from scratch (resumes from the latest checkpoint); also `torchrun -m domainlm train`."""
     from domainlm.train.loop import run_training
 
-    run_training(config, restart=restart, max_steps=max_steps, console=err_console)
+    with _locked(_config_dir(config), "train"):
+        run_training(config, restart=restart, max_steps=max_steps, console=err_console)
 
 
 @app.command()
@@ -243,6 +322,16 @@ def finetune(
 
     args = FinetuneArgs(steps=steps, batch_size=batch_size, micro_batch=min(micro_batch, batch_size), lr=lr,
                         seed=seed, lora=lora, too_long=too_long)
+    if out is not None:
+        _writable_folder(Path(out), "--out")
+    if not (Path(model_or_run) / "config.json").is_file() and (Path(model_or_run) / "model").is_dir():
+        with _locked(model_or_run, "finetune"):  # a run directory: the output goes to <run>/finetune/
+            _finetune(model_or_run, data, val, out, args, compare, test, task, restart)
+    else:
+        _finetune(model_or_run, data, val, out, args, compare, test, task, restart)
+
+
+def _finetune(model_or_run, data, val, out, args, compare, test, task, restart) -> None:
     if compare is None:
         from domainlm.finetune.loop import finetune as run_finetune
 
@@ -255,7 +344,7 @@ def finetune(
                                   restart=restart, console=err_console)
     print_compare(result, console)
     for p in written:
-        console.print(f"wrote [bold]{p}[/]")
+        _wrote(p)
 
 
 @app.command()
@@ -271,6 +360,7 @@ def tasks(
 
     if name != "licensedb":
         raise UserError(f"tasks: unknown task set {name!r}; expected licensedb")
+    _writable_folder(out, "--out")
     result = write_task_data(out, test_fraction=test_fraction, seed=seed)
     print_json(result) if as_json else print_balance(result, console)
 
@@ -298,6 +388,18 @@ def eval_(
     as_json: JsonOpt = False,
 ) -> None:
     """Bits per byte per source and on your text, loss/token, perplexity, and domain-term probe accuracy."""
+    import contextlib
+
+    if out is not None:
+        _writable_file(out, "--out")  # before the evaluation, not after it
+    target = Path(model_or_run)
+    writes_run = out is None and not (target / "config.json").is_file() and (
+        (target / "config.yaml").is_file() or (target / "model").is_dir())  # eval.json goes to <run>/eval/
+    with _locked(target, "eval") if writes_run else contextlib.nullcontext():
+        _eval(model_or_run, text, probes, run_dir, out, context, stride, max_bytes, task, task_data, as_json)
+
+
+def _eval(model_or_run, text, probes, run_dir, out, context, stride, max_bytes, task, task_data, as_json) -> None:
     from domainlm.evaluate.command import print_eval, run_eval
 
     if task:
@@ -318,7 +420,7 @@ def eval_(
         return
     print_eval(result, console)
     if written is not None:
-        console.print(f"wrote [bold]{written}[/]")
+        _wrote(written)
 
 
 # ---------------------------------------------------------------------------------------------------- report (issue 5)
@@ -332,7 +434,13 @@ def report(
     """One self-contained HTML page (plus PNGs) in RUN_DIR/report/: plan, data, tokenizer, loss curves, eval."""
     from domainlm.report import build_report, print_report
 
-    result = build_report(run_dir)
+    if run_dir.is_dir() and not _is_run(run_dir):
+        raise UserError(f"{run_dir}: not a run directory (no config.yaml, plan.json or other stage output); "
+                        "give the folder of a run, e.g. runs/<name>")
+    if not run_dir.is_dir():
+        build_report(run_dir)  # its own error: no such run directory
+    with _locked(run_dir, "report"):
+        result = build_report(run_dir)
     print_json(result) if as_json else print_report(result, console)
 
 
@@ -351,8 +459,11 @@ def scaling(
     """IsoFLOP sweep on the prepared data, Chinchilla fits → law.json for `domainlm plan --law fitted:PATH`."""
     from domainlm.scaling.sweep import print_scaling, run_sweep
 
-    result = run_sweep(config, budgets, sizes, law_out=law_out, step_tokens=tokens_per_step,
-                       console=err_console if as_json else console)
+    if law_out is not None:
+        _writable_file(law_out, "--law-out")
+    with _locked(_config_dir(config), "scaling"):
+        result = run_sweep(config, budgets, sizes, law_out=law_out, step_tokens=tokens_per_step,
+                           console=err_console if as_json else console)
     print_json(result) if as_json else print_scaling(result, console)
 
 
@@ -368,7 +479,8 @@ def run(
     """The whole pipeline (plan → prepare → tokenizer → train → eval → baseline → report), skipping done stages."""
     from domainlm.run import run_all
 
-    run_all(config, console=err_console if as_json else console, quick=quick, as_json=as_json)
+    with _locked(_config_dir(config, quick), "run"):
+        run_all(config, console=err_console if as_json else console, quick=quick, as_json=as_json)
 
 
 # ---------------------------------------------------------------------------------------------------- ablate
@@ -383,8 +495,42 @@ def ablate(
     """Train the same model shape on the same token budget per domain weight; bpb of each on every source."""
     from domainlm.ablate import print_ablation, run_ablate
 
-    result = run_ablate(config, domain_weights, console=err_console if as_json else console)
+    with _locked(_config_dir(config), "ablate"):
+        result = run_ablate(config, domain_weights, console=err_console if as_json else console)
     print_json(result) if as_json else print_ablation(result, console)
+
+
+# ---------------------------------------------------------------------------------------------------- launch (issue 14)
+
+launch_app = typer.Typer(help="Run training on a cluster (Slurm).", no_args_is_help=True)
+app.add_typer(launch_app, name="launch")
+
+
+@launch_app.command("slurm")
+def launch_slurm(
+    config: ConfigArg = None,
+    nodes: Annotated[int, typer.Option(min=1, help="nodes")] = 1,
+    gpus_per_node: Annotated[int, typer.Option(min=0, help="GPUs per node (0: CPU-only, gloo)")] = ...,
+    procs_per_node: Annotated[int | None, typer.Option(min=1, help="processes per node [GPUs per node, else 1]")] = None,
+    cpus_per_task: Annotated[int | None, typer.Option(min=1, help="CPUs per node's torchrun [processes per node]")] = None,
+    partition: Annotated[str | None, typer.Option(help="Slurm partition [the cluster's default]")] = None,
+    time: Annotated[str | None, typer.Option(help="time limit, e.g. 2-00:00:00 [the partition's]")] = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="write the sbatch script, do not submit it")] = False,
+    as_json: JsonOpt = False,
+) -> None:
+    """Write <run>/launch/train.sbatch (srun + torchrun -m domainlm train, requeue-safe) and submit it."""
+    from domainlm.launch.slurm import launch_train
+
+    res = launch_train(config, nodes=nodes, gpus_per_node=gpus_per_node, procs_per_node=procs_per_node,
+                       cpus_per_task=cpus_per_task, partition=partition, time_limit=time, dry_run=dry_run)
+    if as_json:
+        print_json(res)
+        return
+    console.print(f"wrote {res['script']} ({res['nodes']} node(s) × {res['procs_per_node']} process(es))",
+                  markup=False, highlight=False)
+    if res["job_id"]:
+        console.print(f"submitted job {res['job_id']}: `squeue -j {res['job_id']}`, log {res['log']}",
+                      markup=False, highlight=False)
 
 
 # ---------------------------------------------------------------------------------------------------- entry
@@ -392,6 +538,22 @@ def ablate(
 
 def _one_line(msg: str) -> str:
     return " ".join(msg.split())
+
+
+def _error(msg: str) -> None:
+    """``error: <msg>`` on one line; the message is user text (paths, keys), never rich markup."""
+    err_console.print(f"[red]error:[/] {escape(_one_line(msg))}", highlight=False, soft_wrap=True)
+
+
+def _cause(e: BaseException, kinds) -> BaseException | None:
+    """``e`` or the exception it was raised from / while handling, when of one of ``kinds``."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        if isinstance(e, kinds):
+            return e
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -408,12 +570,12 @@ def main(argv: list[str] | None = None) -> None:
         if DEBUG:
             raise
         for p in e.problems:
-            err_console.print(f"[red]error:[/] {p}", highlight=False, soft_wrap=True)
+            _error(p)
         sys.exit(e.exit_code)
     except UserError as e:
         if DEBUG:
             raise
-        err_console.print(f"[red]error:[/] {_one_line(str(e))}", highlight=False, soft_wrap=True)
+        _error(str(e))
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted; rerun the same command to resume")
@@ -430,9 +592,22 @@ def main(argv: list[str] | None = None) -> None:
             msg = e.format_message() if hasattr(e, "format_message") else str(e)
             ctx = getattr(e, "ctx", None)
             where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-            err_console.print(f"[red]error:[/] {_one_line(msg)}{where}", highlight=False, soft_wrap=True)
+            _error(f"{msg}{where}")
             sys.exit(2)
-        if name == "Abort":
+        if DEBUG:
+            raise
+        from domainlm.stages import describe_environment_error, environment_error
+
+        env = environment_error(e)
+        if env is not None:
+            _error(describe_environment_error(env))
+            sys.exit(2)
+        if name == "Abort":  # click turns EOFError (e.g. stdin closed at a prompt) into a bare Abort
+            eof = _cause(e, EOFError)
+            _error(f"unexpected end of input ({eof})" if eof is not None and str(eof) else "aborted")
             sys.exit(1)
-        raise
+        # A bug, not bad input: still one line (the traceback is one --debug away).
+        _error(f"internal error: {name}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}; "
+               "rerun with --debug for the traceback and report it")
+        sys.exit(1)
     sys.exit(rc if isinstance(rc, int) else 0)

@@ -16,12 +16,10 @@ def generate(model_dir: Path, prompt: str, *, max_new_tokens: int = 50, temperat
         raise UserError(f"{model_dir}: not a model folder (no config.json); `domainlm train CONFIG` writes <run>/model")
     if temperature < 0:
         raise UserError(f"--temperature: expected ≥ 0, got {temperature:g}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+    from domainlm.evaluate.inputs import load_model
 
-    tok = AutoTokenizer.from_pretrained(model_dir)
-    hf_logging.disable_progress_bar()  # keep stdout to the generated text
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    # Local files only; a folder without tokenizer files or with a truncated weights file is one line.
+    model, tok = load_model(model_dir, "cpu")
     # A fine-tuned model (`domainlm finetune`) carries a chat template: wrap the prompt as a user turn, as in
     # fine-tuning, and return only the reply.
     chat = bool(getattr(tok, "chat_template", None)) and bool(prompt)

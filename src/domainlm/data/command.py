@@ -2,30 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import time
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
-from domainlm.errors import UserError
+from domainlm import stages
 from domainlm.units import human
-
-
-@contextlib.contextmanager
-def _locked(run_dir: Path):
-    """One `prepare` per run directory at a time: two would overwrite each other's shards. An flock is
-    released by the kernel when its process dies, so a killed run never leaves a stale lock."""
-    path = Path(run_dir) / ".prepare" / "lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as f:
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise UserError(f"{run_dir}: another `domainlm prepare` is running on this run directory") from None
-        yield
 
 
 def run_prepare(config: Path | None, console: Console) -> dict:
@@ -37,10 +22,11 @@ def run_prepare(config: Path | None, console: Console) -> dict:
 
     cfg = load_config(config)
     run_dir = cfg.directory()
-    write_resolved(cfg, run_dir)
     t0 = time.perf_counter()
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    with _locked(run_dir), Progress(*columns, console=console) as progress:
+    # One `prepare` per run directory at a time: two would overwrite each other's shards.
+    with stages.locked(run_dir, "prepare"), Progress(*columns, console=console) as progress:
+        write_resolved(cfg, run_dir)
         stats = pipeline.prepare_sources(cfg, run_dir, progress)
         result = {"run_dir": str(run_dir), "stats": stats, "tokens": None}
         if "submitted" not in stats and tokenize.tokenizer_file(run_dir).exists():
@@ -52,10 +38,11 @@ def run_prepare(config: Path | None, console: Console) -> dict:
 def print_prepare(result: dict, console: Console) -> None:
     stats = result["stats"]
     if "submitted" in stats:
-        console.print(f"submitted the Slurm jobs (logs in {stats['logs']}); rerun `domainlm prepare` when they finish")
+        console.print(f"submitted the Slurm jobs (logs in {escape(str(stats['logs']))}); rerun `domainlm prepare` "
+                      "when they finish")
         return
     srcs = stats["sources"]
-    t = Table(title=f"prepared data → {result['run_dir']}/data ({result['seconds']:.1f} s)")
+    t = Table(title=f"prepared data → {escape(result['run_dir'])}/data ({result['seconds']:.1f} s)")
     t.add_column("", justify="left")
     for name in srcs:
         t.add_column(name, justify="right")

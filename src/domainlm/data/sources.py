@@ -16,6 +16,7 @@ import glob
 import gzip
 import io
 import os
+import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -166,7 +167,7 @@ def _open_binary(path: str):
 def _check_jsonl_key(path: str, key: str, where: str) -> None:
     """The first parsable record must have ``key``; later records without it are counted, not fatal."""
     with _open_binary(path) as f:
-        for lineno, line in enumerate(f, 1):
+        for lineno, line in enumerate(_lines(f, path), 1):
             if not line.strip():
                 continue
             try:
@@ -202,13 +203,48 @@ def _load_hf(dataset: str, split: str):
     return datasets.load_dataset(dataset, split=split)
 
 
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be reached (one DNS lookup and TCP connect, ≤ 3 s), or None."""
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=3).close()
+    except OSError as e:
+        return f"{host}: {e.strerror or e}"
+    return None
+
+
+def _go_offline() -> None:
+    """Offline mode for datasets and huggingface_hub (cache only): no retries against an unreachable hub.
+    Set in the environment for the worker processes, and on the modules in case they are imported already."""
+    import sys
+
+    for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        os.environ[var] = "1"
+    for mod, attr in (("huggingface_hub.constants", "HF_HUB_OFFLINE"), ("datasets.config", "HF_HUB_OFFLINE"),
+                      ("datasets.config", "HF_DATASETS_OFFLINE")):
+        if mod in sys.modules and hasattr(sys.modules[mod], attr):
+            setattr(sys.modules[mod], attr, True)
+
+
 def _resolve_hf(src: SourceConfig, where: str, common: dict) -> SourceSpec:
     dataset = src.input.removeprefix("hf:")
     if dataset.startswith(("/", "./", "../", "~")) and not Path(dataset).expanduser().exists():
         raise UserError(f"{where}: dataset folder {dataset!r} does not exist")  # not a hub name: don't ask the hub
+    unreachable = None
+    if not Path(dataset).expanduser().exists() and os.environ.get("HF_HUB_OFFLINE", "0") in ("", "0"):
+        unreachable = _hub_unreachable()  # huggingface_hub would retry for ~25 s before saying so
+        if unreachable:
+            _go_offline()
     try:
         ds = _load_hf(dataset, src.split)
     except Exception as e:  # noqa: BLE001 - datasets raises many types (missing, offline, bad split)
+        if unreachable:
+            raise UserError(f"{where}: cannot reach the Hugging Face Hub ({unreachable}) and dataset {dataset!r} "
+                            "is not in the local cache; connect to the network (a download is cached for offline "
+                            "use) or point input at a folder saved with Dataset.save_to_disk") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{where}: cannot load dataset {dataset!r} split {src.split!r}: {first}") from None
     if src.text_column not in ds.column_names:
@@ -300,10 +336,27 @@ def _read_text_file(path: str, rel: str, spec: SourceSpec, counts: Counter) -> D
     return Doc(id=f"{spec.name}/{rel}", text=text, metadata=meta, raw_bytes=len(raw))
 
 
+def _lines(f, path: str) -> Iterator[bytes]:
+    """Lines of an (optionally compressed) input file; a truncated or corrupt .gz/.zst is one clear error
+    instead of EOFError (which click would turn into a silent Abort) in a worker process."""
+    it = iter(f)
+    while True:
+        try:
+            line = next(it)
+        except StopIteration:
+            return
+        except Exception as e:  # EOFError, gzip.BadGzipFile (OSError), zlib.error, zstandard.ZstdError
+            if not isinstance(e, EOFError | OSError | zlib.error) and type(e).__name__ != "ZstdError":
+                raise
+            raise UserError(f"{path}: truncated or corrupt compressed file ({e}); re-download it or remove it "
+                            "from the source's input, then rerun `domainlm prepare`") from None
+        yield line
+
+
 def _read_jsonl(path: str, rel: str, spec: SourceSpec, counts: Counter, errors: list[str]) -> Iterator[Doc]:
     counts["files"] += 1
     with _open_binary(path) as f:
-        for lineno, line in enumerate(f, 1):
+        for lineno, line in enumerate(_lines(f, path), 1):
             if not line.strip():
                 continue
             counts["json_lines"] += 1

@@ -117,7 +117,15 @@ def tokenize_run(cfg: RunConfig, run_dir: Path, progress=None) -> dict:
     stats = json.loads(pipeline.stats_path(run_dir).read_text())
     fp = stages.fingerprint("tokenize-v1", stats["fingerprint"], tok_sha, [s.name for s in cfg.sources])
     if tokens.counts_path(run_dir).exists() and stages.is_done(run_dir, "tokenize", fp):
-        return tokens.load_counts(run_dir)
+        try:
+            counts = tokens.load_counts(run_dir)
+        except UserError:  # a corrupted counts.json: redo the stage
+            counts = None
+        # Done only if the files are what counts.json says: a truncated or replaced .bin is redone, so
+        # "rerun `domainlm prepare`" (what a reader of a bad file is told) repairs it.
+        outputs = [(s.name, sp) for s in cfg.sources for sp in pipeline.SPLITS]
+        if counts is not None and not any(tokens.file_problem(run_dir, n, sp, counts) for n, sp in outputs):
+            return counts
     tokens.counts_path(run_dir).unlink(missing_ok=True)  # counts.json is the completion mark: remove it first
     files = {(s.name, sp): pipeline.document_files(run_dir, s.name, sp) for s in cfg.sources for sp in pipeline.SPLITS}
     total_bytes = sum(f.stat().st_size for fs in files.values() for f in fs)

@@ -97,15 +97,56 @@ def write_counts(run_dir: Path, data: dict) -> Path:
     return p
 
 
+def file_problem(run_dir: Path, source: str, split: str, counts: dict) -> str | None:
+    """Why ``<source>/<split>.bin`` is not what counts.json says it is (missing, or another size), or None."""
+    p = token_path(run_dir, source, split)
+    if not p.exists():
+        return "missing token file"
+    itemsize = np.dtype(counts["dtype"]).itemsize
+    expected = counts.get("sources", {}).get(source, {}).get(f"{split}_tokens")
+    size = p.stat().st_size
+    if expected is not None and size != expected * itemsize:
+        return (f"{size:,} bytes on disk, but {counts_path(run_dir).name} says {expected:,} tokens "
+                f"({expected * itemsize:,} bytes): truncated or replaced")
+    if size % itemsize:
+        return f"size is not a multiple of {itemsize} bytes"
+    return None
+
+
+_ids_checked: dict[tuple[str, int, int], None] = {}  # (path, size, mtime) checked in this process
+
+
+def check_ids(path: Path, arr: np.ndarray, vocab_size: int) -> None:
+    """Every id below ``vocab_size`` (random bytes in a token file would index past the embedding). One pass
+    over the file in 16M-token chunks (~1 s per GB), once per file version and process."""
+    st = Path(path).stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key in _ids_checked:
+        return
+    for i in range(0, len(arr), 1 << 24):
+        chunk = arr[i : i + (1 << 24)]
+        top = int(chunk.max()) if len(chunk) else 0
+        if top >= vocab_size:
+            at = i + int(np.argmax(chunk >= vocab_size))
+            raise UserError(f"{path}: token id {int(arr[at])} at position {at:,} is outside the vocabulary "
+                            f"({vocab_size:,} ids): the file is corrupted; rerun `domainlm prepare CONFIG`")
+    _ids_checked[key] = None
+
+
 def open_tokens(run_dir: Path, source: str, split: str, counts: dict | None = None) -> np.memmap:
-    """Memory-map one source's token file (read-only)."""
+    """Memory-map one source's token file (read-only), checked against counts.json: its size (the number of
+    tokens it says) and its ids (below ``vocab_size``)."""
     counts = counts or load_counts(run_dir)
     p = token_path(run_dir, source, split)
     if not p.exists():
         raise UserError(f"{p}: missing token file; run `domainlm prepare CONFIG`")
+    problem = file_problem(run_dir, source, split, counts)
+    if problem is not None:
+        raise UserError(f"{p}: {problem}; rerun `domainlm prepare CONFIG` (it rewrites the token files)")
     dtype = np.dtype(counts["dtype"]).newbyteorder("<")
-    if p.stat().st_size % dtype.itemsize:
-        raise UserError(f"{p}: size is not a multiple of {dtype.itemsize} bytes; rerun `domainlm prepare`")
     if p.stat().st_size == 0:
         raise UserError(f"{p}: empty token file; the source has no {split} documents")
-    return np.memmap(p, dtype=dtype, mode="r")
+    arr = np.memmap(p, dtype=dtype, mode="r")
+    if counts.get("vocab_size"):
+        check_ids(p, arr, int(counts["vocab_size"]))
+    return arr

@@ -85,6 +85,10 @@ def request_from(cfg: RunConfig | None, **flags) -> PlanRequest:
             raise UserError(f"--mfu: expected a fraction in (0, 1], got {flags['mfu']!r}")
     if flags.get("law") is not None:
         req.law = flags["law"]
+    elif cfg is not None and req.law.startswith("fitted:"):
+        from domainlm.plan.laws import load_fitted
+
+        load_fitted(req.law.removeprefix("fitted:"), origin="budget.law:")  # the error names the config key
     if flags.get("weight"):
         req.weights = parse_assignments(flags["weight"], "--weight", positive=False)
         req.roles = {k: req.roles.get(k, "domain" if i == 0 else "general") for i, k in enumerate(req.weights)}

@@ -131,7 +131,7 @@ def plan_sweep(cfg: RunConfig, run_dir: Path, budgets: list[float], sizes: int) 
         raise UserError(f"--sizes: {sizes} is too few; a parabola per budget needs ≥ 3 model sizes")
     counts = load_counts(run_dir)  # says: run `domainlm prepare`
     vocab = int(counts["vocab_size"])
-    law = get_law(cfg.budget.law)
+    law = get_law(cfg.budget.law, origin="budget.law:")
     step_tokens, least = tokens_per_step(cfg), min_steps(cfg)
     points = []
     for c in budgets:

@@ -11,6 +11,11 @@
 Written into ``.tmp-step-…``, every file fsynced, then renamed: a crash (even SIGKILL) mid-write leaves
 only a temp folder, ignored and removed on the next start, and never touches the last good checkpoint.
 Loading verifies the manifest first and reads tensors with ``weights_only=True`` (no arbitrary unpickling).
+The manifest catches corruption, not a crafted checkpoint (whoever writes the files can write the manifest):
+on the FSDP path torch.distributed.checkpoint keeps its index in ``dcp/.metadata``, a pickle, and pickles
+non-tensor optimizer values; both are checked before use — ``.metadata`` is unpickled first with only the
+classes dcp writes allowed (`_check_dcp_metadata`), and the values load with ``weights_only=True``
+(`_SafeLoadPlanner`) — so loading a checkpoint never runs code from it.
 """
 
 from __future__ import annotations
@@ -145,18 +150,95 @@ def _verify(path: Path) -> None:
             raise CorruptCheckpoint(f, "checksum mismatch")
 
 
+# What dcp writes into .metadata (torch 2.x): its metadata dataclasses, sizes, dtypes, layouts, a path.
+_DCP_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"),
+                ("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("pathlib", "PosixPath"),
+                ("pathlib", "PurePosixPath"), ("collections", "OrderedDict")}
+
+
+def _check_dcp_metadata(path: Path) -> None:
+    """Unpickle ``dcp/.metadata`` allowing only the names dcp writes (its metadata classes, torch sizes and
+    dtypes): a crafted file that would call anything else is refused before dcp's own ``pickle.load``."""
+    import pickle
+
+    class Restricted(pickle.Unpickler):
+        def find_class(self, module: str, name: str):
+            if (module, name) in _DCP_GLOBALS or module == "torch.distributed.checkpoint.metadata" or (
+                    module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+                return super().find_class(module, name)
+            raise pickle.UnpicklingError(f"refusing {module}.{name}")
+
+    meta = path / "dcp" / ".metadata"
+    try:
+        with open(meta, "rb") as f:
+            Restricted(f).load()
+    except Exception as e:  # noqa: BLE001 - anything unpickling raises means: do not hand it to pickle.load
+        raise CorruptCheckpoint(meta, f"not a torch.distributed.checkpoint index ({e})") from None
+
+
+def _safe_load_planner():
+    """dcp's default planner loads non-tensor values (optimizer hyper-parameters) with ``weights_only=False``;
+    this one with ``weights_only=True``: numbers, strings and containers only."""
+    import io
+
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+
+    class _SafeLoadPlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value: io.BytesIO) -> None:
+            obj = torch.load(value, weights_only=True)
+            super().load_bytes(read_item, _saved(obj))
+
+    def _saved(obj) -> io.BytesIO:
+        buf = io.BytesIO()
+        torch.save(obj, buf)  # re-serialised from the checked object: the parent's load sees only that
+        buf.seek(0)
+        return buf
+
+    return _SafeLoadPlanner()
+
+
+def _shape_mismatch(path: Path, model) -> str | None:
+    """How the checkpoint's weights differ in shape from ``model`` (a changed model config), or None."""
+    from safetensors import safe_open
+
+    params = unwrap(model).state_dict()
+    want = {k: tuple(v.shape) for k, v in params.items()}
+    ptrs: dict[int, int] = {}
+    for v in params.values():
+        ptrs[v.data_ptr()] = ptrs.get(v.data_ptr(), 0) + 1
+    with safe_open(str(path / "model.safetensors"), framework="pt") as f:
+        got = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}  # noqa: SIM118 - not a dict
+    for k in sorted(set(got) & set(want)):
+        if got[k] != want[k]:
+            return f"{k} is {list(got[k])} in the checkpoint, {list(want[k])} in the model"
+    extra = sorted(set(got) - set(want))
+    missing = sorted(k for k in set(want) - set(got) if ptrs[params[k].data_ptr()] == 1)  # tied: saved once
+    if extra or missing:
+        return f"{len(extra)} weights only in the checkpoint, {len(missing)} only in the model (e.g. " \
+               f"{(extra or missing)[0]})"
+    return None
+
+
 def load_checkpoint(path: Path, model, optimizer, world: Dist) -> dict:
-    """Restore model, optimizer and RNG in place; return state.json. Raises CorruptCheckpoint."""
+    """Restore model, optimizer and RNG in place; return state.json. Raises CorruptCheckpoint, or UserError
+    when the checkpoint is intact but of another model shape (the config changed)."""
     _verify(path)
+    if (path / "model.safetensors").exists():
+        mismatch = _shape_mismatch(path, model)
+        if mismatch:
+            raise UserError(f"{path}: the checkpoint is intact but of another model shape ({mismatch}): the "
+                            "config's model section changed; use --restart to train the new shape from scratch, "
+                            "or restore the old model settings to resume")
     try:
         if (path / "dcp").exists():  # FSDP-written; loads into FSDP of any size, DDP or one process
             import torch.distributed.checkpoint as dcp
             from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+            _check_dcp_metadata(path)
             msd, osd = get_state_dict(model, optimizer)
             with warnings.catch_warnings():  # one process without a process group is a supported case
                 warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-                dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(path / "dcp"))
+                dcp.load({"model": msd, "optim": osd}, checkpoint_id=str(path / "dcp"), planner=_safe_load_planner())
             set_state_dict(model, optimizer, model_state_dict=msd, optim_state_dict=osd)
         elif is_fsdp(model):
             raise UserError(f"{path}: written without FSDP; resume with train.parallel: ddp, or --restart")
@@ -170,9 +252,13 @@ def load_checkpoint(path: Path, model, optimizer, world: Dist) -> dict:
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
         return json.loads((path / "state.json").read_text(encoding="utf-8"))
-    except UserError:
+    except (UserError, CorruptCheckpoint):
         raise
     except Exception as e:  # verified files that still fail to load: a format problem, name the folder
+        if "size mismatch" in str(e) or "shape" in str(e).lower():  # dcp: the model config changed
+            raise UserError(f"{path}: the checkpoint is intact but of another model shape (the config's model "
+                            "section changed); use --restart to train the new shape from scratch, or restore the "
+                            "old model settings to resume") from None
         raise CorruptCheckpoint(path, f"{type(e).__name__}: {e}") from None
 
 

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from rich.console import Console
+from rich.markup import escape
 
 from domainlm import faults, stages
 from domainlm.config import RunConfig, load_config
@@ -100,14 +101,28 @@ def _check_batch(cfg: RunConfig, world: Dist) -> tuple[int, int]:
     return tokens_per_step, global_batch
 
 
+def _metric_rows(path: Path, step: int) -> list[dict]:
+    """The log rows of steps up to ``step``. A line that does not parse is dropped: a kill mid-write tears
+    the last line, and its step is redone anyway."""
+    if not path.exists():
+        return []
+    rows = []
+    for ln in path.read_text(encoding="utf-8").splitlines():
+        try:
+            row = json.loads(ln)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            rows.append(row)
+    return rows
+
+
 def _truncate_metrics(path: Path, step: int) -> None:
-    """On resume, forget log lines from steps after the checkpoint (they will be redone)."""
+    """On resume, forget log lines from steps after the checkpoint (they will be redone) and torn lines."""
     if not path.exists():
         return
-    keep = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()
-            and json.loads(ln).get("step", 0) <= step]
     tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(ln + "\n" for ln in keep), encoding="utf-8")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in _metric_rows(path, step)), encoding="utf-8")
     os.replace(tmp, path)
 
 
@@ -186,7 +201,8 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
                             counts.get("tokenizer_sha256"), counts["sources"])
     if not restart and stages.is_done(run_dir, STAGE, fp):
         if world.is_main:
-            console.print(f"train: done already ({total_steps} steps, {run_dir / MODEL_DIR}); --restart to train again")
+            console.print(f"train: done already ({total_steps} steps, {run_dir / MODEL_DIR}); --restart to train again",
+                          markup=False)
         return json.loads((run_dir / ".stages" / f"{STAGE}.json").read_text())
     logs = run_dir / "logs"
     if world.is_main:
@@ -222,7 +238,7 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
         if world.is_main:
             note = "" if state["total_steps"] == total_steps else (
                 f" (its schedule had {state['total_steps']} steps, now {total_steps})")
-            console.print(f"resuming from {path} at step {step}{note}")
+            console.print(f"resuming from {path} at step {step}{note}", markup=False)
     metrics_path = logs / "metrics.jsonl"
     tb = None
     if world.is_main:
@@ -240,6 +256,15 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
     peak = peak_flops(world.device, precision, data_dir, world.world_size)
     rates: deque[float] = deque(maxlen=20)
     last_ckpt, last_eval, last_loss = (step if resumed else -1), -1, float("nan")
+    # Resumed at the last step (killed after the final checkpoint, before the export): its loss, speed and
+    # eval are in the log already; every rank reads them, so all agree whether the final eval is due.
+    for row in _metric_rows(metrics_path, step) if resumed else []:
+        if row.get("step") == step and row.get("kind") == "eval":
+            last_eval = step
+        elif row.get("step") == step and row.get("kind") == "train":
+            last_loss = row["loss"]
+            if row.get("tokens_per_s"):
+                rates.append(row["tokens_per_s"])
     metrics = open(metrics_path, "a", encoding="utf-8") if world.is_main else None  # noqa: SIM115
 
     def log(row: dict) -> None:
@@ -335,13 +360,14 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
     else:
         full = {k: v.cpu() for k, v in unwrap(model).state_dict().items()}
     out = run_dir / MODEL_DIR
-    summary = {"steps": step, "final_loss": last_loss, "skipped_steps": skipped_total,
+    summary = {"steps": step, "final_loss": last_loss if math.isfinite(last_loss) else None,
+               "skipped_steps": skipped_total,
                "tokens_per_s": sum(rates) / len(rates) if rates else None, "params": shape.params_total,
                "model_dir": str(out), "parallel": mode, "world_size": world.world_size}
     if world.is_main:
         export_hf(full, config, tok_dir, out)
         stages.mark_done(run_dir, STAGE, fp, summary)
-        console.print(f"wrote [bold]{out}[/] (Hugging Face format); final loss {last_loss:.4f}")
+        console.print(f"wrote [bold]{escape(str(out))}[/] (Hugging Face format); final loss {last_loss:.4f}")
     barrier()
     return summary
 
