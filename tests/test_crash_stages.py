@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from crashkit import KILLED, domainlm, python
 from test_train_fixtures import make_run, make_tiny_model, run_dir, single_thread, weights
 

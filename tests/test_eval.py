@@ -182,7 +182,12 @@ def test_probes_score_and_match_hand_logprob(loaded, tmp_path):
     hand = -(_hand_nll_nats(model, full) - _hand_nll_nats(model, ctx))
     assert results[0].logprobs[0] == pytest.approx(hand, rel=1e-5)
     summary = P.summarise(results, f)
-    assert summary["items"] == 2 and 0 <= summary["acc"] <= 1 and 0 <= summary["acc_per_byte"] <= 1
+    # accuracy is the share of items whose answer has the highest log-probability (per byte: ÷ its UTF-8 bytes)
+    best = [max(range(len(r.logprobs)), key=r.logprobs.__getitem__) == 0 for r in results]
+    best_per_byte = [max(range(len(r.logprobs)), key=lambda k, r=r: r.logprobs[k] / len(
+        r.probe.candidates[k].encode())) == 0 for r in results]
+    assert summary["items"] == 2
+    assert summary["acc"] == sum(best) / 2 and summary["acc_per_byte"] == sum(best_per_byte) / 2
     assert summary["chance"] == pytest.approx((1 / 4 + 1 / 3) / 2)
 
 
@@ -255,14 +260,34 @@ def test_not_a_model_or_run(tmp_path, cli):
 # ---------------------------------------------------------------------------------------------------- harness
 
 
-def test_harness_command_and_tiny_local_task(tmp_path, model_dir):
+def _choice_logliks(model_dir, context: str, choices: list[str]) -> list[float]:
+    """log P(" " + choice | context) under the model, split into context and continuation tokens the way the
+    harness does (encode the whole, the continuation is what follows the context's tokens)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32).eval()
+    out = []
+    for choice in choices:
+        ctx = tok(context, add_special_tokens=False).input_ids
+        whole = tok(context + " " + choice, add_special_tokens=False).input_ids
+        with torch.no_grad():
+            logp = torch.log_softmax(model(torch.tensor([whole])).logits[0, :-1].double(), -1)
+        out.append(sum(logp[i - 1, whole[i]].item() for i in range(len(ctx), len(whole))))
+    return out
+
+
+def test_harness_runs_a_local_task_with_our_scores(tmp_path, model_dir):
     cmd = harness.command(model_dir, "arc_easy")
     assert cmd.startswith("lm_eval --model hf --model_args pretrained=") and "--tasks arc_easy" in cmd
-    if not harness.available():
-        pytest.skip("lm-evaluation-harness (lm_eval) is not installed; pip install 'domainlm[harness]'")
+    assert harness.available(), "lm-evaluation-harness is installed by `make test` (the harness extra)"
     data = tmp_path / "tiny.jsonl"
-    rows = [{"q": "The licensee shall", "choices": ["indemnify", "rose"], "label": 0},
-            {"q": "The team won the cup", "choices": ["final", "warranty"], "label": 0}]
+    rows = [{"q": q, "choices": c, "label": 0} for q, c in [
+        ("The licensee shall", ["indemnify", "rose"]), ("The team won the cup", ["final", "warranty"]),
+        ("Shares in the bank", ["rose", "licensor"]), ("The warranty is", ["disclaimed", "goal"]),
+        ("In consideration of the mutual", ["covenants", "election"]), ("The minister said the", ["policy", "licensee"]),
+        ("This license is perpetual,", ["worldwide", "Saturday"]), ("after a late goal in", ["extra", "royalty"]),
+    ]]
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     (tmp_path / "tiny.yaml").write_text(
         "task: domainlm_tiny\n"
@@ -276,4 +301,6 @@ def test_harness_command_and_tiny_local_task(tmp_path, model_dir):
         "metric_list:\n  - metric: acc\n"
     )
     results = harness.evaluate(model_dir, ["domainlm_tiny"], include_path=tmp_path, batch_size=2)
-    assert 0.0 <= results["domainlm_tiny"]["acc,none"] <= 1.0
+    # the harness ran the task offline on the export and scored each item as our own forward pass does
+    ours = [max(range(2), key=lambda k, r=r: _choice_logliks(model_dir, r["q"], r["choices"])[k]) == 0 for r in rows]
+    assert results["domainlm_tiny"]["acc,none"] == pytest.approx(sum(ours) / len(ours))

@@ -110,10 +110,17 @@ def test_train_step_without_labels_unchanged(model_dir):
 
     batch = torch.randint(3, 300, (2, 9))
     m1, m2 = (AutoModelForCausalLM.from_pretrained(model_dir) for _ in range(2))
+    m0 = {k: v.detach().clone() for k, v in m1.named_parameters()}
     r1 = train_step(m1, torch.optim.SGD(m1.parameters(), lr=0.1), batch, lr=0.1, micro_batch=1, grad_clip=1.0)
     r2 = train_step(m2, torch.optim.SGD(m2.parameters(), lr=0.1), batch, lr=0.1, micro_batch=1, grad_clip=1.0,
-                    labels=batch.clone())  # every token trained: the same mean loss
-    assert r1.loss == pytest.approx(r2.loss, rel=1e-6)
+                    labels=batch.clone())  # every token trained: the same mean loss, gradients and update
+    assert r1.loss == pytest.approx(r2.loss, rel=1e-6) and r1.grad_norm == pytest.approx(r2.grad_norm, rel=1e-6)
+    # plain SGD: w' = w − lr·clip(g), so equal updated weights mean equal (clipped) gradients, tensor by tensor
+    moved = 0
+    for (name, a), b in zip(m1.named_parameters(), m2.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+        moved += int(not torch.equal(a, m0[name]))
+    assert moved == len(m0)  # every tensor got a gradient and moved
 
 
 # ------------------------------------------------------------------------------------------------ chat template
@@ -286,7 +293,9 @@ def test_eval_task_scores_a_model_folder(model_dir, tmp_path, cli):
     assert code == 0, err
     res = json.loads(out)
     cat = res["licensedb-category"]
-    assert cat["items"] == 6 and 0 <= cat["metrics"]["accuracy"]["value"] <= 1
+    assert cat["items"] == 6
+    hits = [p["pred"] == p["gold"] for p in cat["predictions"]]
+    assert cat["metrics"]["accuracy"]["value"] == pytest.approx(sum(hits) / len(hits))
     assert set(cat["metrics"]) == {"accuracy", "macro_f1"} and set(res["licensedb-name"]["metrics"]) == {
         "exact_match", "rouge_l"}
     assert all(p["pred"] in cat["choices"] for p in cat["predictions"])
