@@ -10,11 +10,11 @@ import shutil
 from pathlib import Path
 
 import pytest
-from crashkit import KILLED, assert_no_torn_files, domainlm, stamps, tree
-from test_prepare import quiet_console, train_tokenizer, two_sources
 
+from crashkit import KILLED, assert_no_torn_files, domainlm, stamps, tree
 from domainlm.data import pipeline
 from domainlm.data.command import run_prepare
+from test_prepare import quiet_console, train_tokenizer, two_sources
 
 DOCS = 100  # per source: 19 datatrove tasks per source with 2 tasks per stage, 4 token parts per source
 OUTPUTS = ("data", "tokens")

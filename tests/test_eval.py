@@ -285,7 +285,8 @@ def test_harness_runs_a_local_task_with_our_scores(tmp_path, model_dir):
     rows = [{"q": q, "choices": c, "label": 0} for q, c in [
         ("The licensee shall", ["indemnify", "rose"]), ("The team won the cup", ["final", "warranty"]),
         ("Shares in the bank", ["rose", "licensor"]), ("The warranty is", ["disclaimed", "goal"]),
-        ("In consideration of the mutual", ["covenants", "election"]), ("The minister said the", ["policy", "licensee"]),
+        ("In consideration of the mutual", ["covenants", "election"]),
+        ("The minister said the", ["policy", "licensee"]),
         ("This license is perpetual,", ["worldwide", "Saturday"]), ("after a late goal in", ["extra", "royalty"]),
     ]]
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
