@@ -16,7 +16,7 @@ from domainlm.errors import UserError
 from domainlm.evaluate import bpb, harness, inputs
 from domainlm.evaluate import probes as P
 from domainlm.evaluate.command import run_eval
-from test_train_fixtures import make_tiny_model  # noqa: E402 (tests/ is on sys.path under pytest)
+from test_train_fixtures import make_tiny_model
 
 LEGAL = [
     "The licensee shall indemnify and hold harmless the licensor from any claim arising under this agreement.",

@@ -15,7 +15,7 @@ from domainlm.evaluate import tasks as T
 from domainlm.finetune import data as D
 from domainlm.finetune.loop import FinetuneArgs, example_order, finetune
 from domainlm.train.step import IGNORE, next_token_loss, train_step
-from test_train_fixtures import make_tiny_model  # noqa: E402 (tests/ is on sys.path under pytest)
+from test_train_fixtures import make_tiny_model
 
 TEXTS = [
     "Permission is hereby granted, free of charge, to any person obtaining a copy of this software.",

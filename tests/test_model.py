@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from domainlm.config import validate  # noqa: E402
-from domainlm.errors import UserError  # noqa: E402
-from domainlm.model import build_model, export_hf, resolve_shape  # noqa: E402
-from domainlm.plan.shape import ModelShape  # noqa: E402
-from test_train_fixtures import make_tokenizer  # noqa: E402
+from domainlm.config import validate
+from domainlm.errors import UserError
+from domainlm.model import build_model, export_hf, resolve_shape
+from domainlm.plan.shape import ModelShape
+from test_train_fixtures import make_tokenizer
 
 
 def test_build_matches_shape_and_is_seeded():

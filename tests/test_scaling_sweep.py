@@ -4,17 +4,15 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))
-from domainlm.config import load_config  # noqa: E402
-from domainlm.errors import UserError  # noqa: E402
-from domainlm.plan.laws import get_law  # noqa: E402
-from domainlm.scaling.sweep import batch_overrides, parse_budgets, plan_sweep  # noqa: E402
-from test_train_fixtures import make_run, one_thread, run_dir  # noqa: E402, F401 (one_thread: autouse)
+from domainlm.config import load_config
+from domainlm.errors import UserError
+from domainlm.plan.laws import get_law
+from domainlm.scaling.sweep import batch_overrides, parse_budgets, plan_sweep
+from test_train_fixtures import make_run, one_thread, run_dir  # noqa: F401 (one_thread: autouse)
 
 # Vocab 300, seq_len 32, 256 tokens/step: the smallest model (d_model 32, 1 layer) has 35,680 params, and
 # these budgets give 3 distinct sizes each with 20–219 steps.

@@ -9,8 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-sys.path.insert(0, str(Path(__file__).parent))
-from test_train_fixtures import (  # noqa: E402, F401 (one_thread: autouse fixture)
+from test_train_fixtures import (  # noqa: F401 (one_thread: autouse fixture)
     cli_subprocess,
     clone_run,
     losses,
