@@ -125,13 +125,13 @@ def default_workers() -> int:
 
 def _executor(pcfg: PrepareConfig, pipeline: list, tasks: int, workers: int, logdir: Path, name: str, depends=None):
     if pcfg.executor == "slurm":
-        from datatrove.executor import SlurmPipelineExecutor
+        from domainlm.launch.slurm_executor import Executor
 
         s = pcfg.slurm
-        return SlurmPipelineExecutor(
-            pipeline, tasks=tasks, time=s.time, partition=s.partition, cpus_per_task=s.cpus_per_task,
-            mem_per_cpu_gb=s.mem_per_cpu_gb, qos=s.qos or "normal", sbatch_args=s.sbatch_args or None,
-            job_name=f"domainlm-{name}", logging_dir=str(logdir), depends=depends,
+        return Executor(
+            pipeline, wait=s.wait, tasks=tasks, time=s.time, partition=s.partition, cpus_per_task=s.cpus_per_task,
+            mem_per_cpu_gb=s.mem_per_cpu_gb, qos=s.qos, sbatch_args=s.sbatch_args or None,
+            job_name=f"domainlm-{name}", logging_dir=str(logdir), depends=None if s.wait else depends,
         )
     if pcfg.executor == "ray":
         import ray  # optional: `pip install ray`; datatrove expects ray.init() done by the caller
@@ -360,7 +360,7 @@ def prepare_sources(cfg: RunConfig, run_dir: Path, progress) -> dict:
             for name, steps_, n in plan:
                 logdir = w / "stages" / name
                 ex = _executor(pcfg, steps_, n, workers, logdir, f"{spec.name}-{name}", depends)
-                if pcfg.executor == "slurm" and not finished:
+                if pcfg.executor == "slurm" and not finished and not pcfg.slurm.wait:
                     ex.run()  # submits; the jobs run later, each depending on the previous stage
                     depends, submitted = ex, True
                     continue

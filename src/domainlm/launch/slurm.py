@@ -1,0 +1,150 @@
+"""Slurm: the training job of `domainlm launch slurm`, and the job queries `prepare.executor: slurm` waits on.
+
+`domainlm launch slurm CONFIG --nodes N --gpus-per-node G` writes ``<run>/launch/train.sbatch`` and submits it.
+The job runs one torchrun agent per node under ``srun``; the agents meet at a c10d rendezvous on the first node
+of ``$SLURM_JOB_NODELIST`` (torchrun then assigns the ranks), the node count comes from
+``$SLURM_JOB_NUM_NODES``. The script is requeue-safe: ``--requeue`` lets Slurm (preemption, a failed node) or
+``scontrol requeue`` run it again under the same job id, and ``domainlm train`` resumes from the last
+checkpoint by default, so a requeued job continues the loss curve instead of restarting it. On a CPU-only
+cluster (``--gpus-per-node 0``) the processes use gloo, as `domainlm train` does on CPU.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from domainlm.errors import UserError
+
+# Slurm's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (sbatch(1)), or UNLIMITED
+TIME_RE = re.compile(r"^(\d+(:\d{1,2}){0,2}|\d+-\d+(:\d{1,2}){0,2}|unlimited|infinite)$", re.IGNORECASE)
+PARTITION_RE = re.compile(r"^[A-Za-z0-9_.,-]+$")
+RDZV_PORT_BASE = 20000  # + job id mod 20000: two jobs sharing a head node get different ports
+POLL_S = 2.0  # between two queue queries while waiting on jobs
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def script_path(run_dir: Path) -> Path:
+    return Path(run_dir) / "launch" / "train.sbatch"
+
+
+def train_script(*, config: Path, workdir: Path, run_dir: Path, job_name: str, nodes: int, gpus_per_node: int,
+                 procs_per_node: int, cpus_per_task: int, partition: str | None, time_limit: str | None,
+                 python: str) -> str:
+    """The sbatch script: ``srun`` starts one torchrun agent per node, which starts ``procs_per_node`` ranks."""
+    q = shlex.quote
+    directives = [
+        f"--job-name={job_name}",
+        f"--nodes={nodes}",
+        "--ntasks-per-node=1",  # one torchrun agent per node; it forks the ranks
+        f"--cpus-per-task={cpus_per_task}",
+        *([f"--gpus-per-node={gpus_per_node}"] if gpus_per_node else []),
+        *([f"--partition={partition}"] if partition else []),
+        *([f"--time={time_limit}"] if time_limit else []),
+        f"--chdir={workdir}",  # the config's relative run_dir resolves as it did at submission
+        f"--output={run_dir / 'launch' / 'slurm-%j.out'}",
+        "--open-mode=append",  # a requeued run appends to the same log
+        "--requeue",
+    ]
+    train = f"{q(python)} -m torch.distributed.run"
+    return "\n".join([
+        "#!/bin/bash",
+        f"# written by `domainlm launch slurm`: `domainlm train {config}` on {nodes} node(s) x {procs_per_node} "
+        f"process(es) ({'nccl' if gpus_per_node else 'gloo'})",
+        *(f"#SBATCH {d}" for d in directives),
+        "set -euo pipefail",
+        "# rendezvous: torchrun's c10d store on the first node of the allocation",
+        'head_node=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+        f"port=$(({RDZV_PORT_BASE} + SLURM_JOB_ID % 20000))",
+        'echo "domainlm: job $SLURM_JOB_ID (restart ${SLURM_RESTART_COUNT:-0}) on $SLURM_JOB_NUM_NODES node(s) '
+        '$SLURM_JOB_NODELIST, rendezvous $head_node:$port"',
+        "# srun does not pass --cpus-per-task on to the step by itself (Slurm >= 22.05)",
+        'srun --kill-on-bad-exit=1 --ntasks-per-node=1 --cpus-per-task="$SLURM_CPUS_PER_TASK" \\',
+        f'    {train} --nnodes="$SLURM_JOB_NUM_NODES" --nproc-per-node={procs_per_node} \\',
+        '    --rdzv-backend=c10d --rdzv-endpoint="$head_node:$port" --rdzv-id="$SLURM_JOB_ID" \\',
+        f"    -m domainlm train {q(str(config))}",
+        "",
+    ])
+
+
+def launch_train(config: Path | None, *, nodes: int, gpus_per_node: int, procs_per_node: int | None = None,
+                 cpus_per_task: int | None = None, partition: str | None = None, time_limit: str | None = None,
+                 dry_run: bool = False) -> dict:
+    """Write ``<run>/launch/train.sbatch`` (atomically) and, unless ``dry_run``, submit it with sbatch."""
+    from domainlm.config import demo_recipe_path, load_config
+
+    if time_limit is not None and not TIME_RE.match(time_limit):
+        raise UserError(f"--time: expected a Slurm time limit (MINUTES, H:M:S or D-H:M:S), got {time_limit!r}")
+    if partition is not None and not PARTITION_RE.match(partition):
+        raise UserError(f"--partition: expected a partition name, got {partition!r}")
+    path = Path(config).resolve() if config is not None else demo_recipe_path()
+    cfg = load_config(path)
+    procs = procs_per_node or gpus_per_node or 1  # CPU-only: one process per node unless told
+    if gpus_per_node and procs > gpus_per_node:
+        raise UserError(f"--procs-per-node: {procs} processes on {gpus_per_node} GPUs per node; at most one per GPU")
+    workdir = Path.cwd()
+    run_dir = cfg.directory(workdir).resolve()
+    text = train_script(config=path, workdir=workdir, run_dir=run_dir, job_name=f"domainlm-train-{cfg.name}",
+                        nodes=nodes, gpus_per_node=gpus_per_node, procs_per_node=procs,
+                        cpus_per_task=cpus_per_task or procs, partition=partition, time_limit=time_limit,
+                        python=sys.executable)
+    script = script_path(run_dir)
+    _atomic_write(script, text)
+    out = {"script": str(script), "nodes": nodes, "gpus_per_node": gpus_per_node, "procs_per_node": procs,
+           "job_id": None, "log": None}
+    if not dry_run:
+        out["job_id"] = sbatch(script)
+        out["log"] = str(run_dir / "launch" / f"slurm-{out['job_id']}.out")
+    return out
+
+
+# ------------------------------------------------------------------------------------------- the queue
+
+
+def _tool(name: str) -> str:
+    exe = shutil.which(name)
+    if exe is None:
+        raise UserError(f"{name}: command not found; run this on a Slurm login node (or `--dry-run` to only "
+                        f"write the script)")
+    return exe
+
+
+def sbatch(script: Path, *args: str) -> str:
+    """Submit ``script``; returns the job id."""
+    r = subprocess.run([_tool("sbatch"), "--parsable", *args, str(script)], capture_output=True, text=True)
+    if r.returncode != 0:
+        msg = (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1]
+        raise UserError(f"sbatch {script}: {msg}")
+    return r.stdout.strip().split(";")[0]  # --parsable: "id" or "id;cluster"
+
+
+def active(job_id: str | int) -> bool:
+    """Whether a job (every task of an array) still has a task pending, running or completing."""
+    r = subprocess.run([_tool("squeue"), "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True)
+    if r.returncode != 0:
+        if "Invalid job id" in r.stderr:  # purged from the controller: long finished
+            return False
+        raise UserError(f"squeue -j {job_id}: {(r.stderr.strip().splitlines() or ['failed'])[-1]}")
+    return bool(r.stdout.strip())
+
+
+def wait(job_id: str | int, done=None) -> None:
+    """Block until the job has left the queue (finished, failed or cancelled), or until ``done()`` says its
+    work is complete (its last tasks may still be exiting). Polls quickly at first, then every ``POLL_S``."""
+    for i in itertools.count():
+        if (done is not None and done()) or not active(job_id):
+            return
+        time.sleep(min(POLL_S, 0.25 * 2**i))
