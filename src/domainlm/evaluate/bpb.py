@@ -76,10 +76,10 @@ def score_sequences(
 ) -> np.ndarray:
     """Sum of −log p(ids[j] | ids[:j]) in nats over ``j ≥ starts[i]`` for each sequence (float64 array).
 
-    Sequences are sorted by length and right-padded into batches of about ``batch_tokens`` tokens; right
-    padding with an attention mask leaves the real positions' logits unchanged in a causal model. A batch
-    without padding (all windows but each document's last are full) gets no mask, so SDPA runs its causal
-    kernel (flash attention on CUDA) instead of a masked one."""
+    Sequences are sorted by length and right-padded into batches of about ``batch_tokens`` tokens. No
+    attention mask: in a causal model a position never attends to the padding after it, so the real
+    positions' logits are unchanged, and SDPA keeps its causal kernel (flash attention on CUDA) instead of
+    a masked one."""
     import torch
     import torch.nn.functional as F
 
@@ -94,18 +94,14 @@ def score_sequences(
         group = order[i : i + max(1, batch_tokens // max(1, width - 1))]
         i += len(group)
         ids = np.zeros((len(group), width), dtype=np.int64)
-        attn = np.zeros_like(ids)
         scored = np.zeros((len(group), width - 1), dtype=bool)  # per label position (ids[1:])
         for r, k in enumerate(group):
             s = seqs[k]
             ids[r, : len(s)] = s
-            attn[r, : len(s)] = 1
             scored[r, max(starts[k], 1) - 1 : len(s) - 1] = True
-        padded = not attn.all()
         ids, scored = torch.from_numpy(ids).to(device), torch.from_numpy(scored).to(device)
-        mask = torch.from_numpy(attn[:, :-1]).to(device) if padded else None
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=device.type == "cuda"):
-            logits = model(input_ids=ids[:, :-1], attention_mask=mask, use_cache=False).logits
+            logits = model(input_ids=ids[:, :-1], use_cache=False).logits
         # fp32 softmax even under autocast: small per-token errors add up over 10^5 tokens.
         ce = F.cross_entropy(logits.flatten(0, 1).float(), ids[:, 1:].flatten(), reduction="none")
         sums = (ce.view(len(group), width - 1) * scored).double().sum(dim=1).cpu().numpy()
