@@ -454,6 +454,8 @@ def scaling(
     sizes: Annotated[int, typer.Option(help="model sizes per budget, spread ×1/4…×4 around the law's optimum")] = 5,
     law_out: Annotated[Path | None, typer.Option(help="law.json path (default <run>/scaling/law.json)")] = None,
     tokens_per_step: Annotated[int | None, typer.Option(help="batch for the sweep (default: the config's)")] = None,
+    points: Annotated[Path | None, typer.Option(
+        help="fit a CSV of points measured elsewhere (params,tokens,loss[,flops]); no training")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """IsoFLOP sweep on the prepared data, Chinchilla fits → law.json for `domainlm plan --law fitted:PATH`."""
@@ -461,6 +463,15 @@ def scaling(
 
     if law_out is not None:
         _writable_file(law_out, "--law-out")
+    if points is not None:
+        from domainlm.scaling.points import fit_points
+
+        if config is not None:
+            raise UserError("--points: fits the CSV alone; give no CONFIG with it")
+        result = fit_points(points, law_out=law_out)
+        print_json({k: result[k] for k in ("law_path", "plot")} | result["law"]) if as_json \
+            else print_scaling(result, console)
+        return
     with _locked(_config_dir(config), "scaling"):
         result = run_sweep(config, budgets, sizes, law_out=law_out, step_tokens=tokens_per_step,
                            console=err_console if as_json else console)

@@ -274,6 +274,7 @@ def print_scaling(res: dict, console: Console) -> None:
                  + ("" if m["bracketed"] else " (outside the sizes tried: extrapolated)")) if m["params"] else \
             "no minimum (loss does not curve up on both sides: widen the sizes)"
         console.print(f"C={m['flops']:.3g}: {where}")
-    console.print(f"sweep time: {res['minutes']:.1f} min; points: {res['points_path']}; plot: {res['plot']}")
+    took = "" if res["minutes"] is None else f"sweep time: {res['minutes']:.1f} min; "
+    console.print(f"{took}points: {res['points_path']}; plot: {res['plot']}")
     console.print(f"wrote [bold]{res['law_path']}[/]; plan with it: "
                   f"[bold]domainlm plan {res['config'] or 'CONFIG'} --law fitted:{res['law_path']}[/]")
