@@ -4,6 +4,7 @@ result equals an uninterrupted run's, and what was finished before the kill is n
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -90,11 +91,32 @@ def test_scaling_sweep_killed_between_and_inside_points(tmp_path):
     assert law.get("approach3") == ref_law.get("approach3")
 
 
+def _prepared_run(tmp: Path) -> Path:
+    """A real prepared run (documents, tokenizer, tokens) of two small sources with a tiny model config."""
+    import yaml
+
+    from test_prepare import two_sources
+
+    cfg = two_sources(tmp, 50)
+    data = yaml.safe_load(cfg.read_text())
+    data.update(tokenizer={"vocab_size": 300, "sample_bytes": 200_000, "audit_bytes": 20_000},
+                model={"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2},
+                train={"seq_len": 32, "micro_batch": 4, "tokens_per_step": 8 * 32, "max_tokens": 12 * 8 * 32,
+                       "eval_every": 100, "checkpoint_every": 100},
+                eval={"max_bytes_per_source": 4000})
+    cfg.write_text(yaml.safe_dump(data))
+    for args in (["prepare", str(cfg)], ["tokenizer", str(cfg)], ["prepare", str(cfg)]):
+        proc = domainlm(args)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    return cfg
+
+
 @pytest.mark.slow
 def test_ablation_killed_between_variants(tmp_path):
-    with single_thread():
-        ref_cfg = make_run(tmp_path / "ref", max_tokens=12 * 8 * 32)
-    cfg = make_run(tmp_path / "crashed", max_tokens=12 * 8 * 32)
+    ref_cfg = _prepared_run(tmp_path / "ref")
+    cfg = tmp_path / "crashed" / "cfg.yaml"
+    shutil.copytree(tmp_path / "ref", tmp_path / "crashed")
+    cfg.write_text(ref_cfg.read_text().replace(str(tmp_path / "ref"), str(tmp_path / "crashed")))
     proc = domainlm(["ablate", str(ref_cfg), "--domain-weights", "0,1"])
     assert proc.returncode == 0, proc.stderr[-2000:]
     proc = domainlm(["ablate", str(cfg), "--domain-weights", "0,1"], fault="ablate.variant_done:1",
