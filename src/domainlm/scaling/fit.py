@@ -155,8 +155,13 @@ def fit_approach3(pts: Points, inits: list[np.ndarray] | None = None, top_k: int
             if val < best:
                 best_theta, best = theta, val
     a, b, e, alpha, beta = best_theta
-    return {"E": math.exp(e), "A": math.exp(a), "B": math.exp(b), "alpha": float(alpha), "beta": float(beta),
+    # A = e^a overflows a float when a term is switched off (α ≫ 1 on points that do not constrain it).
+    return {"E": _exp(e), "A": _exp(a), "B": _exp(b), "alpha": float(alpha), "beta": float(beta),
             "objective": float(best), "theta": best_theta.tolist()}
+
+
+def _exp(x: float) -> float:
+    return math.exp(x) if x < 709.0 else math.inf
 
 
 def objective_at(pts: Points, E: float, A: float, B: float, alpha: float, beta: float) -> float:
