@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
 # the extras the real-part tests run for real: lm-evaluation-harness (+ accelerate, which its HF backend imports)
-TEST_EXTRAS := dev,harness
+TEST_EXTRAS := dev,harness,ray
 
 .PHONY: demo test lint install clean
 

@@ -134,7 +134,10 @@ def _executor(pcfg: PrepareConfig, pipeline: list, tasks: int, workers: int, log
             job_name=f"domainlm-{name}", logging_dir=str(logdir), depends=None if s.wait else depends,
         )
     if pcfg.executor == "ray":
-        import ray  # optional: `pip install ray`; datatrove expects ray.init() done by the caller
+        try:
+            import ray  # datatrove expects ray.init() done by the caller
+        except ImportError:
+            raise UserError("prepare.executor: ray needs the ray package: pip install 'domainlm[ray]'") from None
         from datatrove.executor import RayPipelineExecutor
 
         if not ray.is_initialized():
