@@ -14,6 +14,7 @@ import torch
 from domainlm.model import build_model
 from domainlm.plan import memory as M
 from domainlm.plan.shape import ModelShape
+from domainlm.train.memory_probe import measure_cpu
 from domainlm.train.parallel import checkpoint_layers
 from domainlm.train.step import next_token_loss
 
@@ -60,50 +61,14 @@ def test_same_gradients_as_without():
         torch.testing.assert_close(grads[name].grad, p.grad, rtol=1e-6, atol=1e-9, msg=name)
 
 
-class LiveBytes(torch.utils._python_dispatch.TorchDispatchMode):
-    """Bytes of the tensor storages that ops created and that are still alive — after forward, that is what
-    autograd holds for backward — and a snapshot of the live storages after every op, for the peak."""
-
-    def __init__(self):
-        super().__init__()
-        self.storages: dict[int, tuple] = {}  # weak ref's id → (weak ref, bytes, data pointer)
-        self.snapshots: list[list[int]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from torch.multiprocessing.reductions import StorageWeakRef
-        from torch.utils._pytree import tree_flatten
-
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                st = t.untyped_storage()
-                ref = StorageWeakRef(st)
-                self.storages.setdefault(ref.cdata, (ref, st.nbytes(), st.data_ptr()))
-        self.snapshots.append([k for k, (ref, _, _) in self.storages.items() if not ref.expired()])
-        return out
-
-    def live(self, exclude: set[int]) -> int:
-        return sum(n for ref, n, ptr in self.storages.values() if not ref.expired() and ptr not in exclude)
-
-
 def measure(n_layers: int, dtype, checkpointing: bool) -> tuple[int, int]:
-    """(bytes held for backward after the forward pass, peak bytes during backward), parameters and their
-    gradients left out: the activations of one training micro-step."""
+    """(bytes held for backward after the forward pass, peak bytes during backward) of one micro-step,
+    parameters and their gradients left out (train/memory_probe.py)."""
     model = tiny(n_layers, dtype)
     if checkpointing:
         checkpoint_layers(model)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    mode = LiveBytes()
-    with mode:
-        loss = next_token_loss(model, batch())
-        held = mode.live(params | {loss.untyped_storage().data_ptr()})
-        n_forward = len(mode.snapshots)
-        loss.backward()
-    states = params | {p.grad.untyped_storage().data_ptr() for p in model.parameters()}
-    size = {k: n for k, (_, n, _) in mode.storages.items()}
-    skip = {k for k, (ref, _, ptr) in mode.storages.items() if ptr in states and not ref.expired()}
-    peak = max(sum(size[k] for k in snap if k not in skip) for snap in mode.snapshots[n_forward:])
-    return held, peak
+    m = measure_cpu(model, batch())
+    return m.held, m.peak
 
 
 # fp32: the CPU path. bf16 parameters: what FSDP2's MixedPrecisionPolicy(param_dtype=bf16) computes with on CUDA.
@@ -143,6 +108,10 @@ def test_training_follows_the_same_curve_and_resumes(tmp_path):
     a, b = weights(run_dir(ref) / "model"), weights(run_dir(ac) / "model")
     assert a.keys() == b.keys()
     assert all(torch.allclose(a[k], b[k], rtol=1e-5, atol=1e-7) for k in a)
+    # FSDP2 over checkpointed layers (the torchtitan order: checkpoint → compile → shard), one process.
+    fsdp = clone_run(ref, tmp_path / "fsdp", fresh=True, activation_checkpointing=True, parallel="fsdp")
+    assert train_in_process(fsdp, max_steps=4)["parallel"] == "fsdp"
+    assert all(abs(g - w) <= 1e-5 * abs(w) for g, w in zip(losses(fsdp), want, strict=True)), (losses(fsdp), want)
 
 
 def test_cpu_offload_needs_fsdp(tmp_path):

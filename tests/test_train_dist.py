@@ -146,3 +146,54 @@ def test_two_nodes_match_one_process_and_resume_after_a_node_is_killed(reference
     assert_close_curves(losses(cfg), losses(reference))
     a, b = weights(run_dir(reference) / "model"), weights(run_dir(cfg) / "model")
     assert all(torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-6) for k in a)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@pytest.mark.gpu
+@needs_cuda
+@pytest.mark.parametrize("cpu_offload", [False, True])
+def test_fsdp_on_cuda_bf16_params_fp32_states_fused_adamw(cpu_offload):
+    """FSDP2 as the trainer sets it up on CUDA: fp32 sharded parameters (the master weights), bf16 compute
+    without autocast, fp32 gradients, fused AdamW, activation checkpointing; the loss follows an fp32 model's
+    to bf16 precision. With CPU offload the sharded states live in host memory."""
+    import copy
+
+    from torch.distributed.tensor import DTensor
+
+    from domainlm.config import TrainConfig
+    from domainlm.model import build_model
+    from domainlm.plan.shape import ModelShape
+    from domainlm.train.loop import make_optimizer
+    from domainlm.train.parallel import Dist, parallelize, shutdown, step_precision
+    from domainlm.train.step import next_token_loss, train_step
+
+    world = Dist(0, 1, 0, torch.device("cuda", 0))
+    shape = ModelShape(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_dim=160, vocab_size=300,
+                       tie_embeddings=False)
+    plain = build_model(shape, 64, seed=0).to(world.device)
+    model = parallelize(copy.deepcopy(plain), "fsdp", world, activation_checkpointing=True, precision="bf16-mixed",
+                        cpu_offload=cpu_offload)
+    try:
+        assert step_precision("fsdp", world, "bf16-mixed") == "fp32"  # no autocast on top of FSDP's own casts
+        for p in model.parameters():
+            assert isinstance(p, DTensor) and p.dtype == torch.float32
+            assert p.device.type == ("cpu" if cpu_offload else "cuda")
+        seen = []
+        q_proj = model.model.layers[0]._checkpoint_wrapped_module.self_attn.q_proj
+        q_proj.register_forward_pre_hook(lambda m, args: seen.append((m.weight.dtype, args[0].dtype)))
+        batch = torch.randint(0, 300, (8, 33), generator=torch.Generator().manual_seed(0)).to(world.device)
+        loss = next_token_loss(model, batch)
+        loss.backward()
+        assert seen[0] == (torch.bfloat16, torch.bfloat16)
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+        want = next_token_loss(plain, batch).item()
+        assert abs(loss.item() - want) <= 2e-2 * abs(want)
+        optimizer = make_optimizer(model, TrainConfig(), world.device)
+        assert optimizer.defaults["fused"]
+        optimizer.zero_grad(set_to_none=True)
+        res = train_step(model, optimizer, batch, lr=1e-3, micro_batch=4, grad_clip=1.0, precision="fp32")
+        assert not res.skipped and abs(res.loss - want) <= 2e-2 * abs(want)
+    finally:
+        shutdown()
