@@ -8,7 +8,10 @@ How a document is scored, identically for every model:
 - the document is tokenized alone, without special tokens, and preceded by the tokenizer's own
   start-of-document context: the tokens it adds in front of text (Llama's BOS), else EOS (the separator GPT-2
   and domainlm's token files put between documents), else BOS. These prefix tokens are context, never scored;
-- every text token is scored exactly once; EOS after the document is not scored (it has no bytes);
+- every text token is scored exactly once; EOS after the document is not scored (it has no bytes). The
+  training-time validation (train/loop.py ``evaluate``, the ``bpb/<source>`` and ``val_loss/<source>`` of
+  metrics.jsonl) uses the same definition — NLL of the text tokens ÷ the text's bytes, EOS never a target — on
+  fixed windows of the joined token stream instead of one document at a time (less context at window starts);
 - a document longer than the context is scored with strided sliding windows: the first window scores its
   first ``context`` tokens, each later window scores the next ``stride`` tokens with up to ``context`` tokens
   of window in total, so each token sees at least ``context - stride`` tokens of left context. A document that

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import re
 import shutil
 import time
@@ -28,12 +27,21 @@ from domainlm.data.tokens import counts_path, load_counts, open_tokens
 from domainlm.errors import UserError
 from domainlm.model import MODEL_DIR, TOKENIZER_DIR, build_model, export_hf, resolve_shape
 from domainlm.plan.hardware import ACCELERATORS
+from domainlm.rundir import atomic_write
 from domainlm.train import checkpoint as ckpt
 from domainlm.train.data import MixtureLoader, val_windows
-from domainlm.train.parallel import (Dist, barrier, choose_parallel, init_distributed, parallelize, shutdown,
-                                      step_precision, unwrap)
+from domainlm.train.parallel import (
+    Dist,
+    barrier,
+    choose_parallel,
+    init_distributed,
+    parallelize,
+    shutdown,
+    step_precision,
+    unwrap,
+)
 from domainlm.train.schedule import lr_at
-from domainlm.train.step import autocast_for, next_token_loss, train_step
+from domainlm.train.step import IGNORE, autocast_for, next_token_loss, train_step
 
 STAGE = "train"
 LOG2 = math.log(2.0)
@@ -121,9 +129,7 @@ def _truncate_metrics(path: Path, step: int) -> None:
     """On resume, forget log lines from steps after the checkpoint (they will be redone) and torn lines."""
     if not path.exists():
         return
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in _metric_rows(path, step)), encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write(path, "".join(json.dumps(r) + "\n" for r in _metric_rows(path, step)))
 
 
 # ------------------------------------------------------------------------------------------------ eval
@@ -132,31 +138,41 @@ def _truncate_metrics(path: Path, step: int) -> None:
 @torch.no_grad()
 def evaluate(model, val: dict[str, np.ndarray], counts: dict, *, seq_len: int, micro_batch: int, max_tokens: int,
              world: Dist, precision: str) -> dict[str, dict[str, float]]:
-    """Validation loss (nats/token) and bits per byte per source.
+    """Validation loss (nats/token) and bits per byte per source, by the one definition `domainlm eval` uses
+    (evaluate/bpb.py): NLL of the text tokens in bits ÷ the text's UTF-8 bytes; the EOS after each document is
+    context, never scored (it has no bytes), so neither the loss nor the bpb counts it.
 
-    bpb = Σ NLL / ln 2 / bytes. We score windows covering ``tokens_scored`` of the ``val_tokens`` tokens and
-    count their bytes as ``val_bytes · tokens_scored / val_tokens`` — exact when the whole split is scored,
-    else it assumes bytes per token is uniform over the split (true on average for a random slice)."""
+    Unlike `domainlm eval` (each document alone, after its start-of-document context), the windows here are
+    ``seq_len`` chunks of the split's token stream (documents joined by EOS), so a window's first tokens have
+    little context and the split's first token is never a target. We score windows covering ``text_scored`` of the
+    split's ``text_total`` text tokens and count their bytes as ``val_bytes · text_scored / text_total`` — exact
+    when the whole split is scored, else it assumes bytes per token is uniform over the split."""
     model.eval()
     out = {}
+    eos = counts.get("eos_id")
     for name, arr in val.items():
         n = val_windows(arr, seq_len, max_tokens, world.world_size)
         if n == 0:
             continue
         mine = list(range(world.rank, n, world.world_size))
         nll = torch.zeros((), dtype=torch.float64, device=world.device)
+        scored = torch.zeros((), dtype=torch.float64, device=world.device)
         for i in range(0, len(mine), micro_batch):
             rows = [np.asarray(arr[j * seq_len : (j + 1) * seq_len + 1], dtype=np.int64)
                     for j in mine[i : i + micro_batch]]
             batch = torch.from_numpy(np.stack(rows)).to(world.device)
+            labels = batch.masked_fill(batch == eos, IGNORE) if eos is not None else batch
             with autocast_for(world.device, precision):
-                nll += next_token_loss(model, batch, reduction="sum").double()
+                nll += next_token_loss(model, batch, reduction="sum", labels=labels).double()
+            scored += (labels[:, 1:] != IGNORE).sum().double()
         if dist.is_initialized():
             dist.all_reduce(nll)
+            dist.all_reduce(scored)
         src = counts["sources"][name]
-        tokens_scored = n * seq_len
-        bytes_scored = src["val_bytes"] * tokens_scored / max(src["val_tokens"], 1)
-        out[name] = {"loss": nll.item() / tokens_scored, "bpb": nll.item() / LOG2 / bytes_scored}
+        text_total = len(arr) - (int(np.count_nonzero(np.asarray(arr) == eos)) if eos is not None else 0)
+        text_scored = scored.item()
+        bytes_scored = src["val_bytes"] * text_scored / max(text_total, 1)
+        out[name] = {"loss": nll.item() / max(text_scored, 1), "bpb": nll.item() / LOG2 / max(bytes_scored, 1e-9)}
     model.train()
     return out
 
