@@ -13,11 +13,10 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train_fixtures import LEGAL, make_tiny_model  # noqa: E402
-
 from domainlm.evaluate.bpb import score_texts  # noqa: E402
 from domainlm.train.loop import evaluate  # noqa: E402
 from domainlm.train.parallel import Dist  # noqa: E402
+from test_train_fixtures import LEGAL, make_tiny_model  # noqa: E402
 
 CPU = Dist(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
 
