@@ -121,3 +121,26 @@ def test_cpu_offload_needs_fsdp(tmp_path):
     with pytest.raises(ConfigError, match=r"train\.cpu_offload: needs train\.parallel: fsdp"):
         validate({"name": "x", "train": {"parallel": "ddp", "cpu_offload": True}})
     assert validate({"name": "x", "train": {"activation_checkpointing": True}}).train.activation_checkpointing
+
+
+def test_plan_turns_checkpointing_on_only_when_nothing_fits_without_it():
+    from domainlm.plan.planner import PlanRequest, make_plan
+
+    def plan(micro_batch: int) -> dict:
+        return make_plan(PlanRequest(gpu="a100-40gb", gpus=64, hours=200, mfu=0.4, micro_batch=micro_batch))
+
+    small, big = plan(2), plan(4)
+    assert small["memory"]["activation_checkpointing"] is False and small["memory"]["fits"]
+    assert not any("activation_checkpointing" in w for w in small["warnings"])
+    mem, m = big["memory"], big["model"]
+    assert mem["activation_checkpointing"] is True and mem["fits"]
+    assert any("train.activation_checkpointing: true" in w for w in big["warnings"])
+    est = M.estimate(m["params_total"], precision="bf16-mixed", sharding=mem["sharding"], gpus=64, seq_len=2048,
+                     micro_batch=4, n_layers=m["n_layers"], d_model=m["d_model"], vocab_size=m["vocab_size"],
+                     n_heads=m["n_heads"], n_kv_heads=m["n_kv_heads"], ffn_dim=m["ffn_dim"],
+                     activation_checkpointing=True)
+    assert mem["total_gb"] == pytest.approx(est.total_gb)
+    without = M.estimate(m["params_total"], precision="bf16-mixed", sharding="zero3", gpus=64, seq_len=2048,
+                         micro_batch=4, n_layers=m["n_layers"], d_model=m["d_model"], vocab_size=m["vocab_size"],
+                         n_heads=m["n_heads"], n_kv_heads=m["n_kv_heads"], ffn_dim=m["ffn_dim"])
+    assert without.total_gb > 40 >= mem["total_gb"]

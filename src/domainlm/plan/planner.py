@@ -427,20 +427,35 @@ def make_plan(req: PlanRequest) -> dict:
         n_layers=shape.n_layers,
         d_model=shape.d_model,
         vocab_size=req.vocab_size,
+        n_heads=shape.n_heads,
+        n_kv_heads=shape.n_kv_heads,
+        ffn_dim=shape.ffn_dim,
     )
+    checkpointing = False
     if compute.get("gpu") and compute["gpu"] != "cpu":
         acc = get_accelerator(compute["gpu"])
         rec, ests = M.recommend(acc.memory_gb, precision="bf16-mixed", **mem_kwargs)
         est = ests[rec or "zero3"]
-        if rec is None:
-            warnings.append(
-                f"even ZeRO-3 over {req.gpus} GPU(s) needs {est.total_gb:.1f} GB of {acc.memory_gb:g} GB: "
-                "use more GPUs, activation checkpointing or a smaller micro-batch"
-            )
+        if rec is None:  # the trainer recomputes activations per layer (train.activation_checkpointing)
+            rec, ests = M.recommend(acc.memory_gb, precision="bf16-mixed", activation_checkpointing=True, **mem_kwargs)
+            if rec is not None:
+                warnings.append(
+                    f"even ZeRO-3 over {req.gpus} GPU(s) needs {est.total_gb:.1f} GB of {acc.memory_gb:g} GB; with "
+                    f"activation checkpointing {rec} needs {ests[rec].total_gb:.1f} GB: set "
+                    "train.activation_checkpointing: true (~1/3 more compute: one more forward pass)"
+                )
+                est, checkpointing = ests[rec], True
+            else:
+                warnings.append(
+                    f"even ZeRO-3 over {req.gpus} GPU(s) with activation checkpointing needs "
+                    f"{ests['zero3'].total_gb:.1f} GB of {acc.memory_gb:g} GB: use more GPUs or a smaller micro-batch"
+                )
+                est = ests["zero3"]
         memory = _mem_dict(est, acc.memory_gb, rec)
     else:
         est = M.estimate(precision="fp32", sharding="ddp", **mem_kwargs)
         memory = _mem_dict(est, None, None)
+    memory["activation_checkpointing"] = checkpointing
 
     alternatives = _alternatives(law, req, flops, n_opt, d_opt, weights, limits, rows)
     warnings += [a["warning"] for a in alternatives if a.get("warning")]

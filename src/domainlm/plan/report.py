@@ -47,7 +47,8 @@ def print_plan(p: dict, console: Console) -> None:
     mem = p["memory"]
     fit = "" if mem["fits"] is None else (" — fits" if mem["fits"] else " — does NOT fit")
     t.add_row("memory/GPU", f"{mem['total_gb']:.2f} GB ({mem['precision']}, {SHARDING_NAMES[mem['sharding']]}"
-              f"{', ' + str(mem['gpus']) + ' GPUs' if mem['gpus'] > 1 else ''}){fit}")
+              f"{', ' + str(mem['gpus']) + ' GPUs' if mem['gpus'] > 1 else ''}"
+              f"{', activation checkpointing' if mem.get('activation_checkpointing') else ''}){fit}")
     t.add_row("effective tokens", f"{_f(p['effective_tokens'])} (Muennighoff et al. 2023)")
     dc = p.get("data_constrained")
     if dc:
