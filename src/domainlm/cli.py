@@ -379,7 +379,9 @@ def eval_(
     run_dir: Annotated[Path | None, typer.Option("--run", help="with an HF folder: score the val splits of RUN")] = None,
     out: Annotated[Path | None, typer.Option(help="write eval.json here (default: <run>/eval/eval.json)")] = None,
     context: Annotated[int | None, typer.Option(help="window in tokens (default: the model's context)")] = None,
-    stride: Annotated[int | None, typer.Option(help="new tokens per sliding window (default: context/2)")] = None,
+    stride: Annotated[int | None, typer.Option(
+        help="new tokens per sliding window (default: context/2); costs ≈ context/stride× the compute of "
+             "--stride = context, for at least context − stride tokens of left context")] = None,
     max_bytes: Annotated[int | None, typer.Option(help="bytes scored per source (default: eval config)")] = None,
     task: Annotated[
         list[str] | None, typer.Option("--task", help="downstream task: licensedb-category | licensedb-name")
