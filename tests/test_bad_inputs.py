@@ -174,6 +174,39 @@ def test_truncated_jsonl_gz_source(tmp_path, cli):
     assert json.loads((tmp_path / "run" / "data" / "stats.json").read_text())["sources"]["a"]["docs_in"] == 45
 
 
+def test_truncated_jsonl_zst_source_is_an_error_not_an_empty_file(tmp_path):
+    import zstandard
+
+    rng = np.random.default_rng(1)
+    lines = b"".join(json.dumps({"text": " ".join(map(str, rng.integers(0, 1000, 80)))}).encode() + b"\n"
+                     for _ in range(400))
+    c = zstandard.ZstdCompressor()
+    whole = c.compress(lines[: len(lines) // 3]) + c.compress(lines[len(lines) // 3 :])  # two frames
+    path = tmp_path / "a.jsonl.zst"
+    path.write_bytes(whole)
+    with sources._open_binary(str(path)) as f:
+        assert b"".join(sources._lines(f, str(path))) == lines
+    path.write_bytes(whole[: len(whole) - 100])  # zstandard's stream_reader read this as a shorter, valid file
+    with pytest.raises(sources.UserError, match="a.jsonl.zst: truncated or corrupt compressed file"):
+        with sources._open_binary(str(path)) as f:
+            for _ in sources._lines(f, str(path)):
+                pass
+
+
+def test_input_path_with_glob_characters_is_read_as_a_path(tmp_path):
+    write_texts(tmp_path / "my[test]corpus", 45)
+    cfg = write_config(tmp_path, [{"name": "a", "role": "domain", "weight": 1,
+                                   "input": str(tmp_path / "my[test]corpus")}])
+    result = run_prepare(cfg, quiet_console())
+    assert result["stats"]["sources"]["a"]["docs_in"] == 45
+
+
+def test_ablate_checks_the_val_documents_before_training(trained, tmp_path, cli):
+    cfg = clone_run(trained, tmp_path)  # token files, no data/ (never `domainlm prepare`d)
+    one_line(cli("ablate", str(cfg), "--domain-weights", "0,1"), "stats.json", "no prepared data")
+    assert not (run_dir(cfg) / "ablate").exists()
+
+
 def test_report_on_a_folder_that_is_not_a_run(tmp_path, cli):
     folder = tmp_path / "notes"
     folder.mkdir()

@@ -124,6 +124,10 @@ def run_ablate(config: Path | None, domain_weights: str, *, console: Console) ->
     run_dir = cfg.directory()
     weights = parse_weights(domain_weights)
     load_counts(run_dir)  # fails early with "run `domainlm prepare`"
+    from domainlm.data.pipeline import document_files
+
+    for s in cfg.sources:  # each variant is scored on the val documents: check them before any training
+        document_files(run_dir, s.name, "val")
     roles = {s.name: s.role for s in cfg.sources}
     results = []
     for i, w in enumerate(weights, 1):

@@ -136,7 +136,7 @@ def _exclude(files: list[str], root: str, exclude_ids: str | None, where: str) -
 
 
 def _expand(inp: str, where: str) -> tuple[list[str], str]:
-    if glob.has_magic(inp):
+    if glob.has_magic(inp) and not os.path.exists(inp):  # an existing path is itself, even with [ or * in it
         files = sorted(p for p in glob.glob(inp, recursive=True) if os.path.isfile(p))
         if not files:
             raise UserError(f"{where}: glob {inp!r} matched no files")
@@ -158,10 +158,48 @@ def _open_binary(path: str):
     if path.endswith(".gz"):
         return gzip.open(path, "rb")
     if path.endswith(".zst"):
+        return io.BufferedReader(_ZstdRaw(path), buffer_size=1 << 20)
+    return open(path, "rb")  # noqa: SIM115
+
+
+class _ZstdRaw(io.RawIOBase):
+    """A .zst file decompressed frame by frame (concatenated frames too). Unlike zstandard's stream_reader,
+    which ends quietly when the input stops inside a frame, a truncated file raises EOFError, as gzip does."""
+
+    def __init__(self, path: str):
         import zstandard
 
-        return io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(open(path, "rb"), closefd=True))  # noqa: SIM115
-    return open(path, "rb")  # noqa: SIM115
+        self._f = open(path, "rb")  # noqa: SIM115 - closed in close()
+        self._new = zstandard.ZstdDecompressor().decompressobj
+        self._d, self._in_frame = self._new(), False
+        self._buf, self._pos = b"", 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        while self._pos == len(self._buf):
+            chunk = self._f.read(1 << 20)
+            if not chunk:
+                if self._in_frame:
+                    raise EOFError("compressed file ended before the end of a zstd frame")
+                return 0
+            out = []
+            while chunk:
+                if self._d.eof:
+                    self._d = self._new()
+                out.append(self._d.decompress(chunk))
+                chunk = self._d.unused_data if self._d.eof else b""
+            self._in_frame = not self._d.eof
+            self._buf, self._pos = b"".join(out), 0
+        n = min(len(b), len(self._buf) - self._pos)
+        b[:n] = self._buf[self._pos : self._pos + n]
+        self._pos += n
+        return n
+
+    def close(self) -> None:
+        self._f.close()
+        super().close()
 
 
 def _check_jsonl_key(path: str, key: str, where: str) -> None:
