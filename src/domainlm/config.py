@@ -36,6 +36,11 @@ class SourceConfig(_Section):
     split: str = "train"  # hf: inputs
     unique_tokens: float | None = Field(default=None, gt=0, description="known unique tokens (plan limits)")
     max_files: int | None = Field(default=None, ge=1, description="use at most this many input files (evenly spaced)")
+    # A slice of a corpus-scale source ("50B tokens of a 15T-token corpus": max_bytes: 2e11 at ~4 bytes/token):
+    # at most this many documents / UTF-8 bytes are read, spread evenly over prepare's tasks (each task reads
+    # the first documents of its shard of the stream and stops); hf: sources stream, nothing else is fetched.
+    max_docs: int | None = Field(default=None, ge=1, description="read at most this many documents")
+    max_bytes: int | None = Field(default=None, ge=1, description="read at most about this many bytes of text")
     # A held-out experiment (docs/finetune.md): files of this source to leave out of every stage, one path
     # relative to the source's root per line (e.g. licenses/mit.LICENSE; `domainlm tasks licensedb` writes it).
     exclude_ids: str | None = None

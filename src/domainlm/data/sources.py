@@ -54,6 +54,8 @@ class SourceSpec:
     dataset: str = ""
     split: str = "train"
     max_chars: int = 5_000_000
+    max_docs: int | None = None  # the source's slice, over all tasks (SourceConfig.max_docs / max_bytes)
+    max_bytes: int | None = None
 
 
 # ------------------------------------------------------------------------------------------- resolve
@@ -79,7 +81,8 @@ def _kind_of(path: str) -> str:
 def resolve(src: SourceConfig, where: str, max_chars: int = 5_000_000) -> SourceSpec:
     """Check ``src`` and list its inputs; ``where`` names the config key in errors (``sources[0].input``)."""
     inp = src.input
-    common = dict(name=src.name, text_key=src.text_key, text_column=src.text_column, max_chars=max_chars)
+    common = dict(name=src.name, text_key=src.text_key, text_column=src.text_column, max_chars=max_chars,
+                  max_docs=src.max_docs, max_bytes=src.max_bytes)
     if inp.startswith("package:"):
         which = inp.removeprefix("package:")
         if which == "licensedcode":
@@ -232,13 +235,23 @@ def _check_parquet_column(path: str, column: str, where: str) -> None:
 
 
 def _load_hf(dataset: str, split: str):
+    """A ``save_to_disk`` folder as a memory-mapped Arrow ``Dataset``; anything else (a hub name, a folder of
+    parquet/JSONL files) as a streaming ``IterableDataset``: files are read as it is iterated, nothing is
+    downloaded up front, so a slice of a 15T-token corpus costs the slice."""
     import datasets
 
     p = Path(dataset)
     if p.is_dir() and ((p / "dataset_info.json").exists() or (p / "state.json").exists() or (p / split).is_dir()):
         ds = datasets.load_from_disk(str(p))
         return ds[split] if isinstance(ds, datasets.DatasetDict) else ds
-    return datasets.load_dataset(dataset, split=split)
+    return datasets.load_dataset(dataset, split=split, streaming=True)
+
+
+def _column_names(ds) -> list[str]:
+    if ds.column_names is not None:
+        return ds.column_names
+    first = next(iter(ds.take(1)), {})  # a stream whose features are not declared: its first row says
+    return list(first)
 
 
 def _hub_unreachable() -> str | None:
@@ -285,10 +298,11 @@ def _resolve_hf(src: SourceConfig, where: str, common: dict) -> SourceSpec:
                             "use) or point input at a folder saved with Dataset.save_to_disk") from None
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"{where}: cannot load dataset {dataset!r} split {src.split!r}: {first}") from None
-    if src.text_column not in ds.column_names:
+    columns = _column_names(ds)
+    if src.text_column not in columns:
         raise UserError(
             f"{where}: dataset {dataset!r} has no text column {src.text_column!r} "
-            f"(found: {', '.join(ds.column_names[:8])}); set {where.rsplit('.', 1)[0]}.text_column"
+            f"(found: {', '.join(columns[:8])}); set {where.rsplit('.', 1)[0]}.text_column"
         )
     return SourceSpec(kind="hf", dataset=dataset, split=src.split, **common)
 
@@ -331,7 +345,32 @@ def split_front_matter(text: str) -> tuple[dict, str]:
 
 
 def read(spec: SourceSpec, rank: int, world_size: int, counts: Counter, errors: list[str]) -> Iterator[Doc]:
-    """Documents of shard ``rank``/``world_size``; drops are counted in ``counts`` (``drop/<reason>``)."""
+    """Documents of shard ``rank``/``world_size``; drops are counted in ``counts`` (``drop/<reason>``).
+    With ``max_docs``/``max_bytes`` the shard yields its share of the slice and stops reading."""
+    docs = _read_shard(spec, rank, world_size, counts, errors)
+    if spec.max_docs is None and spec.max_bytes is None:
+        yield from docs
+        return
+    max_docs, max_bytes = (_share(m, rank, world_size) for m in (spec.max_docs, spec.max_bytes))
+    n = n_bytes = 0
+    try:
+        if max_docs == 0 or max_bytes == 0:
+            return
+        for d in docs:
+            yield d
+            n, n_bytes = n + 1, n_bytes + d.raw_bytes
+            if (max_docs is not None and n >= max_docs) or (max_bytes is not None and n_bytes >= max_bytes):
+                return  # the next document is never read
+    finally:
+        docs.close()  # a stream stops reading its files here, not at garbage collection
+
+
+def _share(total: int | None, rank: int, world_size: int) -> int | None:
+    """Task ``rank``'s part of ``total``: parts differ by at most one and add up to ``total``."""
+    return None if total is None else total * (rank + 1) // world_size - total * rank // world_size
+
+
+def _read_shard(spec: SourceSpec, rank: int, world_size: int, counts: Counter, errors: list[str]) -> Iterator[Doc]:
     if spec.kind == "hf":
         yield from _read_hf(spec, rank, world_size, counts)
         return
@@ -448,6 +487,9 @@ def _column_texts(texts: Iterable, counts: Counter) -> Iterator[tuple[int, str, 
 
 def _read_hf(spec: SourceSpec, rank: int, world_size: int, counts: Counter) -> Iterator[Doc]:
     ds = _load_hf(spec.dataset, spec.split)
+    if not hasattr(ds, "__len__"):  # a stream: task r reads the r-th contiguous run of its files (shards)
+        yield from _read_hf_stream(spec, ds, rank, world_size, counts)
+        return
     n = len(ds)
     lo, hi = n * rank // world_size, n * (rank + 1) // world_size  # contiguous shards: deterministic order
     texts = (t for batch in ds.select_columns([spec.text_column]).select(range(lo, hi)).iter(batch_size=1024)
@@ -455,3 +497,19 @@ def _read_hf(spec: SourceSpec, rank: int, world_size: int, counts: Counter) -> I
     for i, text, nbytes in _column_texts(texts, counts):
         row = lo + i
         yield Doc(id=f"{spec.name}/{spec.split}/{row}", text=text, metadata={"row": row}, raw_bytes=nbytes)
+
+
+def _read_hf_stream(spec: SourceSpec, ds, rank: int, world_size: int, counts: Counter) -> Iterator[Doc]:
+    """Files are the unit of a stream's sharding: with fewer files than tasks, the extra tasks read nothing."""
+    parts = min(ds.num_shards, world_size)
+    if rank >= parts:
+        return
+    rows = iter(ds.shard(num_shards=parts, index=rank, contiguous=True).select_columns([spec.text_column]))
+    try:
+        for i, text, nbytes in _column_texts((r[spec.text_column] for r in rows), counts):
+            yield Doc(id=f"{spec.name}/{spec.split}/{rank}-{i}", text=text, metadata={"shard": rank, "row": i},
+                      raw_bytes=nbytes)
+    finally:
+        close = getattr(rows, "close", None)
+        if close is not None:
+            close()
