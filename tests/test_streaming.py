@@ -134,9 +134,15 @@ def test_slice_keys_are_typed_and_validated(tmp_path):
     base["sources"][0]["max_bytes"] = 2e11  # "50B tokens" at ~4 bytes/token, as YAML writes it
     p.write_text(yaml.safe_dump(base))
     assert load_config(p).sources[0].max_bytes == 200_000_000_000
+    for written, value in (("2e11", 200_000_000_000), ("200G", 200_000_000_000), ("1.5M", 1_500_000)):
+        p.write_text(yaml.safe_dump(base).replace("200000000000.0", written))
+        assert load_config(p).sources[0].max_bytes == value
     base["sources"][0].update(max_bytes=None, max_docs=0)
     p.write_text(yaml.safe_dump(base))
     with pytest.raises(ConfigError, match=r"sources\[0\]\.max_docs: .*greater than or equal to 1"):
+        load_config(p)
+    p.write_text(yaml.safe_dump(base).replace("max_docs: 0", "max_docs: lots"))
+    with pytest.raises(ConfigError, match=r"sources\[0\]\.max_docs: expected a whole number like"):
         load_config(p)
 
 

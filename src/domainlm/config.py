@@ -45,6 +45,19 @@ class SourceConfig(_Section):
     # relative to the source's root per line (e.g. licenses/mit.LICENSE; `domainlm tasks licensedb` writes it).
     exclude_ids: str | None = None
 
+    @field_validator("max_docs", "max_bytes", mode="before")
+    @classmethod
+    def _human_count(cls, v: Any) -> Any:
+        """``2e11`` (YAML reads it as a string), ``200G``, ``1.5M``: the numbers people write for a slice."""
+        if isinstance(v, str):
+            from domainlm.units import parse_number
+
+            try:
+                return parse_number(v, "", positive=False)
+            except UserError:
+                raise ValueError("expected a whole number like 200000, 2e11 or 200G") from None
+        return v
+
 
 class SlurmConfig(_Section):
     """datatrove SlurmPipelineExecutor settings (``prepare.executor: slurm``)."""
