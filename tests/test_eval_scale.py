@@ -56,6 +56,7 @@ def test_data_parallel_eval_matches_one_process(model_dir, text_file, tmp_path):
            "--out", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("eval of ") == 1  # the table: rank 0 prints, the other rank only scores
     two = json.loads(out.read_text())
     assert two["processes"] == 2 and one["processes"] == 1
     a, b = one["sources"]["docs"], two["sources"]["docs"]

@@ -417,6 +417,8 @@ def _eval(model_or_run, text, probes, run_dir, out, context, stride, max_bytes, 
             raise UserError(f"{flag}: expected a whole number >= 1, got {v}")
     result, written = run_eval(model_or_run, texts=text, probes=probes, run=run_dir, out=out, context=context,
                                stride=stride, max_bytes=max_bytes, console=None if as_json else err_console)
+    if os.environ.get("RANK", "0") != "0":
+        return  # torchrun: the other ranks scored their share; rank 0 prints
     if as_json:
         print_json(result)
         return
