@@ -185,11 +185,53 @@ def test_gpu_hours_round_trip():
     assert law.optimal_params(p["compute_flops"]) == pytest.approx(p["params"], rel=1e-9)
 
 
-def test_cpu_budget_uses_the_measured_probe():
-    p = make_plan(PlanRequest(gpu="cpu", hours=0.5, cpu_flops_per_s=5e10))
-    assert p["compute"]["method"] == "cpu-probe"
-    assert p["tokens"] * p["flops_per_token"] == pytest.approx(5e10 * 1800, rel=1e-9)
+def _fake_shape_probe(monkeypatch, efficiency: float, calls: list):
+    """The planned shape's own speed: ``efficiency`` × the generic probe's FLOP/s (measured here: ~0.45)."""
+    from domainlm.plan import hardware
+
+    def probe(shape, seq_len, micro_batch, seconds=4.0):
+        calls.append((shape.d_model, shape.n_layers))
+        flops = 5e10 * efficiency
+        return {"tokens_per_s": flops / shape.flops_per_token(seq_len), "flops_per_s": flops}
+
+    monkeypatch.setattr(hardware, "measure_shape_throughput", probe)
+
+
+def test_cpu_budget_is_sized_at_the_planned_shapes_measured_speed(monkeypatch):
+    calls = []
+    _fake_shape_probe(monkeypatch, 0.45, calls)
+    p = make_plan(PlanRequest(gpu="cpu", hours=0.5, cpu_flops_per_s=5e10, vocab_size=8192, seq_len=256))
+    assert p["compute"]["method"] == "cpu-probe" and calls
+    m = p["model"]
+    assert calls[-1] == (m["d_model"], m["n_layers"])  # the speed of the shape that trains
+    # 1800 s at the planned shape's measured speed, not the generic probe's 5e10 FLOP/s.
+    assert p["tokens"] * p["flops_per_token"] == pytest.approx(0.45 * 5e10 * 1800, rel=1e-9)
     assert p["gpu_hours"] == pytest.approx(0.5, rel=1e-9)
+    assert p["run"]["follows_plan"] and p["run"]["planned_seconds"] == pytest.approx(1800, rel=1e-9)
+    assert p["run"]["tokens"] == p["tokens"]
+
+
+def test_a_fixed_shape_and_budget_are_shown_as_overrides(monkeypatch):
+    calls = []
+    _fake_shape_probe(monkeypatch, 0.45, calls)
+    req = PlanRequest(gpu="cpu", hours=0.05, cpu_flops_per_s=5e10, vocab_size=8192, seq_len=256,
+                      fixed_model={"d_model": 128, "n_layers": 4})
+    p = make_plan(req)
+    run = p["run"]
+    assert calls == [(128, 4)] and not run["follows_plan"]
+    assert run["model"]["d_model"] == 128 and run["model"]["n_layers"] == 4
+    assert (p["model"]["d_model"], p["model"]["n_layers"]) != (128, 4)  # the law's plan is still shown
+    fpt = ModelShape(4, 128, 4, 4, 384, 8192).flops_per_token(256)
+    assert run["tokens"] == pytest.approx(180 * 0.45 * 5e10 / fpt, rel=1e-9)  # the hours, on the fixed shape
+    assert [o["what"] for o in run["overrides"]] == ["model", "tokens"]
+    assert "embeddings" in run["overrides"][0]["reason"]
+    assert any("does not follow the plan's model" in w for w in p["warnings"])
+    # A fixed token budget that does not fit the hours says so.
+    req.fixed_tokens = 3 * run["tokens"]
+    p = make_plan(req)
+    assert p["run"]["tokens"] == req.fixed_tokens and p["run"]["planned_seconds"] == pytest.approx(540, rel=1e-6)
+    assert "train.max_tokens" in p["run"]["overrides"][-1]["reason"]
+    assert any("not the budget's 180 s" in w for w in p["warnings"])
 
 
 # ---------------------------------------------------------------------------------------------------- data limits

@@ -65,11 +65,11 @@ def domain_share(cfg: RunConfig) -> float:
 def variant_config(cfg: RunConfig, run_dir: Path, domain_weight: float) -> RunConfig:
     """The run's config with new weights, the run's shape and budget fixed, and its own directory."""
     from domainlm.model import resolve_shape
-    from domainlm.train.loop import plan_of
+    from domainlm.train.loop import plan_of, planned_tokens
 
     counts = load_counts(run_dir)
     shape = resolve_shape(cfg, run_dir, int(counts["vocab_size"]))
-    budget = cfg.train.max_tokens or plan_of(run_dir).get("tokens")
+    budget = cfg.train.max_tokens or planned_tokens(plan_of(run_dir))
     if budget is None:
         raise UserError("train.max_tokens: no token budget; set it or run `domainlm plan CONFIG` first")
     return fixed_config(cfg, shape, float(budget), name=f"{cfg.name}-w{domain_weight:g}",

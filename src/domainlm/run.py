@@ -163,7 +163,20 @@ def summary(run_dir: Path, cfg: RunConfig, seconds: float, report: Path) -> dict
     probes = (ev.get("probes") or {}).get("acc")
     base_probes = (base.get("probes") or {}).get("acc")
     return {"run_dir": str(run_dir), "sources": rows, "probe_acc": probes, "baseline_probe_acc": base_probes,
-            "report": str(report), "seconds": round(seconds, 1)}
+            "report": str(report), "seconds": round(seconds, 1), "training": training_vs_plan(run_dir)}
+
+
+def training_vs_plan(run_dir: Path) -> dict:
+    """What the plan said the run trains (and any override of the law's plan, with its reason) next to what
+    trained and how long it took."""
+    def read(p: Path) -> dict:
+        return json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}
+
+    run = read(run_dir / "plan.json").get("run") or {}
+    done = read(run_dir / ".stages" / "train.json")
+    return {"planned_seconds": run.get("planned_seconds"), "budget_seconds": run.get("budget_seconds"),
+            "train_seconds": done.get("train_seconds"), "planned_tokens": run.get("tokens"),
+            "params": done.get("params"), "steps": done.get("steps"), "overrides": run.get("overrides") or []}
 
 
 def print_summary(s: dict, console: Console) -> None:
@@ -178,6 +191,14 @@ def print_summary(s: dict, console: Console) -> None:
     if s["probe_acc"] is not None:
         b = "" if s["baseline_probe_acc"] is None else f" (baseline {s['baseline_probe_acc']:.1%})"
         console.print(f"domain term probes: accuracy {s['probe_acc']:.1%}{b}")
+    tr = s.get("training") or {}
+    for o in tr.get("overrides", []):
+        console.print(f"[yellow]not the law's plan:[/] {o['what']} {o['run']} instead of {o['plan']} — {o['reason']}",
+                      highlight=False)
+    if tr.get("train_seconds") is not None:
+        planned = "" if tr.get("planned_seconds") is None else f", planned {tr['planned_seconds']:.0f} s"
+        budget = "" if tr.get("budget_seconds") is None else f", budget {tr['budget_seconds']:.0f} s"
+        console.print(f"training: {tr['train_seconds']:.0f} s{planned}{budget}", highlight=False)
     console.print(f"report: [bold]{s['report']}[/]  ({s['seconds']:.0f} s)")
 
 

@@ -47,6 +47,14 @@ def _cached_cpu_probe(run_dir: Path) -> float | None:
     return None
 
 
+def _cached_shape_probe(run_dir: Path) -> dict | None:
+    """The throughput probe of the training shape from an earlier plan (the planner checks machine and shape)."""
+    try:
+        return json.loads((run_dir / "plan.json").read_text(encoding="utf-8"))["compute"].get("shape_probe")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
 def request_from(cfg: RunConfig | None, **flags) -> PlanRequest:
     """Flags override the config's `budget` section; sources and their limits come from the config."""
     req = PlanRequest()
@@ -65,6 +73,11 @@ def request_from(cfg: RunConfig | None, **flags) -> PlanRequest:
         req.micro_batch = cfg.train.micro_batch
         req.tie_embeddings = cfg.model.tie_embeddings
         req.cpu_flops_per_s = _cached_cpu_probe(cfg.directory())
+        req.shape_probe = _cached_shape_probe(cfg.directory())
+        m = cfg.model
+        req.fixed_model = {k: v for k, v in (("d_model", m.d_model), ("n_layers", m.n_layers), ("n_heads", m.n_heads),
+                                             ("n_kv_heads", m.n_kv_heads), ("ffn_dim", m.ffn_dim)) if v}
+        req.fixed_tokens = cfg.train.max_tokens
     if flags.get("flops") is not None:
         req.flops = parse_number(flags["flops"], "--flops")
         if flags.get("hours") is None:

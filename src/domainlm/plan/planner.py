@@ -10,8 +10,17 @@ from dataclasses import dataclass, field
 from domainlm.errors import UserError
 from domainlm.plan import laws as L
 from domainlm.plan import memory as M
+from domainlm.plan import hardware
 from domainlm.plan.hardware import DEFAULT_MFU, get_accelerator, measure_cpu_flops
-from domainlm.plan.shape import MAX_D_MODEL, MAX_LAYERS, ModelShape, largest_params, shape_for_params
+from domainlm.plan.shape import (
+    MAX_D_MODEL,
+    MAX_LAYERS,
+    ModelShape,
+    ffn_for,
+    largest_params,
+    make_shape,
+    shape_for_params,
+)
 from domainlm.units import human
 
 TOKENS_PER_PARAM_RULE = 20.0  # Chinchilla's rule of thumb: ~20 training tokens per parameter
@@ -36,6 +45,11 @@ class PlanRequest:
     tie_embeddings: bool = False
     buffer: float = 0.3  # compute kept in reserve by the BloombergGPT alternative
     cpu_flops_per_s: float | None = None  # measured once and reused (tests inject it)
+    # What the config fixes: the model section's shape fields and train.max_tokens. The plan then says what the
+    # run trains instead of the law's optimum, and why ("run" in the output).
+    fixed_model: dict[str, int] = field(default_factory=dict)  # d_model, n_layers, n_heads, n_kv_heads, ffn_dim
+    fixed_tokens: float | None = None
+    shape_probe: dict | None = None  # a throughput probe of a shape measured by an earlier plan on this machine
 
 
 def _compute(req: PlanRequest) -> dict:
@@ -115,6 +129,110 @@ def _size(law: L.Law, req: PlanRequest, compute: dict) -> tuple[float, float, Mo
     n = law.optimal_params((6.0 * law.g * d) ** (1.0 / (1.0 - law.a)))
     compute["flops"] = 6.0 * n * d
     return n, d, shape
+
+
+def _probe(req: PlanRequest, shape: ModelShape) -> dict:
+    """Tokens/s of ``shape`` itself on this machine (hardware.measure_shape_throughput), reused from an earlier
+    plan when it measured the same shape and batch on the same machine."""
+    key = {"machine": machine_id(), "model": shape.as_dict(), "seq_len": req.seq_len, "micro_batch": req.micro_batch}
+    old = req.shape_probe
+    if old and all(old.get(k) == v for k, v in key.items()):
+        return old
+    req.shape_probe = {**key, **hardware.measure_shape_throughput(shape, req.seq_len, req.micro_batch)}
+    return req.shape_probe
+
+
+def _calibrate(law: L.Law, req: PlanRequest, compute: dict, shape: ModelShape):
+    """A CPU time budget is spent at the speed of the shape that will train, not the generic probe's: measure
+    that shape (the config's fixed one, else the plan's), re-size the plan at its FLOP/s, and measure again if
+    the shape moved."""
+    fixed = _fixed_shape(req, shape)
+    if fixed is not None:  # the config's shape trains: its speed prices the run (see _run)
+        compute["shape_probe"] = _probe(req, fixed)
+        return law.optimal_params(compute["flops"]), compute["flops"] / (6.0 * law.optimal_params(compute["flops"])), \
+            shape
+    n, d = law.optimal_params(compute["flops"]), None
+    for _ in range(2):
+        probe = _probe(req, shape)
+        compute["shape_probe"] = probe
+        compute["hardware_flops_per_s"] = probe["flops_per_s"] * req.gpus
+        n, d, new = _size(law, req, compute)
+        if new == shape:
+            break
+        shape = new
+    return n, d, shape
+
+
+def _fixed_shape(req: PlanRequest, planned: ModelShape) -> ModelShape | None:
+    """The shape the config fixes (model.d_model / n_layers / …), completed from the plan like the trainer does
+    (model.resolve_shape): heads and ffn from the plan only at the plan's width."""
+    f = req.fixed_model
+    if not any(f.get(k) for k in ("d_model", "n_layers")):
+        return None
+    d = f.get("d_model") or planned.d_model
+    default = make_shape(d, f.get("n_layers") or planned.n_layers, req.vocab_size, req.tie_embeddings)
+    same = d == planned.d_model
+    heads = f.get("n_heads") or (same and planned.n_heads) or default.n_heads
+    return ModelShape(default.n_layers, d, heads, f.get("n_kv_heads") or (same and planned.n_kv_heads) or heads,
+                      f.get("ffn_dim") or (same and planned.ffn_dim) or ffn_for(d), req.vocab_size,
+                      req.tie_embeddings)
+
+
+def _run(req: PlanRequest, law: L.Law, compute: dict, shape: ModelShape, d_opt: float, weights, limits) -> dict:
+    """What `domainlm train` will train from this plan — the plan's shape and tokens unless the config fixes
+    them — with each override, its reason, and the training time it should take."""
+    fixed = _fixed_shape(req, shape)
+    run_shape = fixed or shape
+    overrides = []
+    if fixed is not None and fixed != shape:
+        emb = shape.params_embedding / shape.params_total
+        why = "the config fixes the model shape (model section)"
+        if emb > 0.5:
+            why += (f"; the law's optimum ({shape.params_total:,} params) is {emb:.0%} embeddings at vocab "
+                    f"{req.vocab_size}, too small a transformer to learn much")
+        overrides.append({"what": "model", "plan": f"{shape.n_layers} layers × d_model {shape.d_model} "
+                          f"({shape.params_total:,} params)", "run": f"{fixed.n_layers} layers × d_model "
+                          f"{fixed.d_model} ({fixed.params_total:,} params)", "reason": why})
+    fpt = run_shape.flops_per_token(req.seq_len)
+    rate = compute.get("hardware_flops_per_s")  # FLOP/s this plan trains at: measured on CPU, MFU-assumed on GPU
+    tokens_per_s = rate / fpt if rate else None
+    probe = compute.get("shape_probe")
+    if probe and probe["model"] == run_shape.as_dict():
+        tokens_per_s = probe["tokens_per_s"] * req.gpus  # measured on this very shape
+    seconds = req.hours * 3600.0 if req.hours else None
+    if req.fixed_tokens:
+        tokens = float(req.fixed_tokens)
+        if abs(tokens / d_opt - 1) > 0.01:
+            overrides.append({"what": "tokens", "plan": f"{d_opt:,.0f}", "run": f"{tokens:,.0f}",
+                              "reason": "the config fixes the token budget (train.max_tokens)"})
+    elif fixed is not None and fixed != shape:
+        # The budget spent on the fixed shape: the hours at its own speed, else the law's C = 6·N·D.
+        tokens = seconds * tokens_per_s if seconds and tokens_per_s else compute["flops"] / (6.0 * fixed.params_total)
+        overrides.append({"what": "tokens", "plan": f"{d_opt:,.0f}", "run": f"{tokens:,.0f}",
+                          "reason": "the budget spent on the config's model: "
+                          + ("the hours at its measured speed" if compute["method"] == "cpu-probe" else
+                             "the hours at the assumed MFU" if seconds else "C / (6·N)")})
+    else:
+        tokens = d_opt
+    out = {
+        "params": run_shape.params_total,
+        "tokens": tokens,
+        "model": run_shape.as_dict(),
+        "follows_plan": not overrides,
+        "overrides": overrides,
+        "tokens_per_s": tokens_per_s,
+        "tokens_per_s_from": ("measured: this shape, this machine" if compute["method"] == "cpu-probe" else
+                              f"assumed: MFU {compute['mfu']:.0%} of the datasheet peak" if rate else None),
+        "planned_seconds": tokens / tokens_per_s if tokens_per_s else None,
+        "budget_seconds": seconds,
+    }
+    if limits:
+        out["sources"], out["effective_tokens"] = _mixture(tokens, weights, limits)
+    if seconds and out["planned_seconds"] and abs(out["planned_seconds"] / seconds - 1) > 0.15:
+        out["warning"] = (f"the run trains {tokens:,.0f} tokens at {tokens_per_s:,.0f} tokens/s "
+                          f"({out['tokens_per_s_from']}): ~{out['planned_seconds']:,.0f} s, not the budget's "
+                          f"{seconds:,.0f} s — the config's train.max_tokens decides, not budget.hours")
+    return out
 
 
 def machine_id() -> str:
@@ -367,6 +485,8 @@ def make_plan(req: PlanRequest) -> dict:
     compute = _compute(req)
     weights, limits = _sources(req)
     n_opt, d_opt, shape = _size(law, req, compute)
+    if compute["method"] == "cpu-probe":
+        n_opt, d_opt, shape = _calibrate(law, req, compute, shape)
     flops = compute["flops"]
     count = "non-embedding" if law.params_counted == "non-embedding" else "total"
     shape_n = shape.params_total if count == "total" else shape.params_non_embedding
@@ -411,12 +531,16 @@ def make_plan(req: PlanRequest) -> dict:
     elif law.name == "kaplan":
         notes.append("predicted_loss: Kaplan eq. 1.5, nats/token on WebText2 with GPT-2's tokenizer.")
 
+    run = _run(req, law, compute, shape, d_opt, weights, limits)
     gpu_hours = None
     if compute.get("peak_flops_per_gpu"):
         gpu_hours = d_opt * fpt / (compute["peak_flops_per_gpu"] * compute["mfu"]) / 3600.0
     elif compute["method"] == "cpu-probe":
-        gpu_hours = d_opt * fpt / compute["measured_flops_per_s"] / 3600.0
-        notes.append(f"cpu: measured {compute['measured_flops_per_s'] / 1e9:.1f} GFLOP/s sustained fp32 training.")
+        gpu_hours = d_opt * fpt / (compute["hardware_flops_per_s"] / req.gpus) / 3600.0
+        probe = compute.get("shape_probe") or {}
+        notes.append(f"cpu: the generic probe measured {compute['measured_flops_per_s'] / 1e9:.1f} GFLOP/s; the "
+                     f"shape that trains, {(probe.get('flops_per_s') or 0) / 1e9:.1f} GFLOP/s "
+                     f"({probe.get('tokens_per_s') or 0:,.0f} tokens/s, fp32) — the plan uses the latter.")
 
     mem_kwargs = dict(
         params=shape.params_total,
@@ -459,10 +583,16 @@ def make_plan(req: PlanRequest) -> dict:
 
     alternatives = _alternatives(law, req, flops, n_opt, d_opt, weights, limits, rows)
     warnings += [a["warning"] for a in alternatives if a.get("warning")]
+    for o in run["overrides"]:
+        warnings.append(f"this run does not follow the plan's {o['what']}: {o['run']} instead of {o['plan']} "
+                        f"— {o['reason']}")
+    if run.get("warning"):
+        warnings.append(run["warning"])
     if limits:
         ll, _, which = loss_law(law)
         notes.append(f"data-constrained numbers (U_N, N', D', L(N', D')) use {which}.")
     out = {
+        "run": run,
         "compute_flops": flops,
         "compute": compute,
         "law": {"name": law.name, "source": law.source, "params_counted": law.params_counted, **law.constants()},

@@ -50,6 +50,17 @@ def print_plan(p: dict, console: Console) -> None:
               f"{', ' + str(mem['gpus']) + ' GPUs' if mem['gpus'] > 1 else ''}"
               f"{', activation checkpointing' if mem.get('activation_checkpointing') else ''}){fit}")
     t.add_row("effective tokens", f"{_f(p['effective_tokens'])} (Muennighoff et al. 2023)")
+    run = p.get("run")
+    if run:
+        rm = run["model"]
+        what = "follows the plan" if run["follows_plan"] else "[bold yellow]overrides the plan[/]: " + "; ".join(
+            f"{o['what']} {o['run']} instead of {o['plan']} ({o['reason']})" for o in run["overrides"])
+        t.add_row("this run trains", f"{rm['n_layers']} layers × d_model {rm['d_model']} ({_f(run['params'])} params) "
+                  f"on {_f(run['tokens'])} tokens — {what}")
+        if run["planned_seconds"] is not None:
+            budget = "" if run["budget_seconds"] is None else f" (budget {run['budget_seconds']:,.0f} s)"
+            t.add_row("training time", f"{run['planned_seconds']:,.0f} s planned{budget} at "
+                      f"{run['tokens_per_s']:,.0f} tokens/s, {run['tokens_per_s_from']}")
     dc = p.get("data_constrained")
     if dc:
         t.add_row("data-constrained", f"U_D {_f(dc['unique_tokens'])} unique tokens → U_N {_f(dc['unique_params'])}; "

@@ -160,6 +160,21 @@ def plan_section(r: Report) -> Section:
         ["predicted loss", _num(plan.get("predicted_loss"))],
         ["GPU hours", _num(plan.get("gpu_hours"), "{:,.1f}")],
     ], cls="kv"))
+    run = plan.get("run")
+    if run:  # what the run trains: the plan, or each override of it next to its reason
+        rows = [["model", escape(o["plan"]), escape(o["run"]), escape(o["reason"])] if o["what"] == "model" else
+                ["tokens", escape(o["plan"]), escape(o["run"]), escape(o["reason"])] for o in run["overrides"]]
+        title = ("<h3>This run follows the plan</h3>" if run["follows_plan"] else
+                 '<h3>This run does not follow the plan</h3><p class="warn">The config overrides the law\'s plan; '
+                 "the numbers above are the law's, the run trains these:</p>")
+        s.body.append(title + (_table(["", "plan (law)", "this run", "why"], rows) if rows else ""))
+        done, _ = r.read(".stages/train.json")
+        timing = [["planned training time", _num(run.get("planned_seconds"), "{:,.0f} s")],
+                  ["budget (budget.hours)", _num(run.get("budget_seconds"), "{:,.0f} s")],
+                  ["actual training time", _num((done or {}).get("train_seconds"), "{:,.0f} s")],
+                  ["tokens/s the plan used", escape(f"{_num(run.get('tokens_per_s'), '{:,.0f}')} "
+                                                    f"({run.get('tokens_per_s_from') or '-'})")]]
+        s.body.append(_table(["", ""], timing, cls="kv"))
     r.figure(s, draw, "plan.png", plan)
     if plan.get("sources"):
         rows = [[escape(n), _num(v["weight"], "{:.0%}"), human(v["tokens"]), human(v.get("unique_tokens")),

@@ -65,6 +65,11 @@ def plan_of(run_dir: Path) -> dict:
     return json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}
 
 
+def planned_tokens(plan: dict) -> float | None:
+    """The tokens the plan says this run trains ("run": the law's tokens, or the budget on the config's shape)."""
+    return (plan.get("run") or {}).get("tokens") or plan.get("tokens")
+
+
 def make_optimizer(model: torch.nn.Module, cfg, device: torch.device) -> torch.optim.AdamW:
     """AdamW; no weight decay on norms, biases (1-D) and embeddings (GPT-3 / Llama practice).
     β = (0.9, 0.95), eps 1e-8: Llama 1–2 (Touvron et al. 2023)."""
@@ -207,7 +212,7 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
         raise UserError(f"train.seq_len: {t.seq_len} is longer than model.max_position_embeddings {max_pos}")
     tokens_per_step, global_batch = _check_batch(cfg, world)
     plan = plan_of(data_dir)
-    budget = t.max_tokens or plan.get("tokens")
+    budget = t.max_tokens or planned_tokens(plan)
     if budget is None and max_steps is None:
         raise UserError("train.max_tokens: no token budget; set it, run `domainlm plan CONFIG`, or pass --max-steps")
     total_steps = max_steps or max(1, math.ceil(budget / tokens_per_step))
@@ -309,6 +314,7 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
 
     progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[info]}"),
                         TimeRemainingColumn(), console=console, disable=not world.is_main, transient=False)
+    loop_start, start_step = time.perf_counter(), step
     try:
         with progress:
             task = progress.add_task("train", total=total_steps, completed=step, info="")
@@ -376,8 +382,12 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
     else:
         full = {k: v.cpu() for k, v in unwrap(model).state_dict().items()}
     out = run_dir / MODEL_DIR
+    loop_seconds = time.perf_counter() - loop_start  # steps, evals, checkpoints of this invocation
     summary = {"steps": step, "final_loss": last_loss if math.isfinite(last_loss) else None,
                "skipped_steps": skipped_total,
+               # planned vs actual training time: only when this invocation ran every step
+               "train_seconds": round(loop_seconds, 1) if start_step == 0 else None,
+               "planned_seconds": (plan.get("run") or {}).get("planned_seconds"),
                "tokens_per_s": sum(rates) / len(rates) if rates else None, "params": shape.params_total,
                "model_dir": str(out), "parallel": mode, "world_size": world.world_size}
     if world.is_main:
