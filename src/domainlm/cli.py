@@ -149,16 +149,20 @@ def plan(
     ] = None,
     vocab_size: Annotated[str | None, typer.Option(help="vocabulary size for the model shape [32768]")] = None,
     seq_len: Annotated[str | None, typer.Option(help="sequence length for FLOPs and memory [2048]")] = None,
-    plot: Annotated[Path | None, typer.Option(help="write the params-vs-tokens chart to this PNG")] = None,
+    plot: Annotated[Path | None, typer.Option(help="write the params-vs-tokens chart here (.png/.svg/.pdf; a folder: "
+                                                   "FOLDER/plan.png)")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Size the model and its token budget with scaling laws (compute-optimal and data-constrained)."""
     import contextlib
 
+    from domainlm.plan.command import run_plan
+
     plot = _plot_path(plot) if plot is not None else None
     with _locked(_config_dir(config), "plan") if config is not None else contextlib.nullcontext():
-        result, written = _plan(config, flops, gpu, gpus, hours, mfu, unique_tokens, weight, law, vocab_size, seq_len,
-                                plot)
+        result, written = run_plan(config, flops=flops, gpu=gpu, gpus=gpus, hours=hours, mfu=mfu,
+                                   unique_tokens=unique_tokens, weight=weight, law=law, vocab_size=vocab_size,
+                                   seq_len=seq_len, plot=plot)
     if as_json:
         print_json(result)
         return
@@ -167,25 +171,6 @@ def plan(
     print_plan(result, console)
     for p in written:
         _wrote(p)
-
-
-def _plan(config, flops, gpu, gpus, hours, mfu, unique_tokens, weight, law, vocab_size, seq_len, plot):
-    from domainlm.plan.command import run_plan
-
-    return run_plan(
-        config,
-        flops=flops,
-        gpu=gpu,
-        gpus=gpus,
-        hours=hours,
-        mfu=mfu,
-        unique_tokens=unique_tokens,
-        weight=weight,
-        law=law,
-        vocab_size=vocab_size,
-        seq_len=seq_len,
-        plot=plot,
-    )
 
 
 # ---------------------------------------------------------------------------------------------------- memory
@@ -438,6 +423,8 @@ def report(
     """One self-contained HTML page (plus PNGs) in RUN_DIR/report/: plan, data, tokenizer, loss curves, eval."""
     from domainlm.report import build_report, print_report
 
+    if run_dir.exists() and not run_dir.is_dir():
+        raise UserError(f"{run_dir}: a file, not a run directory; give the folder of a run, e.g. runs/<name>")
     if run_dir.is_dir() and not _is_run(run_dir):
         raise UserError(f"{run_dir}: not a run directory (no config.yaml, plan.json or other stage output); "
                         "give the folder of a run, e.g. runs/<name>")
