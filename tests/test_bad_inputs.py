@@ -214,6 +214,7 @@ def test_report_on_a_folder_that_is_not_a_run(tmp_path, cli):
     one_line(cli("report", str(folder)), str(folder), "not a run directory")
     assert sorted(p.name for p in folder.iterdir()) == ["todo.txt"]  # nothing written, not even a lock
     one_line(cli("report", str(tmp_path / "missing")), "no such run directory")
+    one_line(cli("report", str(folder / "todo.txt")), "todo.txt: a file, not a run directory")
 
 
 LOCKED_COMMANDS = [
