@@ -144,3 +144,16 @@ def test_plan_turns_checkpointing_on_only_when_nothing_fits_without_it():
                          micro_batch=4, n_layers=m["n_layers"], d_model=m["d_model"], vocab_size=m["vocab_size"],
                          n_heads=m["n_heads"], n_kv_heads=m["n_kv_heads"], ffn_dim=m["ffn_dim"])
     assert without.total_gb > 40 >= mem["total_gb"]
+
+
+def test_plan_suggests_cpu_offload_only_when_the_activations_fit():
+    from domainlm.plan.planner import PlanRequest, make_plan
+
+    # ~4.9B params on one A100-40GB: 16 B/param of states cannot fit, checkpointed activations can.
+    one = make_plan(PlanRequest(gpu="a100-40gb", gpus=1, hours=20000, mfu=0.4, micro_batch=1))
+    assert any("train.cpu_offload: true" in w for w in one["warnings"]), one["warnings"]
+    # 64 sequences of 2048 tokens per GPU: even checkpointed activations exceed 40 GB; offload would not help.
+    big = make_plan(PlanRequest(gpu="a100-40gb", gpus=8, hours=2000, mfu=0.4, micro_batch=64))
+    assert big["memory"]["activations_gb"] > 40
+    assert not any("cpu_offload" in w for w in big["warnings"]) and any("smaller micro-batch" in w
+                                                                        for w in big["warnings"])

@@ -570,11 +570,14 @@ def make_plan(req: PlanRequest) -> dict:
                 )
                 est, checkpointing = ests[rec], True
             else:
-                warnings.append(
-                    f"even ZeRO-3 over {req.gpus} GPU(s) with activation checkpointing needs "
-                    f"{ests['zero3'].total_gb:.1f} GB of {acc.memory_gb:g} GB: use more GPUs or a smaller micro-batch"
-                )
                 est = ests["zero3"]
+                fix = "use more GPUs or a smaller micro-batch"
+                if est.activations_gb <= acc.memory_gb:  # the states are what does not fit: offload them
+                    states_gb = est.total_gb - est.activations_gb
+                    fix = (f"use more GPUs, or train.cpu_offload: true (FSDP keeps the {states_gb:.1f} GB of sharded "
+                           "states in host memory; the GPU keeps the activations)")
+                warnings.append(f"even ZeRO-3 over {req.gpus} GPU(s) with activation checkpointing needs "
+                                f"{est.total_gb:.1f} GB of {acc.memory_gb:g} GB: {fix}")
         memory = _mem_dict(est, acc.memory_gb, rec)
     else:
         est = M.estimate(precision="fp32", sharding="ddp", **mem_kwargs)
