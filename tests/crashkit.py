@@ -66,7 +66,7 @@ def stamps(root: Path, *subdirs: str) -> dict[str, tuple[int, int]]:
 def is_temp(rel: str) -> bool:
     """Names that writers use before the rename that publishes a file."""
     name = Path(rel).name
-    return name.endswith(".tmp") or ".tmp-" in rel or name.startswith(".tmp")
+    return name.endswith(".tmp") or ".tmp-" in rel or (name.startswith(".") and ".tmp" in name)
 
 
 def assert_no_torn_files(root: Path, reference: dict[str, bytes], *subdirs: str) -> None:

@@ -9,8 +9,6 @@ resumes where it stopped and a finished one is skipped.
 
 from __future__ import annotations
 
-import json
-import os
 from pathlib import Path
 
 from rich.console import Console
@@ -21,6 +19,7 @@ from domainlm.config import RunConfig, load_config, write_resolved
 from domainlm.data.tokens import load_counts
 from domainlm.errors import UserError
 from domainlm.plan.shape import ModelShape
+from domainlm.rundir import write_json
 
 ABLATE_VERSION = 1
 
@@ -152,10 +151,7 @@ def run_ablate(config: Path | None, domain_weights: str, *, console: Console) ->
         "configured_domain_weight": domain_share(cfg),
         "results": results,
     }
-    dest = run_dir / "ablate" / "ablate.json"
-    tmp = dest.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(out, indent=2), encoding="utf-8")
-    os.replace(tmp, dest)
+    write_json(run_dir / "ablate" / "ablate.json", out)
     out["plot"] = str(plot_ablation(out, run_dir / "ablate" / "ablate.png"))
     return out
 

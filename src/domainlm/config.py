@@ -296,12 +296,11 @@ def dump_config(cfg: RunConfig) -> str:
 
 
 def write_resolved(cfg: RunConfig, run_dir: Path) -> Path:
+    from domainlm.rundir import atomic_write
+
     run_dir.mkdir(parents=True, exist_ok=True)
     out = run_dir / "config.yaml"
     text = dump_config(cfg)
     if out.exists() and out.read_text(encoding="utf-8") == text:
         return out  # unchanged: a rerun of a finished run rewrites nothing
-    tmp = out.with_suffix(".yaml.tmp")
-    tmp.write_text(text, encoding="utf-8")
-    tmp.replace(out)
-    return out
+    return atomic_write(out, text)

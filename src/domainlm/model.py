@@ -11,7 +11,6 @@ from outside, in `domainlm.train.parallel` and `domainlm.train.step`.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from domainlm.config import RunConfig
 from domainlm.errors import UserError
 from domainlm.plan.shape import ModelShape, ffn_for, make_shape
+from domainlm.rundir import swap_dir
 
 TOKENIZER_DIR = "tokenizer"
 MODEL_DIR = "model"
@@ -123,11 +123,5 @@ def export_hf(state_dict: dict[str, torch.Tensor], config, tokenizer_dir: Path, 
     for f in Path(tokenizer_dir).iterdir():
         if f.is_file() and f.name != "audit.json":
             shutil.copy2(f, tmp / f.name)
-    old = out_dir.with_name(out_dir.name + ".old")
-    if out_dir.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(out_dir, old)
-    os.replace(tmp, out_dir)
-    shutil.rmtree(old, ignore_errors=True)
-    return out_dir
+    return swap_dir(tmp, out_dir)
 

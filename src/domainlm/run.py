@@ -17,6 +17,7 @@ from rich.table import Table
 
 from domainlm import stages
 from domainlm.config import RunConfig, dump_config, load_config
+from domainlm.rundir import write_json
 
 STAGES = ("plan", "prepare", "tokenizer", "tokenize", "plan (real counts)", "train", "eval", "baseline", "report")
 
@@ -126,9 +127,7 @@ def _baseline(config_path: Path, cfg: RunConfig, run_dir: Path, console: Console
     entry = {"name": "general-only baseline (domain weight 0)", **base}
     if ev.get("baseline") != entry:  # rewrite only on change: the report is skipped when its inputs are unchanged
         ev["baseline"] = entry
-        tmp = ev_path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(ev, indent=2), encoding="utf-8")
-        tmp.replace(ev_path)
+        write_json(ev_path, ev)
     return base
 
 

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from domainlm.errors import UserError
+from domainlm.rundir import write_json
 
 LOCK = ".lock"
 _held: dict[str, int] = {}  # lock files this process holds → nesting depth (`run` calls the other stages)
@@ -51,11 +52,7 @@ def is_done(run_dir: Path, stage: str, fp: str) -> bool:
 
 
 def mark_done(run_dir: Path, stage: str, fp: str, info: dict | None = None) -> None:
-    m = _marker(run_dir, stage)
-    m.parent.mkdir(parents=True, exist_ok=True)
-    tmp = m.with_suffix(".tmp")
-    tmp.write_text(json.dumps({"fingerprint": fp, "finished": time.time(), **(info or {})}, indent=2))
-    os.replace(tmp, m)
+    write_json(_marker(run_dir, stage), {"fingerprint": fp, "finished": time.time(), **(info or {})})
 
 
 def clear(run_dir: Path, stage: str) -> None:

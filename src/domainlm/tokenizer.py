@@ -28,6 +28,7 @@ from domainlm import faults
 from domainlm.config import SPECIAL_TOKENS, RunConfig, SourceConfig, load_config
 from domainlm.data.pipeline import data_dir, document_files, iter_documents, stats_path
 from domainlm.errors import UserError
+from domainlm.rundir import swap_dir, write_json
 from domainlm.stages import file_fingerprint, fingerprint, is_done, mark_done
 
 STAGE = "tokenizer"
@@ -249,16 +250,6 @@ def _say(console: Console | None, msg: str) -> None:
         console.print(msg, highlight=False)
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Swap the finished folder into place; at every moment ``out`` is either absent or complete."""
-    old = out.with_name(out.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if out.exists():
-        os.replace(out, old)
-    os.replace(tmp, out)
-    shutil.rmtree(old, ignore_errors=True)
-
-
 def run_tokenizer(config: Path | str | None, *, console: Console | None = None) -> dict:
     """Train (unless done with the same config and data), audit, save; returns the audit."""
     import tokenizers
@@ -318,8 +309,8 @@ def run_tokenizer(config: Path | str | None, *, console: Console | None = None) 
     save_hf(tok, tmp)
     if baseline is not None:
         baseline.save(str(tmp / BASELINE_FILE))
-    (tmp / AUDIT_FILE).write_text(json.dumps(result, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    _publish(tmp, out)
+    write_json(tmp / AUDIT_FILE, result)
+    swap_dir(tmp, out)
     mark_done(run_dir, STAGE, fp, {"vocab_size": tok.get_vocab_size()})
     return result
 

@@ -36,6 +36,7 @@ from domainlm import faults, stages
 from domainlm.config import PrepareConfig, RunConfig
 from domainlm.data import sources
 from domainlm.errors import UserError
+from domainlm.rundir import write_json
 
 STATS_VERSION = 1
 # Part of every fingerprint: bump it when a change to this package changes what prepare writes, so runs
@@ -45,11 +46,8 @@ SPLITS = ("train", "val")
 
 
 def write_json_atomic(path: Path, obj) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    """Sorted keys: the bytes of ``stats.json`` and the counters do not depend on the order work finished in."""
+    write_json(path, obj, indent=1, sort_keys=True)
 
 
 def data_dir(run_dir: Path) -> Path:

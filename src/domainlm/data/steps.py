@@ -7,6 +7,7 @@ killed task overwrites them), so the statistics survive resumption and workers o
 from __future__ import annotations
 
 import gzip
+import io
 import json
 import math
 import os
@@ -25,6 +26,7 @@ from datatrove.utils.word_tokenizers import WordTokenizer
 from domainlm import faults
 from domainlm.data import clean, sources
 from domainlm.data.pipeline import write_json_atomic
+from domainlm.rundir import atomic_write
 
 
 def _save_counts(work: str, step: str, rank: int, counts: Counter, **extra) -> None:
@@ -188,12 +190,9 @@ class CollectKeys(PipelineStep):
 
     def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
         keys = np.fromiter((split_key(doc.text) for doc in data), dtype=np.uint64)
-        out = Path(self.work) / "keys" / f"{rank:05d}.npy"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(out.name + ".tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, keys)
-        os.replace(tmp, out)
+        buf = io.BytesIO()
+        np.save(buf, keys)
+        atomic_write(Path(self.work) / "keys" / f"{rank:05d}.npy", buf.getvalue())
         return
         yield  # a generator that yields nothing: the last step of its pipeline
 

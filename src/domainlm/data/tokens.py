@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from domainlm.errors import UserError
+from domainlm.rundir import write_json
 
 COUNTS_VERSION = 1
 
@@ -89,12 +90,7 @@ def load_counts(run_dir: Path) -> dict:
 
 
 def write_counts(run_dir: Path, data: dict) -> Path:
-    p = counts_path(run_dir)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    tmp.write_text(json.dumps({"version": COUNTS_VERSION, **data}, indent=2), encoding="utf-8")
-    os.replace(tmp, p)
-    return p
+    return write_json(counts_path(run_dir), {"version": COUNTS_VERSION, **data})
 
 
 def file_problem(run_dir: Path, source: str, split: str, counts: dict) -> str | None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -17,6 +16,7 @@ from domainlm.config import EvalConfig
 from domainlm.errors import UserError
 from domainlm.evaluate import bpb, inputs
 from domainlm.evaluate import probes as P
+from domainlm.rundir import write_json
 from domainlm.stages import file_fingerprint, fingerprint, is_done, mark_done
 
 EVAL_VERSION = 1
@@ -114,7 +114,7 @@ def run_eval(
 
     dest = out if out is not None else (target.run_dir / "eval" / "eval.json" if target.is_run else None)
     if dest is not None and world.is_main:
-        _write_json(Path(dest), result)
+        write_json(Path(dest), result)
         if target.is_run:
             mark_done(target.run_dir, "eval", eval_fingerprint(target.model_dir, ecfg, probe_path, texts))
     return result, dest
@@ -163,13 +163,6 @@ def eval_fingerprint(model_dir: Path, ecfg: EvalConfig, probe_path: Path | None,
     )
 
 
-def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2), encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def print_eval(result: dict, console: Console) -> None:
     table = Table(title=f"eval of {result['model']} (context {result['context']}, stride {result['stride']})")
     # Short headers so the table fits 80 columns; loss is in nats per token.
@@ -212,7 +205,7 @@ def run_tasks(model_or_run: Path, task_names: list[str], *, test: Path | None = 
             results[t] = T.score_task(target.model_dir, t, items=its, progress=tick)
     dest = out if out is not None else (target.run_dir / "eval" / "tasks.json" if target.is_run else None)
     if dest is not None:
-        _write_json(Path(dest), results)
+        write_json(Path(dest), results)
     return results, dest
 
 

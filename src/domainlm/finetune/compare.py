@@ -9,7 +9,6 @@ is a run directory, ``<run>/eval/finetune.json`` (shown by `domainlm report`).
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 from rich.console import Console
@@ -18,6 +17,7 @@ from rich.table import Table
 from domainlm.errors import UserError
 from domainlm.evaluate import tasks as T
 from domainlm.finetune.loop import FinetuneArgs, finetune, resolve_model
+from domainlm.rundir import write_json
 
 RESULT = "eval/finetune.json"
 
@@ -94,11 +94,7 @@ def verdict(result: dict) -> str:
 
 
 def _write(path: Path, data: dict) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1), encoding="utf-8")
-    os.replace(tmp, path)
-    return path
+    return write_json(path, data, indent=1)
 
 
 def print_compare(result: dict, console: Console) -> None:

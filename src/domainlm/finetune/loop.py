@@ -14,7 +14,6 @@ One process (CPU or one GPU): fine-tuning sets are small; multi-GPU would need a
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass
@@ -29,6 +28,7 @@ from rich.console import Console
 from domainlm import faults, stages
 from domainlm.errors import UserError
 from domainlm.finetune import data as D
+from domainlm.rundir import swap_dir, write_json
 from domainlm.train import checkpoint as ckpt
 from domainlm.train.parallel import Dist
 from domainlm.train.schedule import lr_at
@@ -124,8 +124,7 @@ def _save_hf(model, tok, out: Path) -> None:
     # In tokenizer_config.json ("chat_template"), where every transformers version and vLLM look; newer
     # versions would otherwise write chat_template.jinja, which older ones ignore.
     tok.save_pretrained(tmp, save_jinja_files=False)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    swap_dir(tmp, out)
 
 
 def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Path | None = None,
@@ -262,7 +261,7 @@ def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Pa
                "response_tokens": enc.trained_tokens, "tokens": enc.tokens,
                "tokens_per_s": sum(rates) / len(rates) if rates else None, "args": asdict(args), "fingerprint": fp,
                "chat_template": "added" if added else "model's"}
-    summary_path.write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    write_json(summary_path, summary, indent=1)
     console.print(f"wrote [bold]{out / 'model'}[/] (Hugging Face format, chat template in its tokenizer); "
                   f"final loss {last_loss:.4f}" + (f", val loss {last_val:.4f}" if last_val is not None else ""))
     return summary

@@ -11,6 +11,7 @@ from domainlm.errors import UserError
 from domainlm.plan import memory as M
 from domainlm.plan.hardware import GPU_KINDS, get_accelerator
 from domainlm.plan.planner import PlanRequest, make_plan
+from domainlm.rundir import write_json
 from domainlm.units import parse_assignments, parse_number
 
 
@@ -123,11 +124,7 @@ def run_plan(config: Path | None, plot: Path | None = None, **flags) -> tuple[di
         run_dir = cfg.directory()
         written.append(write_resolved(cfg, run_dir))
         result["config"] = str(config)
-        out = run_dir / "plan.json"
-        tmp = out.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(result, indent=2), encoding="utf-8")
-        tmp.replace(out)
-        written.append(out)
+        written.append(write_json(run_dir / "plan.json", result))
         from domainlm.plan.chart import plot_plan
 
         written.append(plot_plan(result, run_dir / "plan.png"))

@@ -11,7 +11,6 @@ import base64
 import datetime as dt
 import json
 import math
-import os
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 from domainlm import __version__, faults
 from domainlm.errors import UserError
 from domainlm.report import plots
+from domainlm.rundir import atomic_write, publish, temp_path
 from domainlm.units import human
 
 REPORT_DIR = "report"
@@ -144,10 +144,9 @@ def plan_section(r: Report) -> Section:
     from domainlm.plan.chart import plot_plan
 
     def draw(p, path: Path) -> Path:
-        tmp = path.with_name(f".{path.stem}.tmp-{os.getpid()}.png")  # plot_plan picks the format by suffix
+        tmp = temp_path(path)  # ends in .png: plot_plan picks the format by suffix
         plot_plan(p, tmp)
-        os.replace(tmp, path)
-        return path
+        return publish(tmp, path)
 
     m = plan["model"]
     s.body.append(_table(["", ""], [
@@ -555,12 +554,9 @@ def build_report(run_dir: Path | str) -> dict:
             sections.append(s)
     now = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     page = r.out / "index.html"
-    for stale in r.out.glob(".index.html.tmp-*"):  # left by a report killed mid-write
-        stale.unlink(missing_ok=True)
-    tmp = page.with_name(f".index.html.tmp-{os.getpid()}")
-    tmp.write_text(render(r, sections, now), encoding="utf-8")
+    html = render(r, sections, now)
     faults.hit("report.mid_write")
-    os.replace(tmp, page)
+    atomic_write(page, html)
     made = {name for s in sections for name in s.images}
     for name in PNGS:
         if name not in made:

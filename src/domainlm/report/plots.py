@@ -6,7 +6,6 @@ never sees half a PNG. Colours are fixed per source (``colours``) so a source lo
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
@@ -17,6 +16,7 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from domainlm.plan.laws import MAX_USEFUL_EPOCHS  # noqa: E402
+from domainlm.rundir import publish, temp_path  # noqa: E402
 from domainlm.units import human  # noqa: E402
 
 DPI = 110
@@ -33,12 +33,11 @@ def colours(names: list[str]) -> dict[str, str]:
 def save(fig, path: Path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = temp_path(path)
     fig.tight_layout()
     fig.savefig(tmp, format="png", dpi=DPI)
     plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return publish(tmp, path)
 
 
 def _label_bars(ax, bars, fmt=human, horizontal: bool = False) -> None:

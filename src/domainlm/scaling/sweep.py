@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import time
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from domainlm.data.tokens import load_counts
 from domainlm.errors import UserError
 from domainlm.plan.laws import LAWS, get_law
 from domainlm.plan.shape import ModelShape, make_shape, shape_for_params
+from domainlm.rundir import atomic_write, write_json
 
 # Sizes span optimum/4 … optimum×4: Chinchilla's IsoFLOP profiles (Fig. 3) cover about a decade in N
 # around each minimum, enough for the parabola in log N to bracket it.
@@ -166,10 +166,10 @@ def mixture_loss(losses: dict[str, float], weights: dict[str, float]) -> float:
 
 
 def _write_json(path: Path, obj, lines: bool = False) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    text = "".join(json.dumps(r) + "\n" for r in obj) if lines else json.dumps(obj, indent=2)
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+    if lines:
+        atomic_write(path, "".join(json.dumps(r) + "\n" for r in obj))
+    else:
+        write_json(path, obj)
 
 
 def run_sweep(config: Path | None, budgets: str, sizes: int, *, law_out: Path | None = None,

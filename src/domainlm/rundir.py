@@ -1,0 +1,80 @@
+"""Crash-safe writes for every file and folder of a run directory.
+
+A stage's output is either absent or complete, whatever kills the process and when: each file is written to
+a temporary sibling, flushed to disk, and renamed over its final name (``rename`` is atomic on POSIX); a folder
+(the tokenizer, the HF export) is built under a temporary name and swapped in. Readers therefore never see a
+torn file under a final name — the property the crash tests (tests/test_crash_*.py) check at every fault site.
+Temporary names start with ``.`` or end in ``.tmp`` so listings and globs of outputs skip them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write(path: Path | str, data: str | bytes) -> Path:
+    """Write ``data`` to ``path`` through ``.<name>.tmp`` + fsync + rename; create the parent folder. (One fixed
+    temporary name: a write killed midway leaves it, and the next write of the same file reuses it; two writers of
+    one run directory are excluded by its lock.)"""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data.encode("utf-8") if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(path.parent)
+    return path
+
+
+def write_json(path: Path | str, obj, *, indent: int | None = 2, sort_keys: bool = False) -> Path:
+    """``obj`` as JSON (UTF-8, a final newline), atomically."""
+    return atomic_write(path, json.dumps(obj, indent=indent, sort_keys=sort_keys, ensure_ascii=False) + "\n")
+
+
+def temp_path(path: Path | str, suffix: str = "") -> Path:
+    """A temporary sibling of ``path`` for writers that need a file name (savefig, np.save, save_pretrained):
+    write it, then ``publish`` it."""
+    path = Path(path)
+    return path.with_name(f".{path.stem}.tmp{suffix or path.suffix}")
+
+
+def publish(tmp: Path, path: Path | str) -> Path:
+    """Rename a finished temporary file (from ``temp_path``) over ``path``."""
+    path = Path(path)
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+    return path
+
+
+def swap_dir(tmp: Path, out: Path) -> Path:
+    """Replace folder ``out`` by the finished folder ``tmp``: at every moment ``out`` is absent, the old folder
+    or the new one (the old one is parked at ``<out>.old`` between the two renames, and restored on the next
+    call if a crash came in between)."""
+    tmp, out = Path(tmp), Path(out)
+    old = out.with_name(out.name + ".old")
+    if old.exists() and not out.exists():
+        os.replace(old, out)  # a crash between the two renames below: the old folder is still whole
+    shutil.rmtree(old, ignore_errors=True)
+    if out.exists():
+        os.replace(out, old)
+    os.replace(tmp, out)
+    _fsync_dir(out.parent)
+    shutil.rmtree(old, ignore_errors=True)
+    return out
