@@ -28,6 +28,8 @@ TIME_RE = re.compile(r"^(\d+(:\d{1,2}){0,2}|\d+-\d+(:\d{1,2}){0,2}|unlimited|inf
 PARTITION_RE = re.compile(r"^[A-Za-z0-9_.,-]+$")
 RDZV_PORT_BASE = 20000  # + job id mod 20000: two jobs sharing a head node get different ports
 POLL_S = 2.0  # between two queue queries while waiting on jobs
+ENDED = {"COMPLETING", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
+         "DEADLINE", "PREEMPTED"}  # squeue's %T names of job states after which the job's tasks do not run
 
 
 def _atomic_write(path: Path, text: str) -> None:
@@ -132,13 +134,14 @@ def sbatch(script: Path, *args: str) -> str:
 
 
 def active(job_id: str | int) -> bool:
-    """Whether a job (every task of an array) still has a task pending, running or completing."""
+    """Whether a job (any task of an array) may still run: pending, running, suspended, requeued... A task
+    that is COMPLETING has ended; Slurm is only releasing its node (squeue still lists it for a moment)."""
     r = subprocess.run([_tool("squeue"), "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True)
     if r.returncode != 0:
         if "Invalid job id" in r.stderr:  # purged from the controller: long finished
             return False
         raise UserError(f"squeue -j {job_id}: {(r.stderr.strip().splitlines() or ['failed'])[-1]}")
-    return bool(r.stdout.strip())
+    return any(state not in ENDED for state in r.stdout.split())
 
 
 def wait(job_id: str | int, done=None) -> None:
