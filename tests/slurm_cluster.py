@@ -167,11 +167,13 @@ PartitionName={self.partition} Nodes={self.host} Default=YES MaxTime=INFINITE St
         return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
 
     def wait_job(self, job_id: str, timeout_s: float = 600) -> dict[str, str]:
-        """Poll until the job reaches a final state (a bound, not a kill point); returns its record."""
+        """Poll until the job reaches a final state and its node is released (no longer COMPLETING, so it can
+        be requeued at once); a bound, not a kill point. Returns its record."""
         deadline = time.monotonic() + timeout_s
         while True:
             info = self.job(job_id)
-            if info.get("JobState") in FINAL:
+            completing = self.run("squeue", "-h", "-j", str(job_id), "-t", "CG", check=False).stdout.strip()
+            if info.get("JobState") in FINAL and not completing:
                 return info
             if time.monotonic() > deadline:
                 raise TimeoutError(f"job {job_id} still {info.get('JobState')} after {timeout_s} s")

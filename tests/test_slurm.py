@@ -110,6 +110,14 @@ def test_launch_dry_run_writes_the_script(tmp_path, cli):
     assert code == 2 and "--time" in err and err.strip().count("\n") == 0
 
 
+def test_launch_without_slurm_is_one_line_error(tmp_path, cli, monkeypatch):
+    cfg = make_run(tmp_path)
+    monkeypatch.setenv("PATH", str(tmp_path))  # no sbatch here
+    code, _, err = cli("launch", "slurm", str(cfg), "--gpus-per-node", "0")
+    assert code == 2 and err.strip().count("\n") == 0 and "sbatch: command not found" in err
+    assert (run_dir(cfg) / "launch" / "train.sbatch").exists()  # written before the submission failed
+
+
 def test_launch_train_on_slurm_killed_requeued_resumes_same_curve(slurm_env, tmp_path):
     """Two gloo processes under srun + torchrun (c10d rendezvous from the Slurm environment) follow the loss
     curve of one local process; killed after its step-4 checkpoint and requeued, the job resumes from it."""

@@ -147,9 +147,17 @@ def test_slice_keys_are_typed_and_validated(tmp_path):
 
 
 def test_slice_applies_to_local_files_too(tmp_path):
+    from domainlm.config import PrepareConfig
+    from domainlm.data.pipeline import source_fingerprint
+
     lines = [json.dumps({"text": f"record {i} " * 10}) for i in range(100)]
     (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
     src = SourceConfig(name="a", role="domain", weight=1.0, input=str(tmp_path / "a.jsonl"), max_docs=10)
     counts = Counter()
-    docs = list(sources.read(sources.resolve(src, "sources[0].input"), 0, 1, counts, []))
+    spec = sources.resolve(src, "sources[0].input")
+    docs = list(sources.read(spec, 0, 1, counts, []))
     assert [d.text for d in docs] == [f"record {i} " * 10 for i in range(10)] and counts["docs_in"] == 10
+    # another slice is another source: prepare starts it over
+    fps = {source_fingerprint(sources.resolve(src.model_copy(update=u), "s"), PrepareConfig(), 1)
+           for u in ({}, {"max_docs": 11}, {"max_docs": None}, {"max_docs": None, "max_bytes": 10})}
+    assert len(fps) == 4

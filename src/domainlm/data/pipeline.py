@@ -110,6 +110,8 @@ def source_fingerprint(spec: sources.SourceSpec, pcfg: PrepareConfig, tasks: int
     knobs = pcfg.model_dump(exclude={"executor", "workers", "slurm", "ray"})
     knobs["tasks"] = tasks
     spec_fields = spec.__dict__ | {"files": len(spec.files)}  # the files themselves: _inputs_fingerprint
+    for unset in [k for k in ("max_docs", "max_bytes") if spec_fields[k] is None]:
+        del spec_fields[unset]  # no slice: the fingerprint of runs prepared before slices existed
     return stages.fingerprint(PIPELINE_VERSION, metadata.version("datatrove"), spec_fields, knobs,
                               _inputs_fingerprint(spec))
 
