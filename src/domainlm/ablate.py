@@ -19,7 +19,7 @@ from domainlm.config import RunConfig, load_config, write_resolved
 from domainlm.data.tokens import load_counts
 from domainlm.errors import UserError
 from domainlm.plan.shape import ModelShape
-from domainlm.rundir import write_json
+from domainlm.rundir import RunDir, write_json
 
 ABLATE_VERSION = 1
 
@@ -151,8 +151,8 @@ def run_ablate(config: Path | None, domain_weights: str, *, console: Console) ->
         "configured_domain_weight": domain_share(cfg),
         "results": results,
     }
-    write_json(run_dir / "ablate" / "ablate.json", out)
-    out["plot"] = str(plot_ablation(out, run_dir / "ablate" / "ablate.png"))
+    write_json(RunDir(run_dir).ablate, out)
+    out["plot"] = str(plot_ablation(out, RunDir(run_dir).ablate.with_suffix(".png")))
     return out
 
 

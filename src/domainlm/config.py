@@ -296,10 +296,10 @@ def dump_config(cfg: RunConfig) -> str:
 
 
 def write_resolved(cfg: RunConfig, run_dir: Path) -> Path:
-    from domainlm.rundir import atomic_write
+    from domainlm.rundir import RunDir, atomic_write
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    out = run_dir / "config.yaml"
+    out = RunDir(run_dir).config
     text = dump_config(cfg)
     if out.exists() and out.read_text(encoding="utf-8") == text:
         return out  # unchanged: a rerun of a finished run rewrites nothing

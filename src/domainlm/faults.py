@@ -3,8 +3,9 @@
 Set ``DOMAINLM_FAULT=<site>:<n>`` (several: comma-separated) in the environment of a command: the n-th time
 any process of its process group reaches ``hit("<site>")``, that process SIGKILLs the whole group — the same
 thing ``kill -9 -PGID`` does to a run and its worker processes. Hits are counted across the process group
-(datatrove's forked workers, torchrun's ranks) in a small counter file keyed by the group id, so "the 3rd
-completed datatrove task" means the same thing whichever worker completes it. A crash test therefore picks its
+(datatrove's forked workers) in a small counter file keyed by the group id, so "the 3rd completed datatrove
+task" means the same thing whichever worker completes it. (torchrun starts each rank in a session of its own:
+there each rank counts its own hits, the fault kills that rank, and its agent then stops the job.) A crash test therefore picks its
 kill point by *what has been done*, never by how long it has run: it passes at any machine speed.
 
 Start the command in a new session (``subprocess.Popen(..., start_new_session=True)``) so the group it kills is

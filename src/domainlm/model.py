@@ -19,10 +19,10 @@ import torch
 from domainlm.config import RunConfig
 from domainlm.errors import UserError
 from domainlm.plan.shape import ModelShape, ffn_for, make_shape
-from domainlm.rundir import swap_dir
+from domainlm.rundir import RunDir, swap_dir
 
-TOKENIZER_DIR = "tokenizer"
-MODEL_DIR = "model"
+TOKENIZER_DIR = RunDir.TOKENIZER
+MODEL_DIR = RunDir.MODEL
 RMS_NORM_EPS = 1e-5  # Llama 2
 ROPE_THETA = 10_000.0  # Su et al. 2021 / Llama 1–2
 INIT_STD = 0.02  # GPT-2 / Llama initializer_range
@@ -35,7 +35,7 @@ def resolve_shape(cfg: RunConfig, run_dir: Path, vocab_size: int) -> ModelShape:
     m = cfg.model
     planned: dict = {}
     if m.d_model is None or m.n_layers is None:
-        plan_path = Path(run_dir) / "plan.json"
+        plan_path = RunDir(run_dir).plan
         if not plan_path.exists():
             raise UserError(
                 f"{plan_path}: no plan; run `domainlm plan CONFIG` or fix model.d_model and model.n_layers "
@@ -121,7 +121,7 @@ def export_hf(state_dict: dict[str, torch.Tensor], config, tokenizer_dir: Path, 
     finally:
         hf_logging.enable_progress_bar()
     for f in Path(tokenizer_dir).iterdir():
-        if f.is_file() and f.name != "audit.json":
+        if f.is_file() and f.name != Path(RunDir.AUDIT).name:
             shutil.copy2(f, tmp / f.name)
     return swap_dir(tmp, out_dir)
 

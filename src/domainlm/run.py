@@ -17,7 +17,7 @@ from rich.table import Table
 
 from domainlm import stages
 from domainlm.config import RunConfig, dump_config, load_config
-from domainlm.rundir import write_json
+from domainlm.rundir import RunDir, write_json
 
 STAGES = ("plan", "prepare", "tokenizer", "tokenize", "plan (real counts)", "train", "eval", "baseline", "report")
 
@@ -78,7 +78,7 @@ def _plan(config_path: Path, run_dir: Path, cfg: RunConfig, console: Console) ->
 
     counts = counts_path(run_dir)
     fp = stages.fingerprint(dump_config(cfg), counts.read_text() if counts.exists() else None)
-    plan_json = run_dir / "plan.json"
+    plan_json = RunDir(run_dir).plan
     if plan_json.exists() and stages.is_done(run_dir, "plan", fp):
         console.print("plan: unchanged, skipped")
         return json.loads(plan_json.read_text())
@@ -122,7 +122,7 @@ def _baseline(config_path: Path, cfg: RunConfig, run_dir: Path, console: Console
     model_dir = train_variant(vcfg, run_dir, console)
     base = evaluate_variant(model_dir, run_dir, vcfg.directory() / "eval.json", console)
     # The report and the summary read the baseline from the run's eval.json.
-    ev_path = run_dir / "eval" / "eval.json"
+    ev_path = RunDir(run_dir).eval
     ev = json.loads(ev_path.read_text())
     entry = {"name": "general-only baseline (domain weight 0)", **base}
     if ev.get("baseline") != entry:  # rewrite only on change: the report is skipped when its inputs are unchanged
@@ -136,7 +136,7 @@ def _report(run_dir: Path, console: Console) -> Path:
     from domainlm.report import build_report
     from domainlm.report.html import PRODUCERS  # every file the report reads
 
-    page = run_dir / "report" / "index.html"
+    page = RunDir(run_dir).report
     found = [run_dir / f for f in PRODUCERS if (run_dir / f).exists()]
     fp = stages.fingerprint(__version__, {str(f): stages.file_fingerprint(f) for f in found})
     if page.exists() and stages.is_done(run_dir, "report", fp):
@@ -148,7 +148,7 @@ def _report(run_dir: Path, console: Console) -> Path:
 
 
 def summary(run_dir: Path, cfg: RunConfig, seconds: float, report: Path) -> dict:
-    ev = json.loads((run_dir / "eval" / "eval.json").read_text())
+    ev = RunDir(run_dir).read_json(RunDir.EVAL)
     base = ev.get("baseline") or {}
     rows = {}
     for name, s in ev["sources"].items():
@@ -171,7 +171,7 @@ def training_vs_plan(run_dir: Path) -> dict:
     def read(p: Path) -> dict:
         return json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}
 
-    run = read(run_dir / "plan.json").get("run") or {}
+    run = read(RunDir(run_dir).plan).get("run") or {}
     done = read(run_dir / ".stages" / "train.json")
     return {"planned_seconds": run.get("planned_seconds"), "budget_seconds": run.get("budget_seconds"),
             "train_seconds": done.get("train_seconds"), "planned_tokens": run.get("tokens"),

@@ -78,3 +78,80 @@ def swap_dir(tmp: Path, out: Path) -> Path:
     _fsync_dir(out.parent)
     shutil.rmtree(old, ignore_errors=True)
     return out
+
+
+class RunDir:
+    """Every path of a run directory: the one place the stages' file names are spelled (see docs/architecture.md
+    for which stage writes each file and which read it)."""
+
+    CONFIG = "config.yaml"  # the resolved config (plan, prepare)
+    PLAN = "plan.json"  # domainlm plan
+    PLAN_CHART = "plan.png"
+    DATA = "data"  # data/<source>/{train,val}/*.jsonl.gz — domainlm prepare
+    STATS = "data/stats.json"  # written last: the data stage is complete
+    TOKENIZER = "tokenizer"  # HF tokenizer folder — domainlm tokenizer
+    AUDIT = "tokenizer/audit.json"
+    TOKENS = "tokens"  # tokens/<source>/{train,val}.bin — prepare, once a tokenizer exists
+    COUNTS = "tokens/counts.json"  # written last: the token files are complete
+    CHECKPOINTS = "checkpoints"  # domainlm train
+    METRICS = "logs/metrics.jsonl"
+    MODEL = "model"  # the Hugging Face export
+    EVAL = "eval/eval.json"  # domainlm eval
+    TASKS = "eval/tasks.json"  # domainlm eval --task
+    FINETUNE_COMPARE = "eval/finetune.json"  # domainlm finetune --compare
+    ABLATE = "ablate/ablate.json"  # domainlm ablate
+    LAW = "scaling/law.json"  # domainlm scaling
+    POINTS = "scaling/points.jsonl"
+    REPORT = "report/index.html"  # domainlm report
+    STAGES = ".stages"  # bookkeeping markers (stages.py): not data for other stages
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root)
+
+    def __truediv__(self, rel: str) -> Path:
+        return self.root / rel
+
+    @property
+    def config(self) -> Path:
+        return self.root / self.CONFIG
+
+    @property
+    def plan(self) -> Path:
+        return self.root / self.PLAN
+
+    @property
+    def stats(self) -> Path:
+        return self.root / self.STATS
+
+    @property
+    def tokenizer(self) -> Path:
+        return self.root / self.TOKENIZER
+
+    @property
+    def counts(self) -> Path:
+        return self.root / self.COUNTS
+
+    @property
+    def metrics(self) -> Path:
+        return self.root / self.METRICS
+
+    @property
+    def model(self) -> Path:
+        return self.root / self.MODEL
+
+    @property
+    def eval(self) -> Path:
+        return self.root / self.EVAL
+
+    @property
+    def ablate(self) -> Path:
+        return self.root / self.ABLATE
+
+    @property
+    def report(self) -> Path:
+        return self.root / self.REPORT
+
+    def read_json(self, rel: str):
+        """A JSON output of another stage, or None when that stage has not written it yet."""
+        path = self.root / rel
+        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None

@@ -28,12 +28,12 @@ from domainlm import faults
 from domainlm.config import SPECIAL_TOKENS, RunConfig, SourceConfig, load_config
 from domainlm.data.pipeline import data_dir, document_files, iter_documents, stats_path
 from domainlm.errors import UserError
-from domainlm.rundir import swap_dir, write_json
+from domainlm.rundir import RunDir, swap_dir, write_json
 from domainlm.stages import file_fingerprint, fingerprint, is_done, mark_done
 
 STAGE = "tokenizer"
 AUDIT_VERSION = 1
-AUDIT_FILE = "audit.json"
+AUDIT_FILE = Path(RunDir.AUDIT).name
 BASELINE_FILE = "baseline-tokenizer.json"
 BOS, EOS, PAD = SPECIAL_TOKENS  # ids 0, 1, 2: the trainers put special tokens first, in this order
 ENCODE_BATCH_DOCS = 256

@@ -36,7 +36,7 @@ from domainlm import faults, stages
 from domainlm.config import PrepareConfig, RunConfig
 from domainlm.data import sources
 from domainlm.errors import UserError
-from domainlm.rundir import write_json
+from domainlm.rundir import RunDir, write_json
 
 STATS_VERSION = 1
 # Part of every fingerprint: bump it when a change to this package changes what prepare writes, so runs
@@ -51,11 +51,11 @@ def write_json_atomic(path: Path, obj) -> None:
 
 
 def data_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "data"
+    return RunDir(run_dir) / RunDir.DATA
 
 
 def stats_path(run_dir: Path) -> Path:
-    return data_dir(run_dir) / "stats.json"
+    return RunDir(run_dir).stats
 
 
 def work_dir(run_dir: Path, source: str) -> Path:
@@ -345,7 +345,7 @@ def prepare_sources(cfg: RunConfig, run_dir: Path, progress) -> dict:
     if stats_path(run_dir).exists() and stages.is_done(run_dir, "prepare", overall):
         return json.loads(stats_path(run_dir).read_text())
     stats_path(run_dir).unlink(missing_ok=True)  # the completion mark of the data stage goes first,
-    (Path(run_dir) / "tokens" / "counts.json").unlink(missing_ok=True)  # and the tokens of the old data
+    RunDir(run_dir).counts.unlink(missing_ok=True)  # and the tokens of the old data
     stats = {"version": STATS_VERSION, "fingerprint": overall, "tasks": tasks, "sources": {}}
     for spec in specs:
         w = work_dir(run_dir, spec.name)

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from domainlm.errors import UserError
-from domainlm.rundir import write_json
+from domainlm.rundir import RunDir, write_json
 
 COUNTS_VERSION = 1
 
@@ -32,7 +32,7 @@ def dtype_for(vocab_size: int) -> np.dtype:
 
 
 def tokens_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "tokens"
+    return RunDir(run_dir) / RunDir.TOKENS
 
 
 def token_path(run_dir: Path, source: str, split: str) -> Path:
@@ -40,7 +40,7 @@ def token_path(run_dir: Path, source: str, split: str) -> Path:
 
 
 def counts_path(run_dir: Path) -> Path:
-    return tokens_dir(run_dir) / "counts.json"
+    return RunDir(run_dir).counts
 
 
 class TokenWriter:

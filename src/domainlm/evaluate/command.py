@@ -16,7 +16,7 @@ from domainlm.config import EvalConfig
 from domainlm.errors import UserError
 from domainlm.evaluate import bpb, inputs
 from domainlm.evaluate import probes as P
-from domainlm.rundir import write_json
+from domainlm.rundir import RunDir, write_json
 from domainlm.stages import file_fingerprint, fingerprint, is_done, mark_done
 
 EVAL_VERSION = 1
@@ -112,7 +112,7 @@ def run_eval(
         result["probes"] = P.summarise(scored, probe_path)
     result["seconds"] = round(time.perf_counter() - t0, 2)
 
-    dest = out if out is not None else (target.run_dir / "eval" / "eval.json" if target.is_run else None)
+    dest = out if out is not None else (RunDir(target.run_dir).eval if target.is_run else None)
     if dest is not None and world.is_main:
         write_json(Path(dest), result)
         if target.is_run:
@@ -127,7 +127,7 @@ def run_eval_cached(model_or_run: Path, *, stage: str = "eval", run: Path | None
     `domainlm ablate`; a plain `domainlm eval` always scores."""
     target = inputs.resolve(model_or_run, run)
     ecfg = target.cfg.eval if target.cfg is not None else EvalConfig()
-    dest = Path(out) if out is not None else target.run_dir / "eval" / "eval.json"
+    dest = Path(out) if out is not None else RunDir(target.run_dir).eval
     fp = eval_fingerprint(target.model_dir, ecfg, _probe_file(None, target), None)
     if dest.exists() and is_done(target.run_dir, stage, fp):
         return json.loads(dest.read_text(encoding="utf-8")), False
@@ -203,7 +203,7 @@ def run_tasks(model_or_run: Path, task_names: list[str], *, test: Path | None = 
     for t, its in items.items():
         with _progress(console, f"{t}: {len(its)} test items") as tick:
             results[t] = T.score_task(target.model_dir, t, items=its, progress=tick)
-    dest = out if out is not None else (target.run_dir / "eval" / "tasks.json" if target.is_run else None)
+    dest = out if out is not None else (RunDir(target.run_dir) / RunDir.TASKS if target.is_run else None)
     if dest is not None:
         write_json(Path(dest), results)
     return results, dest

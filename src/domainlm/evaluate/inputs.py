@@ -13,6 +13,7 @@ import yaml
 
 from domainlm.config import RunConfig, validate
 from domainlm.errors import ConfigError, UserError
+from domainlm.rundir import RunDir
 
 # Any one of these makes a folder loadable by AutoTokenizer (fast, sentencepiece or GPT-2-style slow tokenizers).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -37,11 +38,11 @@ def resolve(model_or_run: Path, run: Path | None = None) -> Target:
         check_tokenizer_files(p)  # before any text is read: fail fast
         cfg = load_run_config(run) if run is not None else None
         return Target(p, run, cfg, is_run=False)
-    if (p / "config.yaml").is_file() or (p / "model").is_dir():
+    if (p / RunDir.CONFIG).is_file() or (p / RunDir.MODEL).is_dir():
         if run is not None and Path(run).resolve() != p.resolve():
             raise UserError(f"--run {run}: only with an HF model folder; {p} is already a run directory")
         cfg = load_run_config(p)
-        model_dir = p / "model"
+        model_dir = p / RunDir.MODEL
         if not (model_dir / "config.json").is_file():
             raise UserError(f"{model_dir}: no trained model in this run directory; run `domainlm train` first")
         check_tokenizer_files(model_dir)
@@ -53,7 +54,7 @@ def load_run_config(run_dir: Path) -> RunConfig:
     """The resolved config a run directory was made with. One that no longer validates was written by another
     (incompatible) version of domainlm: say so instead of failing later on a missing file or key."""
     run_dir = Path(run_dir)
-    p = run_dir / "config.yaml"
+    p = RunDir(run_dir).config
     if not p.is_file():
         raise UserError(f"{run_dir}: not a run directory (no config.yaml); run `domainlm plan CONFIG` first")
     try:
@@ -64,7 +65,7 @@ def load_run_config(run_dir: Path) -> RunConfig:
         raise UserError(
             f"{run_dir}: run directory from an incompatible version of domainlm ({first}); rerun the pipeline"
         ) from None
-    counts = run_dir / "tokens" / "counts.json"
+    counts = RunDir(run_dir).counts
     if counts.is_file():  # token files carry their own format version
         from domainlm.data.tokens import load_counts
 

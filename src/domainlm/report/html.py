@@ -18,25 +18,25 @@ from pathlib import Path
 from domainlm import __version__, faults
 from domainlm.errors import UserError
 from domainlm.report import plots
-from domainlm.rundir import atomic_write, publish, temp_path
+from domainlm.rundir import RunDir, atomic_write, publish, temp_path
 from domainlm.units import human
 
-REPORT_DIR = "report"
+REPORT_DIR = str(Path(RunDir.REPORT).parent)
 # Every PNG this module may write; ones not made this time are deleted, so the folder never shows a stale chart.
 PNGS = ("plan.png", "drops.png", "tokens.png", "epochs.png", "bytes_per_token.png", "loss.png", "eval_bpb.png",
         "probes.png", "ablation.png")
 
 # run file -> the command that writes it (shown when the file is missing)
 PRODUCERS = {
-    "plan.json": "domainlm plan CONFIG",
-    "data/stats.json": "domainlm prepare CONFIG",
-    "tokens/counts.json": "domainlm tokenizer CONFIG` then `domainlm prepare CONFIG",
-    "tokenizer/audit.json": "domainlm tokenizer CONFIG",
-    "logs/metrics.jsonl": "domainlm train CONFIG",
-    ".stages/train.json": "domainlm train CONFIG",
-    "eval/eval.json": "domainlm eval {run}",
-    "ablate/ablate.json": "domainlm ablate CONFIG --domain-weights 0,0.51,1",
-    "eval/finetune.json": "domainlm finetune {run} --compare GENERAL_MODEL --data TRAIN.jsonl",
+    RunDir.PLAN: "domainlm plan CONFIG",
+    RunDir.STATS: "domainlm prepare CONFIG",
+    RunDir.COUNTS: "domainlm tokenizer CONFIG` then `domainlm prepare CONFIG",
+    RunDir.AUDIT: "domainlm tokenizer CONFIG",
+    RunDir.METRICS: "domainlm train CONFIG",
+    f"{RunDir.STAGES}/train.json": "domainlm train CONFIG",
+    RunDir.EVAL: "domainlm eval {run}",
+    RunDir.ABLATE: "domainlm ablate CONFIG --domain-weights 0,0.51,1",
+    RunDir.FINETUNE_COMPARE: "domainlm finetune {run} --compare GENERAL_MODEL --data TRAIN.jsonl",
 }
 # What a section catches from a file of an unexpected shape (e.g. written by another domainlm version).
 SHAPE_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError)
@@ -137,7 +137,7 @@ def _hint_html(hint: str) -> str:
 
 def plan_section(r: Report) -> Section:
     s = Section("plan", "Plan: model size and token budget")
-    plan, why = r.read("plan.json")
+    plan, why = r.read(RunDir.PLAN)
     if plan is None:
         s.hints.append(why)
         return s
@@ -167,7 +167,7 @@ def plan_section(r: Report) -> Section:
                  '<h3>This run does not follow the plan</h3><p class="warn">The config overrides the law\'s plan; '
                  "the numbers above are the law's, the run trains these:</p>")
         s.body.append(title + (_table(["", "plan (law)", "this run", "why"], rows) if rows else ""))
-        done, _ = r.read(".stages/train.json")
+        done, _ = r.read(f"{RunDir.STAGES}/train.json")
         timing = [["planned training time", _num(run.get("planned_seconds"), "{:,.0f} s")],
                   ["budget (budget.hours)", _num(run.get("budget_seconds"), "{:,.0f} s")],
                   ["actual training time", _num((done or {}).get("train_seconds"), "{:,.0f} s")],
@@ -188,7 +188,7 @@ def plan_section(r: Report) -> Section:
 
 def data_section(r: Report) -> Section:
     s = Section("data", "Data: cleaning, deduplication, tokens, epochs")
-    stats, why = r.read("data/stats.json")
+    stats, why = r.read(RunDir.STATS)
     if stats is None:
         s.hints.append(why)
     elif "sources" not in stats:  # a Slurm submission marker, not finished stats
@@ -203,7 +203,7 @@ def data_section(r: Report) -> Section:
                               "dropped"], rows))
         r.figure(s, plots.drops_chart, "drops.png", stats)
 
-    counts, why = r.read("tokens/counts.json")
+    counts, why = r.read(RunDir.COUNTS)
     if counts is None:
         s.hints.append(why)
     else:
@@ -215,7 +215,7 @@ def data_section(r: Report) -> Section:
                                                   "train bytes/token"], rows))
         r.figure(s, plots.tokens_chart, "tokens.png", counts)
 
-    plan, _ = r.read("plan.json")
+    plan, _ = r.read(RunDir.PLAN)
     planned = {n: v["epochs"] for n, v in (plan or {}).get("sources", {}).items() if v.get("epochs") is not None}
     trained = _last_epochs(r)
     if planned or trained:
@@ -226,7 +226,7 @@ def data_section(r: Report) -> Section:
 
 
 def _last_epochs(r: Report) -> dict[str, float]:
-    rows, _ = r.read("logs/metrics.jsonl")
+    rows, _ = r.read(RunDir.METRICS)
     train = [x for x in rows or [] if x.get("kind") == "train"]
     if not train:
         return {}
@@ -235,7 +235,7 @@ def _last_epochs(r: Report) -> dict[str, float]:
 
 def tokenizer_section(r: Report) -> Section:
     s = Section("tokenizer", "Tokenizer audit")
-    a, why = r.read("tokenizer/audit.json")
+    a, why = r.read(RunDir.AUDIT)
     if a is None:
         s.hints.append(why)
         return s
@@ -269,7 +269,7 @@ def tokenizer_section(r: Report) -> Section:
 
 def training_section(r: Report) -> Section:
     s = Section("training", "Training: loss curves")
-    rows, why = r.read("logs/metrics.jsonl")
+    rows, why = r.read(RunDir.METRICS)
     if rows is None:
         s.hints.append(why)
         return s
@@ -315,7 +315,7 @@ def _baselines(ev: dict) -> list[tuple[str, dict]]:
 
 def eval_section(r: Report) -> Section:
     s = Section("eval", "Evaluation: bits per byte")
-    ev, why = r.read("eval/eval.json")
+    ev, why = r.read(RunDir.EVAL)
     if ev is None:
         s.hints.append(why)
         return s
@@ -350,7 +350,7 @@ def eval_section(r: Report) -> Section:
 
 def probes_section(r: Report) -> Section:
     s = Section("probes", "Domain term probes")
-    ev, why = r.read("eval/eval.json")
+    ev, why = r.read(RunDir.EVAL)
     if ev is None:
         s.hints.append(why)
         return s
@@ -411,7 +411,7 @@ def _is_number(text: str) -> bool:
 
 def ablation_section(r: Report) -> Section | None:
     """Only when `domainlm ablate` has run: the section is left out of the page otherwise."""
-    ab, why = r.read("ablate/ablate.json")
+    ab, why = r.read(RunDir.ABLATE)
     if ab is None and why.startswith("no "):
         return None
     s = Section("ablation", "Mixture ablation: domain weight vs bits per byte")
@@ -435,7 +435,7 @@ def ablation_section(r: Report) -> Section | None:
 def finetune_section(r: Report) -> Section | None:
     """Only when `domainlm finetune --compare` has run: downstream scores of the fine-tuned domain and general
     models side by side, with paired-bootstrap CIs (finetune/compare.py writes the file)."""
-    ft, why = r.read("eval/finetune.json")
+    ft, why = r.read(RunDir.FINETUNE_COMPARE)
     if ft is None and why.startswith("no "):
         return None
     s = Section("finetune", "Downstream tasks after fine-tuning: domain vs general")
@@ -464,9 +464,9 @@ def summary_html(r: Report) -> str:
 
 
 def _summary(r: Report) -> str:
-    plan, _ = r.read("plan.json")
-    ev, _ = r.read("eval/eval.json")
-    trained, _ = r.read(".stages/train.json")
+    plan, _ = r.read(RunDir.PLAN)
+    ev, _ = r.read(RunDir.EVAL)
+    trained, _ = r.read(f"{RunDir.STAGES}/train.json")
     items = []
     if trained and trained.get("params"):
         # What was trained (the config may fix a shape other than the plan's)
@@ -553,7 +553,7 @@ def build_report(run_dir: Path | str) -> dict:
         if s is not None:
             sections.append(s)
     now = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
-    page = r.out / "index.html"
+    page = RunDir(run_dir).report
     html = render(r, sections, now)
     faults.hit("report.mid_write")
     atomic_write(page, html)

@@ -33,9 +33,10 @@ from safetensors.torch import load_model, save_model
 
 from domainlm import faults
 from domainlm.errors import UserError
+from domainlm.rundir import RunDir
 from domainlm.train.parallel import Dist, barrier, is_fsdp, unwrap
 
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = RunDir.CHECKPOINTS
 PREFIX = "step-"
 
 

@@ -27,7 +27,7 @@ from domainlm.data.tokens import counts_path, load_counts, open_tokens
 from domainlm.errors import UserError
 from domainlm.model import MODEL_DIR, TOKENIZER_DIR, build_model, export_hf, resolve_shape
 from domainlm.plan.hardware import ACCELERATORS
-from domainlm.rundir import atomic_write
+from domainlm.rundir import RunDir, atomic_write
 from domainlm.train import checkpoint as ckpt
 from domainlm.train.data import MixtureLoader, val_windows
 from domainlm.train.parallel import (
@@ -61,7 +61,7 @@ def run_training(config: Path | None, *, restart: bool = False, max_steps: int |
 
 
 def plan_of(run_dir: Path) -> dict:
-    p = Path(run_dir) / "plan.json"
+    p = RunDir(run_dir).plan
     return json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}
 
 
@@ -260,7 +260,7 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
             note = "" if state["total_steps"] == total_steps else (
                 f" (its schedule had {state['total_steps']} steps, now {total_steps})")
             console.print(f"resuming from {path} at step {step}{note}", markup=False)
-    metrics_path = logs / "metrics.jsonl"
+    metrics_path = RunDir(run_dir).metrics
     tb = None
     if world.is_main:
         _truncate_metrics(metrics_path, step)
