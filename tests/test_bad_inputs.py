@@ -493,3 +493,31 @@ def test_single_process_group_store_is_in_a_private_folder(monkeypatch):
     folder = Path(seen[0]).parent
     assert folder.is_dir() and folder.name.startswith("domainlm-pg-") and (folder.stat().st_mode & 0o777) == 0o700
     assert not Path(seen[0]).exists()  # FileStore creates it inside the folder only we can write
+
+
+# ------------------------------------------------------------------------------------------ the CLI's last resort
+
+
+def test_cli_fallbacks_are_one_line(model_dir, tmp_path, monkeypatch, cli):
+    import domainlm.generate as G
+
+    def raising(exc):
+        def f(*a, **k):
+            raise exc
+        return f
+
+    monkeypatch.setattr(G, "generate", raising(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/x/out.bin")))
+    one_line(cli("generate", str(model_dir)), "/x/out.bin", "disk full")  # outside any run lock, still named
+    monkeypatch.setattr(G, "generate", raising(EOFError("Ran out of input")))  # click turns it into a bare Abort
+    code, _, err = cli("generate", str(model_dir))
+    assert code == 1 and err.strip() == "error: unexpected end of input (Ran out of input)"
+    monkeypatch.setattr(G, "generate", raising(RuntimeError("boom\nsecond line")))  # a bug: one line, exit 1
+    code, out, err = cli("generate", str(model_dir))
+    assert code == 1 and "Traceback" not in out + err
+    assert err.strip() == ("error: internal error: RuntimeError: boom; rerun with --debug for the traceback and "
+                           "report it")
+    import domainlm.cli
+
+    monkeypatch.setattr(domainlm.cli, "DEBUG", False)  # --debug sets it for the process: undone after the test
+    with pytest.raises(RuntimeError, match="boom"):  # --debug: the traceback
+        cli("--debug", "generate", str(model_dir))
