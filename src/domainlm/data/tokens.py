@@ -114,7 +114,8 @@ _ids_checked: dict[tuple[str, int, int], None] = {}  # (path, size, mtime) check
 
 def check_ids(path: Path, arr: np.ndarray, vocab_size: int) -> None:
     """Every id below ``vocab_size`` (random bytes in a token file would index past the embedding). One pass
-    over the file in 16M-token chunks (~1 s per GB), once per file version and process."""
+    over the file in 16M-token chunks, once per file version and process: 0.04 s for 256 MB of uint16 ids in
+    the page cache on the 2-core dev machine; a cold file costs its disk read."""
     st = Path(path).stat()
     key = (str(path), st.st_size, st.st_mtime_ns)
     if key in _ids_checked:
