@@ -265,6 +265,23 @@ def test_second_train_is_refused_then_runs_once_the_first_is_done(locked_run, cl
     assert [r["step"] for r in read_metrics(run)] == list(range(1, 13))  # no step logged twice
 
 
+def test_lock_without_flock_support_and_disk_errors_inside_it(tmp_path, monkeypatch):
+    import fcntl
+
+    def no_flock(*a):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)  # e.g. an NFS mount without locks: run, unlocked
+    ran = []
+    with stages.locked(tmp_path / "run", "train"):
+        ran.append(1)
+    assert ran == [1]
+    monkeypatch.undo()
+    with pytest.raises(stages.UserError, match=r"run: `domainlm prepare` stopped: disk full writing /x/y.bin; free"):
+        with stages.locked(tmp_path / "run", "prepare"):
+            raise RuntimeError("datatrove task failed") from OSError(errno.ENOSPC, "No space left", "/x/y.bin")
+
+
 # ------------------------------------------------------------------------------------------ environment
 
 

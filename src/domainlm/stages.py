@@ -95,29 +95,32 @@ def locked(run_dir: Path, command: str):
                 del _held[key]
         return
     try:
-        f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - closed below, after the lock is released
+        f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - closed by the with below
     except OSError as e:
         raise UserError(f"{run_dir}: the run directory is not writable ({e.strerror}); make it writable or set "
                         "run_dir in the config to another folder") from None
-    try:
+    with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
-            if e.errno not in (errno.EAGAIN, errno.EACCES):
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                f.seek(0)
+                holder = f.read().split()
+                who = f"`domainlm {holder[0]}` (pid {holder[1]})" if len(holder) == 2 else "domainlm command"
+                raise UserError(f"{run_dir}: another {who} is running on this run directory; wait for it to "
+                                "finish (or stop it), then rerun") from None
+            if e.errno not in NO_FLOCK:
                 raise
-            f.seek(0)
-            holder = f.read().split()
-            who = f"`domainlm {holder[0]}` (pid {holder[1]})" if len(holder) == 2 else "domainlm command"
-            raise UserError(f"{run_dir}: another {who} is running on this run directory; wait for it to finish "
-                            "(or stop it), then rerun") from None
-        try:
-            f.seek(0)
-            f.truncate()
-            f.write(f"{command} {os.getpid()}\n")
-            f.flush()
-        except OSError as e:
-            raise UserError(f"{path}: cannot write the lock file ({e.strerror}); free space or make the run "
-                            "directory writable, then rerun") from None
+            # a filesystem without flock (some NFS/Lustre mounts): run unlocked rather than not at all
+        else:
+            try:
+                f.seek(0)
+                f.truncate()
+                f.write(f"{command} {os.getpid()}\n")
+                f.flush()
+            except OSError as e:
+                raise UserError(f"{path}: cannot write the lock file ({e.strerror}); free space or make the run "
+                                "directory writable, then rerun") from None
         _held[key] = 1
         try:
             yield
@@ -128,8 +131,9 @@ def locked(run_dir: Path, command: str):
             raise UserError(f"{run_dir}: `domainlm {command}` stopped: {describe_environment_error(env)}") from e
         finally:
             del _held[key]
-    finally:
-        f.close()
+
+
+NO_FLOCK = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL)  # flock unsupported by the filesystem
 
 
 # OSErrors that are about the machine, not domainlm or its input: a full or read-only disk, permissions.
