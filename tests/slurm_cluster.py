@@ -81,7 +81,9 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={sock}
+# cred_expire: a requeued job waits this long before it starts again (slurmd refuses the old job's
+# credential until it expires; default 120 s)
+AuthInfo=socket={sock},cred_expire=10
 StateSaveLocation={r / 'state'}
 SlurmdSpoolDir={r / 'spool'}
 SlurmctldPidFile={r / 'slurmctld.pid'}
@@ -96,6 +98,8 @@ AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 MpiDefault=none
 SchedulerType=sched/builtin
+# a full scheduling pass every 2 s (default 60 s): a requeued job whose begin time has passed starts promptly
+SchedulerParameters=sched_interval=2
 SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 ReturnToService=2
@@ -161,22 +165,25 @@ PartitionName={self.partition} Nodes={self.host} Default=YES MaxTime=INFINITE St
     def run(self, *cmd: str, check: bool = True) -> subprocess.CompletedProcess:
         return subprocess.run(list(cmd), env=self.env, capture_output=True, text=True, check=check, timeout=60)
 
-    def job(self, job_id: str) -> dict[str, str]:
-        """``scontrol show job`` as a dict (JobState, ExitCode, Restarts, StdOut, ...)."""
+    def jobs(self, job_id: str) -> list[dict[str, str]]:
+        """``scontrol show job`` as one dict per job (per task of an array): JobState, ExitCode, Restarts..."""
         out = self.run("scontrol", "show", "job", "--oneliner", str(job_id)).stdout
-        return dict(kv.split("=", 1) for kv in out.split() if "=" in kv)
+        return [dict(kv.split("=", 1) for kv in line.split() if "=" in kv) for line in out.splitlines() if line.strip()]
 
-    def wait_job(self, job_id: str, timeout_s: float = 600) -> dict[str, str]:
-        """Poll until the job reaches a final state and its node is released (no longer COMPLETING, so it can
-        be requeued at once); a bound, not a kill point. Returns its record."""
+    def job(self, job_id: str) -> dict[str, str]:
+        return self.jobs(job_id)[0]
+
+    def wait_job(self, job_id: str, timeout_s: float = 600) -> list[dict[str, str]]:
+        """Poll until the job (every task of an array) has reached a final state and released its node (no
+        longer COMPLETING, so it can be requeued at once); a bound, not a kill point. Returns the records."""
         deadline = time.monotonic() + timeout_s
         while True:
-            info = self.job(job_id)
+            records = self.jobs(job_id)
             completing = self.run("squeue", "-h", "-j", str(job_id), "-t", "CG", check=False).stdout.strip()
-            if info.get("JobState") in FINAL and not completing:
-                return info
+            if all(r.get("JobState") in FINAL for r in records) and not completing:
+                return records
             if time.monotonic() > deadline:
-                raise TimeoutError(f"job {job_id} still {info.get('JobState')} after {timeout_s} s")
+                raise TimeoutError(f"job {job_id} not finished after {timeout_s} s: {records}")
             time.sleep(0.5)
 
     def log(self) -> str:
