@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from domainlm.data.command import run_prepare
+from domainlm.errors import UserError
 from slurm_cluster import SlurmCluster, missing
 from test_prepare import quiet_console, write_config, write_texts
 from test_train_fixtures import losses, make_run, read_metrics, run_dir, set_train, single_thread, train_in_process
@@ -87,6 +88,14 @@ def test_prepare_on_slurm_without_wait_then_rerun_writes_stats(slurm_env, local_
     assert {r["JobState"] for r in slurm_env.wait_job(job)} == {"COMPLETED"}  # both tasks of the array
     assert run_prepare(cfg, quiet_console())["stats"]["sources"]["a"]["drops"]["exact_duplicate"] == 1
     assert tree(tmp_path / "run-slurm") == want
+
+
+def test_prepare_on_slurm_refused_by_sbatch_is_one_line(slurm_env, tmp_path):
+    cfg = slurm_config(tmp_path, sources(tmp_path), partition="nope")
+    with pytest.raises(UserError, match=r"domainlm-a-clean: sbatch refused the job .* check prepare.slurm"):
+        run_prepare(cfg, quiet_console())
+    log = (tmp_path / "run-slurm" / ".prepare" / "a" / "datatrove.log").read_text()
+    assert "invalid partition" in log.lower()
 
 
 # ------------------------------------------------------------------------------------------- training

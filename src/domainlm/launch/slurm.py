@@ -116,7 +116,7 @@ def launch_train(config: Path | None, *, nodes: int, gpus_per_node: int, procs_p
 # ------------------------------------------------------------------------------------------- the queue
 
 
-def _tool(name: str) -> str:
+def require(name: str) -> str:
     exe = shutil.which(name)
     if exe is None:
         raise UserError(f"{name}: command not found; run this on a Slurm login node (or `--dry-run` to only "
@@ -126,7 +126,7 @@ def _tool(name: str) -> str:
 
 def sbatch(script: Path, *args: str) -> str:
     """Submit ``script``; returns the job id."""
-    r = subprocess.run([_tool("sbatch"), "--parsable", *args, str(script)], capture_output=True, text=True)
+    r = subprocess.run([require("sbatch"), "--parsable", *args, str(script)], capture_output=True, text=True)
     if r.returncode != 0:
         msg = (r.stderr.strip().splitlines() or [f"exit code {r.returncode}"])[-1]
         raise UserError(f"sbatch {script}: {msg}")
@@ -136,7 +136,7 @@ def sbatch(script: Path, *args: str) -> str:
 def active(job_id: str | int) -> bool:
     """Whether a job (any task of an array) may still run: pending, running, suspended, requeued... A task
     that is COMPLETING has ended; Slurm is only releasing its node (squeue still lists it for a moment)."""
-    r = subprocess.run([_tool("squeue"), "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True)
+    r = subprocess.run([require("squeue"), "-h", "-j", str(job_id), "-o", "%T"], capture_output=True, text=True)
     if r.returncode != 0:
         if "Invalid job id" in r.stderr:  # purged from the controller: long finished
             return False

@@ -12,6 +12,7 @@ run; without it ``run()`` returns once submitted, the stages chained by ``--depe
 from __future__ import annotations
 
 import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -48,7 +49,13 @@ class Executor(SlurmPipelineExecutor):
                 raise UserError(f"{self.job_name}: Slurm job {queued} is still in the queue; rerun `domainlm "
                                 f"prepare` when it has finished")
         else:
-            self.launch_job()  # datatrove submits only the ranks without a completion marker
+            slurm.require("sbatch")
+            try:
+                self.launch_job()  # datatrove submits only the ranks without a completion marker
+            except subprocess.CalledProcessError as e:  # sbatch's own message went to stderr: datatrove.log
+                raise UserError(f"{self.job_name}: sbatch refused the job (exit code {e.returncode}; its message is "
+                                f"in datatrove.log next to {job_file.parent.parent.parent}); check prepare.slurm "
+                                f"(partition, time, cpus_per_task, mem_per_cpu_gb, qos, sbatch_args)") from None
             if self.job_id in (None, -1):
                 return
             queued = str(self.job_id)
