@@ -28,6 +28,7 @@ TIME_RE = re.compile(r"^(\d+(:\d{1,2}){0,2}|\d+-\d+(:\d{1,2}){0,2}|unlimited|inf
 PARTITION_RE = re.compile(r"^[A-Za-z0-9_.,-]+$")
 RDZV_PORT_BASE = 20000  # + job id mod 20000: two jobs sharing a head node get different ports
 POLL_S = 2.0  # between two queue queries while waiting on jobs
+DONE_POLL_S = 0.25  # between two looks at a stage's completion markers
 ENDED = {"COMPLETING", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
          "DEADLINE", "PREEMPTED"}  # squeue's %T names of job states after which the job's tasks do not run
 
@@ -146,8 +147,11 @@ def active(job_id: str | int) -> bool:
 
 def wait(job_id: str | int, done=None) -> None:
     """Block until the job has left the queue (finished, failed or cancelled), or until ``done()`` says its
-    work is complete (its last tasks may still be exiting). Polls quickly at first, then every ``POLL_S``."""
+    work is complete (its last tasks may still be exiting). ``done`` (files on disk) is checked every
+    ``DONE_POLL_S``, the queue (a request to slurmctld) every ``POLL_S``."""
     for i in itertools.count():
-        if (done is not None and done()) or not active(job_id):
+        if done is not None and done():
             return
-        time.sleep(min(POLL_S, 0.25 * 2**i))
+        if i % round(POLL_S / DONE_POLL_S) == 0 and not active(job_id):
+            return
+        time.sleep(DONE_POLL_S)
