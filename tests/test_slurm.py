@@ -117,6 +117,9 @@ def test_launch_dry_run_writes_the_script(tmp_path, cli):
         assert line in script, line
     code, _, err = cli("launch", "slurm", str(cfg), "--gpus-per-node", "1", "--time", "soon", "--dry-run")
     assert code == 2 and "--time" in err and err.strip().count("\n") == 0
+    (run_dir(cfg) / "tokens" / "counts.json").unlink()
+    code, _, err = cli("launch", "slurm", str(cfg), "--gpus-per-node", "1", "--dry-run")
+    assert code == 2 and "no token files to train on" in err and err.strip().count("\n") == 0
 
 
 def test_launch_without_slurm_is_one_line_error(tmp_path, cli, monkeypatch):
