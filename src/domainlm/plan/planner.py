@@ -8,9 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from domainlm.errors import UserError
+from domainlm.plan import hardware
 from domainlm.plan import laws as L
 from domainlm.plan import memory as M
-from domainlm.plan import hardware
 from domainlm.plan.hardware import DEFAULT_MFU, get_accelerator, measure_cpu_flops
 from domainlm.plan.shape import (
     MAX_D_MODEL,

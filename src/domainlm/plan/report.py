@@ -19,7 +19,11 @@ def print_plan(p: dict, console: Console) -> None:
         how = (f"{c['gpus']}× {c['gpu']} × {c['hours']:g} h × MFU {c['mfu']:.0%} of "
                f"{c['peak_flops_per_gpu'] / 1e12:g} TFLOP/s bf16")
     elif c["method"] == "cpu-probe":
-        how = f"{c['gpus']}× cpu × {c['hours']:g} h at {c['measured_flops_per_s'] / 1e9:.1f} GFLOP/s measured"
+        rate = c.get("hardware_flops_per_s") or c["measured_flops_per_s"] * c["gpus"]
+        probe = c.get("shape_probe") or {}
+        on = ("the plan's shape" if probe.get("model", {}).get("d_model") == p["model"]["d_model"]
+              and probe.get("model", {}).get("n_layers") == p["model"]["n_layers"] else "the generic probe")
+        how = f"{c['gpus']}× cpu × {c['hours']:g} h at {rate / 1e9:.1f} GFLOP/s measured on {on}"
     else:
         how = "given"
     m = p["model"]
@@ -30,9 +34,9 @@ def print_plan(p: dict, console: Console) -> None:
     t.add_row("law", f"{p['law']['source']}; counts {p['law']['params_counted']} params; "
               f"N ∝ C^{p['law']['a']}, D ∝ C^{p['law']['b']}")
     if p["law"].get("E") is not None:
-        c = p["law"]
-        t.add_row("L(N, D)", f"E + A/N^α + B/D^β: E={c['E']:.4g}, A={c['A']:.4g}, B={c['B']:.4g}, "
-                  f"α={c['alpha']:.4g}, β={c['beta']:.4g}")
+        lc = p["law"]
+        t.add_row("L(N, D)", f"E + A/N^α + B/D^β: E={lc['E']:.4g}, A={lc['A']:.4g}, B={lc['B']:.4g}, "
+                  f"α={lc['alpha']:.4g}, β={lc['beta']:.4g}")
     t.add_row("params", f"{_f(p['params'])}  ({p['law']['params_counted']})")
     t.add_row("tokens", f"{_f(p['tokens'])}  ({p['tokens_per_param']:.1f} tokens/param)")
     if p["predicted_loss"] is not None:
