@@ -29,10 +29,10 @@ from domainlm.config import TrainConfig
 from domainlm.model import build_model
 from domainlm.plan import memory as M
 from domainlm.plan.shape import make_shape
-from domainlm.train.loop import make_optimizer, peak_flops
+from domainlm.train.loop import peak_flops
 from domainlm.train.memory_probe import measure_cpu
 from domainlm.train.parallel import Dist, parallelize, shutdown, step_precision
-from domainlm.train.step import train_step
+from domainlm.train.step import make_optimizer, train_step
 
 # (d_model, n_layers, vocab, seq_len, micro_batch): demo = ANCHORS.md's CPU shape (7.4M); 125m/350m = GPT-3
 # small/medium widths and depths (Brown et al. 2020, table 2.1) with a 32k vocabulary; 1b = d 2048 × 16 layers.
@@ -53,7 +53,8 @@ def run_config(preset: str, device: torch.device, *, compile: bool, ac: bool, st
     mode = "fsdp" if cuda else "none"
     model = build_model(shape, seq_len, seed=0).to(device)
     model = parallelize(model, mode, world, compile=compile, activation_checkpointing=ac, precision=precision)
-    optimizer = make_optimizer(model, TrainConfig(), device)
+    t = TrainConfig()
+    optimizer = make_optimizer(model, lr=t.lr, weight_decay=t.weight_decay, device=device)
     amp = step_precision(mode, world, precision)
     g = torch.Generator().manual_seed(0)
     batch = torch.randint(0, vocab, (micro, seq_len + 1), generator=g).to(device)

@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 
 from crashkit import KILLED, domainlm, is_temp, stamps, tree
-from domainlm.ablate import parse_weights, reweighted
+from domainlm.ablate import parse_weights
 from domainlm.config import load_config
 from domainlm.errors import UserError
+from domainlm.train.variants import reweighted
 
 
 def _comparable(summary: dict) -> dict:

@@ -165,9 +165,8 @@ def test_fsdp_on_cuda_bf16_params_fp32_states_fused_adamw(cpu_offload):
     from domainlm.config import TrainConfig
     from domainlm.model import build_model
     from domainlm.plan.shape import ModelShape
-    from domainlm.train.loop import make_optimizer
     from domainlm.train.parallel import Dist, parallelize, shutdown, step_precision
-    from domainlm.train.step import next_token_loss, train_step
+    from domainlm.train.step import make_optimizer, next_token_loss, train_step
 
     world = Dist(0, 1, 0, torch.device("cuda", 0))
     shape = ModelShape(n_layers=2, d_model=64, n_heads=4, n_kv_heads=2, ffn_dim=160, vocab_size=300,
@@ -190,7 +189,8 @@ def test_fsdp_on_cuda_bf16_params_fp32_states_fused_adamw(cpu_offload):
         assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
         want = next_token_loss(plain, batch).item()
         assert abs(loss.item() - want) <= 2e-2 * abs(want)
-        optimizer = make_optimizer(model, TrainConfig(), world.device)
+        t = TrainConfig()
+        optimizer = make_optimizer(model, lr=t.lr, weight_decay=t.weight_decay, device=world.device)
         assert optimizer.defaults["fused"]
         optimizer.zero_grad(set_to_none=True)
         res = train_step(model, optimizer, batch, lr=1e-3, micro_batch=4, grad_clip=1.0, precision="fp32")

@@ -15,11 +15,12 @@ from rich.console import Console
 from rich.table import Table
 
 from domainlm import faults
-from domainlm.config import RunConfig, load_config, write_resolved
+from domainlm.config import RunConfig, load_config
 from domainlm.data.tokens import load_counts
 from domainlm.errors import UserError
-from domainlm.plan.shape import ModelShape
+from domainlm.evaluate.command import evaluate_variant
 from domainlm.rundir import RunDir, write_json
+from domainlm.train.variants import train_variant, variant_config
 
 ABLATE_VERSION = 1
 
@@ -40,82 +41,8 @@ def parse_weights(text: str) -> list[float]:
     return sorted(set(out))
 
 
-def reweighted(cfg: RunConfig, domain_weight: float) -> dict[str, float]:
-    """Source weights with the domain sources sharing ``domain_weight`` (in their configured proportions)
-    and the general sources the rest."""
-    dom = [s for s in cfg.sources if s.role == "domain"]
-    gen = [s for s in cfg.sources if s.role == "general"]
-    if not dom:
-        raise UserError("sources: no source has role 'domain'; nothing to ablate")
-    if not gen and domain_weight < 1:
-        raise UserError("sources: no source has role 'general'; only --domain-weights 1 is possible")
-    out = {}
-    for group, share in ((dom, domain_weight), (gen, 1.0 - domain_weight)):
-        total = sum(s.weight for s in group)
-        for s in group:
-            out[s.name] = share * (s.weight / total if total > 0 else 1.0 / len(group))
-    return out
-
-
 def domain_share(cfg: RunConfig) -> float:
     return sum(s.weight for s in cfg.sources if s.role == "domain")
-
-
-def variant_config(cfg: RunConfig, run_dir: Path, domain_weight: float) -> RunConfig:
-    """The run's config with new weights, the run's shape and budget fixed, and its own directory."""
-    from domainlm.model import resolve_shape
-    from domainlm.train.loop import plan_of, planned_tokens
-
-    counts = load_counts(run_dir)
-    shape = resolve_shape(cfg, run_dir, int(counts["vocab_size"]))
-    budget = cfg.train.max_tokens or planned_tokens(plan_of(run_dir))
-    if budget is None:
-        raise UserError("train.max_tokens: no token budget; set it or run `domainlm plan CONFIG` first")
-    return fixed_config(cfg, shape, float(budget), name=f"{cfg.name}-w{domain_weight:g}",
-                        run_dir=variant_dir(run_dir, domain_weight), weights=reweighted(cfg, domain_weight))
-
-
-def fixed_config(cfg: RunConfig, shape: ModelShape, max_tokens: float, *, name: str, run_dir: Path,
-                 weights: dict[str, float] | None = None, **train) -> RunConfig:
-    """A copy of ``cfg`` that trains exactly ``shape`` on ``max_tokens`` tokens in ``run_dir`` (shared by
-    `domainlm ablate` and `domainlm scaling`); ``weights`` and ``train`` override source weights and
-    train fields."""
-    data = cfg.model_dump()
-    for s in data["sources"]:
-        s["weight"] = (weights or {}).get(s["name"], s["weight"])
-    data["model"].update(n_layers=shape.n_layers, d_model=shape.d_model, n_heads=shape.n_heads,
-                         n_kv_heads=shape.n_kv_heads, ffn_dim=shape.ffn_dim)
-    data["train"].update(train, max_tokens=float(max_tokens))
-    data["name"] = name
-    data["run_dir"] = str(run_dir)
-    return RunConfig.model_validate(data)
-
-
-def variant_dir(run_dir: Path, domain_weight: float) -> Path:
-    return Path(run_dir) / "ablate" / f"w{domain_weight:g}"
-
-
-def train_variant(vcfg: RunConfig, run_dir: Path, console: Console) -> Path:
-    """Train one variant in-process (one process; use the config's parallel settings on a cluster)."""
-    from domainlm.train.loop import train
-    from domainlm.train.parallel import init_distributed, shutdown
-
-    vdir = vcfg.directory()
-    write_resolved(vcfg, vdir)
-    world = init_distributed()
-    try:
-        train(vcfg, vdir, world, console=console, data_dir=run_dir)
-    finally:
-        shutdown()
-    return vdir / "model"
-
-
-def evaluate_variant(model_dir: Path, run_dir: Path, out: Path, console: Console | None) -> dict:
-    """bpb of ``model_dir`` on the run's val splits (and the run's probes); skipped when already done."""
-    from domainlm.evaluate.command import run_eval_cached
-
-    result, _ = run_eval_cached(model_dir, stage=f"eval-{out.parent.name}", run=run_dir, out=out, console=console)
-    return result
 
 
 def run_ablate(config: Path | None, domain_weights: str, *, console: Console) -> dict:

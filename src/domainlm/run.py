@@ -90,13 +90,10 @@ def _plan(config_path: Path, run_dir: Path, cfg: RunConfig, console: Console) ->
 
 def _train(cfg: RunConfig, run_dir: Path, console: Console) -> None:
     from domainlm.train.loop import train
-    from domainlm.train.parallel import init_distributed, shutdown
+    from domainlm.train.parallel import distributed
 
-    world = init_distributed()
-    try:
+    with distributed() as world:
         train(cfg, run_dir, world, console=console)
-    finally:
-        shutdown()
 
 
 def _eval(run_dir: Path, console: Console) -> dict:
@@ -113,7 +110,8 @@ def _eval(run_dir: Path, console: Console) -> dict:
 def _baseline(config_path: Path, cfg: RunConfig, run_dir: Path, console: Console) -> dict | None:
     """The general-only model of the same shape and budget: the ablation's weight-0 variant (shared with
     `domainlm ablate`, so either command reuses the other's model)."""
-    from domainlm.ablate import evaluate_variant, train_variant, variant_config
+    from domainlm.evaluate.command import evaluate_variant
+    from domainlm.train.variants import train_variant, variant_config
 
     if not any(s.role == "general" for s in cfg.sources) or not any(s.role == "domain" for s in cfg.sources):
         console.print("baseline: needs both a domain and a general source; skipped")

@@ -136,6 +136,13 @@ def run_eval_cached(model_or_run: Path, *, stage: str = "eval", run: Path | None
     return result, True
 
 
+def evaluate_variant(model_dir: Path, run_dir: Path, out: Path, console: Console | None) -> dict:
+    """bpb of a variant's ``model_dir`` (train/variants.py) on the run's val splits and probes, into ``out``;
+    skipped when already done."""
+    result, _ = run_eval_cached(model_dir, stage=f"eval-{out.parent.name}", run=run_dir, out=out, console=console)
+    return result
+
+
 @contextmanager
 def _progress(console: Console | None, label: str):
     """A transient progress bar over scored windows (nothing without a console, e.g. with --json)."""

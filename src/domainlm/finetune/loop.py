@@ -15,24 +15,23 @@ from __future__ import annotations
 
 import json
 import shutil
-import time
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 from rich.console import Console
 
-from domainlm import faults, stages
+from domainlm import stages
 from domainlm.errors import UserError
 from domainlm.finetune import data as D
 from domainlm.rundir import swap_dir, write_json
 from domainlm.train import checkpoint as ckpt
+from domainlm.train.driver import Driver, Eval
 from domainlm.train.parallel import Dist
 from domainlm.train.schedule import lr_at
-from domainlm.train.step import autocast_for, next_token_loss, train_step
+from domainlm.train.step import make_optimizer, train_step, validation_nll
 
 
 @dataclass
@@ -96,18 +95,11 @@ def apply_lora(model, rank: int):
     return peft.get_peft_model(model, cfg)
 
 
-@torch.no_grad()
 def val_loss(model, examples: list[D.Example], pad_id: int, micro_batch: int, device, precision: str) -> float:
-    """Mean loss per response token over the validation conversations."""
-    model.eval()
-    total, n = 0.0, 0
-    for i in range(0, len(examples), micro_batch):
-        ids, labels = D.collate(examples[i : i + micro_batch], pad_id)
-        with autocast_for(device, precision):
-            total += next_token_loss(model, ids.to(device), "sum", labels.to(device)).item()
-        n += int((labels[:, 1:] != D.IGNORE).sum())
-    model.train()
-    return total / max(n, 1)
+    """Mean loss per response token over the validation conversations (the prompt is masked)."""
+    batches = (D.collate(examples[i : i + micro_batch], pad_id) for i in range(0, len(examples), micro_batch))
+    nll, scored = validation_nll(model, batches, device, precision)
+    return nll.item() / max(scored.item(), 1)
 
 
 def _save_hf(model, tok, out: Path) -> None:
@@ -169,29 +161,36 @@ def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Pa
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = "bf16-mixed" if device.type == "cuda" else "fp32"
-    world = Dist(0, 1, 0, device)
     model, _ = load_model(model_dir, str(device))
     model.train()
     if args.lora:
         model = apply_lora(model, args.lora_rank)
-    from domainlm.train.loop import _truncate_metrics, make_optimizer
-
-    optimizer = make_optimizer(model, SimpleNamespace(lr=args.lr, weight_decay=args.weight_decay), device)
+    optimizer = make_optimizer(model, lr=args.lr, weight_decay=args.weight_decay, device=device)
     warmup = args.warmup_steps if args.warmup_steps is not None else max(1, args.steps // 20)
+    driver: Driver
 
-    step, last_ckpt = 0, -1
-    resumed = ckpt.load_latest(out, model, optimizer, world)
+    def one_step(lr: float):
+        idx = example_order(len(enc.examples), args.seed, driver.step, args.batch_size)
+        ids, labels = D.collate([enc.examples[i] for i in idx], pad_id)
+        res = train_step(model, optimizer, ids.to(device), lr=lr, micro_batch=args.micro_batch,
+                         grad_clip=args.grad_clip, precision=precision, labels=labels.to(device))
+        return res, ids.numel(), {"trained_tokens": int((labels[:, 1:] != D.IGNORE).sum())}
+
+    def evaluate() -> Eval:
+        loss = val_loss(model, venc.examples, pad_id, args.micro_batch, device, precision)
+        return Eval({"val_loss": loss}, f"val loss {loss:.4f} per response token")
+
+    driver = Driver("finetune", out, Dist(0, 1, 0, device), model, optimizer, args.steps,
+                    lambda step: lr_at(step, lr=args.lr, total_steps=args.steps, warmup_steps=warmup), one_step,
+                    evaluate if venc else None, lambda: {"fingerprint": fp}, args.eval_every, args.checkpoint_every,
+                    args.keep_checkpoints, console)
+    resumed = driver.resume()
     if resumed:
         path, state = resumed
         if state.get("fingerprint") != fp:
             raise UserError(f"{path}: a checkpoint of another fine-tuning (model, data or flags differ); use "
                             "--restart or another --out")
-        step = last_ckpt = state["step"]
-        console.print(f"resuming from {path} at step {step}")
-    logs = out / "logs"
-    logs.mkdir(exist_ok=True)
-    metrics_path = logs / "metrics.jsonl"
-    _truncate_metrics(metrics_path, step)
+        console.print(f"resuming from {path} at step {driver.step}")
 
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -201,65 +200,16 @@ def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Pa
         f"of {enc.tokens:,} tokens; {enc.truncated} left-truncated to {max_tokens - 1} tokens); "
         f"{args.steps} steps × {args.batch_size}, lr {args.lr:g}; chat template "
         f"{'added' if added else 'kept from the model'}; {precision} on {device.type}", highlight=False)
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    metrics = open(metrics_path, "a", encoding="utf-8")  # noqa: SIM115
-    last_loss, last_val, rates = float("nan"), None, []
-
-    def log(row: dict) -> None:
-        metrics.write(json.dumps(row) + "\n")
-        metrics.flush()
-
-    def checkpoint() -> None:
-        ckpt.save_checkpoint(out, step, model, optimizer, {"step": step, "fingerprint": fp, "total_steps": args.steps},
-                             world, args.keep_checkpoints)
-
-    def evaluate() -> None:
-        nonlocal last_val
-        last_val = val_loss(model, venc.examples, pad_id, args.micro_batch, device, precision)
-        log({"kind": "eval", "step": step, "val_loss": last_val})
-        progress.console.print(f"step {step}: val loss {last_val:.4f} per response token")
-
-    progress = Progress(TextColumn("[bold]finetune"), BarColumn(), MofNCompleteColumn(),
-                        TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=console)
-    try:
-        with progress:
-            bar = progress.add_task("finetune", total=args.steps, completed=step, info="")
-            while step < args.steps:
-                lr = lr_at(step, lr=args.lr, total_steps=args.steps, warmup_steps=warmup)
-                t0 = time.perf_counter()
-                idx = example_order(len(enc.examples), args.seed, step, args.batch_size)
-                ids, labels = D.collate([enc.examples[i] for i in idx], pad_id)
-                res = train_step(model, optimizer, ids.to(device), lr=lr, micro_batch=args.micro_batch,
-                                 grad_clip=args.grad_clip, precision=precision, labels=labels.to(device))
-                step += 1
-                rates.append(ids.numel() / (time.perf_counter() - t0))
-                last_loss = res.loss
-                log({"kind": "train", "step": step, "loss": res.loss, "lr": lr, "grad_norm": res.grad_norm,
-                     "skipped": res.skipped, "trained_tokens": int((labels[:, 1:] != D.IGNORE).sum()),
-                     "tokens_per_s": rates[-1]})
-                progress.update(bar, completed=step, info=f"loss {res.loss:.4f} lr {lr:.2e} {rates[-1]:,.0f} tok/s")
-                faults.hit("finetune.step")
-                if venc and step % args.eval_every == 0:
-                    evaluate()
-                if step % args.checkpoint_every == 0:
-                    checkpoint()
-                    last_ckpt = step
-            if venc and (last_val is None or step % args.eval_every):
-                evaluate()
-            if last_ckpt != step:
-                checkpoint()
-    finally:
-        metrics.close()
+    driver.run()
+    last_loss, last_val = driver.last_loss, (driver.last_eval or {}).get("val_loss")
 
     final = model.merge_and_unload() if args.lora else model  # LoRA: a plain HF folder, adapters merged in
     _save_hf(final, tok, out / "model")
     summary = {"model": str(model_dir), "run_dir": str(run_dir) if run_dir else None, "data": str(data),
-               "val": str(val) if val else None, "out": str(out / "model"), "steps": step, "final_loss": last_loss,
-               "val_loss": last_val, "conversations": len(enc.examples), "truncated": enc.truncated,
-               "response_tokens": enc.trained_tokens, "tokens": enc.tokens,
-               "tokens_per_s": sum(rates) / len(rates) if rates else None, "args": asdict(args), "fingerprint": fp,
+               "val": str(val) if val else None, "out": str(out / "model"), "steps": driver.step,
+               "final_loss": last_loss, "val_loss": last_val, "conversations": len(enc.examples),
+               "truncated": enc.truncated, "response_tokens": enc.trained_tokens, "tokens": enc.tokens,
+               "tokens_per_s": driver.tokens_per_s, "args": asdict(args), "fingerprint": fp,
                "chat_template": "added" if added else "model's"}
     write_json(summary_path, summary, indent=1)
     console.print(f"wrote [bold]{out / 'model'}[/] (Hugging Face format, chat template in its tokenizer); "

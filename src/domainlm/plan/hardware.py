@@ -101,18 +101,13 @@ def measure_shape_throughput(shape, seq_len: int, micro_batch: int, seconds: flo
     import torch
 
     from domainlm.model import build_model
-    from domainlm.train.loop import make_optimizer
-    from domainlm.train.step import train_step
+    from domainlm.train.step import make_optimizer, train_step
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     precision = "bf16-mixed" if cuda else "fp32"
     model = build_model(shape, seq_len, seed=0).to(device)
-
-    class _Opt:  # the fields make_optimizer reads
-        lr, weight_decay = 1e-4, 0.0
-
-    opt = make_optimizer(model, _Opt, device)
+    opt = make_optimizer(model, lr=1e-4, weight_decay=0.0, device=device)
     g = torch.Generator().manual_seed(0)
     batch = torch.randint(0, shape.vocab_size, (micro_batch, seq_len + 1), generator=g).to(device)
 

@@ -24,13 +24,13 @@ from rich.console import Console
 from rich.table import Table
 
 from domainlm import faults
-from domainlm.ablate import fixed_config, train_variant
 from domainlm.config import RunConfig, load_config
 from domainlm.data.tokens import load_counts
 from domainlm.errors import UserError
 from domainlm.plan.laws import LAWS, get_law
 from domainlm.plan.shape import ModelShape, make_shape, shape_for_params
 from domainlm.rundir import atomic_write, write_json
+from domainlm.train.variants import fixed_config, train_variant
 
 # Sizes span optimum/4 … optimum×4: Chinchilla's IsoFLOP profiles (Fig. 3) cover about a decade in N
 # around each minimum, enough for the parabola in log N to bracket it.

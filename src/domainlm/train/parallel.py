@@ -15,6 +15,8 @@ the step needs no autocast; DDP and a single GPU keep fp32 weights under bf16 au
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -52,6 +54,16 @@ def init_distributed() -> Dist:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+@contextmanager
+def distributed() -> Iterator[Dist]:
+    """``with distributed() as world:`` — `init_distributed`, and leave the process group however the block ends."""
+    world = init_distributed()
+    try:
+        yield world
+    finally:
+        shutdown()
 
 
 def barrier() -> None:

@@ -1,4 +1,5 @@
-"""THE training step — the only one: used by the loop, `benchmarks/train_step.py` and the tests.
+"""THE training step — the only one: used by pretraining, fine-tuning, `benchmarks/train_step.py` and the tests;
+with the optimizer it steps and the one validation scorer (the same loss, summed without gradients).
 
 One optimizer step on this rank's slice of the global batch: split into micro-batches, forward/backward
 each (gradients accumulate; DDP all-reduces only on the last), clip, and step — unless the loss or the
@@ -43,6 +44,39 @@ def next_token_loss(model: torch.nn.Module, batch: torch.Tensor, reduction: str 
     x, y = batch[:, :-1], (batch if labels is None else labels)[:, 1:]
     logits = model(input_ids=x, use_cache=False).logits  # [B, T, V]
     return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction=reduction, ignore_index=IGNORE)
+
+
+def make_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, device: torch.device):
+    """AdamW; no weight decay on norms, biases (1-D) and embeddings (GPT-3 / Llama practice).
+    β = (0.9, 0.95), eps 1e-8: Llama 1–2 (Touvron et al. 2023)."""
+    decay, no_decay = [], []
+    seen = set()
+    for name, p in model.named_parameters():
+        if id(p) in seen:  # tied head = the embedding
+            continue
+        seen.add(id(p))
+        (no_decay if p.ndim < 2 or "embed_tokens" in name else decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
+
+
+@torch.no_grad()
+def validation_nll(model: torch.nn.Module, batches, device: torch.device, precision: str) -> tuple[torch.Tensor, ...]:
+    """The one validation scorer: Σ next-token NLL (nats, float64) over ``(ids, labels)`` batches and the
+    number of targets scored (labels ≠ -100), this rank's share; the caller all-reduces and divides.
+    Pretraining scores token-stream windows with EOS masked (train/loop.py ``evaluate``: loss and bpb per
+    source); fine-tuning scores conversations with the prompt masked (loss per response token). `domainlm eval`
+    (evaluate/bpb.py) differs on purpose: each document alone after its start-of-document context."""
+    model.eval()
+    nll = torch.zeros((), dtype=torch.float64, device=device)
+    scored = torch.zeros((), dtype=torch.float64, device=device)
+    for ids, labels in batches:
+        ids, labels = ids.to(device), labels.to(device)
+        with autocast_for(device, precision):
+            nll += next_token_loss(model, ids, reduction="sum", labels=labels).double()
+        scored += (labels[:, 1:] != IGNORE).sum().double()
+    model.train()
+    return nll, scored
 
 
 def train_step(
