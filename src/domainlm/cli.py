@@ -479,10 +479,11 @@ def run(
     as_json: JsonOpt = False,
 ) -> None:
     """The whole pipeline (plan → prepare → tokenizer → train → eval → baseline → report), skipping done stages."""
-    from domainlm.run import run_all
+    from domainlm.run import print_summary, run_all
 
     with _locked(_config_dir(config, quick), "run"):
-        run_all(config, console=err_console if as_json else console, quick=quick, as_json=as_json)
+        summary = run_all(config, console=err_console if as_json else console, quick=quick)
+    print_json(summary) if as_json else print_summary(summary, console)
 
 
 # ---------------------------------------------------------------------------------------------------- ablate

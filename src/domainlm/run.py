@@ -199,7 +199,8 @@ def print_summary(s: dict, console: Console) -> None:
     console.print(f"report: [bold]{s['report']}[/]  ({s['seconds']:.0f} s)")
 
 
-def run_all(config: Path | None, *, console: Console, quick: bool = False, as_json: bool = False) -> dict:
+def run_all(config: Path | None, *, console: Console, quick: bool = False) -> dict:
+    """Every stage in order; the summary (`print_summary` shows it)."""
     from domainlm.data.command import run_prepare
     from domainlm.tokenizer import run_tokenizer
 
@@ -238,10 +239,4 @@ def run_all(config: Path | None, *, console: Console, quick: bool = False, as_js
     timer.stage(10, None)
     s = summary(run_dir, cfg, time.perf_counter() - t0, report)
     s["stage_seconds"] = {k: round(v, 1) for k, v in timer.times.items()}
-    if as_json:
-        from domainlm.cli import print_json
-
-        print_json(s)
-    else:
-        print_summary(s, console)
     return s

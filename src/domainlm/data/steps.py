@@ -25,12 +25,13 @@ from datatrove.utils.word_tokenizers import WordTokenizer
 
 from domainlm import faults
 from domainlm.data import clean, sources
-from domainlm.data.pipeline import write_json_atomic
-from domainlm.rundir import atomic_write
+from domainlm.rundir import atomic_write, write_json
 
 
 def _save_counts(work: str, step: str, rank: int, counts: Counter, **extra) -> None:
-    write_json_atomic(Path(work) / "counts" / step / f"{rank:05d}.json", {"counts": dict(counts), **extra})
+    # sorted keys: the counters' bytes do not depend on the order work finished in (as pipeline.write_json_atomic)
+    write_json(Path(work) / "counts" / step / f"{rank:05d}.json", {"counts": dict(counts), **extra}, indent=1,
+               sort_keys=True)
 
 
 def split_key(text: str) -> int:
@@ -215,7 +216,8 @@ class PlanSplit(PipelineStep):
         n = len(keys)
         k = min(max(self.val_min_docs, math.ceil(round(self.val_fraction * n, 6))), n // 2)
         threshold = int(np.partition(keys, k - 1)[k - 1]) if k > 0 else -1
-        write_json_atomic(Path(self.work) / "split.json", {"docs": n, "val_docs": k, "val_max_key": threshold})
+        write_json(Path(self.work) / "split.json", {"docs": n, "val_docs": k, "val_max_key": threshold}, indent=1,
+                   sort_keys=True)
         return
         yield
 
