@@ -13,8 +13,13 @@ RECIPES = sorted((Path(__file__).parents[1] / "src" / "domainlm" / "recipes").gl
 
 @pytest.mark.parametrize("path", RECIPES, ids=[p.name for p in RECIPES])
 def test_every_shipped_recipe_loads(path):
+    from domainlm.run import quick_config
+
     cfg = load_config(path)
     assert cfg.sources and abs(sum(s.weight for s in cfg.sources) - 1) < 1e-9
+    quick = quick_config(cfg)  # recipes/overlays/quick.yaml on top
+    assert quick.name == f"{cfg.name}-quick" and quick.model.d_model == 64 and quick.train.max_tokens == 60_000
+    assert all(s.max_files <= 400 for s in quick.sources) and quick.budget.flops == 1e12
 
 
 def test_default_is_the_legal_demo():
@@ -56,6 +61,12 @@ def test_resolved_config_written(tmp_path):
         ({"trian": {}}, "trian: unknown key"),
         ({"model": {"d_modle": 64}}, "model.d_modle: unknown key"),
         ({"tokenizer": {"kind": "wordpiece"}}, "tokenizer.kind"),
+        # across fields, at load (the batch's split over processes waits for the world size, at training)
+        ({"model": {"d_model": 64, "n_heads": 3}}, "model.n_heads: 3 does not divide model.d_model 64"),
+        ({"model": {"n_heads": 4, "n_kv_heads": 3}}, "model.n_kv_heads: 3 does not divide model.n_heads 4"),
+        ({"train": {"seq_len": 32, "tokens_per_step": 100}}, "train.tokens_per_step: 100 is not a multiple of"),
+        ({"train": {"seq_len": 32, "micro_batch": 4, "tokens_per_step": 192}}, "do not divide into train.micro_batch"),
+        ({"model": {"max_position_embeddings": 16}, "train": {"seq_len": 32}}, "train.seq_len: 32 is longer than"),
     ],
 )
 def test_bad_keys_name_the_path(tmp_path, patch, expect):

@@ -54,6 +54,7 @@ def test_resolve_shape_from_plan_or_config(tmp_path):
     fixed = validate({"name": "x", "model": {"d_model": 96, "n_layers": 1}})
     s = resolve_shape(fixed, tmp_path, 512)
     assert (s.d_model, s.n_heads, s.ffn_dim) == (96, 3, 256)  # heads/ffn by the shape rule, not the plan's
-    bad = validate({"name": "x", "model": {"d_model": 64, "n_layers": 1, "n_heads": 4, "n_kv_heads": 3}})
-    with pytest.raises(UserError, match="model.n_kv_heads"):
-        resolve_shape(bad, tmp_path, 512)
+    with pytest.raises(UserError, match="model.n_kv_heads"):  # both in the config: found at load
+        validate({"name": "x", "model": {"d_model": 64, "n_layers": 1, "n_heads": 4, "n_kv_heads": 3}})
+    with pytest.raises(UserError, match="model.n_kv_heads"):  # n_heads from the plan: found when resolved
+        resolve_shape(validate({"name": "x", "model": {"n_kv_heads": 3}}), tmp_path, 512)

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from domainlm.errors import ConfigError, UserError
 
@@ -154,6 +154,14 @@ class ModelConfig(_Section):
     tie_embeddings: bool = False
     max_position_embeddings: int | None = Field(default=None, ge=8)
 
+    @model_validator(mode="after")
+    def _heads_fit(self) -> ModelConfig:
+        if self.d_model and self.n_heads and self.d_model % self.n_heads:
+            raise ValueError(f"model.n_heads: {self.n_heads} does not divide model.d_model {self.d_model}")
+        if self.n_heads and self.n_kv_heads and self.n_heads % self.n_kv_heads:
+            raise ValueError(f"model.n_kv_heads: {self.n_kv_heads} does not divide model.n_heads {self.n_heads} (GQA)")
+        return self
+
 
 class TrainConfig(_Section):
     seq_len: int = Field(default=512, ge=8)
@@ -185,6 +193,20 @@ class TrainConfig(_Section):
         if v and info.data.get("parallel") == "ddp":
             raise ValueError("needs train.parallel: fsdp (or auto), not ddp: only FSDP2 offloads to the host")
         return v
+
+    @model_validator(mode="after")
+    def _batch_fits(self) -> TrainConfig:
+        """Whole sequences, whole micro-batches; how they split over processes is checked at training time."""
+        if self.tokens_per_step is None:
+            return self
+        if self.tokens_per_step % self.seq_len:
+            raise ValueError(f"train.tokens_per_step: {self.tokens_per_step} is not a multiple of train.seq_len "
+                             f"{self.seq_len}")
+        if (self.tokens_per_step // self.seq_len) % self.micro_batch:
+            raise ValueError(f"train.tokens_per_step: {self.tokens_per_step // self.seq_len} sequences per step do not "
+                             f"divide into train.micro_batch {self.micro_batch}; use a multiple of "
+                             f"{self.micro_batch * self.seq_len} tokens")
+        return self
 
 
 class EvalConfig(_Section):
@@ -219,6 +241,14 @@ class RunConfig(_Section):
                 raise ValueError(f"weights must sum to 1, got {total:g}")
         return sources
 
+    @model_validator(mode="after")
+    def _context_fits(self) -> RunConfig:
+        max_pos = self.model.max_position_embeddings
+        if max_pos and self.train.seq_len > max_pos:
+            raise ValueError(f"train.seq_len: {self.train.seq_len} is longer than model.max_position_embeddings "
+                             f"{max_pos}")
+        return self
+
     def directory(self, base: Path | None = None) -> Path:
         """The run directory: ``run_dir`` if set, else ``runs/<name>`` under ``base`` (default: cwd)."""
         if self.run_dir:
@@ -248,6 +278,11 @@ def _describe(err: dict[str, Any]) -> str:
     return msg
 
 
+def _across(err: dict[str, Any]) -> bool:
+    """A check across a section's fields (its input is the whole mapping): its message names the keys."""
+    return err["type"] == "value_error" and isinstance(err.get("input"), dict)
+
+
 def validate(data: Any, origin: str = "config") -> RunConfig:
     """Validate a mapping; raise ConfigError with ``origin: key.path: problem`` lines."""
     if not isinstance(data, dict):
@@ -255,7 +290,8 @@ def validate(data: Any, origin: str = "config") -> RunConfig:
     try:
         return RunConfig.model_validate(data)
     except ValidationError as e:
-        problems = [f"{origin}: {_loc(err['loc'])}: {_describe(err)}" for err in e.errors()]
+        problems = [f"{origin}: {_describe(err)}" if _across(err) else f"{origin}: {_loc(err['loc'])}: {_describe(err)}"
+                    for err in e.errors()]
         raise ConfigError(problems) from None
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import json
 import time
+from importlib import resources
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -21,35 +23,16 @@ from domainlm.rundir import RunDir, write_json
 
 STAGES = ("plan", "prepare", "tokenizer", "tokenize", "plan (real counts)", "train", "eval", "baseline", "report")
 
-# --quick: a scaled-down copy of the config that runs end to end in about a minute on 2 cores.
-QUICK = {
-    "max_files": 400,  # per source, evenly spaced
-    "vocab_size": 1024,
-    "sample_bytes": 1_000_000,
-    "audit_bytes": 100_000,
-    "d_model": 64,
-    "n_layers": 2,
-    "seq_len": 128,
-    "micro_batch": 8,
-    "max_tokens": 60_000,
-    "eval_bytes": 20_000,
-}
-
-
 def quick_config(cfg: RunConfig) -> RunConfig:
+    """The config scaled down by the packaged overlay ``recipes/overlays/quick.yaml`` (`domainlm run --quick`)."""
+    quick = yaml.safe_load((resources.files("domainlm") / "recipes" / "overlays" / "quick.yaml").read_text("utf-8"))
     data = cfg.model_dump()
     data["name"] = f"{cfg.name}-quick"
     data["run_dir"] = str(cfg.directory().with_name(cfg.directory().name + "-quick"))
     for s in data["sources"]:
-        s["max_files"] = min(s.get("max_files") or QUICK["max_files"], QUICK["max_files"])
-    data["budget"] = {**data["budget"], "flops": 1e12, "gpu": None, "hours": None}
-    data["tokenizer"].update(vocab_size=QUICK["vocab_size"], sample_bytes=QUICK["sample_bytes"],
-                             audit_bytes=QUICK["audit_bytes"])
-    data["model"].update(d_model=QUICK["d_model"], n_layers=QUICK["n_layers"], n_heads=None, n_kv_heads=None,
-                         ffn_dim=None)
-    data["train"].update(seq_len=QUICK["seq_len"], micro_batch=QUICK["micro_batch"], tokens_per_step=None,
-                         max_tokens=QUICK["max_tokens"], warmup_steps=5, eval_every=10_000, checkpoint_every=10_000)
-    data["eval"]["max_bytes_per_source"] = QUICK["eval_bytes"]
+        s["max_files"] = min(s.get("max_files") or quick["max_files"], quick["max_files"])
+    for section in ("budget", "tokenizer", "model", "train", "eval"):
+        data[section].update(quick[section])
     return RunConfig.model_validate(data)
 
 

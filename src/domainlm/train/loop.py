@@ -83,10 +83,9 @@ def peak_flops(device: torch.device, precision: str, run_dir: Path, world_size: 
 
 
 def _check_batch(cfg: RunConfig, world: Dist) -> tuple[int, int]:
+    """The one check of the batch that needs the world size (the config checked the rest at load)."""
     t = cfg.train
     tokens_per_step = t.tokens_per_step or t.micro_batch * t.seq_len * world.world_size
-    if tokens_per_step % t.seq_len:
-        raise UserError(f"train.tokens_per_step: {tokens_per_step} is not a multiple of train.seq_len {t.seq_len}")
     global_batch = tokens_per_step // t.seq_len
     per = world.world_size * t.micro_batch
     if global_batch % per:
@@ -186,9 +185,7 @@ def open_inputs(cfg: RunConfig, data_dir: Path) -> Inputs:
 def size_run(cfg: RunConfig, data_dir: Path, counts: dict, world: Dist, max_steps: int | None) -> Sizes:
     t = cfg.train
     shape = resolve_shape(cfg, data_dir, int(counts["vocab_size"]))
-    max_pos = cfg.model.max_position_embeddings or t.seq_len
-    if t.seq_len > max_pos:
-        raise UserError(f"train.seq_len: {t.seq_len} is longer than model.max_position_embeddings {max_pos}")
+    max_pos = cfg.model.max_position_embeddings or t.seq_len  # ≥ seq_len: checked at load
     tokens_per_step, global_batch = _check_batch(cfg, world)
     plan = plan_of(data_dir)
     budget = t.max_tokens or planned_tokens(plan)
