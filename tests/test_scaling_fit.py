@@ -136,3 +136,13 @@ def test_points_csv_errors_name_file_and_line(tmp_path, cli, text, where):
     code, _, err = cli("scaling", "--points", str(tmp_path / "points.csv"))
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and where in lines[0] and "Traceback" not in err, err
+
+
+@pytest.mark.parametrize("alpha,beta", [(0.0, 0.3), (0.3, 0.0)])
+def test_a_fit_with_a_term_switched_off_cannot_plan(tmp_path, cli, alpha, beta):
+    # α = 0: loss does not fall with N, so N_opt ∝ C^a has a = 1 and coefficient 0 — no model size to plan.
+    path = tmp_path / "law.json"
+    path.write_text(json.dumps({"approach3": {"E": 1.7, "A": 400.0, "B": 400.0, "alpha": alpha, "beta": beta}}))
+    code, _, err = cli("plan", "--flops", "1e21", "--law", f"fitted:{path}")
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "do not constrain" in lines[0] and str(path) in lines[0], err

@@ -42,8 +42,13 @@ def test_sweep_points_law_plot_and_rerun(tiny, cli):
         assert [e["step"] for e in evals] == [r["steps"]]  # one eval, at the end of the decayed schedule
     law = json.loads((sdir / "law.json").read_text())
     assert law["points"] == 9 and law["params_counted"] == "total"
-    fitted = get_law(f"fitted:{sdir / 'law.json'}")
-    assert fitted.has_loss and 0 < fitted.a < 1
+    a3 = law["approach3"]
+    if a3["alpha"] > 0 and a3["beta"] > 0:
+        fitted = get_law(f"fitted:{sdir / 'law.json'}")
+        assert fitted.has_loss and 0 < fitted.a < 1
+    else:  # the converged fit of these 9 tiny points switches a term off: planning with it is refused, with why
+        with pytest.raises(UserError, match="do not constrain"):
+            get_law(f"fitted:{sdir / 'law.json'}")
     assert (sdir / "scaling.png").stat().st_size > 10_000
     assert "3: α in A/N^α" in out and "--law" in out and "fitted:" in out
 

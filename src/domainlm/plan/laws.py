@@ -138,7 +138,13 @@ def load_fitted(path: str, origin: str = "--law") -> Law:
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
         c = data["approach3"] if "approach3" in data else data
-        law = _parametric(f"fitted:{p}", *(float(c[k]) for k in ("E", "A", "B", "alpha", "beta")), f"fitted: {p}")
+        consts = [float(c[k]) for k in ("E", "A", "B", "alpha", "beta")]
+        if not (consts[3] > 0 and consts[4] > 0 and all(math.isfinite(v) for v in consts)):
+            # α = 0 (or β = 0): the loss does not fall with N (D), so there is no compute-optimal split (a = 1 or 0).
+            raise UserError(f"{origin} fitted:{p}: α = {consts[3]:.3g}, β = {consts[4]:.3g}, A = {consts[1]:.3g}: the "
+                            "fitted points do not constrain both terms of L(N, D), so the law has no compute-optimal "
+                            "size; refit with sizes that bracket each budget's optimum")
+        law = _parametric(f"fitted:{p}", *consts, f"fitted: {p}")
     except FileNotFoundError:
         raise UserError(f"{origin} fitted:{p}: file not found; run `domainlm scaling CONFIG` to fit one") from None
     except IsADirectoryError:

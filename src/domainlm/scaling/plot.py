@@ -15,7 +15,18 @@ import numpy as np
 from domainlm.plan.laws import LAWS, Law
 
 
-def plot_scaling(rows: list[dict], law: dict, fitted: Law, path: Path) -> Path:
+def usable_law(law_path: Path) -> Law | None:
+    """The fitted law for the plot's N_opt line, or None when the fit is degenerate (load_fitted says why)."""
+    from domainlm.errors import UserError
+    from domainlm.plan.laws import get_law
+
+    try:
+        return get_law(f"fitted:{law_path}")
+    except UserError:
+        return None
+
+
+def plot_scaling(rows: list[dict], law: dict, fitted: Law | None, path: Path) -> Path:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,8 +63,9 @@ def plot_scaling(rows: list[dict], law: dict, fitted: Law, path: Path) -> Path:
     a2 = law["approach2"]
     if a2["a"] is not None:
         ax2.plot(cs, a2["g"] * cs ** a2["a"], "-", color="tab:blue", label=f"fitted, approach 2 (a={a2['a']:.2f})")
-    ax2.plot(cs, [fitted.optimal_params(c) for c in cs], "--", color="tab:green",
-             label=f"fitted, approach 3 (a={fitted.a:.2f})")
+    if fitted is not None:  # None: a degenerate fit (α or β = 0) has no optimum to draw
+        ax2.plot(cs, [fitted.optimal_params(c) for c in cs], "--", color="tab:green",
+                 label=f"fitted, approach 3 (a={fitted.a:.2f})")
     ch = LAWS["chinchilla-3"]
     ax2.plot(cs, [ch.optimal_params(c) for c in cs], ":", color="tab:red", label=f"Chinchilla (a={ch.a:.2f})")
     ax2.set_xscale("log")
@@ -71,7 +83,8 @@ def plot_scaling(rows: list[dict], law: dict, fitted: Law, path: Path) -> Path:
     ld = np.linspace(np.log(d_all.min() / 3), np.log(d_all.max() * 3), 80)
     gn, gd = np.meshgrid(ln, ld)
     # In log space: a degenerate fit (α ≫ 1 on a tiny sweep) would overflow N^α.
-    surface = fitted.E + np.exp(np.log(fitted.A) - fitted.alpha * gn) + np.exp(np.log(fitted.B) - fitted.beta * gd)
+    a3 = law["approach3"]
+    surface = a3["E"] + np.exp(np.log(a3["A"]) - a3["alpha"] * gn) + np.exp(np.log(a3["B"]) - a3["beta"] * gd)
     cont = ax3.contourf(np.exp(gn), np.exp(gd), surface, levels=20, cmap="magma_r")
     fig.colorbar(cont, ax=ax3, label="fitted loss")
     for c, col in zip(budgets, colors, strict=True):

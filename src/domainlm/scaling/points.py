@@ -86,9 +86,8 @@ def _group_by_6nd(rows: list[dict]) -> None:
 
 def fit_points(path: Path, *, law_out: Path | None = None, n_boot: int = 100) -> dict:
     """Fit approaches 2 and 3 (with bootstrap intervals) and write law.json (default: next to the CSV)."""
-    from domainlm.plan.laws import get_law
     from domainlm.scaling.fit import fit_law
-    from domainlm.scaling.plot import plot_scaling
+    from domainlm.scaling.plot import plot_scaling, usable_law
 
     path = Path(path)
     rows = read_points(path)
@@ -101,7 +100,7 @@ def fit_points(path: Path, *, law_out: Path | None = None, n_boot: int = 100) ->
     tmp = law_path.with_suffix(law_path.suffix + ".tmp")
     tmp.write_text(json.dumps(law, indent=2), encoding="utf-8")
     os.replace(tmp, law_path)
-    plot = plot_scaling(rows, law, get_law(f"fitted:{law_path}"), law_path.with_name(law_path.stem + ".png"))
+    plot = plot_scaling(rows, law, usable_law(law_path), law_path.with_name(law_path.stem + ".png"))
     return {"law": law, "law_path": str(law_path), "points_path": str(path), "plot": str(plot), "points": rows,
             "minutes": None, "config": None}
 

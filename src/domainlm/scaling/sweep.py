@@ -232,9 +232,9 @@ def run_sweep(config: Path | None, budgets: str, sizes: int, *, law_out: Path | 
     law_path = Path(law_out) if law_out else out_dir / "law.json"
     law_path.parent.mkdir(parents=True, exist_ok=True)
     _write_json(law_path, law)
-    from domainlm.scaling.plot import plot_scaling
+    from domainlm.scaling.plot import plot_scaling, usable_law
 
-    plot = plot_scaling(rows, law, get_law(f"fitted:{law_path}"), out_dir / "scaling.png")
+    plot = plot_scaling(rows, law, usable_law(law_path), out_dir / "scaling.png")
     return {"law": law, "law_path": str(law_path), "points_path": str(out_dir / "points.jsonl"),
             "plot": str(plot), "points": rows, "minutes": round(minutes, 2), "config": str(config) if config else None}
 
