@@ -29,6 +29,8 @@ app = typer.Typer(
 )
 console = Console()
 err_console = Console(stderr=True)
+# The exception classes of the click that typer runs on (typer ≥ 0.2x vendors its own copy, typer._click).
+CLICK = sys.modules[typer.BadParameter.__module__]
 DEBUG = False
 
 ConfigArg = Annotated[Path | None, typer.Argument(help="run config YAML (see recipes/legal-demo.yaml)")]
@@ -219,7 +221,7 @@ def memory(
     print_memory(result, console)
 
 
-# ---------------------------------------------------------------------------------------------------- prepare (issue 3)
+# ---------------------------------------------------------------------------------------------------- prepare
 
 
 @app.command()
@@ -231,8 +233,7 @@ def prepare(config: ConfigArg = None, as_json: JsonOpt = False) -> None:
     print_json(result) if as_json else print_prepare(result, console)
 
 
-# ---------------------------------------------------------------------------------------------------- tokenizer (issue 3)
-# (tokenizer command goes here)
+# ---------------------------------------------------------------------------------------------------- tokenizer
 
 
 @app.command()
@@ -248,7 +249,7 @@ def tokenizer(config: ConfigArg = None, as_json: JsonOpt = False) -> None:
     print_audit(result, console)
 
 
-# ---------------------------------------------------------------------------------------------------- train, generate (issue 4)
+# ---------------------------------------------------------------------------------------------------- train, generate
 
 
 @app.command()
@@ -281,7 +282,7 @@ def generate(
     console.print(text, highlight=False, markup=False)
 
 
-# ---------------------------------------------------------------------------------------------------- finetune (issue 7)
+# ---------------------------------------------------------------------------------------------------- finetune
 
 
 @app.command()
@@ -350,8 +351,7 @@ def tasks(
     print_json(result) if as_json else print_balance(result, console)
 
 
-# ---------------------------------------------------------------------------------------------------- eval (issue 5)
-# (eval command goes here)
+# ---------------------------------------------------------------------------------------------------- eval
 
 
 @app.command("eval")
@@ -412,7 +412,7 @@ def _eval(model_or_run, text, probes, run_dir, out, context, stride, max_bytes, 
         _wrote(written)
 
 
-# ---------------------------------------------------------------------------------------------------- report (issue 5)
+# ---------------------------------------------------------------------------------------------------- report
 
 
 @app.command()
@@ -435,7 +435,7 @@ def report(
     print_json(result) if as_json else print_report(result, console)
 
 
-# ---------------------------------------------------------------------------------------------------- scaling (issue 6)
+# ---------------------------------------------------------------------------------------------------- scaling
 
 
 @app.command()
@@ -583,20 +583,16 @@ def main(argv: list[str] | None = None) -> None:
     except KeyboardInterrupt:
         err_console.print("interrupted; rerun the same command to resume")
         sys.exit(130)
-    except Exception as e:  # click usage errors and abort
-        name = type(e).__name__
-        if name in ("UsageError", "BadParameter", "NoSuchOption", "MissingParameter", "BadOptionUsage",
-                    "BadArgumentUsage", "NoArgsIsHelpError"):
-            if name == "NoArgsIsHelpError":
-                command.main(args=["--help"], prog_name="domainlm", standalone_mode=False)
-                sys.exit(0)
-            if DEBUG:
-                raise
-            msg = e.format_message() if hasattr(e, "format_message") else str(e)
-            ctx = getattr(e, "ctx", None)
-            where = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-            _error(f"{msg}{where}")
-            sys.exit(2)
+    except CLICK.UsageError as e:  # bad flags or arguments (BadParameter, NoSuchOption, MissingParameter, …)
+        if isinstance(e, getattr(CLICK, "NoArgsIsHelpError", ())):  # click ≥ 8.2: the command without arguments
+            command.main(args=["--help"], prog_name="domainlm", standalone_mode=False)
+            sys.exit(0)
+        if DEBUG:
+            raise
+        where = f" (see '{e.ctx.command_path} --help')" if e.ctx is not None else ""
+        _error(f"{e.format_message()}{where}")
+        sys.exit(2)
+    except Exception as e:
         if DEBUG:
             raise
         from domainlm.stages import describe_environment_error, environment_error
@@ -605,12 +601,13 @@ def main(argv: list[str] | None = None) -> None:
         if env is not None:
             _error(describe_environment_error(env))
             sys.exit(2)
-        if name == "Abort":  # click turns EOFError (e.g. stdin closed at a prompt) into a bare Abort
+        if isinstance(e, typer.Abort):  # click turns EOFError (stdin closed at a prompt) into an Abort
             eof = _cause(e, EOFError)
             _error(f"unexpected end of input ({eof})" if eof is not None and str(eof) else "aborted")
             sys.exit(1)
         # A bug, not bad input: still one line (the traceback is one --debug away).
-        _error(f"internal error: {name}: {str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}; "
+        _error(f"internal error: {type(e).__name__}: "
+               f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}; "
                "rerun with --debug for the traceback and report it")
         sys.exit(1)
     sys.exit(rc if isinstance(rc, int) else 0)

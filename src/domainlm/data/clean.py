@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 import unicodedata
-from collections import Counter
 
 # C0/C1 control characters except tab and newline (\r is turned into \n first), and the byte-order mark.
 # Deleting them (rather than replacing) keeps words intact: stray controls come from bad exports, not from
@@ -55,6 +54,3 @@ def check(text: str, *, min_chars: int, max_chars: int, max_dup_line_frac: float
         return "repetition", ""
     return None, text
 
-
-def count_drop(counts: Counter, reason: str) -> None:
-    counts[f"drop/{reason}"] += 1

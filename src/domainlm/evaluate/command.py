@@ -15,7 +15,7 @@ from domainlm import __version__, faults
 from domainlm.config import EvalConfig
 from domainlm.errors import UserError
 from domainlm.evaluate import bpb, inputs
-from domainlm.evaluate import probes as P
+from domainlm.evaluate.probes import load_probes, packaged_probes, score_probes, summarise
 from domainlm.rundir import RunDir, write_json
 from domainlm.stages import file_fingerprint, fingerprint, is_done, mark_done
 
@@ -35,7 +35,7 @@ def _probe_file(flag: Path | None, target: inputs.Target) -> Path | None:
             p = target.run_dir / p
         return p
     if any(s.input == "package:licensedcode" for s in cfg.sources):
-        return P.packaged_probes("legal")
+        return packaged_probes("legal")
     return None
 
 
@@ -72,7 +72,7 @@ def run_eval(
         if not docs:
             raise UserError(f"{name}: no text to score (all documents are empty)")
     probe_path = _probe_file(probes, target)
-    probe_items = P.load_probes(probe_path) if probe_path is not None else []
+    probe_items = load_probes(probe_path) if probe_path is not None else []
     if not named and not probe_items:
         raise UserError(f"{model_or_run}: nothing to score; give --text NAME=PATH, --run RUN_DIR or --probes FILE")
 
@@ -108,8 +108,8 @@ def run_eval(
         result["sources"][name] = {"role": role, **score.as_dict()}
         faults.hit("eval.source_done")
     if probe_items:
-        scored = P.score_probes(model, tok, probe_items, context=ctx, batch_tokens=batch_tokens)
-        result["probes"] = P.summarise(scored, probe_path)
+        scored = score_probes(model, tok, probe_items, context=ctx, batch_tokens=batch_tokens)
+        result["probes"] = summarise(scored, probe_path)
     result["seconds"] = round(time.perf_counter() - t0, 2)
 
     dest = out if out is not None else (RunDir(target.run_dir).eval if target.is_run else None)
@@ -202,14 +202,14 @@ def run_tasks(model_or_run: Path, task_names: list[str], *, test: Path | None = 
               console: Console | None = None) -> tuple[dict, Path | None]:
     """`domainlm eval MODEL --task licensedb-category`: score any model folder on the LicenseDB tasks
     (evaluate/tasks.py); written to ``<run>/eval/tasks.json`` for a run directory, or ``--out``."""
-    from domainlm.evaluate import tasks as T
+    from domainlm.evaluate.tasks import load_test, score_task
 
     target = inputs.resolve(model_or_run)
-    items = {t: T.load_test(t, test) for t in task_names}  # bad names / files fail before the model loads
+    items = {t: load_test(t, test) for t in task_names}  # bad names / files fail before the model loads
     results = {}
     for t, its in items.items():
         with _progress(console, f"{t}: {len(its)} test items") as tick:
-            results[t] = T.score_task(target.model_dir, t, items=its, progress=tick)
+            results[t] = score_task(target.model_dir, t, items=its, progress=tick)
     dest = out if out is not None else (RunDir(target.run_dir) / RunDir.TASKS if target.is_run else None)
     if dest is not None:
         write_json(Path(dest), results)

@@ -114,16 +114,9 @@ def _first_line(e: Exception) -> str:
 
 def source_documents(run_dir: Path, source: str, split: str = "val") -> Iterator[str]:
     """Cleaned documents of one source written by `domainlm prepare` (sorted file order: deterministic)."""
-    try:
-        from domainlm.data.pipeline import iter_documents  # the prepare stage's own reader, once it exists
-    except ImportError:
-        iter_documents = None
-    folder = Path(run_dir) / "data" / source / split
+    folder = RunDir(run_dir) / RunDir.DATA / source / split
     if not folder.is_dir():
         raise UserError(f"{folder}: no {split} documents for source {source!r}; run `domainlm prepare CONFIG`")
-    if iter_documents is not None:
-        yield from (d if isinstance(d, str) else d["text"] for d in iter_documents(run_dir, source, split))
-        return
     for f in sorted(folder.glob("*.jsonl.gz")):
         yield from _jsonl(f)
 

@@ -251,10 +251,6 @@ def _context(model) -> int:
     return int(getattr(model.config, "max_position_embeddings", 0) or 2048)
 
 
-def _cut(ids: list[int], labels: list[int], max_tokens: int) -> tuple[list[int], list[int]]:
-    return (ids[-max_tokens:], labels[-max_tokens:]) if len(ids) > max_tokens else (ids, labels)
-
-
 def _cache_kwarg(model) -> str:
     """transformers ≥ 5.2x names the KV-cache argument ``cache``; earlier versions ``past_key_values``."""
     import inspect

@@ -15,7 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from domainlm.errors import UserError
-from domainlm.evaluate import tasks as T
+from domainlm.evaluate import tasks as downstream
 from domainlm.finetune.loop import FinetuneArgs, finetune, resolve_model
 from domainlm.rundir import write_json
 
@@ -37,10 +37,10 @@ def compare(domain: Path, general: Path, data: Path, *, val: Path | None = None,
             restart: bool = False, console: Console | None = None) -> tuple[dict, list[Path]]:
     console = console or Console(stderr=True)
     args = args or FinetuneArgs()
-    tasks = list(tasks or T.TASKS)
+    tasks = list(tasks or downstream.TASKS)
     domain_dir, run_dir = resolve_model(domain)
     general_dir, _ = resolve_model(general)
-    test_items = {t: T.load_test(t, test) for t in tasks}  # fail fast, before any training
+    test_items = {t: downstream.load_test(t, test) for t in tasks}  # fail fast, before any training
     leaked = _licenses_in(data) & {it["license"] for items in test_items.values() for it in items if "license" in it}
     if leaked:
         raise UserError(f"{data}: {len(leaked)} license(s) also in the test split (e.g. {sorted(leaked)[0]}); "
@@ -63,15 +63,15 @@ def compare(domain: Path, general: Path, data: Path, *, val: Path | None = None,
         scored = {}
         for label in models:
             console.print(f"scoring {label} on {task} ({len(items)} items)")
-            scored[label] = T.score_task(Path(runs[label]["out"]), task, items=items)
+            scored[label] = downstream.score_task(Path(runs[label]["out"]), task, items=items)
         gold = [it["response"] for it in items]
-        idx = T.bootstrap_indices(len(items))
+        idx = downstream.bootstrap_indices(len(items))
         preds = {k: [p["pred"] for p in v["predictions"]] for k, v in scored.items()}
         result["tasks"][task] = {
             "items": len(items),
-            **{k: {"metrics": T.summarise(task, gold, preds[k], idx), "predictions": v["predictions"]}
+            **{k: {"metrics": downstream.summarise(task, gold, preds[k], idx), "predictions": v["predictions"]}
                for k, v in scored.items()},
-            "domain_minus_general": T.paired_diff(task, gold, preds["domain"], preds["general"], idx),
+            "domain_minus_general": downstream.paired_diff(task, gold, preds["domain"], preds["general"], idx),
             **{k: v for k, v in scored["domain"].items() if k in ("chance_accuracy", "majority_accuracy",
                                                                   "majority_class")},
         }

@@ -25,13 +25,13 @@ from rich.console import Console
 
 from domainlm import stages
 from domainlm.errors import UserError
-from domainlm.finetune import data as D
+from domainlm.finetune.data import Example, collate, encode_all, ensure_chat_template, pad_id_of, read_jsonl
 from domainlm.rundir import swap_dir, write_json
 from domainlm.train import checkpoint as ckpt
 from domainlm.train.driver import Driver, Eval
 from domainlm.train.parallel import Dist
 from domainlm.train.schedule import lr_at
-from domainlm.train.step import make_optimizer, train_step, validation_nll
+from domainlm.train.step import IGNORE, make_optimizer, train_step, validation_nll
 
 
 @dataclass
@@ -95,9 +95,9 @@ def apply_lora(model, rank: int):
     return peft.get_peft_model(model, cfg)
 
 
-def val_loss(model, examples: list[D.Example], pad_id: int, micro_batch: int, device, precision: str) -> float:
+def val_loss(model, examples: list[Example], pad_id: int, micro_batch: int, device, precision: str) -> float:
     """Mean loss per response token over the validation conversations (the prompt is masked)."""
-    batches = (D.collate(examples[i : i + micro_batch], pad_id) for i in range(0, len(examples), micro_batch))
+    batches = (collate(examples[i : i + micro_batch], pad_id) for i in range(0, len(examples), micro_batch))
     nll, scored = validation_nll(model, batches, device, precision)
     return nll.item() / max(scored.item(), 1)
 
@@ -128,8 +128,8 @@ def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Pa
     if args.batch_size % args.micro_batch:
         raise UserError(f"--micro-batch: {args.micro_batch} does not divide --batch-size {args.batch_size}")
     model_dir, run_dir = resolve_model(model_or_run)
-    train_convs = D.read_jsonl(data)  # bad input fails before any model is loaded
-    val_convs = D.read_jsonl(val) if val is not None else []
+    train_convs = read_jsonl(data)  # bad input fails before any model is loaded
+    val_convs = read_jsonl(val) if val is not None else []
     out = Path(out) if out is not None else default_out(model_dir, run_dir, data)
 
     from transformers import AutoConfig, AutoTokenizer
@@ -140,10 +140,10 @@ def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Pa
                           0) or 2048)
     max_tokens = min(args.max_len or context, context) + 1  # +1: the last target
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
-    added = D.ensure_chat_template(tok)
-    enc = D.encode_all(tok, train_convs, max_tokens, args.too_long)
-    venc = D.encode_all(tok, val_convs, max_tokens, args.too_long) if val_convs else None
-    pad_id = D.pad_id_of(tok)
+    added = ensure_chat_template(tok)
+    enc = encode_all(tok, train_convs, max_tokens, args.too_long)
+    venc = encode_all(tok, val_convs, max_tokens, args.too_long) if val_convs else None
+    pad_id = pad_id_of(tok)
 
     fp = stages.fingerprint(asdict(args), {f.name: stages.file_fingerprint(f) for f in sorted(model_dir.iterdir())
                                            if f.is_file()},
@@ -171,10 +171,10 @@ def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Pa
 
     def one_step(lr: float):
         idx = example_order(len(enc.examples), args.seed, driver.step, args.batch_size)
-        ids, labels = D.collate([enc.examples[i] for i in idx], pad_id)
+        ids, labels = collate([enc.examples[i] for i in idx], pad_id)
         res = train_step(model, optimizer, ids.to(device), lr=lr, micro_batch=args.micro_batch,
                          grad_clip=args.grad_clip, precision=precision, labels=labels.to(device))
-        return res, ids.numel(), {"trained_tokens": int((labels[:, 1:] != D.IGNORE).sum())}
+        return res, ids.numel(), {"trained_tokens": int((labels[:, 1:] != IGNORE).sum())}
 
     def evaluate() -> Eval:
         loss = val_loss(model, venc.examples, pad_id, args.micro_batch, device, precision)

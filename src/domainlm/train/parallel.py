@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from domainlm.plan import memory as M
+from domainlm.plan.memory import estimate
 from domainlm.plan.shape import ModelShape
 
 
@@ -84,7 +84,7 @@ def choose_parallel(mode: str, shape: ModelShape, world: Dist, *, seq_len: int, 
     if world.device.type != "cuda":
         return "ddp"  # CPU memory is the host's; replication is the simpler, faster choice
     capacity_gb = torch.cuda.get_device_properties(world.device).total_memory / 1e9
-    est = M.estimate(
+    est = estimate(
         shape.params_total, precision="fp32" if precision == "fp32" else "bf16-mixed", sharding="ddp",
         gpus=world.world_size, seq_len=seq_len, micro_batch=micro_batch, n_layers=shape.n_layers,
         d_model=shape.d_model, vocab_size=shape.vocab_size, activation_checkpointing=activation_checkpointing,
