@@ -30,7 +30,10 @@ def print_plan(p: dict, console: Console) -> None:
     t = Table(title=f"domainlm plan — law {p['law']['name']}", show_header=False, title_justify="left")
     t.add_column(style="bold")
     t.add_column()
-    t.add_row("compute", f"{p['compute_flops']:.3g} FLOPs ({how})")
+    hw = c.get("hardware_flops")
+    shown = (f"{p['compute_flops']:.3g} FLOPs as 6·N·D ({hw:.3g} hardware FLOPs: {how})" if how != "given" and hw
+             else f"{p['compute_flops']:.3g} FLOPs ({how})")
+    t.add_row("compute", shown)
     t.add_row("law", f"{p['law']['source']}; counts {p['law']['params_counted']} params; "
               f"N ∝ C^{p['law']['a']}, D ∝ C^{p['law']['b']}")
     if p["law"].get("E") is not None:
