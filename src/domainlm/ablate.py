@@ -61,7 +61,7 @@ def run_ablate(config: Path | None, domain_weights: str, *, console: Console) ->
         vcfg = variant_config(cfg, run_dir, w)
         vdir = vcfg.directory()
         model_dir = train_variant(vcfg, run_dir, console)
-        ev = evaluate_variant(model_dir, run_dir, vdir / "eval.json", console)
+        ev = evaluate_variant(vdir, run_dir, console)
         results.append({
             "domain_weight": w,
             "weights": {s.name: s.weight for s in vcfg.sources},

@@ -18,6 +18,7 @@ from rich.markup import escape
 
 from domainlm import __version__
 from domainlm.errors import ConfigError, UserError
+from domainlm.rundir import RunDir
 
 app = typer.Typer(
     name="domainlm",
@@ -83,7 +84,8 @@ def _is_run(folder: Path) -> bool:
     from domainlm.report.html import PRODUCERS
 
     folder = Path(folder)
-    return folder.is_dir() and any((folder / rel).exists() for rel in ("config.yaml", ".stages", "model", *PRODUCERS))
+    return folder.is_dir() and any((folder / rel).exists()
+                                   for rel in (RunDir.CONFIG, RunDir.STAGES, RunDir.MODEL, *PRODUCERS))
 
 
 def _writable_file(path: Path, flag: str) -> Path:
@@ -381,7 +383,7 @@ def eval_(
         _writable_file(out, "--out")  # before the evaluation, not after it
     target = Path(model_or_run)
     writes_run = out is None and not (target / "config.json").is_file() and (
-        (target / "config.yaml").is_file() or (target / "model").is_dir())  # eval.json goes to <run>/eval/
+        (target / RunDir.CONFIG).is_file() or (target / RunDir.MODEL).is_dir())  # eval.json goes to <run>/eval/
     with _locked(target, "eval") if writes_run else contextlib.nullcontext():
         _eval(model_or_run, text, probes, run_dir, out, context, stride, max_bytes, task, task_data, as_json)
 

@@ -100,8 +100,8 @@ def _baseline(config_path: Path, cfg: RunConfig, run_dir: Path, console: Console
         console.print("baseline: needs both a domain and a general source; skipped")
         return None
     vcfg = variant_config(cfg, run_dir, 0.0)
-    model_dir = train_variant(vcfg, run_dir, console)
-    base = evaluate_variant(model_dir, run_dir, vcfg.directory() / "eval.json", console)
+    train_variant(vcfg, run_dir, console)
+    base = evaluate_variant(vcfg.directory(), run_dir, console)
     # The report and the summary read the baseline from the run's eval.json.
     ev_path = RunDir(run_dir).eval
     ev = json.loads(ev_path.read_text())
@@ -153,7 +153,7 @@ def training_vs_plan(run_dir: Path) -> dict:
         return json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}
 
     run = read(RunDir(run_dir).plan).get("run") or {}
-    done = read(run_dir / ".stages" / "train.json")
+    done = stages.recorded(run_dir, "train")
     return {"planned_seconds": run.get("planned_seconds"), "budget_seconds": run.get("budget_seconds"),
             "train_seconds": done.get("train_seconds"), "planned_tokens": run.get("tokens"),
             "params": done.get("params"), "steps": done.get("steps"), "overrides": run.get("overrides") or []}

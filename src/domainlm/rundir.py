@@ -100,6 +100,8 @@ class RunDir:
     TASKS = "eval/tasks.json"  # domainlm eval --task
     FINETUNE_COMPARE = "eval/finetune.json"  # domainlm finetune --compare
     ABLATE = "ablate/ablate.json"  # domainlm ablate
+    VARIANT_EVAL = "eval.json"  # in a variant's folder (ablate/w<W>/, the baseline): its bpb and probes
+    FINETUNE = "finetune.json"  # in a fine-tuning's --out folder: its summary
     LAW = "scaling/law.json"  # domainlm scaling
     POINTS = "scaling/points.jsonl"
     REPORT = "report/index.html"  # domainlm report

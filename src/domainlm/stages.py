@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from domainlm.errors import UserError
-from domainlm.rundir import write_json
+from domainlm.rundir import RunDir, write_json
 
 LOCK = ".lock"
 _held: dict[str, int] = {}  # lock files this process holds → nesting depth (`run` calls the other stages)
@@ -38,7 +38,7 @@ def file_fingerprint(path: Path) -> str:
 
 
 def _marker(run_dir: Path, stage: str) -> Path:
-    return Path(run_dir) / ".stages" / f"{stage}.json"
+    return RunDir(run_dir) / RunDir.STAGES / f"{stage}.json"
 
 
 def is_done(run_dir: Path, stage: str, fp: str) -> bool:
@@ -53,6 +53,12 @@ def is_done(run_dir: Path, stage: str, fp: str) -> bool:
 
 def mark_done(run_dir: Path, stage: str, fp: str, info: dict | None = None) -> None:
     write_json(_marker(run_dir, stage), {"fingerprint": fp, "finished": time.time(), **(info or {})})
+
+
+def recorded(run_dir: Path, stage: str) -> dict:
+    """What `mark_done` recorded for ``stage`` (fingerprint, finish time, the stage's summary), or {} if not done."""
+    m = _marker(run_dir, stage)
+    return json.loads(m.read_text(encoding="utf-8")) if m.exists() else {}
 
 
 def clear(run_dir: Path, stage: str) -> None:

@@ -136,10 +136,12 @@ def run_eval_cached(model_or_run: Path, *, stage: str = "eval", run: Path | None
     return result, True
 
 
-def evaluate_variant(model_dir: Path, run_dir: Path, out: Path, console: Console | None) -> dict:
-    """bpb of a variant's ``model_dir`` (train/variants.py) on the run's val splits and probes, into ``out``;
-    skipped when already done."""
-    result, _ = run_eval_cached(model_dir, stage=f"eval-{out.parent.name}", run=run_dir, out=out, console=console)
+def evaluate_variant(variant_dir: Path, run_dir: Path, console: Console | None) -> dict:
+    """bpb of a variant's model (train/variants.py) on the run's val splits and probes, into the variant's
+    folder; skipped when already done."""
+    v = RunDir(variant_dir)
+    result, _ = run_eval_cached(v.model, stage=f"eval-{v.root.name}", run=run_dir, out=v / RunDir.VARIANT_EVAL,
+                                console=console)
     return result
 
 

@@ -26,7 +26,7 @@ from rich.console import Console
 from domainlm import stages
 from domainlm.errors import UserError
 from domainlm.finetune.data import Example, collate, encode_all, ensure_chat_template, pad_id_of, read_jsonl
-from domainlm.rundir import swap_dir, write_json
+from domainlm.rundir import RunDir, swap_dir, write_json
 from domainlm.train import checkpoint as ckpt
 from domainlm.train.driver import Driver, Eval
 from domainlm.train.parallel import Dist
@@ -61,9 +61,9 @@ def resolve_model(model_or_run: Path) -> tuple[Path, Path | None]:
     if (p / "config.json").is_file():
         check_tokenizer_files(p)
         return p, None
-    if (p / "model" / "config.json").is_file():
-        check_tokenizer_files(p / "model")
-        return p / "model", p
+    if (p / RunDir.MODEL / "config.json").is_file():
+        check_tokenizer_files(p / RunDir.MODEL)
+        return p / RunDir.MODEL, p
     if not p.exists():
         raise UserError(f"{p}: no such model folder or run directory")
     raise UserError(f"{p}: neither an HF model folder (config.json) nor a run directory with a trained model/")
@@ -148,13 +148,13 @@ def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Pa
     fp = stages.fingerprint(asdict(args), {f.name: stages.file_fingerprint(f) for f in sorted(model_dir.iterdir())
                                            if f.is_file()},
                             stages.file_fingerprint(Path(data)), stages.file_fingerprint(Path(val)) if val else None)
-    summary_path = out / "finetune.json"
+    summary_path = out / RunDir.FINETUNE
     if restart:
         shutil.rmtree(out, ignore_errors=True)
-    elif summary_path.is_file() and (out / "model" / "config.json").is_file():
+    elif summary_path.is_file() and (out / RunDir.MODEL / "config.json").is_file():
         done = json.loads(summary_path.read_text(encoding="utf-8"))
         if done.get("fingerprint") == fp:
-            console.print(f"finetune: done already ({out / 'model'}); --restart to fine-tune again")
+            console.print(f"finetune: done already ({out / RunDir.MODEL}); --restart to fine-tune again")
             return done
     out.mkdir(parents=True, exist_ok=True)
     ckpt.remove_partial(out)
@@ -204,15 +204,15 @@ def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Pa
     last_loss, last_val = driver.last_loss, (driver.last_eval or {}).get("val_loss")
 
     final = model.merge_and_unload() if args.lora else model  # LoRA: a plain HF folder, adapters merged in
-    _save_hf(final, tok, out / "model")
+    _save_hf(final, tok, out / RunDir.MODEL)
     summary = {"model": str(model_dir), "run_dir": str(run_dir) if run_dir else None, "data": str(data),
-               "val": str(val) if val else None, "out": str(out / "model"), "steps": driver.step,
+               "val": str(val) if val else None, "out": str(out / RunDir.MODEL), "steps": driver.step,
                "final_loss": last_loss, "val_loss": last_val, "conversations": len(enc.examples),
                "truncated": enc.truncated, "response_tokens": enc.trained_tokens, "tokens": enc.tokens,
                "tokens_per_s": driver.tokens_per_s, "args": asdict(args), "fingerprint": fp,
                "chat_template": "added" if added else "model's"}
     write_json(summary_path, summary, indent=1)
-    console.print(f"wrote [bold]{out / 'model'}[/] (Hugging Face format, chat template in its tokenizer); "
+    console.print(f"wrote [bold]{out / RunDir.MODEL}[/] (Hugging Face format, chat template in its tokenizer); "
                   f"final loss {last_loss:.4f}" + (f", val loss {last_val:.4f}" if last_val is not None else ""))
     return summary
 

@@ -11,7 +11,7 @@ from domainlm.errors import UserError
 from domainlm.plan import memory as M
 from domainlm.plan.hardware import GPU_KINDS, get_accelerator
 from domainlm.plan.planner import PlanRequest, make_plan
-from domainlm.rundir import write_json
+from domainlm.rundir import RunDir, write_json
 from domainlm.units import parse_assignments, parse_number
 
 
@@ -38,7 +38,7 @@ def _cached_cpu_probe(run_dir: Path) -> float | None:
     counts must not re-size the model because the machine was busier the second time)."""
     from domainlm.plan.planner import machine_id
 
-    p = run_dir / "plan.json"
+    p = RunDir(run_dir).plan
     try:
         compute = json.loads(p.read_text(encoding="utf-8"))["compute"]
     except (OSError, ValueError, KeyError, TypeError):
@@ -51,7 +51,7 @@ def _cached_cpu_probe(run_dir: Path) -> float | None:
 def _cached_shape_probe(run_dir: Path) -> dict | None:
     """The throughput probe of the training shape from an earlier plan (the planner checks machine and shape)."""
     try:
-        return json.loads((run_dir / "plan.json").read_text(encoding="utf-8"))["compute"].get("shape_probe")
+        return json.loads(RunDir(run_dir).plan.read_text(encoding="utf-8"))["compute"].get("shape_probe")
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
@@ -124,10 +124,10 @@ def run_plan(config: Path | None, plot: Path | None = None, **flags) -> tuple[di
         run_dir = cfg.directory()
         written.append(write_resolved(cfg, run_dir))
         result["config"] = str(config)
-        written.append(write_json(run_dir / "plan.json", result))
+        written.append(write_json(RunDir(run_dir).plan, result))
         from domainlm.plan.chart import plot_plan
 
-        written.append(plot_plan(result, run_dir / "plan.png"))
+        written.append(plot_plan(result, RunDir(run_dir) / RunDir.PLAN_CHART))
     if plot is not None:
         from domainlm.plan.chart import plot_plan
 

@@ -213,7 +213,7 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
         if world.is_main:
             console.print(f"train: done already ({z.total_steps} steps, {run_dir / MODEL_DIR}); --restart to train "
                           "again", markup=False)
-        return json.loads((run_dir / ".stages" / f"{STAGE}.json").read_text())
+        return stages.recorded(run_dir, STAGE)
     if world.is_main:
         if restart:
             for p in (ckpt.checkpoints_dir(run_dir), RunDir(run_dir).metrics.parent, run_dir / MODEL_DIR):
