@@ -149,10 +149,7 @@ def summary(run_dir: Path, cfg: RunConfig, seconds: float, report: Path) -> dict
 def training_vs_plan(run_dir: Path) -> dict:
     """What the plan said the run trains (and any override of the law's plan, with its reason) next to what
     trained and how long it took."""
-    def read(p: Path) -> dict:
-        return json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}
-
-    run = read(RunDir(run_dir).plan).get("run") or {}
+    run = (RunDir(run_dir).read_json(RunDir.PLAN) or {}).get("run") or {}
     done = stages.recorded(run_dir, "train")
     return {"planned_seconds": run.get("planned_seconds"), "budget_seconds": run.get("budget_seconds"),
             "train_seconds": done.get("train_seconds"), "planned_tokens": run.get("tokens"),

@@ -25,7 +25,7 @@ from rich.console import Console
 
 from domainlm import stages
 from domainlm.errors import UserError
-from domainlm.finetune.data import Example, collate, encode_all, ensure_chat_template, pad_id_of, read_jsonl
+from domainlm.finetune.data import collate, encode_all, ensure_chat_template, pad_id_of, read_jsonl
 from domainlm.rundir import RunDir, swap_dir, write_json
 from domainlm.train import checkpoint as ckpt
 from domainlm.train.driver import Driver, Eval
@@ -93,13 +93,6 @@ def apply_lora(model, rank: int):
     cfg = peft.LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0, target_modules="all-linear",
                           task_type="CAUSAL_LM")  # α = 2r: the common default (Hu et al. 2021 use α ≈ r…2r)
     return peft.get_peft_model(model, cfg)
-
-
-def val_loss(model, examples: list[Example], pad_id: int, micro_batch: int, device, precision: str) -> float:
-    """Mean loss per response token over the validation conversations (the prompt is masked)."""
-    batches = (collate(examples[i : i + micro_batch], pad_id) for i in range(0, len(examples), micro_batch))
-    nll, scored = validation_nll(model, batches, device, precision)
-    return nll.item() / max(scored.item(), 1)
 
 
 def _save_hf(model, tok, out: Path) -> None:
@@ -176,8 +169,11 @@ def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Pa
                          grad_clip=args.grad_clip, precision=precision, labels=labels.to(device))
         return res, ids.numel(), {"trained_tokens": int((labels[:, 1:] != IGNORE).sum())}
 
-    def evaluate() -> Eval:
-        loss = val_loss(model, venc.examples, pad_id, args.micro_batch, device, precision)
+    def evaluate() -> Eval:  # mean loss per response token of the validation conversations (prompt masked)
+        batches = (collate(venc.examples[i : i + args.micro_batch], pad_id)
+                   for i in range(0, len(venc.examples), args.micro_batch))
+        nll, scored = validation_nll(model, batches, device, precision)
+        loss = nll.item() / max(scored.item(), 1)
         return Eval({"val_loss": loss}, f"val loss {loss:.4f} per response token")
 
     driver = Driver("finetune", out, Dist(0, 1, 0, device), model, optimizer, args.steps,

@@ -142,20 +142,15 @@ def _windows(arr: np.ndarray, mine: list[int], seq_len: int, micro_batch: int, e
 
 
 @dataclass
-class Inputs:
-    """What training reads from the data directory: token counts, mixture weights, the token files."""
+class Setup:
+    """What training reads (token counts and files, mixture weights, tokenizer) and the numbers it fixes before
+    anything is built (shape, positions, batch, steps, precision)."""
 
     counts: dict
     weights: dict[str, float]
     train: dict[str, np.ndarray]
     val: dict[str, np.ndarray]
     tokenizer: Path
-
-
-@dataclass
-class Sizes:
-    """The run's numbers, fixed before anything is built: shape, positions, batch, steps, precision."""
-
     shape: ModelShape
     max_pos: int
     tokens_per_step: int
@@ -165,7 +160,8 @@ class Sizes:
     plan: dict
 
 
-def open_inputs(cfg: RunConfig, data_dir: Path) -> Inputs:
+def setup(cfg: RunConfig, data_dir: Path, world: Dist, max_steps: int | None) -> Setup:
+    t = cfg.train
     if not cfg.sources:
         raise UserError("sources: no sources in the config; nothing to train on")
     counts = load_counts(data_dir)  # says: run `domainlm prepare`
@@ -173,27 +169,22 @@ def open_inputs(cfg: RunConfig, data_dir: Path) -> Inputs:
     for name in weights:
         if name not in counts.get("sources", {}):
             raise UserError(f"{counts_path(data_dir)}: no tokens for source {name!r}; rerun `domainlm prepare CONFIG`")
+    train = {n: open_tokens(data_dir, n, "train", counts) for n in weights}
+    val = {n: open_tokens(data_dir, n, "val", counts) for n in weights if counts["sources"][n]["val_tokens"]}
     tok_dir = data_dir / TOKENIZER_DIR
-    inputs = Inputs(counts, weights, {n: open_tokens(data_dir, n, "train", counts) for n in weights},
-                    {n: open_tokens(data_dir, n, "val", counts) for n in weights if counts["sources"][n]["val_tokens"]},
-                    tok_dir)
     if not (tok_dir / "tokenizer.json").exists():
         raise UserError(f"{tok_dir}: no tokenizer; run `domainlm tokenizer CONFIG` (the export ships it)")
-    return inputs
-
-
-def size_run(cfg: RunConfig, data_dir: Path, counts: dict, world: Dist, max_steps: int | None) -> Sizes:
-    t = cfg.train
     shape = resolve_shape(cfg, data_dir, int(counts["vocab_size"]))
-    max_pos = cfg.model.max_position_embeddings or t.seq_len  # ≥ seq_len: checked at load
     tokens_per_step, global_batch = _check_batch(cfg, world)
     plan = plan_of(data_dir)
     budget = t.max_tokens or planned_tokens(plan)
     if budget is None and max_steps is None:
         raise UserError("train.max_tokens: no token budget; set it, run `domainlm plan CONFIG`, or pass --max-steps")
-    total_steps = max_steps or max(1, math.ceil(budget / tokens_per_step))
-    precision = t.precision if t.precision != "auto" else ("bf16-mixed" if world.device.type == "cuda" else "fp32")
-    return Sizes(shape, max_pos, tokens_per_step, global_batch, total_steps, precision, plan)
+    return Setup(counts, weights, train, val, tok_dir, shape,
+                 cfg.model.max_position_embeddings or t.seq_len,  # ≥ seq_len: checked at load
+                 tokens_per_step, global_batch, max_steps or max(1, math.ceil(budget / tokens_per_step)),
+                 t.precision if t.precision != "auto" else ("bf16-mixed" if world.device.type == "cuda" else "fp32"),
+                 plan)
 
 
 def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, max_steps: int | None = None,
@@ -204,9 +195,8 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
     t = cfg.train
     run_dir = Path(run_dir)
     data_dir = Path(data_dir) if data_dir is not None else run_dir
-    inputs = open_inputs(cfg, data_dir)
-    counts = inputs.counts
-    z = size_run(cfg, data_dir, counts, world, max_steps)
+    z = setup(cfg, data_dir, world, max_steps)
+    counts = z.counts
     fp = stages.fingerprint(cfg.model.model_dump(), t.model_dump(), z.shape.as_dict(), z.total_steps,
                             counts.get("tokenizer_sha256"), counts["sources"])
     if not restart and stages.is_done(run_dir, STAGE, fp):
@@ -224,7 +214,7 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
 
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(inputs.tokenizer)
+    tok = AutoTokenizer.from_pretrained(z.tokenizer)
     model = build_model(z.shape, z.max_pos, seed=t.seed, bos_id=tok.bos_token_id, eos_id=counts.get("eos_id"),
                         pad_id=tok.pad_token_id).to(world.device)
     hf_config = model.config
@@ -235,9 +225,9 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
                         precision=z.precision, cpu_offload=t.cpu_offload)
     amp = step_precision(mode, world, z.precision)  # autocast, unless FSDP2 on CUDA already computes in bf16
     optimizer = make_optimizer(unwrap(model), lr=t.lr, weight_decay=t.weight_decay, device=world.device)
-    loader = MixtureLoader(inputs.train, inputs.weights, seq_len=t.seq_len, global_batch=z.global_batch,
+    loader = MixtureLoader(z.train, z.weights, seq_len=t.seq_len, global_batch=z.global_batch,
                            rank=world.rank, world_size=world.world_size, seed=t.seed)
-    driver = _driver(cfg, run_dir, data_dir, world, model, optimizer, loader, inputs, z, mode, amp, console)
+    driver = _driver(cfg, run_dir, data_dir, world, model, optimizer, loader, z, mode, amp, console)
 
     resumed = driver.resume()
     if resumed:
@@ -263,7 +253,7 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
                "planned_seconds": (z.plan.get("run") or {}).get("planned_seconds"),
                "tokens_per_s": driver.tokens_per_s, "params": z.shape.params_total,
                "model_dir": str(run_dir / MODEL_DIR), "parallel": mode, "world_size": world.world_size}
-    export(model, hf_config, inputs.tokenizer, run_dir / MODEL_DIR, world)
+    export(model, hf_config, z.tokenizer, run_dir / MODEL_DIR, world)
     if world.is_main:
         stages.mark_done(run_dir, STAGE, fp, summary)
         console.print(f"wrote [bold]{escape(str(run_dir / MODEL_DIR))}[/] (Hugging Face format); final loss "
@@ -273,7 +263,7 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
 
 
 def _driver(cfg: RunConfig, run_dir: Path, data_dir: Path, world: Dist, model, optimizer, loader: MixtureLoader,
-            inputs: Inputs, z: Sizes, mode: str, amp: str, console: Console) -> Driver:
+            z: Setup, mode: str, amp: str, console: Console) -> Driver:
     """Pretraining's batches (the mixture loader), step, eval and checkpoint state, for the shared driver."""
     t = cfg.train
     driver: Driver
@@ -291,7 +281,7 @@ def _driver(cfg: RunConfig, run_dir: Path, data_dir: Path, world: Dist, model, o
         return res, z.tokens_per_step, fields
 
     def run_eval() -> Eval:
-        res = evaluate(unwrap(model), inputs.val, inputs.counts, seq_len=t.seq_len, micro_batch=t.micro_batch,
+        res = evaluate(unwrap(model), z.val, z.counts, seq_len=t.seq_len, micro_batch=t.micro_batch,
                        max_tokens=t.eval_tokens, world=world, precision=amp)
         shown = ", ".join(f"{k} {v['loss']:.3f} ({v['bpb']:.3f} bpb)" for k, v in res.items())
         fields = {**{f"val_loss/{k}": v["loss"] for k, v in res.items()},
@@ -302,7 +292,7 @@ def _driver(cfg: RunConfig, run_dir: Path, data_dir: Path, world: Dist, model, o
     flops_per_token = z.shape.flops_per_token(t.seq_len)
     peak = peak_flops(world.device, z.precision, data_dir, world.world_size)
     driver = Driver(
-        STAGE, run_dir, world, model, optimizer, z.total_steps, lr, one_step, run_eval if inputs.val else None,
+        STAGE, run_dir, world, model, optimizer, z.total_steps, lr, one_step, run_eval if z.val else None,
         lambda: {"parallel": mode, "world_size": world.world_size, "data": loader.state_dict()},
         t.eval_every, t.checkpoint_every, t.keep_checkpoints, console, max_bad_steps=t.max_bad_steps,
         tensorboard=True, mfu=lambda tokens_per_s: flops_per_token * tokens_per_s / peak if peak else None)
