@@ -408,6 +408,13 @@ def test_user_text_is_not_rich_markup(tmp_path, model_dir, monkeypatch, cli):
     one_line(cli("prepare", "cfg/x[/y].yaml"), "cfg/x[/y].yaml")
     one_line(cli("eval", "/path/[bold]model"), "/path/[bold]model")
     one_line(cli("report", "[red]x"), "[red]x")
+    code, out, err = cli("plan", "--flops", "1e20", "--plot", str(tmp_path / "p[bold]x.png"))  # what it wrote
+    assert code == 0 and f"wrote{tmp_path / 'p[bold]x.png'}" in "".join(out.split()), err  # rich may wrap it
+    run = tmp_path / "r[bold]un"
+    run.mkdir()
+    (run / "config.yaml").write_text("name: r\n")
+    code, out, err = cli("report", str(run))
+    assert code == 0 and f"wrote{run / 'report' / 'index.html'}" in "".join(out.split()), err
     data = tmp_path / "sft.jsonl"
     data.write_text(json.dumps({"prompt": "a", "response": "b"}) + "\n")
     monkeypatch.setitem(sys.modules, "peft", None)  # not installed

@@ -122,4 +122,4 @@ def print_ablation(ab: dict, console: Console) -> None:
         mark = " ←config" if abs(r["domain_weight"] - ab["configured_domain_weight"]) < 1e-9 else ""
         t.add_row(f"{r['domain_weight']:g}{mark}", *(f"{r['bpb'][s]:.4f}" for s in sources))
     console.print(t)
-    console.print(f"plot: {ab.get('plot')}")
+    console.print(f"plot: {ab.get('plot')}", markup=False)

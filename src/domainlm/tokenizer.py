@@ -22,6 +22,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from domainlm import faults
@@ -369,4 +370,4 @@ def print_audit(a: dict, console: Console) -> None:
                       highlight=False)
     if a.get("skipped"):
         console.print("[dim](up to date; audit from the last run)[/]")
-    console.print(f"wrote [bold]{a['path']}[/]")
+    console.print(f"wrote [bold]{escape(str(a['path']))}[/]")

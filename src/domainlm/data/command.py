@@ -58,7 +58,7 @@ def print_prepare(result: dict, console: Console) -> None:
     for name, s in stats["sources"].items():
         if s.get("malformed_at"):
             console.print(f"[yellow]{name}: {s['malformed_lines']} malformed lines skipped, first at "
-                          f"{', '.join(s['malformed_at'][:3])}[/]", highlight=False)
+                          f"{escape(', '.join(s['malformed_at'][:3]))}[/]", highlight=False)
     counts = result.get("tokens")
     if counts:
         t = Table(title=f"tokens ({counts['dtype']}, vocab {counts['vocab_size']:,}, EOS id {counts['eos_id']})")

@@ -8,6 +8,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
@@ -173,7 +174,7 @@ def eval_fingerprint(model_dir: Path, ecfg: EvalConfig, probe_path: Path | None,
 
 
 def print_eval(result: dict, console: Console) -> None:
-    table = Table(title=f"eval of {result['model']} (context {result['context']}, stride {result['stride']})")
+    table = Table(title=f"eval of {escape(str(result['model']))} (context {result['context']}, stride {result['stride']})")
     # Short headers so the table fits 80 columns; loss is in nats per token.
     for col in ("text", "role", "bits/byte", "nats/tok", "ppl", "tokens", "bytes", "bytes/tok"):
         table.add_column(col, justify="left" if col in ("text", "role") else "right", no_wrap=True)
@@ -225,4 +226,4 @@ def print_tasks(results: dict, written: Path | None, console: Console) -> None:
         base = f" (majority class {r['majority_accuracy']:.1%})" if "majority_accuracy" in r else ""
         console.print(f"{t} on {r['items']} test items: {format_metrics(r)}{base}", highlight=False)
     if written is not None:
-        console.print(f"wrote [bold]{written}[/]")
+        console.print(f"wrote [bold]{escape(str(written))}[/]")

@@ -363,7 +363,7 @@ def print_balance(summary: dict, console) -> None:
     lic, items = summary["licenses"], summary["items"]
     console.print(f"licensedb tasks in {summary['dir']}: licenses train {lic['train']}, val {lic['val']}, test "
                   f"{lic['test']} (no license in two splits); items {items}; {summary['excluded_files']} files "
-                  "listed in exclude_ids.txt for pretraining", highlight=False)
+                  "listed in exclude_ids.txt for pretraining", highlight=False, markup=False)
     cats = list(summary["balance"]["train"])
     console.print("class balance (category task): " + "; ".join(
         f"{c} {summary['balance']['train'].get(c, 0)}/{summary['balance']['val'].get(c, 0)}/"

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from domainlm.errors import UserError
@@ -50,7 +51,7 @@ def compare(domain: Path, general: Path, data: Path, *, val: Path | None = None,
     models = {"domain": domain_dir, "general": general_dir}
     runs = {}
     for label, model_dir in models.items():
-        console.print(f"[bold]{label}[/]: fine-tuning {model_dir}")
+        console.print(f"[bold]{label}[/]: fine-tuning {escape(str(model_dir))}")
         runs[label] = finetune(model_dir, data, val=val, out=out / label, args=args, restart=restart, console=console)
 
     result = {"data": str(data), "test": str(test) if test else "built (domainlm tasks licensedb defaults)",

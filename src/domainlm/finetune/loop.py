@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from rich.console import Console
+from rich.markup import escape
 
 from domainlm import stages
 from domainlm.errors import UserError
@@ -147,7 +148,8 @@ def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Pa
     elif summary_path.is_file() and (out / RunDir.MODEL / "config.json").is_file():
         done = json.loads(summary_path.read_text(encoding="utf-8"))
         if done.get("fingerprint") == fp:
-            console.print(f"finetune: done already ({out / RunDir.MODEL}); --restart to fine-tune again")
+            console.print(f"finetune: done already ({out / RunDir.MODEL}); --restart to fine-tune again",
+                          markup=False)
             return done
     out.mkdir(parents=True, exist_ok=True)
     ckpt.remove_partial(out)
@@ -186,7 +188,7 @@ def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Pa
         if state.get("fingerprint") != fp:
             raise UserError(f"{path}: a checkpoint of another fine-tuning (model, data or flags differ); use "
                             "--restart or another --out")
-        console.print(f"resuming from {path} at step {driver.step}")
+        console.print(f"resuming from {path} at step {driver.step}", markup=False)
 
     n_params = sum(p.numel() for p in model.parameters())
     n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -208,7 +210,7 @@ def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Pa
                "tokens_per_s": driver.tokens_per_s, "args": asdict(args), "fingerprint": fp,
                "chat_template": "added" if added else "model's"}
     write_json(summary_path, summary, indent=1)
-    console.print(f"wrote [bold]{out / RunDir.MODEL}[/] (Hugging Face format, chat template in its tokenizer); "
+    console.print(f"wrote [bold]{escape(str(out / RunDir.MODEL))}[/] (Hugging Face format, chat template in its tokenizer); "
                   f"final loss {last_loss:.4f}" + (f", val loss {last_val:.4f}" if last_val is not None else ""))
     return summary
 

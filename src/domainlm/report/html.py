@@ -574,4 +574,6 @@ def print_report(result: dict, console) -> None:
         console.print(f"{mark} {s['title']}", highlight=False)
         for h in s["hints"]:
             console.print(f"    {h}", style="yellow", highlight=False, markup=False, soft_wrap=True)
-    console.print(f"wrote [bold]{result['path']}[/]")
+    from rich.markup import escape
+
+    console.print(f"wrote [bold]{escape(result['path'])}[/]")
