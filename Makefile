@@ -30,8 +30,9 @@ $(TEST_STAMP): $(STAMP) scripts/system-packages.sh
 	$(BIN)/pip install -q -e ".[$(TEST_EXTRAS)]"
 	touch $(TEST_STAMP)
 
+# Two workers, one test file each at a time (module fixtures are built once); the slowest tests are listed.
 test: $(TEST_STAMP)
-	DOMAINLM_NO_SKIPS=1 $(BIN)/python -m pytest -rs
+	DOMAINLM_NO_SKIPS=1 $(BIN)/python -m pytest -rs -n 2 --dist loadfile --durations=15
 
 lint: $(STAMP)
 	$(BIN)/ruff check src tests benchmarks

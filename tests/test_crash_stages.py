@@ -75,7 +75,7 @@ def test_scaling_sweep_killed_between_and_inside_points(tmp_path):
     proc = domainlm(sweep, fault="scaling.point_done:1", fault_dir=tmp_path)
     assert proc.returncode == KILLED, proc.stderr[-2000:]
     assert len(_point_losses(run_dir(cfg))) == 1
-    first = next(p for p in (run_dir(cfg) / "scaling").iterdir() if p.is_dir())
+    first = Path(_rows(run_dir(cfg) / "scaling" / "points.jsonl")[0]["dir"])
     first_model = (first / "model" / "model.safetensors").stat().st_mtime_ns
     # killed inside point 2 at its step 25 (after its checkpoint at step 20)
     proc = domainlm(sweep, fault="train.step:25", fault_dir=tmp_path)
