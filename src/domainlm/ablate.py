@@ -90,26 +90,12 @@ def role_bpb(result: dict, role: str) -> float | None:
 
 
 def plot_ablation(ab: dict, path: Path) -> Path:
-    import matplotlib
+    """The report's ablation chart (domain bpb vs general bpb per weight), written atomically."""
+    from domainlm.report.plots import ablation_chart
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 5), dpi=120)
-    xs = [role_bpb(r, "general") for r in ab["results"]]
-    ys = [role_bpb(r, "domain") for r in ab["results"]]
-    ax.plot(xs, ys, "-o", color="tab:blue")
-    for r, x, y in zip(ab["results"], xs, ys, strict=True):
-        ax.annotate(f"w={r['domain_weight']:g}", (x, y), textcoords="offset points", xytext=(6, 4))
-    ax.set_xlabel("general bits per byte (lower is better)")
-    ax.set_ylabel("domain bits per byte (lower is better)")
-    ax.set_title("Domain weight trade-off (same model, same tokens)")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    points = [{"weight": r["domain_weight"], **{f"{role}_bpb": role_bpb(r, role) for role in ("domain", "general")}}
+              for r in ab["results"]]
+    return ablation_chart([p for p in points if None not in p.values()], path)
 
 
 def print_ablation(ab: dict, console: Console) -> None:
