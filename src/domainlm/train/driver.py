@@ -71,7 +71,6 @@ class Driver:
     last_eval: dict | None = None  # the last eval row
     first_step: int = 0  # where this invocation started
     seconds: float = 0.0  # steps, evals and checkpoints of this invocation
-    resumed: bool = False
     rates: deque = field(default_factory=lambda: deque(maxlen=20))  # tokens/s of the last 20 steps
 
     @property
@@ -84,7 +83,7 @@ class Driver:
         found = ckpt.load_latest(self.out, self.model, self.optimizer, self.world)
         if found:
             state = found[1]
-            self.step, self.resumed = state["step"], True
+            self.step = state["step"]  # ≥ 1: no checkpoint at step 0
             self.skipped, self.bad_in_row = state.get("skipped_steps", 0), state.get("bad_in_row", 0)
         return found
 
@@ -100,8 +99,9 @@ class Driver:
         if main:
             path.parent.mkdir(parents=True, exist_ok=True)
             truncate_metrics(path, self.step)
-        last_ckpt, last_eval = (self.step if self.resumed else -1), -1
-        for row in metric_rows(path, self.step) if self.resumed else []:  # every rank reads: all agree
+        resumed = self.step > 0
+        last_ckpt, last_eval = (self.step if resumed else -1), -1
+        for row in metric_rows(path, self.step) if resumed else []:  # every rank reads: all agree
             if row.get("step") == self.step and row.get("kind") == "eval":
                 last_eval, self.last_eval = self.step, row
             elif row.get("step") == self.step and row.get("kind") == "train":

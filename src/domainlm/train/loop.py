@@ -7,7 +7,6 @@ CONFIG``). Outputs under the run directory: ``checkpoints/``, ``logs/metrics.jso
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import shutil
@@ -58,8 +57,7 @@ def run_training(config: Path | None, *, restart: bool = False, max_steps: int |
 
 
 def plan_of(run_dir: Path) -> dict:
-    p = RunDir(run_dir).plan
-    return json.loads(p.read_text(encoding="utf-8")) if p.exists() else {}
+    return RunDir(run_dir).read_json(RunDir.PLAN) or {}
 
 
 def planned_tokens(plan: dict) -> float | None:
