@@ -6,7 +6,7 @@ from pathlib import Path
 
 import numpy as np
 
-from domainlm.plan import laws as L
+from domainlm.plan.laws import LAWS, get_law
 
 # (name, params, training tokens) — ANCHORS.md "Known models".
 KNOWN_MODELS = [
@@ -46,10 +46,10 @@ def plot_plan(plan: dict, path: str | Path) -> Path:
 
     n = np.logspace(np.log10(lo_n), np.log10(hi_n), 50)
     ax.plot(20 * n, n, color="tab:blue", lw=2, label="Chinchilla-optimal (~20 tokens/param)", zorder=2)
-    kap = L.LAWS["kaplan"]
+    kap = LAWS["kaplan"]
     ax.plot(cs / (6 * kap.optimal_params(cs)), kap.optimal_params(cs), color="tab:orange", lw=2, ls="--",
             label="Kaplan et al. 2020 (N ∝ C^0.73)", zorder=2)
-    law = L.get_law(plan["law"]["name"]) if not plan["law"]["name"].startswith("fitted:") else None
+    law = get_law(plan["law"]["name"]) if not plan["law"]["name"].startswith("fitted:") else None
     if law is not None and law.name not in ("chinchilla-1", "kaplan"):
         ax.plot(cs / (6 * law.optimal_params(cs)), law.optimal_params(cs), color="tab:green", lw=1.5, ls=":",
                 label=f"{law.name} optimum", zorder=2)

@@ -8,8 +8,8 @@ from pathlib import Path
 from domainlm.config import RunConfig, load_config, write_resolved
 from domainlm.data.tokens import counts_path
 from domainlm.errors import UserError
-from domainlm.plan import memory as M
 from domainlm.plan.hardware import GPU_KINDS, get_accelerator
+from domainlm.plan.memory import estimate, recommend
 from domainlm.plan.planner import PlanRequest, make_plan
 from domainlm.rundir import RunDir, write_json
 from domainlm.units import parse_assignments, parse_number
@@ -158,13 +158,13 @@ def run_memory(**flags) -> dict:
     sharding = flags.get("sharding")
     recommended = None
     if sharding is None and capacity is not None:
-        recommended, ests = M.recommend(capacity, **kwargs)
+        recommended, ests = recommend(capacity, **kwargs)
         est = ests[recommended or "zero3"]
     else:
-        est = M.estimate(sharding=sharding or "ddp", **kwargs)
+        est = estimate(sharding=sharding or "ddp", **kwargs)
         ests = {est.sharding: est}
         if capacity is not None:
-            recommended, ests = M.recommend(capacity, **kwargs)
+            recommended, ests = recommend(capacity, **kwargs)
     return {
         "params": params,
         "precision": est.precision,
