@@ -1,7 +1,9 @@
 """`domainlm finetune MODEL_OR_RUN --data FILE.jsonl`: instruction fine-tuning around the pretraining step.
 
 Reused from pretraining, not copied: `train_step` (with labels: loss on response tokens only), the AdamW
-groups, the LR schedule, atomic checkpoints with exact resume, metrics.jsonl rows. Writes under ``--out``::
+groups, the LR schedule, the validation scorer, and the loop itself (`train/driver.py`: atomic checkpoints with
+exact resume, metrics.jsonl rows, eval and checkpoint cadence). This module brings the batches (a pure function
+of seed and step), the masked step and the eval. Writes under ``--out``::
 
     checkpoints/step-N/   as in pretraining (resume: rerun the same command)
     logs/metrics.jsonl    {"kind": "train"|"eval", "step", "loss" | "val_loss", ...}
