@@ -1,4 +1,5 @@
-"""`domainlm train`: the training loop around `train_step` — setup, resume, logging, eval, checkpoints, export.
+"""`domainlm train`: pretraining — setup (token files, shape, batch, model, parallelism), the mixture batches,
+validation and the Hugging Face export, run by the loop shared with fine-tuning (`train/driver.py`).
 
 Run with one process (``domainlm train CONFIG``) or many (``torchrun --nproc_per_node N -m domainlm train
 CONFIG``). Outputs under the run directory: ``checkpoints/``, ``logs/metrics.jsonl``,
