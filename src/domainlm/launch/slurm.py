@@ -12,7 +12,6 @@ cluster (``--gpus-per-node 0``) the processes use gloo, as `domainlm train` does
 from __future__ import annotations
 
 import itertools
-import os
 import re
 import shlex
 import shutil
@@ -22,6 +21,7 @@ import time
 from pathlib import Path
 
 from domainlm.errors import UserError
+from domainlm.rundir import atomic_write
 
 # Slurm's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (sbatch(1)), or UNLIMITED
 TIME_RE = re.compile(r"^(\d+(:\d{1,2}){0,2}|\d+-\d+(:\d{1,2}){0,2}|unlimited|infinite)$", re.IGNORECASE)
@@ -31,13 +31,6 @@ POLL_S = 2.0  # between two queue queries while waiting on jobs
 DONE_POLL_S = 0.25  # between two looks at a stage's completion markers
 ENDED = {"COMPLETING", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL",
          "DEADLINE", "PREEMPTED"}  # squeue's %T names of job states after which the job's tasks do not run
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def script_path(run_dir: Path) -> Path:
@@ -109,7 +102,7 @@ def launch_train(config: Path | None, *, nodes: int, gpus_per_node: int, procs_p
                         cpus_per_task=cpus_per_task or procs, partition=partition, time_limit=time_limit,
                         python=sys.executable)
     script = script_path(run_dir)
-    _atomic_write(script, text)
+    atomic_write(script, text)
     out = {"script": str(script), "nodes": nodes, "gpus_per_node": gpus_per_node, "procs_per_node": procs,
            "job_id": None, "log": None}
     if not dry_run:

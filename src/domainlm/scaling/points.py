@@ -9,12 +9,11 @@ to whole steps, so its 6·N·D scatters around the budget by much less than that
 from __future__ import annotations
 
 import csv
-import json
 import math
-import os
 from pathlib import Path
 
 from domainlm.errors import UserError
+from domainlm.rundir import RunDir, write_json
 
 REQUIRED = ("params", "tokens", "loss")
 SAME_BUDGET = 1.10  # 6·N·D within 10% of the previous point: the same IsoFLOP curve
@@ -95,11 +94,8 @@ def fit_points(path: Path, *, law_out: Path | None = None, n_boot: int = 100) ->
     law.update(params_counted="total", loss="as given in the CSV", source=str(path),
                budgets=sorted({r["flops"] for r in rows}),
                budgets_from="flops column" if "flops" in _header(path) else "6·N·D, grouped within 10%")
-    law_path = Path(law_out) if law_out else path.with_name("law.json")
-    law_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = law_path.with_suffix(law_path.suffix + ".tmp")
-    tmp.write_text(json.dumps(law, indent=2), encoding="utf-8")
-    os.replace(tmp, law_path)
+    law_path = Path(law_out) if law_out else path.with_name(Path(RunDir.LAW).name)
+    write_json(law_path, law)
     plot = plot_scaling(rows, law, usable_law(law_path), law_path.with_name(law_path.stem + ".png"))
     return {"law": law, "law_path": str(law_path), "points_path": str(path), "plot": str(plot), "points": rows,
             "minutes": None, "config": None}

@@ -23,13 +23,14 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from domainlm import faults
+from domainlm import faults, stages
 from domainlm.config import RunConfig, load_config
 from domainlm.data.tokens import load_counts
 from domainlm.errors import UserError
 from domainlm.plan.laws import LAWS, get_law
 from domainlm.plan.shape import ModelShape, make_shape, shape_for_params
-from domainlm.rundir import atomic_write, write_json
+from domainlm.rundir import RunDir, atomic_write, write_json
+from domainlm.train.driver import metric_rows
 from domainlm.train.variants import fixed_config, train_variant
 
 # Sizes span optimum/4 … optimum×4: Chinchilla's IsoFLOP profiles (Fig. 3) cover about a decade in N
@@ -147,10 +148,8 @@ def plan_sweep(cfg: RunConfig, run_dir: Path, budgets: list[float], sizes: int) 
 
 def final_eval(vdir: Path, steps: int) -> dict[str, float]:
     """Val loss per source at the last step, from the trainer's metrics log (it always evaluates there)."""
-    path = vdir / "logs" / "metrics.jsonl"
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    rows = [json.loads(ln) for ln in text.splitlines() if ln.strip()]
-    last = [r for r in rows if r.get("kind") == "eval" and r.get("step") == steps]
+    path = RunDir(vdir).metrics
+    last = [r for r in metric_rows(path, steps) if r.get("kind") == "eval" and r.get("step") == steps]
     if not last:
         raise UserError(f"{path}: no eval at step {steps}; does every source have a val split?")
     return {k.removeprefix("val_loss/"): v for k, v in last[-1].items() if k.startswith("val_loss/")}
@@ -163,13 +162,6 @@ def mixture_loss(losses: dict[str, float], weights: dict[str, float]) -> float:
     if total <= 0:
         raise UserError("scaling: no val loss for any weighted source")
     return sum(losses[k] * w[k] for k in losses) / total
-
-
-def _write_json(path: Path, obj, lines: bool = False) -> None:
-    if lines:
-        atomic_write(path, "".join(json.dumps(r) + "\n" for r in obj))
-    else:
-        write_json(path, obj)
 
 
 def run_sweep(config: Path | None, budgets: str, sizes: int, *, law_out: Path | None = None,
@@ -189,13 +181,14 @@ def run_sweep(config: Path | None, budgets: str, sizes: int, *, law_out: Path | 
                           f"below the smallest model ({smallest:,}, mostly embeddings): the sweep starts there, "
                           "and its IsoFLOP curve may have no minimum inside; larger budgets or a smaller vocab help")
     weights = {s.name: s.weight for s in cfg.sources}
-    out_dir = run_dir / "scaling"
+    points_path = RunDir(run_dir) / RunDir.POINTS
+    out_dir = points_path.parent
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     # Seconds of points trained by an earlier invocation (a rerun skips them and keeps their time).
     old = {}
-    if (out_dir / "points.jsonl").exists():
-        old = {r["dir"]: r for r in map(json.loads, (out_dir / "points.jsonl").read_text().splitlines()) if r}
+    if points_path.exists():
+        old = {r["dir"]: r for r in map(json.loads, points_path.read_text().splitlines()) if r}
     t_start = time.perf_counter()
     for i, p in enumerate(points, 1):
         shape: ModelShape = p["shape"]
@@ -209,7 +202,7 @@ def run_sweep(config: Path | None, budgets: str, sizes: int, *, law_out: Path | 
         t0, wall0 = time.perf_counter(), time.time()
         train_variant(vcfg, run_dir, console)
         losses = final_eval(p["dir"], p["steps"])
-        done = json.loads((p["dir"] / ".stages" / "train.json").read_text(encoding="utf-8"))
+        done = stages.recorded(p["dir"], "train")
         trained_now = done.get("finished", 0) >= wall0
         seconds = round(time.perf_counter() - t0, 1) if trained_now else old.get(str(p["dir"]), {}).get("seconds")
         rows.append({
@@ -222,20 +215,19 @@ def run_sweep(config: Path | None, budgets: str, sizes: int, *, law_out: Path | 
             "law_optimum": p["law_optimum"], "seconds": seconds, "tokens_per_s": done.get("tokens_per_s"),
             "dir": str(p["dir"]),
         })
-        _write_json(out_dir / "points.jsonl", rows, lines=True)  # after every point: a killed sweep keeps them
+        atomic_write(points_path, "".join(json.dumps(r) + "\n" for r in rows))  # a killed sweep keeps them
         faults.hit("scaling.point_done")
     minutes = (time.perf_counter() - t_start) / 60
     law = fit_law(rows)
     law.update(law_name=cfg.budget.law, params_counted="total", loss="val loss (nats/token), mixture-weighted",
                budgets=sorted({r["budget"] for r in rows}), sizes=sizes, tokens_per_step=tokens_per_step(cfg),
                config=str(config) if config else None, tokenizer_sha256=load_counts(run_dir).get("tokenizer_sha256"))
-    law_path = Path(law_out) if law_out else out_dir / "law.json"
-    law_path.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(law_path, law)
+    law_path = Path(law_out) if law_out else RunDir(run_dir) / RunDir.LAW
+    write_json(law_path, law)
     from domainlm.scaling.plot import plot_scaling, usable_law
 
     plot = plot_scaling(rows, law, usable_law(law_path), out_dir / "scaling.png")
-    return {"law": law, "law_path": str(law_path), "points_path": str(out_dir / "points.jsonl"),
+    return {"law": law, "law_path": str(law_path), "points_path": str(points_path),
             "plot": str(plot), "points": rows, "minutes": round(minutes, 2), "config": str(config) if config else None}
 
 
