@@ -25,7 +25,7 @@ from datatrove.utils.word_tokenizers import WordTokenizer
 
 from domainlm import faults
 from domainlm.data import clean, sources
-from domainlm.rundir import atomic_write, write_json
+from domainlm.rundir import atomic_write, publish, write_json
 
 
 def _save_counts(work: str, step: str, rank: int, counts: Counter, **extra) -> None:
@@ -260,7 +260,7 @@ class SplitWriter(PipelineStep):
             raw.flush()
             os.fsync(raw.fileno())
             raw.close()
-            os.replace(path.with_name(path.name + ".tmp"), path)
+            publish(path.with_name(path.name + ".tmp"), path)
         _save_counts(self.work, "write", rank, counts)
         return
         yield

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from domainlm.errors import UserError
-from domainlm.rundir import RunDir, write_json
+from domainlm.rundir import RunDir, publish, write_json
 
 COUNTS_VERSION = 1
 
@@ -63,7 +63,7 @@ class TokenWriter:
         self._f.flush()
         os.fsync(self._f.fileno())
         self._f.close()
-        os.replace(self.tmp, self.path)
+        publish(self.tmp, self.path)
 
     def __enter__(self) -> TokenWriter:
         return self
