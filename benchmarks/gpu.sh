@@ -47,7 +47,7 @@ part 60 "2. eval: tokens scored/s vs a minimal forward loop (350M, context 1024)
     $PY benchmarks/eval.py --preset 350m --rounds 3
 quick=$(mktemp -d)
 part 120 "3. domainlm run --quick on CUDA (in $quick)" \
-    bash -c "cd '$quick' && '$(realpath "$PY")' -m domainlm run --quick"
+    bash -c "cd '$quick' && '$(realpath "$(command -v "$PY")")' -m domainlm run --quick"
 [ -f "$quick/runs/legal-demo-quick/logs/metrics.jsonl" ] && tail -n 2 "$quick/runs/legal-demo-quick/logs/metrics.jsonl"
 
 echo; echo "benchmarks/gpu.sh: $((SECONDS - start)) s in all (budget 480 s)"
