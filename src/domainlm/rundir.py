@@ -15,8 +15,9 @@ import shutil
 from pathlib import Path
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+def fsync(path: Path) -> None:
+    """Flush a file's or a folder's entries to disk (a folder: so a rename in it survives a power cut)."""
+    fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
@@ -39,7 +40,7 @@ def atomic_write(path: Path | str, data: str | bytes) -> Path:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync(path.parent)
     return path
 
 
@@ -59,7 +60,7 @@ def publish(tmp: Path, path: Path | str) -> Path:
     """Rename a finished temporary file (from ``temp_path``) over ``path``."""
     path = Path(path)
     os.replace(tmp, path)
-    _fsync_dir(path.parent)
+    fsync(path.parent)
     return path
 
 
@@ -75,7 +76,7 @@ def swap_dir(tmp: Path, out: Path) -> Path:
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)
-    _fsync_dir(out.parent)
+    fsync(out.parent)
     shutil.rmtree(old, ignore_errors=True)
     return out
 

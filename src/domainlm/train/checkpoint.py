@@ -33,7 +33,7 @@ from safetensors.torch import load_model, save_model
 
 from domainlm import faults
 from domainlm.errors import UserError
-from domainlm.rundir import RunDir
+from domainlm.rundir import RunDir, fsync
 from domainlm.train.parallel import Dist, barrier, is_fsdp, unwrap
 
 CHECKPOINTS = RunDir.CHECKPOINTS
@@ -58,14 +58,6 @@ def remove_partial(run_dir: Path) -> None:
     if d.exists():
         for p in d.glob(".tmp-*"):
             shutil.rmtree(p, ignore_errors=True)
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _sha256(path: Path) -> str:
@@ -104,14 +96,14 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, wor
             (tmp / "state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
             files = sorted(p for p in tmp.rglob("*") if p.is_file())
             for p in files:
-                _fsync(p)
+                fsync(p)
             manifest = {str(p.relative_to(tmp)): _sha256(p) for p in files}
             (tmp / "manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-            _fsync(tmp / "manifest.json")
+            fsync(tmp / "manifest.json")
             for d in {p.parent for p in files} | {tmp}:
-                _fsync(d)
+                fsync(d)
             os.replace(tmp, final)  # atomic: the checkpoint exists completely or not at all
-            _fsync(ck)
+            fsync(ck)
     except Exception as e:
         shutil.rmtree(tmp, ignore_errors=True)
         # torch.save and safetensors report a failed write as RuntimeError/SafetensorError, not OSError(ENOSPC):
