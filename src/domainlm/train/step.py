@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -89,12 +90,16 @@ def train_step(
     grad_clip: float,
     precision: str = "fp32",
     labels: torch.Tensor | None = None,
+    loss_fn: Callable[[slice], torch.Tensor] | None = None,
 ) -> StepResult:
     """batch: this rank's [B_local, T+1] token ids (already on the model's device).
 
     labels: optional [B_local, T+1] targets with -100 on untrained tokens (fine-tuning). The loss is then the
     mean over the trained tokens of the whole global batch, not a mean of per-micro-batch means (which would
-    weight a token of a short answer more than one of a long answer)."""
+    weight a token of a short answer more than one of a long answer).
+
+    loss_fn: the mean loss of the micro-batch ``rows`` (a slice of the batch), for a loss other than next-token
+    prediction (a classification head: finetune/classify.py); the caller's closure holds its own tensors."""
     n_micro = batch.shape[0] // micro_batch
     device = batch.device
     total = torch.zeros((), device=device)
@@ -116,7 +121,9 @@ def train_step(
         with sync:
             rows = slice(i * micro_batch, (i + 1) * micro_batch)
             with autocast_for(device, precision):
-                if labels is None:
+                if loss_fn is not None:
+                    loss = loss_fn(rows)
+                elif labels is None:
                     loss = next_token_loss(model, batch[rows])
                 else:  # already this micro-batch's share of the batch mean: undo the ÷ n_micro below
                     loss = next_token_loss(model, batch[rows], "sum", labels[rows]) * scale * n_micro
