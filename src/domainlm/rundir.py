@@ -9,10 +9,20 @@ Temporary names start with ``.`` or end in ``.tmp`` so listings and globs of out
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 from pathlib import Path
+from typing import TypeVar
+
+from pydantic import BaseModel, ValidationError
+
+from domainlm.errors import UserError
+
+M = TypeVar("M", bound=BaseModel)
+
+from domainlm.errors import UserError
 
 
 def fsync(path: Path) -> None:
@@ -92,16 +102,19 @@ class RunDir:
     STATS = "data/stats.json"  # written last: the data stage is complete
     TOKENIZER = "tokenizer"  # HF tokenizer folder — domainlm tokenizer
     AUDIT = "tokenizer/audit.json"
-    TOKENS = "tokens"  # tokens/<source>/{train,val}.bin — prepare, once a tokenizer exists
-    COUNTS = "tokens/counts.json"  # written last: the token files are complete
+    TOKENS = "tokens"  # tokens/<source>/{train,val}.bin — domainlm tokenize (other tokenizers: tokens-<sha>/)
+    COUNTS_FILE = "counts.json"  # in a token folder, written last: its token files are complete
+    COUNTS = f"{TOKENS}/{COUNTS_FILE}"
     CHECKPOINTS = "checkpoints"  # domainlm train
     METRICS = "logs/metrics.jsonl"
+    TRAIN = "logs/train.json"  # the train summary, after the export
     MODEL = "model"  # the Hugging Face export
     EVAL = "eval/eval.json"  # domainlm eval
     TASKS = "eval/tasks.json"  # domainlm eval --task
     FINETUNE_COMPARE = "eval/finetune.json"  # domainlm finetune --compare
     ABLATE = "ablate/ablate.json"  # domainlm ablate
-    VARIANT_EVAL = "eval.json"  # in a variant's folder (ablate/w<W>/, the baseline): its bpb and probes
+    VARIANT_EVAL = "eval.json"  # in a variant's folder (ablate/w<W>/): its bpb and probes
+    BASELINE_EVAL = "ablate/w0/eval.json"  # the weight-0 variant's: domainlm run's general-only baseline
     FINETUNE = "finetune.json"  # in a fine-tuning's --out folder: its summary
     LAW = "scaling/law.json"  # domainlm scaling
     POINTS = "scaling/points.jsonl"
@@ -134,6 +147,20 @@ class RunDir:
     def counts(self) -> Path:
         return self.root / self.COUNTS
 
+    def tokens_for(self, tokenizer_dir: Path | str | None = None) -> Path:
+        """The token folder of a tokenizer: ``tokens/`` for the run's own (None or ``<run>/tokenizer``), else
+        ``tokens-<first 12 hex digits of the sha256 of its tokenizer.json>/`` (a base model's tokenizer, for
+        continued pretraining on the same prepared data): one tokenizer's files never overwrite another's."""
+        if tokenizer_dir is None or Path(tokenizer_dir).resolve() == self.tokenizer.resolve():
+            return self.root / self.TOKENS
+        tok = Path(tokenizer_dir) / "tokenizer.json"
+        try:
+            digest = hashlib.sha256(tok.read_bytes()).hexdigest()
+        except OSError as e:
+            raise UserError(f"{tok}: cannot read the tokenizer ({e.strerror}); expected a Hugging Face tokenizer "
+                            "folder with a tokenizer.json") from None
+        return self.root / f"{self.TOKENS}-{digest[:12]}"
+
     @property
     def metrics(self) -> Path:
         return self.root / self.METRICS
@@ -158,3 +185,27 @@ class RunDir:
         """A JSON output of another stage, or None when that stage has not written it yet."""
         path = self.root / rel
         return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
+
+    def load(self, rel: str, model: type[M]) -> M | None:
+        """The output ``rel`` as its typed model (outputs.SCHEMAS), or None when its stage has not written it."""
+        return load_output(self.root / rel, model)
+
+
+def load_output(path: Path | str, model: type[M]) -> M | None:
+    """A JSON output file as ``model``: None when absent; a one-line UserError naming the file when it is not
+    JSON or not what ``model`` describes (torn by hand, or written by another domainlm version)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read it ({e}); rerun the stage that writes it") from None
+    try:
+        return model.model_validate_json(text)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"]) or "the file"
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise UserError(f"{path}: not a valid {model.__name__}: {where}: {first['msg']}{more}; rerun the stage "
+                        "that writes it") from None

@@ -1,0 +1,406 @@
+"""What each stage writes into a run directory, as typed models: one class per output file.
+
+``SCHEMAS`` maps each file of `rundir.RunDir` to its model. Writers build their result as before and pass it
+through the model on the way out (``Model.checked(data)``, then ``rundir.write_json``), so a field added to a
+writer but not here fails the writer's tests at once; readers load a file with ``RunDir(run).load(rel, Model)``
+(None while the stage has not run, a one-line `UserError` naming the file when it does not match). Models
+forbid unknown fields, and keep the writer's numbers as written (``Num``: an int stays an int).
+
+To add an output: a constant in `RunDir`, a model here, an entry in ``SCHEMAS``, a row in docs/architecture.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from domainlm.rundir import RunDir
+
+Num = int | float  # a number as the writer computed it: an int stays an int in the file
+
+
+class Part(BaseModel):
+    """A nested object of an output file."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class Output(Part):
+    """The content of one output file."""
+
+    @classmethod
+    def checked(cls, data: dict) -> dict:
+        """``data`` validated against this model, as the dict to write: the writer's keys (none added), in the
+        model's field order."""
+        return cls.model_validate(data).model_dump(exclude_unset=True)
+
+
+# ------------------------------------------------------------------------------------------------ plan.json
+
+
+class PlanOverride(Part):
+    what: str  # model | tokens
+    plan: str
+    run: str
+    reason: str
+
+
+class PlanSource(Part):
+    weight: Num
+    tokens: Num
+    unique_tokens: Num | None
+    epochs: Num | None
+    effective_tokens: Num
+
+
+class PlanRun(Part):
+    """What `domainlm train` trains from this plan: the law's shape and tokens unless the config fixes them."""
+
+    params: int
+    tokens: Num
+    model: dict[str, Any]  # ModelShape.as_dict()
+    follows_plan: bool
+    overrides: list[PlanOverride]
+    tokens_per_s: Num | None
+    tokens_per_s_from: str | None
+    planned_seconds: Num | None
+    budget_seconds: Num | None
+    sources: dict[str, PlanSource] = {}
+    effective_tokens: Num | None = None
+    warning: str | None = None
+
+
+class PlanModel(Part):
+    n_layers: int
+    d_model: int
+    n_heads: int
+    n_kv_heads: int
+    head_dim: int
+    ffn_dim: int
+    vocab_size: int
+    tie_embeddings: bool
+    params_non_embedding: int
+    params_total: int
+
+
+class Plan(Output):
+    """``plan.json`` — `domainlm plan` (plan/planner.make_plan)."""
+
+    run: PlanRun
+    compute_flops: Num
+    compute: dict[str, Any]  # how the budget was derived (method flops | gpu | cpu-probe, and its numbers)
+    law: dict[str, Any]  # name, source, params_counted and the law's constants
+    params: Num
+    tokens: Num
+    tokens_per_param: Num
+    predicted_loss: Num | None
+    model: PlanModel
+    seq_len: int
+    flops_per_token: Num
+    sources: dict[str, PlanSource]
+    effective_tokens: Num
+    gpu_hours: Num | None
+    memory: dict[str, Any]
+    warnings: list[str]
+    alternatives: list[dict[str, Any]]
+    notes: list[str]
+    data_constrained: dict[str, Any] | None = None
+    config: str | None = None
+
+
+# ------------------------------------------------------------------------------------------------ data/stats.json
+
+
+class SourceStats(Part):
+    input: str
+    docs_in: int
+    bytes_in: int
+    docs_out: int
+    bytes_out: int
+    train_docs: int
+    train_bytes: int
+    val_docs: int
+    val_bytes: int
+    drops: dict[str, int]  # reason -> documents
+    invalid_utf8_replaced: int
+    decoded_cp1252: int
+    malformed_lines: int
+    malformed_at: list[str]
+
+
+class Stats(Output):
+    """``data/stats.json`` — `domainlm prepare` (data/pipeline.py), written last."""
+
+    version: int
+    fingerprint: str
+    tasks: int
+    sources: dict[str, SourceStats]
+
+
+# ------------------------------------------------------------------------------------------------ tokens/counts.json
+
+
+class SourceCounts(Part):
+    train_tokens: int  # unique training tokens: the data limit the planner uses
+    train_docs: int
+    train_bytes: int
+    val_tokens: int
+    val_docs: int
+    val_bytes: int
+
+
+class Counts(Output):
+    """``tokens/counts.json`` — the tokenize stage (data/tokens.write_counts), written last."""
+
+    version: int
+    dtype: str
+    vocab_size: int
+    eos_id: int | None
+    tokenizer_sha256: str
+    sources: dict[str, SourceCounts]
+
+
+# ------------------------------------------------------------------------------------------------ tokenizer/audit.json
+
+
+class SampleSource(Part):
+    weight: Num
+    train_bytes: int
+    sampled_bytes: int
+    sampled_docs: int
+
+
+class AuditBaseline(Part):
+    sources: list[str]
+    vocab_size_trained: int
+    sample: dict[str, SampleSource]
+
+
+class SourceCompression(Part):
+    role: str
+    val_bytes: int
+    tokens: int
+    baseline_tokens: int | None
+    bytes_per_token: Num | None
+    baseline_bytes_per_token: Num | None
+    gain_pct: Num | None
+
+
+class TermSplit(Part):
+    term: str
+    tokens: list[str]
+    count: int
+    baseline_tokens: list[str] | None = None
+    baseline_count: int | None = None
+
+
+class Audit(Output):
+    """``tokenizer/audit.json`` — `domainlm tokenizer` (tokenizer.py)."""
+
+    version: int
+    kind: str
+    vocab_size: int
+    vocab_size_trained: int
+    special_tokens: dict[str, int | None]
+    sample: dict[str, SampleSource]
+    baseline: AuditBaseline | None
+    train_seconds: Num
+    bytes_per_token: dict[str, SourceCompression]
+    domain_terms: list[TermSplit]
+    summary: dict[str, dict[str, Num | None]]  # per role, and "terms"
+    path: str
+
+
+# ------------------------------------------------------------------------------------------------ train summary
+
+
+class TrainSummary(Output):
+    """``logs/train.json`` — `domainlm train` (train/loop.py), after the Hugging Face export."""
+
+    steps: int
+    final_loss: float | None
+    skipped_steps: int
+    train_seconds: Num | None  # only when one invocation ran every step
+    planned_seconds: Num | None
+    tokens_per_s: Num | None
+    params: int
+    model_dir: str
+    parallel: str
+    world_size: int
+    finished: float  # unix time
+
+
+# ------------------------------------------------------------------------------------------------ eval.json
+
+
+class SourceScore(Part):
+    role: str
+    bpb: float
+    loss_per_token: float
+    ppl: float
+    tokens: int
+    bytes: int
+    docs: int
+    bytes_per_token: float
+    nll_bits: float
+    forward_tokens: int
+    cost: float
+
+
+class ProbeItem(Part):
+    term: str
+    correct: bool
+    correct_per_byte: bool
+    logprobs: list[float]
+
+
+class ProbeScores(Part):
+    file: str
+    items: int
+    acc: float
+    acc_per_byte: float
+    chance: float
+    results: list[ProbeItem]
+
+
+class EvalOutput(Output):
+    """``eval/eval.json`` — `domainlm eval` (evaluate/command.py); also a variant's ``eval.json``
+    (``ablate/w<W>/``; ``ablate/w0/`` is `domainlm run`'s general-only baseline)."""
+
+    version: int
+    domainlm: str
+    model: str
+    run_dir: str | None
+    device: str
+    processes: int
+    context: int
+    stride: int
+    max_bytes_per_source: int
+    doc_start_ids: list[int]
+    sources: dict[str, SourceScore]
+    probes: ProbeScores | None
+    seconds: float
+
+
+# ------------------------------------------------------------------------------------------------ ablate/ablate.json
+
+
+class AblationResult(Part):
+    domain_weight: float
+    weights: dict[str, float]
+    bpb: dict[str, float]
+    roles: dict[str, str]
+    model: str
+
+    def role_bpb(self, role: str) -> float | None:
+        """Mean bpb over the sources of ``role`` (with one source per role, the usual case, that source's)."""
+        vals = [v for k, v in self.bpb.items() if self.roles.get(k) == role]
+        return sum(vals) / len(vals) if vals else None
+
+
+class Ablation(Output):
+    """``ablate/ablate.json`` — `domainlm ablate` (ablate.py)."""
+
+    version: int
+    config: str | None
+    model: dict[str, Any]  # the config's model section of the variants
+    tokens: Num | None
+    configured_domain_weight: float
+    results: list[AblationResult]
+
+
+# ------------------------------------------------------------------------------------------------ scaling
+
+
+class ScalingPoint(Part):
+    """One line of ``scaling/points.jsonl`` — `domainlm scaling` (scaling/sweep.py)."""
+
+    budget: Num
+    params: int
+    params_non_embedding: int
+    d_model: int
+    n_layers: int
+    steps: int
+    tokens: int
+    flops: Num
+    flops_6nd: float
+    loss: float
+    val_loss: dict[str, float]
+    law_optimum: float
+    seconds: Num | None
+    tokens_per_s: Num | None
+    dir: str
+
+
+class Law(Output):
+    """``scaling/law.json`` — `domainlm scaling` (scaling/fit.fit_law + what the sweep or the CSV fit adds); read
+    by `domainlm plan --law fitted:PATH`."""
+
+    approach2: dict[str, Any]  # a, b, g, h, minima (per budget), *_ci95, or error
+    approach3: dict[str, Any]  # E, A, B, alpha, beta, a, b, *_ci95
+    points: int
+    huber_delta: float
+    params_counted: str
+    loss: str
+    budgets: list[Num]
+    # a sweep's
+    law_name: str | None = None
+    sizes: int | None = None
+    tokens_per_step: int | None = None
+    config: str | None = None
+    tokenizer_sha256: str | None = None
+    # a CSV fit's
+    source: str | None = None
+    budgets_from: str | None = None
+
+
+# ------------------------------------------------------------------------------------------------ eval/finetune.json
+
+
+class Interval(Part):
+    value: float
+    ci95: list[float]
+
+
+class ModelTaskScores(Part):
+    metrics: dict[str, Interval]
+    predictions: list[dict[str, Any]]
+
+
+class TaskComparison(Part):
+    items: int
+    domain: ModelTaskScores
+    general: ModelTaskScores
+    domain_minus_general: dict[str, Interval]
+    chance_accuracy: float | None = None
+    majority_accuracy: float | None = None
+    majority_class: str | None = None
+
+
+class FinetuneComparison(Output):
+    """``eval/finetune.json`` (and ``<out>/compare.json``) — `domainlm finetune --compare` (finetune/compare.py)."""
+
+    data: str
+    test: str
+    args: dict[str, Any]
+    models: dict[str, str]
+    finetune: dict[str, dict[str, Any]]  # domain | general -> final_loss, val_loss, steps, truncated
+    tasks: dict[str, TaskComparison]
+    verdict: str
+
+
+# ------------------------------------------------------------------------------------------------ the table
+
+SCHEMAS: dict[str, type[Output]] = {
+    RunDir.PLAN: Plan,
+    RunDir.STATS: Stats,
+    RunDir.COUNTS: Counts,
+    RunDir.AUDIT: Audit,
+    RunDir.TRAIN: TrainSummary,
+    RunDir.EVAL: EvalOutput,
+    RunDir.BASELINE_EVAL: EvalOutput,
+    RunDir.ABLATE: Ablation,
+    RunDir.LAW: Law,
+    RunDir.FINETUNE_COMPARE: FinetuneComparison,
+}
