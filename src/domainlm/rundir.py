@@ -22,8 +22,6 @@ from domainlm.errors import UserError
 
 M = TypeVar("M", bound=BaseModel)
 
-from domainlm.errors import UserError
-
 
 def fsync(path: Path) -> None:
     """Flush a file's or a folder's entries to disk (a folder: so a rename in it survives a power cut)."""
