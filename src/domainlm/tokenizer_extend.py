@@ -1,0 +1,166 @@
+"""Vocabulary extension: add a general model's tokenizer the domain tokens it lacks, and grow the model to match.
+
+``tokenizer.extend_vocab: N`` with ``train.init_from`` (continued pretraining, docs/continued.md) takes the N
+tokens of the run's own domain tokenizer (``<run>/tokenizer/``) that save the most tokens on the domain train
+text, adds them to the base model's tokenizer, resizes the base model's embeddings and output head, and
+initialises each new row from the rows of the base tokens it replaces.
+
+**Which tokens** (``choose``), a one-pass estimate, exact under its assumptions:
+
+    saved(t) = count(t) × (len(base(t)) − 1)
+
+- ``count(t)``: how often the domain tokenizer emits ``t`` when it encodes the domain train sample (documents
+  sampled like the tokenizer's own training text, up to ``tokenizer.sample_bytes``);
+- ``len(base(t))``: how many tokens the base tokenizer needs for ``t``'s text alone; a candidate must need at
+  least 2 (one means the base vocabulary has it already) and decode to whole characters.
+
+The occurrences of different domain tokens are disjoint spans of the text (they are one segmentation of it),
+so the savings of several chosen tokens add up and a greedy re-count after each pick would change nothing:
+the N largest ``saved(t)`` are the N chosen. What the estimate cannot see: a new token is matched wherever its
+text occurs (Hugging Face "added tokens" are split out of the text before the base tokenizer runs), also
+inside a longer word the base had in fewer pieces, and the base splits a word differently in context than
+alone. The audit therefore *measures* bytes per token before and after on every source's val split.
+Fewer tokens for the same bytes is what "saves bytes" means here: more bytes per token, so more text in a
+context window and in a token budget.
+
+**The new rows** (``extend_model``): the input embedding and the output-head row of a new token are the mean
+of the rows of the base tokens its text was split into (Gee et al. 2022, "Fast Vocabulary Transfer for
+Language Model Compression", sec. 3: a new token's embedding is the mean of its old sub-token embeddings;
+Hewitt 2021, "Initializing New Word Embeddings for Pretrained Language Models": new rows near the existing
+ones keep the extended model's distribution close to the base model's). Old rows are not touched: on a
+sequence of old tokens the extended model's logits over the old vocabulary are exactly the base model's.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+from domainlm.errors import UserError
+
+ENCODE_BATCH_DOCS = 256
+
+
+@dataclass(frozen=True)
+class NewToken:
+    text: str  # what the token stands for (decoded text, e.g. " licensee")
+    count: int  # times the domain tokenizer emits it on the sample
+    base_ids: tuple[int, ...]  # how the base tokenizer splits the text alone
+
+    @property
+    def saved(self) -> int:
+        """Tokens saved on the sample by this token (the module docstring's estimate)."""
+        return self.count * (len(self.base_ids) - 1)
+
+    def as_dict(self) -> dict:
+        return {"text": self.text, "count": self.count, "base_tokens": len(self.base_ids), "saved": self.saved}
+
+
+def _backend(tok):
+    """The ``tokenizers.Tokenizer`` under an HF fast tokenizer (or the object itself)."""
+    return getattr(tok, "backend_tokenizer", tok)
+
+
+def domain_token_counts(domain_tok, texts: Iterable[str]) -> Counter:
+    """How often each domain token id occurs when the domain tokenizer encodes ``texts``."""
+    tok = _backend(domain_tok)
+    counts: Counter = Counter()
+    batch: list[str] = []
+    for text in texts:
+        batch.append(text)
+        if len(batch) == ENCODE_BATCH_DOCS:
+            for e in tok.encode_batch(batch, add_special_tokens=False):
+                counts.update(e.ids)
+            batch = []
+    if batch:
+        for e in tok.encode_batch(batch, add_special_tokens=False):
+            counts.update(e.ids)
+    return counts
+
+
+def choose(domain_tok, base_tok, texts: Iterable[str], n: int) -> list[NewToken]:
+    """The ``n`` domain tokens with the largest estimated saving (see the module docstring), largest first
+    (ties by text, so the choice is deterministic). Fewer when fewer candidates exist."""
+    if n < 0:
+        raise UserError(f"tokenizer.extend_vocab: expected a number ≥ 0, got {n}")
+    dom = _backend(domain_tok)
+    specials = dom.get_added_tokens_decoder()  # <s>, </s>, <pad>: never candidates
+    counts = domain_token_counts(dom, texts)
+    texts_of = {tid: dom.decode([tid], skip_special_tokens=False) for tid in counts if tid not in specials}
+    cands = [(tid, text) for tid, text in texts_of.items() if len(text) >= 2 and "\ufffd" not in text]
+    enc = base_tok([t for _, t in cands], add_special_tokens=False)["input_ids"] if cands else []
+    out = [NewToken(text, counts[tid], tuple(ids))
+           for (tid, text), ids in zip(cands, enc, strict=True) if len(ids) >= 2]
+    out.sort(key=lambda t: (-t.saved, t.text))
+    return out[:n]
+
+
+def extend_tokenizer(base_tok, tokens: list[NewToken]):
+    """A copy of the HF tokenizer ``base_tok`` with ``tokens`` added (matched on the raw text, before the base
+    tokenizer's own normalisation); returns (tokenizer, the new ids in the order of ``tokens``)."""
+    import copy
+
+    from tokenizers import AddedToken
+
+    tok = copy.deepcopy(base_tok)
+    before = len(tok)
+    tok.add_tokens([AddedToken(t.text, normalized=False, single_word=False, lstrip=False, rstrip=False)
+                    for t in tokens])
+    ids = tok.convert_tokens_to_ids([t.text for t in tokens])
+    if len(tok) - before != len(tokens) or any(i is None or i < before for i in ids):
+        raise UserError("tokenizer.extend_vocab: the base tokenizer already has some of the new tokens")
+    return tok, list(ids)
+
+
+def extend_model(model, tokens: list[NewToken], new_ids: list[int]) -> None:
+    """Resize ``model``'s embeddings (and untied output head) to hold ``new_ids`` and set each new row to the
+    mean of the rows of the token's base pieces (the module docstring cites why)."""
+    import torch
+
+    if not tokens:
+        return
+    rows = model.get_input_embeddings().weight.shape[0]
+    need = max(rows, max(new_ids) + 1)  # a padded embedding (rows > tokenizer) may hold the new ids already
+    if need > rows:
+        model.resize_token_embeddings(need, mean_resizing=False)
+    emb = model.get_input_embeddings().weight
+    head = model.get_output_embeddings()
+    untied = head is not None and head.weight.data_ptr() != emb.data_ptr()
+    with torch.no_grad():
+        for t, i in zip(tokens, new_ids, strict=True):
+            pieces = list(t.base_ids)
+            emb[i] = emb[pieces].mean(dim=0)
+            if untied:
+                head.weight[i] = head.weight[pieces].mean(dim=0)
+                if getattr(head, "bias", None) is not None:
+                    head.bias[i] = head.bias[pieces].mean()
+    model.config.vocab_size = need
+
+
+def extend(base_dir: Path, domain_tokenizer: Path, texts: Iterable[str], n: int, out_dir: Path) -> dict:
+    """Load the base model folder, choose ``n`` tokens from the domain tokenizer folder on ``texts``, and write
+    the extended model + tokenizer (HF format) to ``out_dir`` (built under a temporary name, swapped in).
+    Returns what was added."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from domainlm.rundir import swap_dir
+
+    base_dir, out_dir = Path(base_dir), Path(out_dir)
+    base_tok = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
+    dom_tok = AutoTokenizer.from_pretrained(domain_tokenizer, local_files_only=True)
+    tokens = choose(dom_tok, base_tok, texts, n)
+    tok, ids = extend_tokenizer(base_tok, tokens)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True, dtype=torch.float32)
+    extend_model(model, tokens, ids)
+    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tok.save_pretrained(tmp)
+    swap_dir(tmp, out_dir)
+    return {"requested": n, "added": len(tokens), "base_vocab": len(base_tok), "vocab": len(tok),
+            "tokens": [{**t.as_dict(), "id": i} for t, i in zip(tokens, ids, strict=True)]}
