@@ -36,15 +36,49 @@ def autocast_for(device: torch.device, precision: str):
     return contextlib.nullcontext()
 
 
+@dataclass(frozen=True)
+class Loss:
+    """The loss of a batch under a pretraining objective (train/objectives.py): ``forward(model, batch, labels)``
+    gives (logits [B, T, V], targets [B, T]) with -100 on positions that are not targets; the loss is their
+    cross-entropy. ``shift``: how far the targets are shifted from ``labels`` — 1 for next-token prediction
+    (targets ``labels[:, 1:]``), 0 for masked LM and span corruption (targets where labels ≠ -100)."""
+
+    forward: Callable
+    shift: int = 1
+    name: str = "causal"
+
+    def __call__(self, model: torch.nn.Module, batch: torch.Tensor, reduction: str = "mean",
+                 labels: torch.Tensor | None = None) -> torch.Tensor:
+        logits, y = self.forward(model, batch, labels)
+        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction=reduction, ignore_index=IGNORE)
+
+    def count(self, labels: torch.Tensor) -> torch.Tensor:
+        """The number of targets in ``labels``."""
+        return (labels[:, self.shift:] != IGNORE).sum()
+
+    def nll_and_hits(self, model: torch.nn.Module, batch: torch.Tensor,
+                     labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Σ NLL of the targets and how many of them are the model's top-1 prediction (accuracy's numerator)."""
+        logits, y = self.forward(model, batch, labels)
+        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum", ignore_index=IGNORE)
+        return nll, ((logits.argmax(-1) == y) & (y != IGNORE)).sum()
+
+
+def _next_token(model: torch.nn.Module, batch: torch.Tensor, labels: torch.Tensor | None):
+    x, y = batch[:, :-1], (batch if labels is None else labels)[:, 1:]
+    return model(input_ids=x, use_cache=False).logits, y  # [B, T, V], [B, T]
+
+
+NEXT_TOKEN = Loss(_next_token, shift=1)
+
+
 def next_token_loss(model: torch.nn.Module, batch: torch.Tensor, reduction: str = "mean",
                     labels: torch.Tensor | None = None) -> torch.Tensor:
     """Cross-entropy of predicting ``batch[:, 1:]`` from ``batch[:, :-1]``; batch [B, T+1] int64.
 
     ``labels`` (same shape as ``batch``): the targets instead of ``batch``, -100 where a token is not trained
     on (fine-tuning: prompt and padding); ``mean`` is then over the trained tokens only."""
-    x, y = batch[:, :-1], (batch if labels is None else labels)[:, 1:]
-    logits = model(input_ids=x, use_cache=False).logits  # [B, T, V]
-    return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction=reduction, ignore_index=IGNORE)
+    return NEXT_TOKEN(model, batch, reduction, labels)
 
 
 def make_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, device: torch.device):
@@ -52,32 +86,44 @@ def make_optimizer(model: torch.nn.Module, *, lr: float, weight_decay: float, de
     β = (0.9, 0.95), eps 1e-8: Llama 1–2 (Touvron et al. 2023)."""
     decay, no_decay = [], []
     seen = set()
+    # Embedding tables of any architecture (Llama embed_tokens, GPT-2 wte and wpe, …).
+    tables = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     for name, p in model.named_parameters():
         if id(p) in seen:  # tied head = the embedding
             continue
         seen.add(id(p))
-        (no_decay if p.ndim < 2 or "embed_tokens" in name else decay).append(p)
+        (no_decay if p.ndim < 2 or "embed_tokens" in name or id(p) in tables else decay).append(p)
     groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=lr, betas=(0.9, 0.95), eps=1e-8, fused=device.type == "cuda")
 
 
 @torch.no_grad()
-def validation_nll(model: torch.nn.Module, batches, device: torch.device, precision: str) -> tuple[torch.Tensor, ...]:
+def validation_nll(model: torch.nn.Module, batches, device: torch.device, precision: str,
+                   objective: Loss = NEXT_TOKEN, hits: bool = False) -> tuple[torch.Tensor, ...]:
     """The one validation scorer: Σ next-token NLL (nats, float64) over ``(ids, labels)`` batches and the
     number of targets scored (labels ≠ -100), this rank's share; the caller all-reduces and divides.
     Pretraining scores token-stream windows with EOS masked (train/loop.py ``evaluate``: loss and bpb per
     source); fine-tuning scores conversations with the prompt masked (loss per response token). `domainlm eval`
-    (evaluate/bpb.py) differs on purpose: each document alone after its start-of-document context."""
+    (evaluate/bpb.py) differs on purpose: each document alone after its start-of-document context.
+
+    ``objective``: the loss of another pretraining objective (masked LM, span corruption: train/objectives.py);
+    ``hits``: also return how many targets were the model's top-1 prediction (masked-token accuracy)."""
     model.eval()
     nll = torch.zeros((), dtype=torch.float64, device=device)
     scored = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.float64, device=device)
     for ids, labels in batches:
         ids, labels = ids.to(device), labels.to(device)
         with autocast_for(device, precision):
-            nll += next_token_loss(model, ids, reduction="sum", labels=labels).double()
-        scored += (labels[:, 1:] != IGNORE).sum().double()
+            if hits:
+                n, c = objective.nll_and_hits(model, ids, labels)
+                nll += n.double()
+                correct += c.double()
+            else:
+                nll += objective(model, ids, reduction="sum", labels=labels).double()
+        scored += objective.count(labels).double()
     model.train()
-    return nll, scored
+    return (nll, scored, correct) if hits else (nll, scored)
 
 
 def train_step(
@@ -91,6 +137,7 @@ def train_step(
     precision: str = "fp32",
     labels: torch.Tensor | None = None,
     loss_fn: Callable[[slice], torch.Tensor] | None = None,
+    objective: Loss = NEXT_TOKEN,
 ) -> StepResult:
     """batch: this rank's [B_local, T+1] token ids (already on the model's device).
 
@@ -99,14 +146,18 @@ def train_step(
     weight a token of a short answer more than one of a long answer).
 
     loss_fn: the mean loss of the micro-batch ``rows`` (a slice of the batch), for a loss other than next-token
-    prediction (a classification head: finetune/classify.py); the caller's closure holds its own tensors."""
+    prediction (a classification head: finetune/classify.py); the caller's closure holds its own tensors.
+
+    objective: the pretraining objective's loss (train/objectives.py). Masked LM and span corruption pass their
+    inputs as ``batch`` and their targets as ``labels`` (-100 where nothing is predicted), so their loss is the
+    mean over the global batch's targets like fine-tuning's."""
     n_micro = batch.shape[0] // micro_batch
     device = batch.device
     total = torch.zeros((), device=device)
     if labels is not None:
         # Σ over micro-batches of (token-sum × scale) = the mean over all trained tokens of all ranks; × world
         # because DDP averages gradients over ranks.
-        n_trained = (labels[:, 1:] != IGNORE).sum().to(torch.float32)
+        n_trained = objective.count(labels).to(torch.float32)
         world = 1
         if dist.is_initialized():
             dist.all_reduce(n_trained)
@@ -124,9 +175,9 @@ def train_step(
                 if loss_fn is not None:
                     loss = loss_fn(rows)
                 elif labels is None:
-                    loss = next_token_loss(model, batch[rows])
+                    loss = objective(model, batch[rows])
                 else:  # already this micro-batch's share of the batch mean: undo the ÷ n_micro below
-                    loss = next_token_loss(model, batch[rows], "sum", labels[rows]) * scale * n_micro
+                    loss = objective(model, batch[rows], "sum", labels[rows]) * scale * n_micro
             (loss / n_micro).backward()  # mean over micro-batches = mean over the rank's batch
         total += loss.detach()
     mean_loss = total / n_micro
@@ -141,4 +192,4 @@ def train_step(
     if not skipped:
         optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return StepResult(loss_value, norm_value, skipped, n_micro * micro_batch * (batch.shape[1] - 1))
+    return StepResult(loss_value, norm_value, skipped, n_micro * micro_batch * (batch.shape[1] - objective.shift))
