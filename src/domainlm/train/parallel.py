@@ -110,9 +110,42 @@ def checkpoint_layers(model: torch.nn.Module) -> None:
     wrapper strips its own prefix from state dicts, so checkpoints and the HF export are unchanged."""
     from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
-    layers = model.model.layers
-    for i, layer in enumerate(layers):
-        layers[i] = checkpoint_wrapper(layer, preserve_rng_state=False)  # no dropout: no RNG to replay
+    for layers in layer_stacks(model):
+        for i, layer in enumerate(layers):
+            # A layer with dropout (a continued GPT-2, say) replays its RNG so the recomputed masks are the same.
+            dropout = any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in layer.modules())
+            layers[i] = checkpoint_wrapper(layer, preserve_rng_state=dropout)
+
+
+def layer_stacks(model: torch.nn.Module) -> list[torch.nn.ModuleList]:
+    """Every stack of transformer layers: a decoder's or an encoder's (ModernBERT ``model.layers``), or both of an
+    encoder-decoder's (T5 ``encoder.block`` and ``decoder.block``, model.objective span) — each layer is
+    checkpointed, compiled and sharded alike."""
+    stacks = [decoder_layers(model)]
+    kind = type(getattr(stacks[0][0], "_checkpoint_wrapped_module", stacks[0][0]))
+    for m in model.modules():  # the other stacks of the same layer class, of the same depth
+        if isinstance(m, torch.nn.ModuleList) and m is not stacks[0] and len(m) == len(stacks[0]) and all(
+                type(getattr(x, "_checkpoint_wrapped_module", x)) is kind for x in m):
+            stacks.append(m)
+    return stacks
+
+
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The model's stack of decoder layers, whatever the architecture calls it (Llama ``model.layers``, GPT-2
+    ``transformer.h``, …): the ModuleList of the classes transformers marks as not to be split across devices
+    (``_no_split_modules``: LlamaDecoderLayer, GPT2Block, …), else the longest ModuleList of one class."""
+    names = set(getattr(model, "_no_split_modules", None) or ())
+
+    def kind(m: torch.nn.Module) -> str:  # a checkpoint-wrapped layer counts as the layer it wraps
+        return type(getattr(m, "_checkpoint_wrapped_module", m)).__name__
+
+    stacks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList) and len(m)
+              and len({kind(x) for x in m}) == 1]
+    marked = [m for m in stacks if kind(m[0]) in names]
+    found = max(marked or stacks, key=len, default=None)
+    if found is None:
+        raise ValueError(f"{type(model).__name__}: no stack of decoder layers found")
+    return found
 
 
 def parallelize(model: torch.nn.Module, mode: str, world: Dist, *, compile: bool = False,
@@ -125,7 +158,7 @@ def parallelize(model: torch.nn.Module, mode: str, world: Dist, *, compile: bool
     if activation_checkpointing:
         checkpoint_layers(model)
     if compile:
-        for layer in model.model.layers:
+        for layer in [x for stack in layer_stacks(model) for x in stack]:
             layer.compile()  # per block: small graphs compile fast and reuse (torchtitan)
     cpu_offload = cpu_offload and world.device.type == "cuda"  # on a CPU the states are in host memory already
     if cpu_offload and mode != "fsdp":
@@ -147,7 +180,7 @@ def parallelize(model: torch.nn.Module, mode: str, world: Dist, *, compile: bool
         if fsdp_mixed_precision(mode, world, precision):
             # bf16 all-gathers and matmuls; fp32 gradient reduce-scatter (a sum over ranks in bf16 loses bits).
             kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-        for layer in model.model.layers:
+        for layer in [x for stack in layer_stacks(model) for x in stack]:
             fully_shard(layer, **kw)  # one all-gather per layer in forward and backward
         fully_shard(model, **kw)  # embeddings, final norm, head
         return model
