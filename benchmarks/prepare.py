@@ -53,7 +53,7 @@ def cpu_seconds() -> float:
 
 def raw_encode_mb_s(run_dir: Path, sources: list[str]) -> tuple[float, int, float]:
     """encode_batch on the same texts, already in memory, in the same ~1 MB batches as the tokenize step."""
-    tok, _ = tokenize.load_tokenizer(run_dir)
+    tok, _ = tokenize.load_tokenizer(run_dir / "tokenizer")
     texts = [t for s in sources for sp in pipeline.SPLITS for t in pipeline.iter_documents(run_dir, s, sp)]
     batches, cur, size = [], [], 0
     for t in texts:
@@ -93,7 +93,7 @@ def main() -> None:
     raw1, raw_bytes, raw_cpu1 = raw_encode_mb_s(run_dir, names)
     with Progress(console=console) as progress:
         t0, c0 = time.perf_counter(), cpu_seconds()
-        counts = tokenize.tokenize_run(cfg, run_dir, progress)
+        counts = tokenize.tokenize(run_dir, progress=progress)
         tok_s, tok_cpu = time.perf_counter() - t0, cpu_seconds() - c0
     tok_bytes = sum(c[f"{sp}_bytes"] for c in counts["sources"].values() for sp in pipeline.SPLITS)
     raw2, _, raw_cpu2 = raw_encode_mb_s(run_dir, names)

@@ -20,7 +20,7 @@ import yaml
 from crashkit import KILLED, domainlm, python
 from domainlm import stages
 from domainlm.data import pipeline, sources, tokens
-from domainlm.data.command import run_prepare
+from domainlm.data.command import run_prepare, run_tokenize
 from test_prepare import quiet_console, train_tokenizer, two_sources, write_config, write_texts
 from test_train_fixtures import (  # noqa: F401 (one_thread: autouse fixture)
     LEGAL,
@@ -61,13 +61,13 @@ def trained(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def prepared(tmp_path_factory):
-    """A run through `domainlm prepare` with a tokenizer: data/ and tokens/ as the real stages write them."""
+    """A run through `domainlm prepare` and `tokenize`: data/ and tokens/ as the real stages write them."""
     tmp = tmp_path_factory.mktemp("prepared")
     cfg = two_sources(tmp, 45)
     run = tmp / "run"
     run_prepare(cfg, quiet_console())
     train_tokenizer(run, list(pipeline.iter_documents(run, "a", "train")))
-    run_prepare(cfg, quiet_console())
+    run_tokenize(cfg, quiet_console())
     return cfg
 
 
@@ -132,16 +132,16 @@ def snapshot(root: Path) -> dict[str, tuple[int, int]]:
 # ------------------------------------------------------------------------------------------ silent or wrong data
 
 
-def test_truncated_token_file_is_refused_and_prepare_rewrites_it(prepared, tmp_path, cli):
+def test_truncated_token_file_is_refused_and_tokenize_rewrites_it(prepared, tmp_path, cli):
     cfg = copy_prepared(prepared, tmp_path)
     run = run_dir(cfg)
     path = tokens.token_path(run, "a", "train")
     good = path.read_bytes()
-    for size in (1000, 1001):  # even: trained on fewer tokens without a word; odd: "rerun prepare" did nothing
+    for size in (1000, 1001):  # even: trained on fewer tokens without a word; odd: "rerun tokenize" did nothing
         path.write_bytes(good[:size])
-        with pytest.raises(tokens.UserError, match=r"train.bin: .*rerun `domainlm prepare CONFIG`"):
+        with pytest.raises(tokens.UserError, match=r"train.bin: .*rerun `domainlm tokenize CONFIG`"):
             tokens.open_tokens(run, "a", "train")
-        code, _, err = cli("prepare", str(cfg))
+        code, _, err = cli("tokenize", str(cfg))
         assert code == 0, err
         assert path.read_bytes() == good  # the tokenize stage saw its output was not what its marker says
     assert tokens.open_tokens(run, "a", "train").shape == (len(good) // 2,)
@@ -152,10 +152,10 @@ def test_train_refuses_truncated_or_random_token_files(trained, tmp_path, cli):
     path = tokens.token_path(run_dir(cfg), "legal", "train")
     good = path.read_bytes()
     path.write_bytes(good[:1000])
-    one_line(cli("train", str(cfg), "--max-steps", "12"), str(path), "counts.json says", "domainlm prepare")
+    one_line(cli("train", str(cfg), "--max-steps", "12"), str(path), "counts.json says", "domainlm tokenize")
     rng = np.random.default_rng(0)
     path.write_bytes(rng.integers(0, 2**16, size=len(good) // 2, dtype=np.uint16).tobytes())  # the right size
-    one_line(cli("train", str(cfg), "--max-steps", "12"), str(path), "outside the vocabulary", "domainlm prepare")
+    one_line(cli("train", str(cfg), "--max-steps", "12"), str(path), "outside the vocabulary", "domainlm tokenize")
     assert [r["step"] for r in read_metrics(run_dir(cfg))][-1] == STEPS  # nothing trained on it
 
 
@@ -332,9 +332,9 @@ def test_disk_full_while_tokenizing_then_rerun(prepared, tmp_path, monkeypatch, 
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
     monkeypatch.setattr(tokens.TokenWriter, "write", full)
-    one_line(cli("prepare", str(cfg)), str(run), "disk full", "rerun")
+    one_line(cli("tokenize", str(cfg)), str(run), "disk full", "rerun")
     monkeypatch.undo()
-    code, _, err = cli("prepare", str(cfg))
+    code, _, err = cli("tokenize", str(cfg))
     assert code == 0, err
     assert {p.name: p.read_bytes() for p in (run / "tokens" / "a").glob("*.bin")} == reference
 

@@ -1,4 +1,4 @@
-"""`domainlm prepare` killed (SIGKILL of its whole process group) at named crash sites, then rerun.
+"""`domainlm prepare` and `domainlm tokenize` killed (SIGKILL of the process group) at named crash sites, then rerun.
 
 Each case: the command dies at the site; nothing partial is visible under a final name; the completion markers
 say exactly what is done; a rerun without the fault finishes, its outputs are byte-identical to an uninterrupted
@@ -13,7 +13,7 @@ import pytest
 
 from crashkit import KILLED, assert_no_torn_files, domainlm, stamps, tree
 from domainlm.data import pipeline
-from domainlm.data.command import run_prepare
+from domainlm.data.command import run_prepare, run_tokenize
 from test_prepare import quiet_console, train_tokenizer, two_sources
 
 DOCS = 100  # per source: 19 datatrove tasks per source with 2 tasks per stage, 4 token parts per source
@@ -23,13 +23,13 @@ COUNT = 10**6  # a site armed this far never fires: the counter file then says h
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    """An uninterrupted `prepare` (data, then tokens with a tiny tokenizer): config, its run, its outputs."""
+    """An uninterrupted `prepare` and `tokenize` (with a tiny tokenizer): config, its run, its outputs."""
     tmp = tmp_path_factory.mktemp("reference")
     cfg = two_sources(tmp, DOCS)
     run = tmp / "run"
     run_prepare(cfg, quiet_console())
     train_tokenizer(run, list(pipeline.iter_documents(run, "a", "train")))
-    run_prepare(cfg, quiet_console())
+    run_tokenize(cfg, quiet_console())
     return cfg, run, tree(run, *OUTPUTS)
 
 
@@ -75,12 +75,14 @@ CASES = [
 def test_killed_prepare_resumes_to_identical_outputs(reference, tmp_path, site, n):
     cfg, run = fresh_copy(reference, tmp_path)
     expected = reference[2]
-    proc = domainlm(["prepare", str(cfg)], fault=f"{site}:{n}", fault_dir=tmp_path)
+    data_done = site.startswith("tokenize.")
+    if data_done:
+        run_prepare(cfg, quiet_console())
+    proc = domainlm(["tokenize" if data_done else "prepare", str(cfg)], fault=f"{site}:{n}", fault_dir=tmp_path)
     assert proc.returncode == KILLED, f"not killed at {site}:{n} (rc {proc.returncode}): {proc.stderr[-2000:]}"
 
     # on disk at the kill: no partial file under a final name, markers exactly as far as the work got
     assert_no_torn_files(run, expected, *OUTPUTS)
-    data_done = site.startswith("tokenize.")
     assert (run / "data" / "stats.json").exists() == data_done
     assert (run / ".stages" / "prepare.json").exists() == data_done
     assert (run / "tokens" / "counts.json").exists() == (site == "tokenize.after_counts")
@@ -93,9 +95,10 @@ def test_killed_prepare_resumes_to_identical_outputs(reference, tmp_path, site, 
     # rerun, counting the tasks and token parts it does
     count_dir = tmp_path / "rerun-counts"
     count_dir.mkdir()
-    proc = domainlm(["prepare", str(cfg)], fault=f"prepare.task_done:{COUNT},tokenize.part_done:{COUNT}",
-                    fault_dir=count_dir)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    for command in ("prepare", "tokenize"):
+        proc = domainlm([command, str(cfg)], fault=f"prepare.task_done:{COUNT},tokenize.part_done:{COUNT}",
+                        fault_dir=count_dir)
+        assert proc.returncode == 0, proc.stderr[-3000:]
     assert tree(run, *OUTPUTS) == expected
     assert not list(run.rglob("*.tmp")) and not list((run / "tokens").rglob(".parts"))
     assert (run / ".stages" / "tokenize.json").exists()

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,8 +18,10 @@ import yaml
 
 from domainlm.config import load_config
 from domainlm.data import pipeline, tokens
-from domainlm.data.command import run_prepare
+from domainlm.data.command import run_prepare, run_tokenize
+from domainlm.data.tokenize import tokenize
 from domainlm.errors import ConfigError, UserError
+from domainlm.rundir import RunDir
 
 WORDS = ("licensor grants licensee a perpetual worldwide royalty free license to use copy modify merge publish "
          "distribute sublicense warranty liability damages contract consideration court appeal statute party "
@@ -131,12 +135,13 @@ def test_prepare_layout_stats_split_and_dedup(tmp_path):
 def test_tokenize_writes_contract_files(tmp_path):
     cfg = two_sources(tmp_path, 50)
     run = tmp_path / "run"
-    run_prepare(cfg, quiet_console())
-    assert not (run / "tokens").exists()  # no tokenizer yet: data only
+    assert run_prepare(cfg, quiet_console())["next"] == "domainlm tokenizer"
     train_tokenizer(run, list(pipeline.iter_documents(run, "a", "train")))
-    result = run_prepare(cfg, quiet_console())
+    assert run_prepare(cfg, quiet_console())["next"] == "domainlm tokenize"  # a hint: prepare only prepares
+    assert not (run / "tokens").exists()
+    result = run_tokenize(cfg, quiet_console())
     counts = tokens.load_counts(run)
-    assert result["tokens"] == counts and counts["dtype"] == "uint16"
+    assert result["counts"] == counts and counts["dtype"] == "uint16"
     from tokenizers import Tokenizer
 
     tok = Tokenizer.from_file(str(run / "tokenizer" / "tokenizer.json"))
@@ -154,6 +159,26 @@ def test_tokenize_writes_contract_files(tmp_path):
             assert c[f"{split}_tokens"] == len(expected) and c[f"{split}_docs"] == len(texts)
             assert c[f"{split}_bytes"] == sum(len(t.encode()) for t in texts)
     assert not (run / "tokens" / "a" / ".parts").exists()
+
+    # Another tokenizer (a base model's, for continued pretraining) gets its own token folder and stage marker;
+    # the run's own token files are not touched.
+    from crashkit import stamps
+
+    other = tmp_path / "base-model"
+    other.mkdir()
+    shutil.copy(run / "tokenizer" / "tokenizer_config.json", other)
+    tok.add_tokens(["zzqx"])  # a different tokenizer.json, the same ids for the text (it has no "zzqx")
+    tok.save(str(other / "tokenizer.json"))
+    before = stamps(run, "tokens")
+    folder = RunDir(run).tokens_for(other)
+    sha = hashlib.sha256((other / "tokenizer.json").read_bytes()).hexdigest()
+    assert folder == run / f"tokens-{sha[:12]}" and RunDir(run).tokens_for(run / "tokenizer") == run / "tokens"
+    theirs = tokenize(run, other)
+    assert theirs == tokens.load_counts(folder) and theirs["tokenizer_sha256"] == sha
+    assert theirs["vocab_size"] == counts["vocab_size"] + 1 and theirs["sources"] == counts["sources"]
+    assert tokens.open_tokens(folder, "a", "val", theirs).tolist() == tokens.open_tokens(run, "a", "val").tolist()
+    assert stamps(run, "tokens") == before and (run / ".stages" / f"tokenize-{sha[:12]}.json").exists()
+    assert tokenize(run, other) == theirs  # done already
 
 
 def test_jsonl_variants_parquet_and_hf(tmp_path):

@@ -147,7 +147,7 @@ def test_missing_token_files(tmp_path, cli):
     run = run_dir(cfg)
     (run / "tokens" / "news" / "train.bin").unlink()
     code, _, err = cli("train", str(cfg))
-    assert code == 2 and "train.bin" in err and "domainlm prepare" in err
+    assert code == 2 and "train.bin" in err and "domainlm tokenize" in err
     (run / "tokens" / "counts.json").unlink()
     code, _, err = cli("train", str(cfg))
     assert code == 2 and "counts.json" in err and "domainlm prepare" in err

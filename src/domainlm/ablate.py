@@ -49,7 +49,7 @@ def run_ablate(config: Path | None, domain_weights: str, *, console: Console) ->
     cfg = load_config(config)
     run_dir = cfg.directory()
     weights = parse_weights(domain_weights)
-    load_counts(run_dir)  # fails early with "run `domainlm prepare`"
+    load_counts(run_dir)  # fails early with "run `domainlm tokenize`"
     from domainlm.data.pipeline import document_files
 
     for s in cfg.sources:  # each variant is scored on the val documents: check them before any training

@@ -228,7 +228,7 @@ def memory(
 
 @app.command()
 def prepare(config: ConfigArg = None, as_json: JsonOpt = False) -> None:
-    """Clean, deduplicate and split the sources (datatrove); tokenize them once a tokenizer exists."""
+    """Clean, deduplicate and split the sources (datatrove)."""
     from domainlm.data.command import print_prepare, run_prepare
 
     result = run_prepare(config, console=err_console if as_json else console)
@@ -249,6 +249,20 @@ def tokenizer(config: ConfigArg = None, as_json: JsonOpt = False) -> None:
         print_json(result)
         return
     print_audit(result, console)
+
+
+@app.command()
+def tokenize(
+    config: ConfigArg = None,
+    tokenizer_dir: Annotated[Path | None, typer.Option("--tokenizer", help="another Hugging Face tokenizer folder "
+                             "(e.g. a base model's): its token files go to their own tokens-<sha>/ folder")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """Tokenize the prepared data into token files (tokens/<source>/{train,val}.bin, tokens/counts.json)."""
+    from domainlm.data.command import print_tokenize, run_tokenize
+
+    result = run_tokenize(config, err_console if as_json else console, tokenizer_dir)
+    print_json(result) if as_json else print_tokenize(result, console)
 
 
 # ---------------------------------------------------------------------------------------------------- train, generate

@@ -181,7 +181,7 @@ def print_summary(s: dict, console: Console) -> None:
 
 def run_all(config: Path | None, *, console: Console, quick: bool = False) -> dict:
     """Every stage in order; the summary (`print_summary` shows it)."""
-    from domainlm.data.command import run_prepare
+    from domainlm.data.command import run_prepare, run_tokenize
     from domainlm.tokenizer import run_tokenizer
 
     t0 = time.perf_counter()
@@ -205,7 +205,7 @@ def run_all(config: Path | None, *, console: Console, quick: bool = False) -> di
     timer.stage(3, STAGES[2])
     run_tokenizer(config_path, console=console)
     timer.stage(4, STAGES[3])
-    run_prepare(config_path, console)
+    run_tokenize(config_path, console)
     timer.stage(5, STAGES[4])
     _plan(config_path, run_dir, cfg, console)
     timer.stage(6, STAGES[5])

@@ -1,4 +1,4 @@
-"""`domainlm prepare CONFIG`: progress bars while it runs, a summary table at the end."""
+"""`domainlm prepare CONFIG` and `domainlm tokenize CONFIG`: progress bars while they run, a table at the end."""
 
 from __future__ import annotations
 
@@ -10,29 +10,46 @@ from rich.markup import escape
 from rich.table import Table
 
 from domainlm import stages
+from domainlm.rundir import RunDir
 from domainlm.units import human
 
 
-def run_prepare(config: Path | None, console: Console) -> dict:
-    """Data stage (clean, dedup, split), then token files if ``<run>/tokenizer/tokenizer.json`` exists."""
+def _progress(console: Console):
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    return Progress(*columns, console=console)
+
+
+def run_prepare(config: Path | None, console: Console) -> dict:
+    """Data stage: clean, dedup, split (``data/``). Token files are `run_tokenize`'s."""
     from domainlm.config import load_config, write_resolved
-    from domainlm.data import pipeline, tokenize
+    from domainlm.data import pipeline
 
     cfg = load_config(config)
     run_dir = cfg.directory()
     t0 = time.perf_counter()
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
-    # One `prepare` per run directory at a time: two would overwrite each other's shards.
-    with stages.locked(run_dir, "prepare"), Progress(*columns, console=console) as progress:
+    # One writing command per run directory at a time: two would overwrite each other's shards.
+    with stages.locked(run_dir, "prepare"), _progress(console) as progress:
         write_resolved(cfg, run_dir)
         stats = pipeline.prepare_sources(cfg, run_dir, progress)
-        result = {"run_dir": str(run_dir), "stats": stats, "tokens": None}
-        if "submitted" not in stats and tokenize.tokenizer_file(run_dir).exists():
-            result["tokens"] = tokenize.tokenize_run(cfg, run_dir, progress)
-    result["seconds"] = round(time.perf_counter() - t0, 2)
-    return result
+    has_tokenizer = (RunDir(run_dir).tokenizer / "tokenizer.json").exists()
+    return {"run_dir": str(run_dir), "stats": stats, "seconds": round(time.perf_counter() - t0, 2),
+            "next": "domainlm tokenize" if has_tokenizer else "domainlm tokenizer"}
+
+
+def run_tokenize(config: Path | None, console: Console, tokenizer: Path | None = None) -> dict:
+    """Token files of the prepared data: with the run's tokenizer in ``tokens/``, with another one (``tokenizer``,
+    a Hugging Face tokenizer folder) in its own folder (`RunDir.tokens_for`)."""
+    from domainlm.config import load_config
+    from domainlm.data.tokenize import tokenize
+
+    run_dir = load_config(config).directory()
+    t0 = time.perf_counter()
+    with stages.locked(run_dir, "tokenize"), _progress(console) as progress:
+        counts = tokenize(run_dir, tokenizer, progress)
+    return {"run_dir": str(run_dir), "tokens": str(RunDir(run_dir).tokens_for(tokenizer)), "counts": counts,
+            "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def print_prepare(result: dict, console: Console) -> None:
@@ -59,15 +76,19 @@ def print_prepare(result: dict, console: Console) -> None:
         if s.get("malformed_at"):
             console.print(f"[yellow]{name}: {s['malformed_lines']} malformed lines skipped, first at "
                           f"{escape(', '.join(s['malformed_at'][:3]))}[/]", highlight=False)
-    counts = result.get("tokens")
-    if counts:
-        t = Table(title=f"tokens ({counts['dtype']}, vocab {counts['vocab_size']:,}, EOS id {counts['eos_id']})")
-        for col in ("source", "train tokens", "val tokens", "train bytes/token"):
-            t.add_column(col, justify="left" if col == "source" else "right")
-        for name, c in counts["sources"].items():
-            bpt = c["train_bytes"] / c["train_tokens"] if c["train_tokens"] else 0
-            t.add_row(name, human(c["train_tokens"]), human(c["val_tokens"]), f"{bpt:.2f}")
-        console.print(t)
+    if result["next"] == "domainlm tokenize":
+        console.print("[dim]next: `domainlm tokenize CONFIG` writes the token files (`prepare` no longer does)[/]")
     else:
-        console.print("[dim]no tokenizer yet: run `domainlm tokenizer CONFIG`, then `domainlm prepare CONFIG` "
-                      "again to write the token files[/]")
+        console.print("[dim]next: `domainlm tokenizer CONFIG`, then `domainlm tokenize CONFIG`[/]")
+
+
+def print_tokenize(result: dict, console: Console) -> None:
+    counts = result["counts"]
+    t = Table(title=f"tokens → {escape(result['tokens'])} ({counts['dtype']}, vocab {counts['vocab_size']:,}, "
+              f"EOS id {counts['eos_id']}, {result['seconds']:.1f} s)")
+    for col in ("source", "train tokens", "val tokens", "train bytes/token"):
+        t.add_column(col, justify="left" if col == "source" else "right")
+    for name, c in counts["sources"].items():
+        bpt = c["train_bytes"] / c["train_tokens"] if c["train_tokens"] else 0
+        t.add_row(name, human(c["train_tokens"]), human(c["val_tokens"]), f"{bpt:.2f}")
+    console.print(t)

@@ -1,4 +1,4 @@
-"""`domainlm prepare`: one datatrove pipeline per source, then statistics, then (with a tokenizer) token files.
+"""`domainlm prepare`: one datatrove pipeline per source, then statistics (token files: `data/tokenize.py`).
 
 Stages of a source (datatrove executors; each skips its completed tasks on a rerun)::
 
@@ -345,7 +345,8 @@ def prepare_sources(cfg: RunConfig, run_dir: Path, progress) -> dict:
     if stats_path(run_dir).exists() and stages.is_done(run_dir, "prepare", overall):
         return json.loads(stats_path(run_dir).read_text())
     stats_path(run_dir).unlink(missing_ok=True)  # the completion mark of the data stage goes first,
-    RunDir(run_dir).counts.unlink(missing_ok=True)  # and the tokens of the old data
+    for counts in Path(run_dir).glob(f"{RunDir.TOKENS}*/{RunDir.COUNTS_FILE}"):  # and every tokenizer's tokens
+        counts.unlink()  # of the old data
     stats = {"version": STATS_VERSION, "fingerprint": overall, "tasks": tasks, "sources": {}}
     for spec in specs:
         w = work_dir(run_dir, spec.name)

@@ -1,7 +1,8 @@
-"""Tokenize the prepared documents into the token files of :mod:`domainlm.data.tokens`.
+"""`domainlm tokenize`: the prepared documents → the token files of :mod:`domainlm.data.tokens`.
 
-Each prepared file (``data/<source>/<split>/<rank>.jsonl.gz``) becomes a part file in
-``tokens/<source>/.parts/`` with a small JSON of its counts, written last (the part's completion mark); a
+With the run's own tokenizer they go to ``tokens/``; with any other (a base model's) to its own folder
+(`RunDir.tokens_for`). Each prepared file (``data/<source>/<split>/<rank>.jsonl.gz``) becomes a part file in
+``<tokens>/<source>/.parts/`` with a small JSON of its counts, written last (the part's completion mark); a
 rerun skips finished parts. The parts are then concatenated in file order into ``<split>.bin``.
 ``encode_batch`` runs the Rust tokenizer on all cores, so one Python process is enough.
 """
@@ -20,24 +21,21 @@ import numpy as np
 import orjson
 
 from domainlm import faults, stages
-from domainlm.config import RunConfig
 from domainlm.data import pipeline, tokens
 from domainlm.data.pipeline import write_json_atomic
 from domainlm.errors import UserError
+from domainlm.rundir import RunDir
 
 BATCH_BYTES = 1 << 20  # ~1 MB of text per encode_batch call: enough to keep every core busy
 EOS_NAMES = ("</s>", "<|endoftext|>", "<eos>", "[EOS]")
 
 
-def tokenizer_file(run_dir: Path) -> Path:
-    return Path(run_dir) / "tokenizer" / "tokenizer.json"
-
-
-def load_tokenizer(run_dir: Path):
-    """The HF tokenizer of the run and its EOS id (``eos_token`` of tokenizer_config.json, else ``</s>``…)."""
+def load_tokenizer(tokenizer_dir: Path):
+    """A Hugging Face tokenizer folder's fast tokenizer and its EOS id (``eos_token`` of tokenizer_config.json,
+    else ``</s>``…)."""
     from tokenizers import Tokenizer
 
-    path = tokenizer_file(run_dir)
+    path = Path(tokenizer_dir) / "tokenizer.json"
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a bad file
@@ -108,31 +106,39 @@ def _concat(parts: list[Path], out: Path, dtype) -> None:
                 w.write(arr[i : i + (1 << 24)])
 
 
-def tokenize_run(cfg: RunConfig, run_dir: Path, progress=None) -> dict:
-    """Write ``tokens/<source>/{train,val}.bin`` and ``tokens/counts.json``; a no-op when up to date."""
-    tok, eos_id = load_tokenizer(run_dir)
+def tokenize(run_dir: Path, tokenizer_dir: Path | None = None, progress=None) -> dict:
+    """Write ``<tokens>/<source>/{train,val}.bin`` and ``<tokens>/counts.json`` for every prepared source, where
+    ``<tokens>`` is ``RunDir(run_dir).tokens_for(tokenizer_dir)`` (the run's own tokenizer by default); a no-op
+    when up to date. Returns counts.json."""
+    tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else RunDir(run_dir).tokenizer
+    out = RunDir(run_dir).tokens_for(tokenizer_dir)
+    stage = "tokenize" + out.name.removeprefix(RunDir.TOKENS)  # tokenize, tokenize-<sha>
+    tok, eos_id = load_tokenizer(tokenizer_dir)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     dtype = tokens.dtype_for(vocab_size)
-    tok_sha = hashlib.sha256(tokenizer_file(run_dir).read_bytes()).hexdigest()
-    stats = json.loads(pipeline.stats_path(run_dir).read_text())
-    fp = stages.fingerprint("tokenize-v1", stats["fingerprint"], tok_sha, [s.name for s in cfg.sources])
-    if tokens.counts_path(run_dir).exists() and stages.is_done(run_dir, "tokenize", fp):
+    tok_sha = hashlib.sha256((tokenizer_dir / "tokenizer.json").read_bytes()).hexdigest()
+    stats = RunDir(run_dir).read_json(RunDir.STATS)
+    if stats is None:
+        raise UserError(f"{RunDir(run_dir).stats}: no prepared data; run `domainlm prepare CONFIG` first")
+    names = list(stats["sources"])
+    fp = stages.fingerprint("tokenize-v1", stats["fingerprint"], tok_sha, names)
+    if tokens.counts_path(out).exists() and stages.is_done(run_dir, stage, fp):
         try:
-            counts = tokens.load_counts(run_dir)
+            counts = tokens.load_counts(out)
         except UserError:  # a corrupted counts.json: redo the stage
             counts = None
         # Done only if the files are what counts.json says: a truncated or replaced .bin is redone, so
-        # "rerun `domainlm prepare`" (what a reader of a bad file is told) repairs it.
-        outputs = [(s.name, sp) for s in cfg.sources for sp in pipeline.SPLITS]
-        if counts is not None and not any(tokens.file_problem(run_dir, n, sp, counts) for n, sp in outputs):
+        # "rerun `domainlm tokenize`" (what a reader of a bad file is told) repairs it.
+        outputs = [(n, sp) for n in names for sp in pipeline.SPLITS]
+        if counts is not None and not any(tokens.file_problem(out, n, sp, counts) for n, sp in outputs):
             return counts
-    tokens.counts_path(run_dir).unlink(missing_ok=True)  # counts.json is the completion mark: remove it first
-    files = {(s.name, sp): pipeline.document_files(run_dir, s.name, sp) for s in cfg.sources for sp in pipeline.SPLITS}
+    tokens.counts_path(out).unlink(missing_ok=True)  # counts.json is the completion mark: remove it first
+    files = {(n, sp): pipeline.document_files(run_dir, n, sp) for n in names for sp in pipeline.SPLITS}
     total_bytes = sum(f.stat().st_size for fs in files.values() for f in fs)
     bar = progress.add_task("tokenize", total=total_bytes) if progress is not None else None
     result = {}
     for (source, split), srcs in files.items():
-        part_dir = tokens.tokens_dir(run_dir) / source / ".parts"
+        part_dir = out / source / ".parts"
         parts, counts = [], {"tokens": 0, "docs": 0, "bytes": 0}
         for src in srcs:
             part = part_dir / f"{split}-{src.name.removesuffix('.jsonl.gz')}.bin"
@@ -147,16 +153,16 @@ def tokenize_run(cfg: RunConfig, run_dir: Path, progress=None) -> dict:
                 counts[k] += done[k]
             if bar is not None:
                 progress.advance(bar, src.stat().st_size)
-        _concat(parts, tokens.token_path(run_dir, source, split), dtype)
+        _concat(parts, tokens.token_path(out, source, split), dtype)
         src_counts = result.setdefault(source, {})
         src_counts.update({f"{split}_tokens": counts["tokens"], f"{split}_docs": counts["docs"],
                            f"{split}_bytes": counts["bytes"]})
     data = {"dtype": dtype.name, "vocab_size": vocab_size, "eos_id": eos_id, "tokenizer_sha256": tok_sha,
             "sources": result}
     faults.hit("tokenize.before_counts")
-    tokens.write_counts(run_dir, data)
+    tokens.write_counts(out, data)
     faults.hit("tokenize.after_counts")
-    for s in cfg.sources:  # the parts are copies of the .bin files: drop them once counts.json is written
-        shutil.rmtree(tokens.tokens_dir(run_dir) / s.name / ".parts", ignore_errors=True)
-    stages.mark_done(run_dir, "tokenize", fp)
-    return tokens.load_counts(run_dir)
+    for n in names:  # the parts are copies of the .bin files: drop them once counts.json is written
+        shutil.rmtree(out / n / ".parts", ignore_errors=True)
+    stages.mark_done(run_dir, stage, fp)
+    return tokens.load_counts(out)

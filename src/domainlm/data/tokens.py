@@ -1,6 +1,7 @@
 """Token files: the contract between `domainlm prepare` (writer) and `domainlm train` / `eval` (readers).
 
-Layout under a run directory::
+Layout of a token folder — ``tokens/`` for the run's own tokenizer, ``tokens-<sha>/`` for any other
+(`RunDir.tokens_for`)::
 
     tokens/<source>/train.bin   raw little-endian uint16 (vocab ≤ 65536) or uint32 token ids;
     tokens/<source>/val.bin     documents concatenated, each followed by the EOS id
@@ -25,22 +26,26 @@ from domainlm.errors import UserError
 from domainlm.rundir import RunDir, publish, write_json
 
 COUNTS_VERSION = 1
+REDO = "rerun `domainlm tokenize CONFIG` (it rewrites the token files)"
 
 
 def dtype_for(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 2**16 else np.dtype(np.uint32)
 
 
-def tokens_dir(run_dir: Path) -> Path:
-    return RunDir(run_dir) / RunDir.TOKENS
+def folder(path: Path) -> Path:
+    """A token folder (from `RunDir.tokens_for`) as is; a run directory → its own token folder ``tokens/``.
+    Every function below takes either."""
+    path = Path(path)
+    return path if path.name.split("-")[0] == RunDir.TOKENS else RunDir(path).tokens_for()
 
 
-def token_path(run_dir: Path, source: str, split: str) -> Path:
-    return tokens_dir(run_dir) / source / f"{split}.bin"
+def token_path(tokens: Path, source: str, split: str) -> Path:
+    return folder(tokens) / source / f"{split}.bin"
 
 
-def counts_path(run_dir: Path) -> Path:
-    return RunDir(run_dir).counts
+def counts_path(tokens: Path) -> Path:
+    return folder(tokens) / RunDir.COUNTS_FILE
 
 
 class TokenWriter:
@@ -76,33 +81,34 @@ class TokenWriter:
             self.tmp.unlink(missing_ok=True)
 
 
-def load_counts(run_dir: Path) -> dict:
-    p = counts_path(run_dir)
+def load_counts(tokens: Path) -> dict:
+    p = counts_path(tokens)
     if not p.exists():
-        raise UserError(f"{p}: no token files; run `domainlm prepare CONFIG` first (with a tokenizer trained)")
+        raise UserError(f"{p}: no token files; run `domainlm tokenize CONFIG` first (after `domainlm prepare` and "
+                        "`domainlm tokenizer`)")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise UserError(f"{p}: corrupted counts file ({e.msg} at line {e.lineno}); rerun `domainlm prepare`") from None
+        raise UserError(f"{p}: corrupted counts file ({e.msg} at line {e.lineno}); {REDO}") from None
     if data.get("version") != COUNTS_VERSION:
-        raise UserError(f"{p}: token files from an incompatible version; rerun `domainlm prepare`")
+        raise UserError(f"{p}: token files from an incompatible version; {REDO}")
     return data
 
 
-def write_counts(run_dir: Path, data: dict) -> Path:
-    return write_json(counts_path(run_dir), {"version": COUNTS_VERSION, **data})
+def write_counts(tokens: Path, data: dict) -> Path:
+    return write_json(counts_path(tokens), {"version": COUNTS_VERSION, **data})
 
 
-def file_problem(run_dir: Path, source: str, split: str, counts: dict) -> str | None:
+def file_problem(tokens: Path, source: str, split: str, counts: dict) -> str | None:
     """Why ``<source>/<split>.bin`` is not what counts.json says it is (missing, or another size), or None."""
-    p = token_path(run_dir, source, split)
+    p = token_path(tokens, source, split)
     if not p.exists():
         return "missing token file"
     itemsize = np.dtype(counts["dtype"]).itemsize
     expected = counts.get("sources", {}).get(source, {}).get(f"{split}_tokens")
     size = p.stat().st_size
     if expected is not None and size != expected * itemsize:
-        return (f"{size:,} bytes on disk, but {counts_path(run_dir).name} says {expected:,} tokens "
+        return (f"{size:,} bytes on disk, but {RunDir.COUNTS_FILE} says {expected:,} tokens "
                 f"({expected * itemsize:,} bytes): truncated or replaced")
     if size % itemsize:
         return f"size is not a multiple of {itemsize} bytes"
@@ -126,20 +132,20 @@ def check_ids(path: Path, arr: np.ndarray, vocab_size: int) -> None:
         if top >= vocab_size:
             at = i + int(np.argmax(chunk >= vocab_size))
             raise UserError(f"{path}: token id {int(arr[at])} at position {at:,} is outside the vocabulary "
-                            f"({vocab_size:,} ids): the file is corrupted; rerun `domainlm prepare CONFIG`")
+                            f"({vocab_size:,} ids): the file is corrupted; {REDO}")
     _ids_checked[key] = None
 
 
-def open_tokens(run_dir: Path, source: str, split: str, counts: dict | None = None) -> np.memmap:
+def open_tokens(tokens: Path, source: str, split: str, counts: dict | None = None) -> np.memmap:
     """Memory-map one source's token file (read-only), checked against counts.json: its size (the number of
     tokens it says) and its ids (below ``vocab_size``)."""
-    counts = counts or load_counts(run_dir)
-    p = token_path(run_dir, source, split)
+    counts = counts or load_counts(tokens)
+    p = token_path(tokens, source, split)
     if not p.exists():
-        raise UserError(f"{p}: missing token file; run `domainlm prepare CONFIG`")
-    problem = file_problem(run_dir, source, split, counts)
+        raise UserError(f"{p}: missing token file; {REDO}")
+    problem = file_problem(tokens, source, split, counts)
     if problem is not None:
-        raise UserError(f"{p}: {problem}; rerun `domainlm prepare CONFIG` (it rewrites the token files)")
+        raise UserError(f"{p}: {problem}; {REDO}")
     dtype = np.dtype(counts["dtype"]).newbyteorder("<")
     if p.stat().st_size == 0:
         raise UserError(f"{p}: empty token file; the source has no {split} documents")

@@ -96,7 +96,7 @@ def launch_train(config: Path | None, *, nodes: int, gpus_per_node: int, procs_p
     run_dir = cfg.directory(workdir).resolve()
     if not counts_path(run_dir).exists():  # else the job would fail on the cluster, after waiting in the queue
         raise UserError(f"{counts_path(run_dir)}: no token files to train on; run `domainlm prepare`, "
-                        f"`domainlm tokenizer` and `domainlm prepare` again before `domainlm launch slurm`")
+                        f"`domainlm tokenizer` and `domainlm tokenize` before `domainlm launch slurm`")
     text = train_script(config=path, workdir=workdir, run_dir=run_dir, job_name=f"domainlm-train-{cfg.name}",
                         nodes=nodes, gpus_per_node=gpus_per_node, procs_per_node=procs,
                         cpus_per_task=cpus_per_task or procs, partition=partition, time_limit=time_limit,

@@ -25,7 +25,7 @@ def _int(text: str | None, flag: str) -> int | None:
 
 
 def measured_unique_tokens(run_dir: Path) -> dict[str, float]:
-    """Unique train tokens per source measured by `domainlm prepare`, if it has run."""
+    """Unique train tokens per source measured by `domainlm tokenize`, if it has run."""
     p = counts_path(run_dir)
     if not p.exists():
         return {}

@@ -30,7 +30,7 @@ PNGS = ("plan.png", "drops.png", "tokens.png", "epochs.png", "bytes_per_token.pn
 PRODUCERS = {
     RunDir.PLAN: "domainlm plan CONFIG",
     RunDir.STATS: "domainlm prepare CONFIG",
-    RunDir.COUNTS: "domainlm tokenizer CONFIG` then `domainlm prepare CONFIG",
+    RunDir.COUNTS: "domainlm tokenize CONFIG",
     RunDir.AUDIT: "domainlm tokenizer CONFIG",
     RunDir.METRICS: "domainlm train CONFIG",
     f"{RunDir.STAGES}/train.json": "domainlm train CONFIG",

@@ -130,7 +130,7 @@ def plan_sweep(cfg: RunConfig, run_dir: Path, budgets: list[float], sizes: int) 
     """Every point of the sweep (budget, shape, steps, tokens), checked before anything trains."""
     if sizes < 3:
         raise UserError(f"--sizes: {sizes} is too few; a parabola per budget needs ≥ 3 model sizes")
-    counts = load_counts(run_dir)  # says: run `domainlm prepare`
+    counts = load_counts(run_dir)  # says: run `domainlm tokenize`
     vocab = int(counts["vocab_size"])
     law = get_law(cfg.budget.law, origin="budget.law:")
     step_tokens, least = tokens_per_step(cfg), min_steps(cfg)
