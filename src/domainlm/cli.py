@@ -318,8 +318,11 @@ def finetune(
     test: Annotated[Path | None, typer.Option(help="--compare: test JSONL [the built LicenseDB test split]")] = None,
     task: Annotated[list[str] | None, typer.Option("--task", help="--compare: tasks [both licensedb ones]")] = None,
     restart: Annotated[bool, typer.Option("--restart", help="delete the output folder; start over")] = False,
+    head: Annotated[str, typer.Option(help="lm: instruction-tune the LM | classification: a sequence "
+                                      "classification head ({text, label} lines or licensedb-category items)")] = "lm",
 ) -> None:
-    """Instruction-tune a model (loss on responses only); --compare GENERAL: domain vs general downstream."""
+    """Instruction-tune a model (loss on responses only), or --head classification; --compare GENERAL: domain vs
+    general downstream."""
     from domainlm.finetune.loop import FinetuneArgs
 
     args = FinetuneArgs(steps=steps, batch_size=batch_size, micro_batch=min(micro_batch, batch_size), lr=lr,
@@ -328,21 +331,26 @@ def finetune(
         _writable_folder(Path(out), "--out")
     if not (Path(model_or_run) / "config.json").is_file() and (Path(model_or_run) / "model").is_dir():
         with _locked(model_or_run, "finetune"):  # a run directory: the output goes to <run>/finetune/
-            _finetune(model_or_run, data, val, out, args, compare, test, task, restart)
+            _finetune(model_or_run, data, val, out, args, compare, test, task, restart, head)
     else:
-        _finetune(model_or_run, data, val, out, args, compare, test, task, restart)
+        _finetune(model_or_run, data, val, out, args, compare, test, task, restart, head)
 
 
-def _finetune(model_or_run, data, val, out, args, compare, test, task, restart) -> None:
+def _finetune(model_or_run, data, val, out, args, compare, test, task, restart, head="lm") -> None:
+    if head not in ("lm", "classification"):
+        raise UserError(f"--head: expected lm or classification, got {head!r}")
     if compare is None:
+        from domainlm.finetune.classify import finetune_classifier
         from domainlm.finetune.loop import finetune as run_finetune
 
-        run_finetune(model_or_run, data, val=val, out=out, args=args, restart=restart, console=err_console)
+        fit = run_finetune if head == "lm" else finetune_classifier
+        fit(model_or_run, data, val=val, out=out, args=args, restart=restart, console=err_console)
         return
     from domainlm.finetune.compare import compare as run_compare
     from domainlm.finetune.compare import print_compare
 
     result, written = run_compare(model_or_run, compare, data, val=val, test=test, out=out, args=args, tasks=task,
+                                  head=head,
                                   restart=restart, console=err_console)
     print_compare(result, console)
     for p in written:

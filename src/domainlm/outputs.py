@@ -376,6 +376,7 @@ class TaskComparison(Part):
     chance_accuracy: float | None = None
     majority_accuracy: float | None = None
     majority_class: str | None = None
+    majority_macro_f1: float | None = None  # the macro-F1 of always answering the majority class
 
 
 class FinetuneComparison(Output):
@@ -388,6 +389,13 @@ class FinetuneComparison(Output):
     finetune: dict[str, dict[str, Any]]  # domain | general -> final_loss, val_loss, steps, truncated
     tasks: dict[str, TaskComparison]
     verdict: str
+
+
+class ClassifyComparison(FinetuneComparison):
+    """``eval/classify.json`` (and ``<out>/compare.json``) — `domainlm finetune --head classification --compare`
+    (finetune/compare.py with finetune/classify.py): the same shape, one task, and the head."""
+
+    head: str  # classification
 
 
 # ------------------------------------------------------------------------------------------------ the table
@@ -403,4 +411,5 @@ SCHEMAS: dict[str, type[Output]] = {
     RunDir.ABLATE: Ablation,
     RunDir.LAW: Law,
     RunDir.FINETUNE_COMPARE: FinetuneComparison,
+    RunDir.CLASSIFY_COMPARE: ClassifyComparison,
 }

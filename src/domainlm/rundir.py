@@ -110,6 +110,9 @@ class RunDir:
     EVAL = "eval/eval.json"  # domainlm eval
     TASKS = "eval/tasks.json"  # domainlm eval --task
     FINETUNE_COMPARE = "eval/finetune.json"  # domainlm finetune --compare
+    CLASSIFY_COMPARE = "eval/classify.json"  # domainlm finetune --head classification --compare
+    TASK_DATA = "tasks/licensedb"  # domainlm run's downstream stage: the LicenseDB split (domainlm tasks licensedb)
+    DOWNSTREAM = "finetune/classify"  # domainlm run's downstream stage: the two fine-tuned classifiers
     ABLATE = "ablate/ablate.json"  # domainlm ablate
     VARIANT_EVAL = "eval.json"  # in a variant's folder (ablate/w<W>/): its bpb and probes
     BASELINE_EVAL = "ablate/w0/eval.json"  # the weight-0 variant's: domainlm run's general-only baseline

@@ -18,7 +18,7 @@ from rich.table import Table
 from domainlm.errors import UserError
 from domainlm.evaluate import tasks as downstream
 from domainlm.finetune.loop import FinetuneArgs, finetune, resolve_model
-from domainlm.rundir import write_json
+from domainlm.rundir import RunDir, write_json
 
 RESULT = "eval/finetune.json"
 
@@ -35,10 +35,19 @@ def _licenses_in(path: Path) -> set[str]:
 
 def compare(domain: Path, general: Path, data: Path, *, val: Path | None = None, test: Path | None = None,
             out: Path | None = None, args: FinetuneArgs | None = None, tasks: list[str] | None = None,
-            restart: bool = False, console: Console | None = None) -> tuple[dict, list[Path]]:
+            restart: bool = False, console: Console | None = None, head: str = "lm") -> tuple[dict, list[Path]]:
+    """``head``: ``lm`` (instruction fine-tuning, answers scored by the LM) or ``classification`` (a sequence
+    classification head, finetune/classify.py: the category task only; written to ``eval/classify.json``)."""
+    from domainlm.finetune import classify
+
     console = console or Console(stderr=True)
     args = args or FinetuneArgs()
-    tasks = list(tasks or downstream.TASKS)
+    if head not in ("lm", "classification"):
+        raise UserError(f"--head: expected lm or classification, got {head!r}")
+    tasks = list(tasks or (downstream.TASKS if head == "lm" else [classify.TASK]))
+    if head == "classification" and tasks != [classify.TASK]:
+        raise UserError(f"--task: --head classification scores {classify.TASK} only, got {', '.join(tasks)}")
+    fit = finetune if head == "lm" else classify.finetune_classifier
     domain_dir, run_dir = resolve_model(domain)
     general_dir, _ = resolve_model(general)
     test_items = {t: downstream.load_test(t, test) for t in tasks}  # fail fast, before any training
@@ -46,25 +55,27 @@ def compare(domain: Path, general: Path, data: Path, *, val: Path | None = None,
     if leaked:
         raise UserError(f"{data}: {len(leaked)} license(s) also in the test split (e.g. {sorted(leaked)[0]}); "
                         "build both with the same `domainlm tasks licensedb` flags")
-    out = Path(out) if out is not None else (run_dir / "finetune" / "compare" if run_dir else Path("finetune-compare"))
+    name = "compare" if head == "lm" else "classify"
+    out = Path(out) if out is not None else (run_dir / "finetune" / name if run_dir else Path(f"finetune-{name}"))
 
     models = {"domain": domain_dir, "general": general_dir}
     runs = {}
     for label, model_dir in models.items():
         console.print(f"[bold]{label}[/]: fine-tuning {escape(str(model_dir))}")
-        runs[label] = finetune(model_dir, data, val=val, out=out / label, args=args, restart=restart, console=console)
+        runs[label] = fit(model_dir, data, val=val, out=out / label, args=args, restart=restart, console=console)
 
     result = {"data": str(data), "test": str(test) if test else "built (domainlm tasks licensedb defaults)",
               "args": runs["domain"]["args"], "models": {k: str(v) for k, v in models.items()},
               "finetune": {k: {x: r[x] for x in ("final_loss", "val_loss", "steps", "truncated")}
                            for k, r in runs.items()},
-              "tasks": {}}
+              "tasks": {}, **({"head": head} if head != "lm" else {})}
     for task in tasks:
         items = test_items[task]
         scored = {}
         for label in models:
             console.print(f"scoring {label} on {task} ({len(items)} items)")
-            scored[label] = downstream.score_task(Path(runs[label]["out"]), task, items=items)
+            scored[label] = (downstream.score_task(Path(runs[label]["out"]), task, items=items) if head == "lm"
+                             else classify.score_items(Path(runs[label]["out"]), items, task))
         gold = [it["response"] for it in items]
         idx = downstream.bootstrap_indices(len(items))
         preds = {k: [p["pred"] for p in v["predictions"]] for k, v in scored.items()}
@@ -76,10 +87,17 @@ def compare(domain: Path, general: Path, data: Path, *, val: Path | None = None,
             **{k: v for k, v in scored["domain"].items() if k in ("chance_accuracy", "majority_accuracy",
                                                                   "majority_class")},
         }
+        if "majority_class" in scored["domain"]:  # the macro-F1 of always answering the majority class
+            result["tasks"][task]["majority_macro_f1"] = downstream.macro_f1(
+                gold, [scored["domain"]["majority_class"]] * len(gold))
     result["verdict"] = verdict(result)
+    if head != "lm":
+        from domainlm.outputs import ClassifyComparison
+
+        result = ClassifyComparison.checked(result)
     written = [_write(out / "compare.json", result)]
     if run_dir is not None:
-        written.append(_write(run_dir / RESULT, result))
+        written.append(_write(run_dir / (RESULT if head == "lm" else RunDir.CLASSIFY_COMPARE), result))
     return result, written
 
 
@@ -111,7 +129,8 @@ def print_compare(result: dict, console: Console) -> None:
             table.add_row(task, name, fmt(r["domain"]["metrics"][name]), fmt(r["general"]["metrics"][name]),
                           fmt(r["domain_minus_general"][name], "+"))
         if "majority_accuracy" in r:
-            table.add_row(task, "majority class", f"{r['majority_accuracy']:.1%}", "", "")
+            f1 = f", macro-F1 {r['majority_macro_f1']:.1%}" if r.get("majority_macro_f1") is not None else ""
+            table.add_row(task, "majority class", f"accuracy {r['majority_accuracy']:.1%}{f1}", "", "")
     console.print(table)
     for line in result["verdict"].split("; "):
         console.print(line, highlight=False)

@@ -37,6 +37,7 @@ PRODUCERS = {
     RunDir.EVAL: "domainlm eval {run}",
     RunDir.ABLATE: "domainlm ablate CONFIG --domain-weights 0,0.51,1",
     RunDir.FINETUNE_COMPARE: "domainlm finetune {run} --compare GENERAL_MODEL --data TRAIN.jsonl",
+    RunDir.CLASSIFY_COMPARE: "domainlm finetune {run} --head classification --compare GENERAL_MODEL --data TRAIN.jsonl",
 }
 # What a section catches from a file of an unexpected shape (e.g. written by another domainlm version).
 SHAPE_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError)
@@ -435,10 +436,22 @@ def ablation_section(r: Report) -> Section | None:
 def finetune_section(r: Report) -> Section | None:
     """Only when `domainlm finetune --compare` has run: downstream scores of the fine-tuned domain and general
     models side by side, with paired-bootstrap CIs (finetune/compare.py writes the file)."""
-    ft, why = r.read(RunDir.FINETUNE_COMPARE)
+    return _comparison_section(r, RunDir.FINETUNE_COMPARE, "finetune",
+                               "Downstream tasks after fine-tuning: domain vs general")
+
+
+def classify_section(r: Report) -> Section | None:
+    """Only when `domainlm finetune --head classification --compare` has run (or `domainlm run` of a config with
+    a ``downstream`` section): the two classifiers' accuracy and macro-F1 against the majority class."""
+    return _comparison_section(r, RunDir.CLASSIFY_COMPARE, "classify",
+                               "Downstream classification: domain vs general model")
+
+
+def _comparison_section(r: Report, rel: str, sid: str, title: str) -> Section | None:
+    ft, why = r.read(rel)
     if ft is None and why.startswith("no "):
         return None
-    s = Section("finetune", "Downstream tasks after fine-tuning: domain vs general")
+    s = Section(sid, title)
     if ft is None:
         s.hints.append(why)
         return s
@@ -449,7 +462,16 @@ def finetune_section(r: Report) -> Section | None:
     rows = [[escape(task), escape(name), ci(t["domain"]["metrics"][name]), ci(t["general"]["metrics"][name]),
              f"<b>{ci(t['domain_minus_general'][name], '{:+.1%}')}</b>"]
             for task, t in ft["tasks"].items() for name in t["domain"]["metrics"]]
+    for task, t in ft["tasks"].items():
+        if t.get("majority_accuracy") is not None:  # what always answering the largest class scores
+            f1 = t.get("majority_macro_f1")
+            rows.append([escape(task), f"majority class ({escape(str(t.get('majority_class')))})",
+                         f"accuracy {t['majority_accuracy']:.1%}" + (f", macro-F1 {f1:.1%}" if f1 is not None else ""),
+                         "", ""])
     s.body.append(_table(["task", "metric", "domain", "general", "domain − general"], rows))
+    if ft.get("models"):
+        s.body.append("<p class=note>" + "; ".join(f"{escape(k)}: <code>{escape(str(v))}</code>"
+                                                   for k, v in ft["models"].items()) + "</p>")
     s.body.append(f"<p class=note>{escape(ft.get('verdict', ''))}. 95% bootstrap intervals over test items (paired "
                   "for the difference); both models fine-tuned with the same data, steps and seed.</p>")
     return s
@@ -543,7 +565,7 @@ def build_report(run_dir: Path | str) -> dict:
     sections = []
     # page order; the tokenizer and eval sections record source roles that the ablation section uses
     for make in (plan_section, data_section, tokenizer_section, training_section, eval_section, probes_section,
-                 ablation_section, finetune_section):
+                 ablation_section, finetune_section, classify_section):
         try:
             s = make(r)
         except SHAPE_ERRORS as e:  # a file of an unexpected shape: say so, keep the rest of the report
