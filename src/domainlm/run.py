@@ -55,19 +55,20 @@ class _Timer:
 def _plan(config_path: Path, run_dir: Path, cfg: RunConfig, console: Console) -> dict:
     """Plan, unless the config and the measured token counts are unchanged (keeps the CPU probe's number,
     so a rerun does not re-size the model)."""
-    from domainlm.data.tokens import counts_path
     from domainlm.plan.command import run_plan
     from domainlm.plan.report import print_plan
 
-    counts = counts_path(run_dir)
-    fp = stages.fingerprint(dump_config(cfg), counts.read_text() if counts.exists() else None)
-    plan_json = RunDir(run_dir).plan
-    if plan_json.exists() and stages.is_done(run_dir, "plan", fp):
+    def work() -> dict:
+        result, _ = run_plan(config_path)
+        print_plan(result, console)
+        return result
+
+    counts = RunDir(run_dir).counts
+    stage = stages.Stage(run_dir, "plan", RunDir(run_dir).plan,
+                         (dump_config(cfg), counts.read_text() if counts.exists() else None))
+    result, ran = stage.run(work, lambda: RunDir(run_dir).read_json(RunDir.PLAN))
+    if not ran:
         console.print("plan: unchanged, skipped")
-        return json.loads(plan_json.read_text())
-    result, _ = run_plan(config_path)
-    print_plan(result, console)
-    stages.mark_done(run_dir, "plan", fp)
     return result
 
 
@@ -117,15 +118,13 @@ def _report(run_dir: Path, console: Console) -> Path:
     from domainlm.report import build_report
     from domainlm.report.html import PRODUCERS  # every file the report reads
 
-    page = RunDir(run_dir).report
     found = [run_dir / f for f in PRODUCERS if (run_dir / f).exists()]
-    fp = stages.fingerprint(__version__, {str(f): stages.file_fingerprint(f) for f in found})
-    if page.exists() and stages.is_done(run_dir, "report", fp):
+    stage = stages.Stage(run_dir, "report", RunDir(run_dir).report,
+                         (__version__, {str(f): stages.file_fingerprint(f) for f in found}))
+    _, ran = stage.run(lambda: build_report(run_dir), lambda: None)
+    if not ran:
         console.print("report: inputs unchanged, skipped")
-        return page
-    result = build_report(run_dir)
-    stages.mark_done(run_dir, "report", fp)
-    return Path(result["path"])
+    return stage.output
 
 
 def summary(run_dir: Path, cfg: RunConfig, seconds: float, report: Path) -> dict:

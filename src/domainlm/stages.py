@@ -1,4 +1,4 @@
-"""Stage bookkeeping: each stage records a fingerprint of its inputs and config in ``<run>/.stages/``;
+"""Stage bookkeeping: a `Stage` records a fingerprint of its inputs and config in ``<run>/.stages/``;
 a rerun with the same fingerprint skips the stage, a different one redoes it. ``locked`` keeps a run
 directory to one writing command at a time."""
 
@@ -11,6 +11,9 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 
 from domainlm.errors import UserError
@@ -63,6 +66,45 @@ def recorded(run_dir: Path, stage: str) -> dict:
 
 def clear(run_dir: Path, stage: str) -> None:
     _marker(run_dir, stage).unlink(missing_ok=True)
+
+
+@dataclass
+class Stage:
+    """One pipeline stage of a run: ``inputs`` (configs as dicts, input files' hashes, versions) → fingerprint →
+    the work → ``output``, the file the stage writes last (its completion mark). Done when ``output`` exists, the
+    marker ``.stages/<name>.json`` holds the same fingerprint and ``intact`` (if given) finds the outputs whole;
+    a stage that is not done resumes its own unfinished work (datatrove tasks, token parts, checkpoints)."""
+
+    run_dir: Path
+    name: str
+    output: Path
+    inputs: tuple = ()
+    intact: Callable[[], bool] | None = None
+
+    @cached_property
+    def fingerprint(self) -> str:
+        return fingerprint(*self.inputs)
+
+    def done(self) -> bool:
+        return (self.output.exists() and is_done(self.run_dir, self.name, self.fingerprint)
+                and (self.intact is None or self.intact()))
+
+    def start(self) -> None:
+        """Before redoing the work: the marker goes first (the stage removes its completion mark if others read
+        it as "done")."""
+        clear(self.run_dir, self.name)
+
+    def finish(self, info: dict | None = None) -> None:
+        mark_done(self.run_dir, self.name, self.fingerprint, info)
+
+    def run(self, work: Callable[[], object], load: Callable[[], object]) -> tuple[object, bool]:
+        """``load()`` when done, else ``work()`` between `start` and `finish`; and whether the work ran."""
+        if self.done():
+            return load(), False
+        self.start()
+        result = work()
+        self.finish()
+        return result, True
 
 
 def writable_dir(folder: Path, what: str = "run directory") -> Path:

@@ -30,7 +30,7 @@ from domainlm.config import SPECIAL_TOKENS, RunConfig, SourceConfig, load_config
 from domainlm.data.pipeline import data_dir, document_files, iter_documents, stats_path
 from domainlm.errors import UserError
 from domainlm.rundir import RunDir, swap_dir, write_json
-from domainlm.stages import file_fingerprint, fingerprint, is_done, mark_done
+from domainlm.stages import Stage, file_fingerprint
 
 STAGE = "tokenizer"
 AUDIT_VERSION = 1
@@ -260,13 +260,14 @@ def run_tokenizer(config: Path | str | None, *, console: Console | None = None) 
     run_dir = cfg.directory()
     out = tokenizer_dir(run_dir)
     _check_prepared(cfg, run_dir, config_name)
-    fp = fingerprint({"stage": STAGE, "version": AUDIT_VERSION, "tokenizers": tokenizers.__version__},
-                     cfg.tokenizer.model_dump(mode="json"),
-                     [(s.name, s.role, s.weight) for s in cfg.sources],
-                     _data_fingerprint(cfg, run_dir))
-    if is_done(run_dir, STAGE, fp) and (out / AUDIT_FILE).exists() and (out / "tokenizer.json").exists():
+    stage = Stage(run_dir, STAGE, out / AUDIT_FILE,
+                  ({"stage": STAGE, "version": AUDIT_VERSION, "tokenizers": tokenizers.__version__},
+                   cfg.tokenizer.model_dump(mode="json"), [(s.name, s.role, s.weight) for s in cfg.sources],
+                   _data_fingerprint(cfg, run_dir)), intact=(out / "tokenizer.json").exists)
+    if stage.done():
         _say(console, f"[dim]tokenizer: up to date ({out}); nothing to do[/]")
         return {**json.loads((out / AUDIT_FILE).read_text(encoding="utf-8")), "skipped": True}
+    stage.start()
 
     for stale in run_dir.glob(".tokenizer.tmp-*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
@@ -312,7 +313,7 @@ def run_tokenizer(config: Path | str | None, *, console: Console | None = None) 
         baseline.save(str(tmp / BASELINE_FILE))
     write_json(tmp / AUDIT_FILE, result)
     swap_dir(tmp, out)
-    mark_done(run_dir, STAGE, fp, {"vocab_size": tok.get_vocab_size()})
+    stage.finish({"vocab_size": tok.get_vocab_size()})
     return result
 
 

@@ -341,13 +341,14 @@ def prepare_sources(cfg: RunConfig, run_dir: Path, progress) -> dict:
     tasks = pcfg.tasks or workers
     specs = [sources.resolve(s, f"sources[{i}].input", pcfg.max_chars) for i, s in enumerate(cfg.sources)]
     fps = {s.name: source_fingerprint(s, pcfg, tasks) for s in specs}
-    overall = stages.fingerprint(fps)
-    if stats_path(run_dir).exists() and stages.is_done(run_dir, "prepare", overall):
+    stage = stages.Stage(run_dir, "prepare", stats_path(run_dir), (fps,))
+    if stage.done():
         return json.loads(stats_path(run_dir).read_text())
+    stage.start()
     stats_path(run_dir).unlink(missing_ok=True)  # the completion mark of the data stage goes first,
     for counts in Path(run_dir).glob(f"{RunDir.TOKENS}*/{RunDir.COUNTS_FILE}"):  # and every tokenizer's tokens
         counts.unlink()  # of the old data
-    stats = {"version": STATS_VERSION, "fingerprint": overall, "tasks": tasks, "sources": {}}
+    stats = {"version": STATS_VERSION, "fingerprint": stage.fingerprint, "tasks": tasks, "sources": {}}
     for spec in specs:
         w = work_dir(run_dir, spec.name)
         fp_file = w / "fingerprint"
@@ -379,5 +380,5 @@ def prepare_sources(cfg: RunConfig, run_dir: Path, progress) -> dict:
     if len(stats["sources"]) < len(specs):  # Slurm: a rerun after the jobs have finished writes the statistics
         return {"submitted": "slurm", "logs": str(run_dir / ".prepare"), "sources": {}}
     write_json_atomic(stats_path(run_dir), stats)
-    stages.mark_done(run_dir, "prepare", overall, {"sources": list(fps)})
+    stage.finish({"sources": list(fps)})
     return stats

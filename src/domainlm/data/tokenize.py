@@ -112,7 +112,6 @@ def tokenize(run_dir: Path, tokenizer_dir: Path | None = None, progress=None) ->
     when up to date. Returns counts.json."""
     tokenizer_dir = Path(tokenizer_dir) if tokenizer_dir is not None else RunDir(run_dir).tokenizer
     out = RunDir(run_dir).tokens_for(tokenizer_dir)
-    stage = "tokenize" + out.name.removeprefix(RunDir.TOKENS)  # tokenize, tokenize-<sha>
     tok, eos_id = load_tokenizer(tokenizer_dir)
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     dtype = tokens.dtype_for(vocab_size)
@@ -121,18 +120,21 @@ def tokenize(run_dir: Path, tokenizer_dir: Path | None = None, progress=None) ->
     if stats is None:
         raise UserError(f"{RunDir(run_dir).stats}: no prepared data; run `domainlm prepare CONFIG` first")
     names = list(stats["sources"])
-    fp = stages.fingerprint("tokenize-v1", stats["fingerprint"], tok_sha, names)
-    if tokens.counts_path(out).exists() and stages.is_done(run_dir, stage, fp):
+
+    def intact() -> bool:  # the files are what counts.json says: "rerun `domainlm tokenize`" repairs a bad one
         try:
             counts = tokens.load_counts(out)
-        except UserError:  # a corrupted counts.json: redo the stage
-            counts = None
-        # Done only if the files are what counts.json says: a truncated or replaced .bin is redone, so
-        # "rerun `domainlm tokenize`" (what a reader of a bad file is told) repairs it.
-        outputs = [(n, sp) for n in names for sp in pipeline.SPLITS]
-        if counts is not None and not any(tokens.file_problem(out, n, sp, counts) for n, sp in outputs):
-            return counts
+        except UserError:  # a corrupted counts.json
+            return False
+        return not any(tokens.file_problem(out, n, sp, counts) for n in names for sp in pipeline.SPLITS)
+
+    stage = stages.Stage(run_dir, "tokenize" + out.name.removeprefix(RunDir.TOKENS),  # tokenize, tokenize-<sha>
+                         tokens.counts_path(out), ("tokenize-v1", stats["fingerprint"], tok_sha, names), intact)
+    if stage.done():
+        return tokens.load_counts(out)
+    stage.start()
     tokens.counts_path(out).unlink(missing_ok=True)  # counts.json is the completion mark: remove it first
+    fp = stage.fingerprint
     files = {(n, sp): pipeline.document_files(run_dir, n, sp) for n in names for sp in pipeline.SPLITS}
     total_bytes = sum(f.stat().st_size for fs in files.values() for f in fs)
     bar = progress.add_task("tokenize", total=total_bytes) if progress is not None else None
@@ -164,5 +166,5 @@ def tokenize(run_dir: Path, tokenizer_dir: Path | None = None, progress=None) ->
     faults.hit("tokenize.after_counts")
     for n in names:  # the parts are copies of the .bin files: drop them once counts.json is written
         shutil.rmtree(out / n / ".parts", ignore_errors=True)
-    stages.mark_done(run_dir, stage, fp)
+    stage.finish()
     return tokens.load_counts(out)
