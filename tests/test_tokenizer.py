@@ -13,7 +13,8 @@ import yaml
 from domainlm import cli
 from domainlm.config import load_config
 from domainlm.errors import ConfigError, UserError
-from domainlm.tokenizer import AUDIT_FILE, run_tokenizer, sample_texts, tokenizer_dir, train_bytes
+from domainlm.rundir import RunDir
+from domainlm.tokenizer import AUDIT_FILE, run_tokenizer, sample_texts, train_bytes
 
 LEGAL = ["the licensee shall indemnify the licensor", "notwithstanding the foregoing", "indemnification",
          "sublicensable", "irrevocable royalty-free license", "res judicata", "mens rea", "consideration",
@@ -119,7 +120,7 @@ def test_failed_run_leaves_previous_tokenizer_intact(tmp_path, monkeypatch):
 
     cfg_path = make_run(tmp_path)
     run_tokenizer(cfg_path)
-    out = tokenizer_dir(tmp_path / "run")
+    out = RunDir(tmp_path / "run").tokenizer
     before = (out / "tokenizer.json").read_bytes()
     write_split(tmp_path / "run", "legal", "train", _docs(LEGAL, 150, 9))  # forces a retrain
 
@@ -183,7 +184,7 @@ def test_empty_train_split(tmp_path):
     write_split(tmp_path / "run", "news", "train", [])
     with pytest.raises(UserError, match=r"news/train: source 'news' has an empty train split"):
         run_tokenizer(cfg_path)
-    assert not tokenizer_dir(tmp_path / "run").exists()
+    assert not RunDir(tmp_path / "run").tokenizer.exists()
 
 
 def test_cli_json_and_error(tmp_path, capsys):

@@ -40,10 +40,6 @@ BOS, EOS, PAD = SPECIAL_TOKENS  # ids 0, 1, 2: the trainers put special tokens f
 ENCODE_BATCH_DOCS = 256
 
 
-def tokenizer_dir(run_dir: Path) -> Path:
-    return Path(run_dir) / "tokenizer"
-
-
 # ------------------------------------------------------------------------------------------ prepared data
 # Read with `prepare`'s own reader (data/pipeline.py): data/<source>/{train,val}/*.jsonl.gz in sorted order.
 
@@ -258,7 +254,7 @@ def run_tokenizer(config: Path | str | None, *, console: Console | None = None) 
     cfg = load_config(config)
     config_name = str(config) if config is not None else "CONFIG"
     run_dir = cfg.directory()
-    out = tokenizer_dir(run_dir)
+    out = RunDir(run_dir).tokenizer
     _check_prepared(cfg, run_dir, config_name)
     stage = Stage(run_dir, STAGE, out / AUDIT_FILE,
                   ({"stage": STAGE, "version": AUDIT_VERSION, "tokenizers": tokenizers.__version__},
