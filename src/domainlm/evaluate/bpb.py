@@ -121,6 +121,8 @@ class TextScore:
     bytes: int
     docs: int
     forward_tokens: int = 0  # tokens the model read: the compute, ≥ tokens (windows overlap by context − stride)
+    doc_nll: list[float] | None = None  # nats per document, in order (paired comparisons: `domainlm decide`)
+    doc_bytes: list[int] | None = None
 
     def as_dict(self) -> dict:
         loss = self.nll_nats / self.tokens if self.tokens else float("nan")
@@ -149,31 +151,35 @@ def score_texts(
         raise UserError(f"context {context} leaves no room after the {len(prefix)} start-of-document tokens")
     docs = [d for d in docs if d]
     encoded = tok(list(docs), add_special_tokens=False, verbose=False)["input_ids"] if docs else []
-    seqs, starts = [], []
+    seqs, starts, owner = [], [], []
     n_tokens = 0
-    for ids in encoded:
+    for d, ids in enumerate(encoded):
         full = prefix + list(ids)
         n_tokens += len(ids)
         for s, a, b in windows(len(full), len(prefix), context, stride):
             seqs.append(full[s:b])
             starts.append(a - s)
+            owner.append(d)
     forward_tokens = sum(len(q) - 1 for q in seqs)
     # Data-parallel under torchrun: each rank scores every world-th window of the length-sorted list (balanced
-    # work), and the sums meet in one all-reduce. float64 sums are order-independent to ~1e-16.
+    # work), and the per-document sums meet in one all-reduce. float64 sums are order-independent to ~1e-16.
     rank, world = _rank_world()
     if world > 1:
         order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))[rank::world]
-        seqs, starts = [seqs[i] for i in order], [starts[i] for i in order]
-    total = float(score_sequences(model, seqs, starts, batch_tokens=batch_tokens, progress=progress).sum())
+        seqs, starts, owner = [seqs[i] for i in order], [starts[i] for i in order], [owner[i] for i in order]
+    per_doc = np.zeros(len(encoded), dtype=np.float64)
+    np.add.at(per_doc, np.asarray(owner, dtype=np.int64),
+              score_sequences(model, seqs, starts, batch_tokens=batch_tokens, progress=progress))
     if world > 1:
         import torch
         import torch.distributed as dist
 
-        t = torch.tensor([total], dtype=torch.float64, device=next(model.parameters()).device)
+        t = torch.from_numpy(per_doc).to(next(model.parameters()).device)
         dist.all_reduce(t)
-        total = float(t.item())
-    n_bytes = sum(len(d.encode("utf-8")) for d in docs)
-    return TextScore(total, n_tokens, n_bytes, len(docs), forward_tokens)
+        per_doc = t.cpu().numpy()
+    doc_bytes = [len(d.encode("utf-8")) for d in docs]
+    return TextScore(float(per_doc.sum()), n_tokens, sum(doc_bytes), len(docs), forward_tokens,
+                     per_doc.tolist(), doc_bytes)
 
 
 def _rank_world() -> tuple[int, int]:
