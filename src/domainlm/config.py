@@ -18,6 +18,7 @@ from domainlm.errors import ConfigError, UserError
 
 LAWS = ("chinchilla-1", "chinchilla-2", "chinchilla-3", "epoch-2024", "kaplan")
 DEMO_RECIPE = "legal-demo.yaml"
+LICENSEDB_TEST = "licensedb:test"  # sources[].exclude_ids: the default split's test licenses (domainlm tasks)
 
 
 class _Section(BaseModel):
@@ -133,6 +134,9 @@ class TokenizerConfig(_Section):
     sample_bytes: int = Field(default=20_000_000, ge=1, description="train text sampled by mixture weight")
     audit_bytes: int = Field(default=1_000_000, ge=1, description="val text per source for the audit")
     seed: int = 0
+    # Continued pretraining (train.init_from): add the base model's tokenizer the N domain tokens of this run's
+    # tokenizer that save the most tokens on the domain text, with new embedding rows (tokenizer_extend.py).
+    extend_vocab: int = Field(default=0, ge=0, description="domain tokens added to the base tokenizer")
 
     @field_validator("vocab_size")
     @classmethod
@@ -153,6 +157,27 @@ class ModelConfig(_Section):
     ffn_dim: int | None = Field(default=None, ge=8)
     tie_embeddings: bool = False
     max_position_embeddings: int | None = Field(default=None, ge=8)
+    # The pretraining objective (docs/objectives.md, train/objectives.py): causal = a Llama decoder, next-token
+    # prediction; masked = a ModernBERT encoder, masked LM (Devlin et al. 2019; Warner et al. 2024); span = a T5
+    # encoder-decoder, span corruption (Raffel et al. 2020).
+    objective: Literal["causal", "masked", "span"] = "causal"
+    mask_rate: float = Field(default=0.15, gt=0, lt=1, description="masked: share of tokens predicted (BERT 0.15, "
+                             "ModernBERT 0.30); of them 80% become the mask token, 10% a random token, 10% stay")
+    whole_word_mask: bool = Field(default=False, description="masked: mask every token of a chosen word")
+    noise_density: float = Field(default=0.15, gt=0, lt=0.5, description="span: share of tokens corrupted (T5)")
+    mean_span_length: float = Field(default=3.0, ge=1, description="span: mean corrupted span length (T5)")
+
+    @model_validator(mode="after")
+    def _objective_keys(self) -> ModelConfig:
+        for key, objective in (("mask_rate", "masked"), ("whole_word_mask", "masked"), ("noise_density", "span"),
+                               ("mean_span_length", "span")):
+            if (key in self.model_fields_set and self.objective != objective  # a dumped config sets every key
+                    and getattr(self, key) != type(self).model_fields[key].default):
+                raise ValueError(f"model.{key}: only for model.objective: {objective}, not {self.objective}")
+        if self.objective != "causal" and self.n_kv_heads and self.n_kv_heads != (self.n_heads or self.n_kv_heads):
+            raise ValueError(f"model.n_kv_heads: the {self.objective} model has no grouped-query attention; leave "
+                             "it unset or equal to model.n_heads")
+        return self
 
     @model_validator(mode="after")
     def _heads_fit(self) -> ModelConfig:
@@ -186,6 +211,9 @@ class TrainConfig(_Section):
     checkpoint_every: int = Field(default=100, ge=1)
     keep_checkpoints: int = Field(default=2, ge=1)
     seed: int = 0
+    # Continued pretraining (docs/continued.md): start from this Hugging Face causal-LM folder or run directory
+    # (its model/) instead of random weights; its shape and tokenizer replace the model section and the run's own.
+    init_from: str | None = Field(default=None, min_length=1, description="base model folder or run directory")
 
     @field_validator("cpu_offload")
     @classmethod
@@ -217,6 +245,22 @@ class EvalConfig(_Section):
     batch_tokens: int = Field(default=8192, ge=64, description="tokens per forward pass (memory vs speed)")
 
 
+class DownstreamConfig(_Section):
+    """`domainlm run`'s downstream stage (docs/finetune.md): the domain model and the general-only baseline
+    fine-tuned the same way on a LicenseDB task (license held out by license) and compared with paired bootstrap
+    intervals. Unset ``task``: no such stage. Hold the test licenses out of pretraining with
+    ``sources[].exclude_ids: licensedb:test``."""
+
+    task: Literal["licensedb-category"] | None = None
+    head: Literal["classification"] = "classification"  # a sequence-classification head (finetune/classify.py)
+    steps: int = Field(default=200, ge=1)
+    batch_size: int = Field(default=16, ge=1)
+    micro_batch: int = Field(default=16, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    max_len: int | None = Field(default=None, ge=8, description="tokens per example; default: the model's context")
+    seed: int = 0
+
+
 class RunConfig(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     run_dir: str | None = None  # default: runs/<name>
@@ -227,6 +271,7 @@ class RunConfig(_Section):
     model: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
+    downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
 
     @field_validator("sources")
     @classmethod
@@ -242,11 +287,31 @@ class RunConfig(_Section):
         return sources
 
     @model_validator(mode="after")
+    def _extend_needs_base(self) -> RunConfig:
+        if self.tokenizer.extend_vocab and not self.train.init_from:
+            raise ValueError(f"tokenizer.extend_vocab: {self.tokenizer.extend_vocab} adds tokens to a base model's "
+                             "tokenizer; set train.init_from (or use 0 to train from scratch)")
+        return self
+
+    @model_validator(mode="after")
     def _context_fits(self) -> RunConfig:
         max_pos = self.model.max_position_embeddings
         if max_pos and self.train.seq_len > max_pos:
             raise ValueError(f"train.seq_len: {self.train.seq_len} is longer than model.max_position_embeddings "
                              f"{max_pos}")
+        return self
+
+    @model_validator(mode="after")
+    def _spans_fit(self) -> RunConfig:
+        """Span corruption marks each corrupted span with its own sentinel token; T5 has 100 of them."""
+        if self.model.objective == "span":
+            from domainlm.train.objectives import N_SENTINELS, span_counts
+
+            spans = span_counts(self.train.seq_len, self.model.noise_density, self.model.mean_span_length)[1]
+            if spans > N_SENTINELS:
+                raise ValueError(f"train.seq_len: span corruption of {self.train.seq_len} tokens makes {spans} spans, "
+                                 f"more than the {N_SENTINELS} sentinel tokens; lower train.seq_len or raise "
+                                 "model.mean_span_length")
         return self
 
     def directory(self, base: Path | None = None) -> Path:
@@ -321,8 +386,10 @@ def load_config(path: str | Path | None) -> RunConfig:
     for s in cfg.sources:
         if not (s.input.startswith(("hf:", "package:")) or Path(s.input).is_absolute()):
             s.input = str(base / s.input)
-        if s.exclude_ids and not Path(s.exclude_ids).is_absolute():
+        if s.exclude_ids and not Path(s.exclude_ids).is_absolute() and s.exclude_ids != LICENSEDB_TEST:
             s.exclude_ids = str(base / s.exclude_ids)
+    if cfg.train.init_from and not Path(cfg.train.init_from).expanduser().is_absolute():
+        cfg.train.init_from = str(base / cfg.train.init_from)
     return cfg
 
 

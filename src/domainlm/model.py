@@ -91,37 +91,123 @@ def llama_config(shape: ModelShape, max_positions: int, *, bos_id: int | None = 
     )
 
 
-def build_model(shape: ModelShape, max_positions: int, *, seed: int = 0, **special_ids) -> torch.nn.Module:
-    """A randomly initialised LlamaForCausalLM (fp32, CPU), the same weights for the same seed."""
+def encoder_config(shape: ModelShape, max_positions: int, *, bos_id: int | None = None, eos_id: int | None = None,
+                   pad_id: int | None = None):
+    """model.objective masked: a ModernBERT encoder of the plan's width, depth, heads and ffn (Warner et al. 2024,
+    arXiv 2412.13663: pre-norm, RoPE, GeGLU, no biases, alternating global / 128-token local attention, its MLM
+    head tied to the embedding). ModernBERT over BERT/RoBERTa: the same modern block as the Llama decoder (RoPE,
+    gated MLP, no biases), so an encoder and a decoder of one shape differ mainly in their attention mask; on a
+    2-core CPU it trains as fast as the decoder of the same shape."""
+    from transformers import ModernBertConfig
+
+    return ModernBertConfig(
+        vocab_size=shape.vocab_size, hidden_size=shape.d_model, intermediate_size=shape.ffn_dim,
+        num_hidden_layers=shape.n_layers, num_attention_heads=shape.n_heads, max_position_embeddings=max_positions,
+        initializer_range=INIT_STD, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id,
+        cls_token_id=bos_id, sep_token_id=eos_id, tie_word_embeddings=True)
+
+
+def t5_config(shape: ModelShape, max_positions: int, *, eos_id: int | None = None, pad_id: int | None = None):
+    """model.objective span: a T5 encoder-decoder (Raffel et al. 2020) with v1.1's gated-GELU MLP, no biases,
+    ``n_layers`` encoder and ``n_layers`` decoder blocks of the plan's width; the head is the embedding (transformers
+    5 always ties T5's) with the original T5's d_model^-0.5 output scaling; the decoder starts from the pad token.
+    T5's positions are relative; ``max_position_embeddings`` records the window it trained on (eval's default)."""
+    from transformers import T5Config
+
+    return T5Config(
+        vocab_size=shape.vocab_size, d_model=shape.d_model, d_kv=shape.head_dim, d_ff=shape.ffn_dim,
+        num_layers=shape.n_layers, num_decoder_layers=shape.n_layers, num_heads=shape.n_heads,
+        feed_forward_proj="gated-gelu", dropout_rate=0.0, initializer_factor=1.0, eos_token_id=eos_id,
+        pad_token_id=pad_id, decoder_start_token_id=pad_id, max_position_embeddings=max_positions)
+
+
+def model_for(objective: str, shape: ModelShape, max_positions: int, **special_ids):
+    """(transformers class, config) of the model an objective trains (train/objectives.py)."""
+    if objective == "masked":
+        from transformers import ModernBertForMaskedLM
+
+        return ModernBertForMaskedLM, encoder_config(shape, max_positions, **special_ids)
+    if objective == "span":
+        from transformers import T5ForConditionalGeneration
+
+        special_ids.pop("bos_id", None)
+        return T5ForConditionalGeneration, t5_config(shape, max_positions, **special_ids)
     from transformers import LlamaForCausalLM
 
-    config = llama_config(shape, max_positions, **special_ids)
-    config._attn_implementation = "sdpa"  # fused attention (flash / memory-efficient kernels on CUDA)
+    return LlamaForCausalLM, llama_config(shape, max_positions, **special_ids)
+
+
+def build_model(shape: ModelShape, max_positions: int, *, seed: int = 0, objective: str = "causal",
+                **special_ids) -> torch.nn.Module:
+    """A randomly initialised model of ``objective`` (LlamaForCausalLM for causal; fp32, CPU), the same weights
+    for the same seed."""
+    model_class, config = model_for(objective, shape, max_positions, **special_ids)
+    # fused attention (flash / memory-efficient kernels on CUDA) where the architecture has it (T5 does not)
+    config._attn_implementation = "sdpa" if model_class._supports_sdpa else "eager"
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LlamaForCausalLM(config)
+        model = model_class(config)
     return model
 
 
-def export_hf(state_dict: dict[str, torch.Tensor], config, tokenizer_dir: Path, out_dir: Path) -> Path:
+def load_base_model(base) -> torch.nn.Module:
+    """Continued pretraining's starting point: the base model (`basemodel.resolve_base`) as transformers loads
+    it — its own architecture (GPT2LMHeadModel, LlamaForCausalLM, …), fp32 on the CPU, local files only, no
+    remote code; SDPA attention where the architecture has it."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    try:
+        kw = {"local_files_only": True, "trust_remote_code": False, "dtype": torch.float32}
+        try:
+            model = AutoModelForCausalLM.from_pretrained(base.path, attn_implementation="sdpa", **kw)
+        except ValueError as e:  # an architecture without SDPA: its default attention
+            if "sdpa" not in str(e).lower():
+                raise
+            model = AutoModelForCausalLM.from_pretrained(base.path, **kw)
+    except Exception as e:  # noqa: BLE001 - truncated weights, missing shards, … : one line naming the key
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"train.init_from: {base.path}: cannot load the model ({type(e).__name__}: {why})") from None
+    finally:
+        hf_logging.enable_progress_bar()
+    model.train()  # from_pretrained returns eval mode; training uses the base's own dropout settings
+    return model
+
+
+def export_hf(state_dict: dict[str, torch.Tensor], config, tokenizer_dir: Path, out_dir: Path, *,
+              model_class=None, generation_config=None) -> Path:
     """Write a Hugging Face model folder (config.json, model.safetensors, generation_config.json, tokenizer)
-    through ``<out>.tmp`` and a rename, so a half-written export never replaces a good one."""
+    through ``<out>.tmp`` and a rename, so a half-written export never replaces a good one.
+
+    ``model_class``: the architecture to save (default LlamaForCausalLM, what `build_model` trains; a continued
+    base keeps its own, e.g. GPT2LMHeadModel). ``tokenizer_dir``: the run's tokenizer folder or a base model's
+    folder — only its tokenizer files are copied (`basemodel.tokenizer_files`)."""
     from transformers import LlamaForCausalLM
+
+    from domainlm.basemodel import tokenizer_files
 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     from transformers.utils import logging as hf_logging
 
-    model = LlamaForCausalLM(config)
-    model.load_state_dict(state_dict, strict=False)  # a tied head may be absent: it is the embedding
+    model = (model_class or LlamaForCausalLM)(config)
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)  # a tied head may be absent
+    head = model.get_output_embeddings()
+    tied = {k for k in missing if head is not None and head.weight is model.get_input_embeddings().weight
+            and k.endswith("head.weight")}  # it is the embedding
+    if unexpected or set(missing) - tied:
+        raise RuntimeError(f"export: weights do not match {type(model).__name__} (missing "
+                           f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
+    if generation_config is not None:
+        model.generation_config = generation_config
     hf_logging.disable_progress_bar()  # one shard; its bar would only break our own progress output
     try:
         model.save_pretrained(tmp, safe_serialization=True)
     finally:
         hf_logging.enable_progress_bar()
-    for f in Path(tokenizer_dir).iterdir():
-        if f.is_file() and f.name != Path(RunDir.AUDIT).name:
-            shutil.copy2(f, tmp / f.name)
+    for f in tokenizer_files(Path(tokenizer_dir)):
+        shutil.copy2(f, tmp / f.name)
     return swap_dir(tmp, out_dir)
 

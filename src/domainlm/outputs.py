@@ -283,6 +283,40 @@ class EvalOutput(Output):
     seconds: float
 
 
+class ObjectiveSourceScore(Part):
+    """A source's score under a masked / span model's own task (evaluate/objective.py)."""
+
+    role: str
+    loss: float  # nats per predicted token (masked tokens; span: decoder targets)
+    accuracy: float  # top-1
+    targets: int
+    tokens: int
+    windows: int
+    docs: int
+    bytes: int
+
+
+class ObjectiveEvalOutput(Output):
+    """``eval/eval.json`` of a masked-LM encoder or span-corruption encoder-decoder (``objective`` says which):
+    no bits per byte, which only a causal model defines; the masks are fixed by ``masking`` (its seed)."""
+
+    version: int
+    domainlm: str
+    model: str
+    run_dir: str | None
+    device: str
+    processes: int
+    max_bytes_per_source: int
+    objective: str  # masked | span
+    context: int
+    masking: dict[str, Num | str]
+    sources: dict[str, ObjectiveSourceScore]
+    comparable: str
+    probes: None
+    seconds: float
+    baseline: dict | None = None  # `domainlm run`'s general-only model, scored the same way (run.py)
+
+
 # ------------------------------------------------------------------------------------------------ ablate/ablate.json
 
 

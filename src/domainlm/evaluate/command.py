@@ -16,6 +16,7 @@ from domainlm import __version__, faults
 from domainlm.config import EvalConfig
 from domainlm.errors import UserError
 from domainlm.evaluate import bpb, inputs
+from domainlm.evaluate import objective as objective_eval
 from domainlm.evaluate.probes import load_probes, packaged_probes, score_probes, summarise
 from domainlm.rundir import RunDir, write_json
 from domainlm.stages import file_fingerprint, fingerprint, is_done, mark_done
@@ -86,6 +87,27 @@ def run_eval(
     device = world.device.type
     if not world.is_main:
         console = None
+    kind = objective_eval.model_objective(target.model_dir)
+    if kind != "causal":  # an encoder (masked LM) or encoder-decoder (span): its own loss, no bpb, no probes
+        seq_len = target.cfg.train.seq_len if target.cfg is not None else None  # the windows it trained on
+        result = {"version": EVAL_VERSION, "domainlm": __version__, "model": str(target.model_dir),
+                  "run_dir": str(target.run_dir) if target.run_dir else None, "device": device,
+                  "processes": world.world_size, "max_bytes_per_source": max_bytes,
+                  **objective_eval.evaluate(target.model_dir, kind, named, batch_tokens=batch_tokens,
+                                            context=context or ecfg.context or seq_len,
+                                            device=str(world.device), progress=lambda label: _progress(console, label)),
+                  "probes": None, "seconds": round(time.perf_counter() - t0, 2)}
+        if probe_items and console is not None:
+            console.print(f"[dim]probes skipped: they compare a causal model's log-likelihoods, not a {kind} "
+                          "model's[/]", highlight=False)
+        dest = out if out is not None else (RunDir(target.run_dir).eval if target.is_run else None)
+        if dest is not None and world.is_main:
+            from domainlm.outputs import ObjectiveEvalOutput
+
+            write_json(Path(dest), ObjectiveEvalOutput.checked(result))
+            if target.is_run:
+                mark_done(target.run_dir, "eval", eval_fingerprint(target.model_dir, ecfg, probe_path, texts))
+        return result, dest
     model, tok = inputs.load_model(target.model_dir, str(world.device))
     ctx = context or ecfg.context or min(bpb.model_context(model), bpb.DEFAULT_MAX_CONTEXT)
     ctx = min(ctx, bpb.model_context(model))  # positions past the trained context are meaningless
@@ -179,6 +201,9 @@ def eval_fingerprint(model_dir: Path, ecfg: EvalConfig, probe_path: Path | None,
 
 
 def print_eval(result: dict, console: Console) -> None:
+    if result.get("objective"):  # a masked / span model (evaluate/objective.py)
+        objective_eval.print_result(result, console)
+        return
     table = Table(title=f"eval of {escape(str(result['model']))} (context {result['context']}, stride {result['stride']})")
     # Short headers so the table fits 80 columns; loss is in nats per token.
     for col in ("text", "role", "bits/byte", "nats/tok", "ppl", "tokens", "bytes", "bytes/tok"):

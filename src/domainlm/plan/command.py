@@ -79,6 +79,20 @@ def request_from(cfg: RunConfig | None, **flags) -> PlanRequest:
         req.fixed_model = {k: v for k, v in (("d_model", m.d_model), ("n_layers", m.n_layers), ("n_heads", m.n_heads),
                                              ("n_kv_heads", m.n_kv_heads), ("ffn_dim", m.ffn_dim)) if v}
         req.fixed_tokens = cfg.train.max_tokens
+        req.objective = m.objective
+        if m.objective == "span":
+            req.objective_args = {"noise_density": m.noise_density, "mean_span_length": m.mean_span_length}
+        if cfg.train.init_from:  # continued pretraining: N is the base model's, the plan sizes the tokens
+            from domainlm.basemodel import resolve_base
+
+            base = resolve_base(cfg.train.init_from)
+            req.base = {**base.as_dict(), "flops_per_token": base.flops_per_token(req.seq_len)}
+            req.vocab_size = base.shape.vocab_size
+            req.fixed_model = {}
+            base_counts = measured_unique_tokens(RunDir(cfg.directory()).tokens_for(base.path))
+            req.unique_tokens = {s.name: s.unique_tokens for s in cfg.sources if s.unique_tokens}
+            for k, v in base_counts.items():  # the data limits in the base tokenizer's tokens, once tokenized
+                req.unique_tokens.setdefault(k, v)
     if flags.get("flops") is not None:
         req.flops = parse_number(flags["flops"], "--flops")
         if flags.get("hours") is None:
@@ -136,7 +150,17 @@ def run_plan(config: Path | None, plot: Path | None = None, **flags) -> tuple[di
 
 
 def run_memory(**flags) -> dict:
-    params = parse_number(flags["params"], "--params")
+    shape: dict = {}
+    if flags.get("model") is not None:  # a model folder: its real shape (config.json) and exact parameter count
+        from domainlm.basemodel import resolve_base
+
+        base = resolve_base(flags["model"], key="--model")
+        s = base.shape
+        shape = {"params": base.params, "n_layers": s.n_layers, "d_model": s.d_model, "vocab_size": s.vocab_size,
+                 "n_heads": s.n_heads, "n_kv_heads": s.n_kv_heads, "ffn_dim": s.ffn_dim}
+    elif flags.get("params") is None:
+        raise UserError("--params: give the parameter count (or --model FOLDER to read a model's shape)")
+    params = parse_number(flags["params"], "--params") if flags.get("params") is not None else shape["params"]
     gpus = _int(flags["gpus"], "--gpus")
     capacity = None
     if flags.get("gpu_memory_gb") is not None:
@@ -150,10 +174,12 @@ def run_memory(**flags) -> dict:
         gpus=gpus,
         seq_len=_int(flags.get("seq_len"), "--seq-len"),
         micro_batch=_int(flags.get("micro_batch"), "--micro-batch"),
-        n_layers=_int(flags.get("n_layers"), "--n-layers"),
-        d_model=_int(flags.get("d_model"), "--d-model"),
-        vocab_size=_int(flags["vocab_size"], "--vocab-size"),
+        n_layers=_int(flags.get("n_layers"), "--n-layers") or shape.get("n_layers"),
+        d_model=_int(flags.get("d_model"), "--d-model") or shape.get("d_model"),
+        vocab_size=_int(flags["vocab_size"], "--vocab-size") if flags.get("vocab_size") is not None else
+        shape.get("vocab_size", 32768),
         activation_checkpointing=flags.get("activation_checkpointing", False),
+        **{k: shape[k] for k in ("n_heads", "n_kv_heads", "ffn_dim") if k in shape},
     )
     sharding = flags.get("sharding")
     recommended = None

@@ -19,6 +19,7 @@ from domainlm.plan.shape import (
     ffn_for,
     largest_params,
     make_shape,
+    objective_flops_per_token,
     shape_for_params,
 )
 from domainlm.units import human
@@ -50,6 +51,13 @@ class PlanRequest:
     fixed_model: dict[str, int] = field(default_factory=dict)  # d_model, n_layers, n_heads, n_kv_heads, ffn_dim
     fixed_tokens: float | None = None
     shape_probe: dict | None = None  # a throughput probe of a shape measured by an earlier plan on this machine
+    # Continued pretraining (train.init_from): `BaseModel.as_dict()` plus its "flops_per_token" at seq_len. N is
+    # then the base's, and the plan sizes the tokens only (`_continued`).
+    base: dict | None = None
+    # model.objective (train/objectives.py): masked / span train an encoder / encoder-decoder of the plan's shape;
+    # the laws stay those of causal LMs (a note says so), the FLOPs per token are the objective's own.
+    objective: str = "causal"
+    objective_args: dict = field(default_factory=dict)  # span: noise_density, mean_span_length
 
 
 def _compute(req: PlanRequest) -> dict:
@@ -118,17 +126,36 @@ def _size(law: L.Law, req: PlanRequest, compute: dict) -> tuple[float, float, Mo
     n = law.optimal_params(rate * seconds)
     shape, seen = shape_of(n), []
     for _ in range(20):
-        d = seconds * rate / shape.flops_per_token(req.seq_len)
+        d = seconds * rate / _fpt(req, shape)
         n = law.optimal_params((6.0 * law.g * d) ** (1.0 / (1.0 - law.a)))  # N_opt of the C that gives D_opt = D
         nxt = shape_of(n)
         if nxt == shape or nxt in seen:  # converged (or alternating between two neighbours: keep this one)
             break
         seen.append(shape)
         shape = nxt
-    d = seconds * rate / shape.flops_per_token(req.seq_len)
+    d = seconds * rate / _fpt(req, shape)
     n = law.optimal_params((6.0 * law.g * d) ** (1.0 / (1.0 - law.a)))
     compute["flops"] = 6.0 * n * d
     return n, d, shape
+
+
+def _fpt(req: PlanRequest, shape: ModelShape) -> float:
+    """Training FLOPs per token of the window for the run's objective (plan/shape.py)."""
+    return objective_flops_per_token(shape, req.seq_len, req.objective, **req.objective_args)
+
+
+def objective_notes(objective: str) -> list[str]:
+    """What the plan of a masked / span run means: its laws were fitted on causal decoders."""
+    model = "a ModernBERT encoder (masked LM)" if objective == "masked" else "a T5 encoder-decoder (span corruption)"
+    return [
+        f"model.objective {objective}: the scaling laws here (Kaplan et al. 2020, Hoffmann et al. 2022, Muennighoff "
+        f"et al. 2023) were fitted on causal decoder LMs; for {model} the law's N and D are a starting point, not "
+        "a compute-optimal size, and predicted_loss is a causal LM's next-token loss, not this objective's.",
+        "FLOPs per token count every position of the window, forward and backward"
+        + (" — though only the masked ones produce loss (6·N per token processed, not per masked token)"
+           if objective == "masked" else " — the encoder's input and the decoder's targets, per window token")
+        + "; the CPU speed probe measures the decoder of the same shape.",
+    ]
 
 
 def _probe(req: PlanRequest, shape: ModelShape) -> dict:
@@ -193,7 +220,7 @@ def _run(req: PlanRequest, law: L.Law, compute: dict, shape: ModelShape, d_opt: 
         overrides.append({"what": "model", "plan": f"{shape.n_layers} layers × d_model {shape.d_model} "
                           f"({shape.params_total:,} params)", "run": f"{fixed.n_layers} layers × d_model "
                           f"{fixed.d_model} ({fixed.params_total:,} params)", "reason": why})
-    fpt = run_shape.flops_per_token(req.seq_len)
+    fpt = _fpt(req, run_shape)
     rate = compute.get("hardware_flops_per_s")  # FLOP/s this plan trains at: measured on CPU, MFU-assumed on GPU
     tokens_per_s = rate / fpt if rate else None
     probe = compute.get("shape_probe")
@@ -484,6 +511,8 @@ def make_plan(req: PlanRequest) -> dict:
         raise UserError(f"--vocab-size: expected ≥ 256 (every byte needs a token), got {req.vocab_size}")
     compute = _compute(req)
     weights, limits = _sources(req)
+    if req.base is not None:
+        return _continued(req, law, compute, weights, limits)
     n_opt, d_opt, shape = _size(law, req, compute)
     if compute["method"] == "cpu-probe":
         n_opt, d_opt, shape = _calibrate(law, req, compute, shape)
@@ -491,7 +520,7 @@ def make_plan(req: PlanRequest) -> dict:
     count = "non-embedding" if law.params_counted == "non-embedding" else "total"
     shape_n = shape.params_total if count == "total" else shape.params_non_embedding
     rows, effective = _mixture(d_opt, weights, limits)
-    fpt = shape.flops_per_token(req.seq_len)
+    fpt = _fpt(req, shape)
     compute["hardware_flops"] = d_opt * fpt
     warnings: list[str] = []
     notes = [
@@ -500,6 +529,8 @@ def make_plan(req: PlanRequest) -> dict:
         "hardware cost of a token, used for hours; the laws' budget is C = 6·N·D "
         f"({flops:.4g} here, {d_opt * fpt:.4g} hardware FLOPs).",
     ]
+    if req.objective != "causal":
+        notes += objective_notes(req.objective)
     if abs(shape_n / n_opt - 1) > 0.05:
         cap = largest_params(req.vocab_size, count=count, tie_embeddings=req.tie_embeddings)
         if n_opt > cap:
@@ -542,47 +573,7 @@ def make_plan(req: PlanRequest) -> dict:
                      f"shape that trains, {(probe.get('flops_per_s') or 0) / 1e9:.1f} GFLOP/s "
                      f"({probe.get('tokens_per_s') or 0:,.0f} tokens/s, fp32) — the plan uses the latter.")
 
-    mem_kwargs = dict(
-        params=shape.params_total,
-        optimizer="adamw",
-        gpus=req.gpus,
-        seq_len=req.seq_len,
-        micro_batch=req.micro_batch,
-        n_layers=shape.n_layers,
-        d_model=shape.d_model,
-        vocab_size=req.vocab_size,
-        n_heads=shape.n_heads,
-        n_kv_heads=shape.n_kv_heads,
-        ffn_dim=shape.ffn_dim,
-    )
-    checkpointing = False
-    if compute.get("gpu") and compute["gpu"] != "cpu":
-        acc = get_accelerator(compute["gpu"])
-        rec, ests = M.recommend(acc.memory_gb, precision="bf16-mixed", **mem_kwargs)
-        est = ests[rec or "zero3"]
-        if rec is None:  # the trainer recomputes activations per layer (train.activation_checkpointing)
-            rec, ests = M.recommend(acc.memory_gb, precision="bf16-mixed", activation_checkpointing=True, **mem_kwargs)
-            if rec is not None:
-                warnings.append(
-                    f"even ZeRO-3 over {req.gpus} GPU(s) needs {est.total_gb:.1f} GB of {acc.memory_gb:g} GB; with "
-                    f"activation checkpointing {rec} needs {ests[rec].total_gb:.1f} GB: set "
-                    "train.activation_checkpointing: true (~1/3 more compute: one more forward pass)"
-                )
-                est, checkpointing = ests[rec], True
-            else:
-                est = ests["zero3"]
-                fix = "use more GPUs or a smaller micro-batch"
-                if est.activations_gb <= acc.memory_gb:  # the states are what does not fit: offload them
-                    states_gb = est.total_gb - est.activations_gb
-                    fix = (f"use more GPUs, or train.cpu_offload: true (FSDP keeps the {states_gb:.1f} GB of sharded "
-                           "states in host memory; the GPU keeps the activations)")
-                warnings.append(f"even ZeRO-3 over {req.gpus} GPU(s) with activation checkpointing needs "
-                                f"{est.total_gb:.1f} GB of {acc.memory_gb:g} GB: {fix}")
-        memory = _mem_dict(est, acc.memory_gb, rec)
-    else:
-        est = M.estimate(precision="fp32", sharding="ddp", **mem_kwargs)
-        memory = _mem_dict(est, None, None)
-    memory["activation_checkpointing"] = checkpointing
+    memory = _plan_memory(req, compute, shape, shape.params_total, warnings)
 
     alternatives = _alternatives(law, req, flops, n_opt, d_opt, weights, limits, rows)
     warnings += [a["warning"] for a in alternatives if a.get("warning")]
@@ -628,6 +619,139 @@ def make_plan(req: PlanRequest) -> dict:
     if limits:
         out["data_constrained"] = data_constrained(law, n_opt, d_opt, weights, limits)
     return out
+
+
+def _continued(req: PlanRequest, law: L.Law, compute: dict, weights: dict, limits: dict) -> dict:
+    """The plan of continued pretraining (``train.init_from``): the model is the base, so N is its parameter count
+    and the budget buys tokens only — D = C / (6·N) (the laws' C = 6·N·D), with nothing subtracted for the base's
+    own pretraining (paid before this run; the law's compute-optimal split does not apply to a model whose size is
+    given). A time budget buys D = seconds × FLOP/s ÷ the base's FLOPs per token (PaLM's count, attention
+    included), and C = 6·N·D. On a CPU the rate is the generic probe's (the base itself is not measured)."""
+    b = req.base
+    n = float(b["params"])
+    fpt = float(b["flops_per_token"])
+    m = b["model"]
+    shape = ModelShape(m["n_layers"], m["d_model"], m["n_heads"], m["n_kv_heads"], m["ffn_dim"], m["vocab_size"],
+                       m["tie_embeddings"])
+    seconds = req.hours * 3600.0 if req.hours else None
+    rate = compute.get("hardware_flops_per_s")  # measured on CPU, MFU-assumed on GPU; None for a FLOPs budget
+    if compute["method"] == "flops":
+        d = compute["flops"] / (6.0 * n)
+    else:
+        d = seconds * rate / fpt
+        compute["flops"] = 6.0 * n * d
+    compute["hardware_flops"] = d * fpt
+    warnings: list[str] = []
+    overrides = []
+    tokens = d
+    if req.fixed_tokens:
+        tokens = float(req.fixed_tokens)
+        if abs(tokens / d - 1) > 0.01:
+            overrides.append({"what": "tokens", "plan": f"{d:,.0f}", "run": f"{tokens:,.0f}",
+                              "reason": "the config fixes the token budget (train.max_tokens)"})
+            warnings.append(f"this run does not follow the plan's tokens: {tokens:,.0f} instead of {d:,.0f} — the "
+                            "config fixes the token budget (train.max_tokens)")
+    rows, effective = _mixture(tokens, weights, limits)
+    for k, r in rows.items():
+        if r["epochs"] and r["epochs"] > L.MAX_USEFUL_EPOCHS:
+            warnings.append(f"source {k!r} would be repeated {r['epochs']:.1f} epochs (> 4): beyond ~4 epochs "
+                            "repeated data is worth much less than new data (Muennighoff et al. 2023)")
+    tokens_per_s = rate / fpt if rate else None
+    gpu_hours = None
+    if compute.get("peak_flops_per_gpu"):
+        gpu_hours = d * fpt / (compute["peak_flops_per_gpu"] * compute["mfu"]) / 3600.0
+    elif compute["method"] == "cpu-probe":
+        gpu_hours = d * fpt / (rate / req.gpus) / 3600.0
+    emb = shape.vocab_size * shape.d_model * (1 if shape.tie_embeddings else 2)
+    model = {**{k: m[k] for k in ("n_layers", "d_model", "n_heads", "n_kv_heads", "head_dim", "ffn_dim", "vocab_size",
+                                   "tie_embeddings")},
+             "params_non_embedding": int(n) - emb, "params_total": int(n), "architecture": b["architecture"]}
+    continued = {
+        "init_from": b["path"], "architecture": b["architecture"], "params": int(n),
+        "tokens": d, "compute_flops": compute["flops"],
+        "how": (f"N fixed to the base model ({b['architecture']}, {human(n)} params); tokens = C / (6·N) = "
+                f"{compute['flops']:.3g} / (6 × {human(n)}) = {human(d)} — minus nothing: the base's own "
+                "pretraining is not charged to this budget"),
+    }
+    run = {"params": int(n), "tokens": tokens, "model": model, "follows_plan": not overrides, "overrides": overrides,
+           "tokens_per_s": tokens_per_s,
+           "tokens_per_s_from": ("measured: the generic CPU probe, this machine" if compute["method"] == "cpu-probe"
+                                 else f"assumed: MFU {compute['mfu']:.0%} of the datasheet peak" if rate else None),
+           "planned_seconds": tokens / tokens_per_s if tokens_per_s else None, "budget_seconds": seconds}
+    if limits:
+        run["sources"], run["effective_tokens"] = rows, effective
+    return {
+        "run": run,
+        "continued": continued,
+        "compute_flops": compute["flops"],
+        "compute": compute,
+        "law": {"name": law.name, "source": law.source, "params_counted": law.params_counted, **law.constants()},
+        "params": n,
+        "tokens": d,
+        "tokens_per_param": d / n,
+        "predicted_loss": None,  # the laws predict a model trained from scratch, not one continued
+        "model": model,
+        "seq_len": req.seq_len,
+        "flops_per_token": fpt,
+        "sources": rows,
+        "effective_tokens": effective,
+        "gpu_hours": gpu_hours,
+        "memory": _plan_memory(req, compute, shape, n, warnings),
+        "warnings": warnings,
+        "alternatives": [],
+        "notes": [f"continued pretraining from {b['path']}: {continued['how']}.",
+                  f"FLOPs per token = 6·N_matmul + 12·L·d·T = {fpt:.4g} at seq_len {req.seq_len} (PaLM appendix B), "
+                  "N_matmul from the base's exact parameter count.",
+                  f"the scaling law ({law.name}) does not size the model here; its compute-optimal split is for "
+                  "training from scratch."],
+    }
+
+
+def _plan_memory(req: PlanRequest, compute: dict, shape: ModelShape, params: float, warnings: list[str]) -> dict:
+    """Memory per GPU of training ``shape`` (``params`` parameters): on a GPU budget the least sharding that
+    fits (with activation checkpointing if nothing fits without), appending to ``warnings`` when nothing does."""
+    mem_kwargs = dict(
+        params=params,
+        optimizer="adamw",
+        gpus=req.gpus,
+        seq_len=req.seq_len,
+        micro_batch=req.micro_batch,
+        n_layers=shape.n_layers,
+        d_model=shape.d_model,
+        vocab_size=shape.vocab_size,
+        n_heads=shape.n_heads,
+        n_kv_heads=shape.n_kv_heads,
+        ffn_dim=shape.ffn_dim,
+    )
+    checkpointing = False
+    if compute.get("gpu") and compute["gpu"] != "cpu":
+        acc = get_accelerator(compute["gpu"])
+        rec, ests = M.recommend(acc.memory_gb, precision="bf16-mixed", **mem_kwargs)
+        est = ests[rec or "zero3"]
+        if rec is None:  # the trainer recomputes activations per layer (train.activation_checkpointing)
+            rec, ests = M.recommend(acc.memory_gb, precision="bf16-mixed", activation_checkpointing=True, **mem_kwargs)
+            if rec is not None:
+                warnings.append(
+                    f"even ZeRO-3 over {req.gpus} GPU(s) needs {est.total_gb:.1f} GB of {acc.memory_gb:g} GB; with "
+                    f"activation checkpointing {rec} needs {ests[rec].total_gb:.1f} GB: set "
+                    "train.activation_checkpointing: true (~1/3 more compute: one more forward pass)"
+                )
+                est, checkpointing = ests[rec], True
+            else:
+                est = ests["zero3"]
+                fix = "use more GPUs or a smaller micro-batch"
+                if est.activations_gb <= acc.memory_gb:  # the states are what does not fit: offload them
+                    states_gb = est.total_gb - est.activations_gb
+                    fix = (f"use more GPUs, or train.cpu_offload: true (FSDP keeps the {states_gb:.1f} GB of sharded "
+                           "states in host memory; the GPU keeps the activations)")
+                warnings.append(f"even ZeRO-3 over {req.gpus} GPU(s) with activation checkpointing needs "
+                                f"{est.total_gb:.1f} GB of {acc.memory_gb:g} GB: {fix}")
+        memory = _mem_dict(est, acc.memory_gb, rec)
+    else:
+        est = M.estimate(precision="fp32", sharding="ddp", **mem_kwargs)
+        memory = _mem_dict(est, None, None)
+    memory["activation_checkpointing"] = checkpointing
+    return memory
 
 
 def _mem_dict(est: M.MemoryEstimate, capacity_gb: float | None, rec: str | None) -> dict:

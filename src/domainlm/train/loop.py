@@ -8,9 +8,11 @@ CONFIG``). Outputs under the run directory: ``checkpoints/``, ``logs/metrics.jso
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,16 +23,18 @@ from rich.console import Console
 from rich.markup import escape
 
 from domainlm import faults, stages
+from domainlm.basemodel import BaseModel, base_of
 from domainlm.config import RunConfig, load_config
 from domainlm.data.tokens import counts_path, load_counts, open_tokens
 from domainlm.errors import UserError
-from domainlm.model import MODEL_DIR, TOKENIZER_DIR, build_model, export_hf, resolve_shape
+from domainlm.model import MODEL_DIR, TOKENIZER_DIR, build_model, export_hf, load_base_model, resolve_shape
 from domainlm.plan.hardware import ACCELERATORS
-from domainlm.plan.shape import ModelShape
+from domainlm.plan.shape import ModelShape, objective_flops_per_token, objective_params
 from domainlm.rundir import RunDir
 from domainlm.train import checkpoint as ckpt
 from domainlm.train.data import MixtureLoader, val_windows
 from domainlm.train.driver import Driver, Eval
+from domainlm.train.objectives import CAUSAL, Objective, add_objective_tokens, added_tokens, objective_from_config
 from domainlm.train.parallel import (
     Dist,
     barrier,
@@ -157,33 +161,72 @@ class Setup:
     total_steps: int
     precision: str
     plan: dict
+    base: BaseModel | None = None  # continued pretraining (train.init_from): the model, shape and tokenizer's source
+    objective: str = CAUSAL  # model.objective (train/objectives.py)
 
 
 def setup(cfg: RunConfig, data_dir: Path, world: Dist, max_steps: int | None) -> Setup:
     t = cfg.train
     if not cfg.sources:
         raise UserError("sources: no sources in the config; nothing to train on")
-    counts = load_counts(data_dir)  # says: run `domainlm prepare`
+    base = base_of(cfg)  # continued pretraining: checked before anything else is read
+    tokens = RunDir(data_dir).tokens_for(base.path) if base else data_dir  # the base tokenizer's own token files
+    if base and not counts_path(tokens).exists():
+        raise UserError(f"{counts_path(tokens)}: no token files for the base model's tokenizer ({base.path}); run "
+                        "`domainlm tokenize CONFIG`")
+    counts = load_counts(tokens)  # says: run `domainlm prepare`
     weights = {s.name: s.weight for s in cfg.sources if s.weight > 0}
     for name in weights:
         if name not in counts.get("sources", {}):
-            raise UserError(f"{counts_path(data_dir)}: no tokens for source {name!r}; rerun `domainlm prepare CONFIG`")
-    train = {n: open_tokens(data_dir, n, "train", counts) for n in weights}
-    val = {n: open_tokens(data_dir, n, "val", counts) for n in weights if counts["sources"][n]["val_tokens"]}
-    tok_dir = data_dir / TOKENIZER_DIR
+            raise UserError(f"{counts_path(tokens)}: no tokens for source {name!r}; rerun `domainlm prepare CONFIG`")
+    train = {n: open_tokens(tokens, n, "train", counts) for n in weights}
+    val = {n: open_tokens(tokens, n, "val", counts) for n in weights if counts["sources"][n]["val_tokens"]}
+    tok_dir = base.path if base else data_dir / TOKENIZER_DIR
     if not (tok_dir / "tokenizer.json").exists():
         raise UserError(f"{tok_dir}: no tokenizer; run `domainlm tokenizer CONFIG` (the export ships it)")
-    shape = resolve_shape(cfg, data_dir, int(counts["vocab_size"]))
+    shape = base_shape(base, t.seq_len, int(counts["vocab_size"])) if base else \
+        resolve_shape(cfg, data_dir, int(counts["vocab_size"]))
+    objective = cfg.model.objective
+    if objective != CAUSAL:  # its tokens come after the run tokenizer's vocabulary; no grouped-query attention
+        if base:
+            raise UserError(f"train.init_from: continued pretraining starts from a causal LM, not with "
+                            f"model.objective: {objective}")
+        shape = dataclasses.replace(shape, vocab_size=shape.vocab_size + added_tokens(objective),
+                                    n_kv_heads=shape.n_heads)
     tokens_per_step, global_batch = _check_batch(cfg, world)
     plan = plan_of(data_dir)
     budget = t.max_tokens or planned_tokens(plan)
     if budget is None and max_steps is None:
         raise UserError("train.max_tokens: no token budget; set it, run `domainlm plan CONFIG`, or pass --max-steps")
     return Setup(counts, weights, train, val, tok_dir, shape,
-                 cfg.model.max_position_embeddings or t.seq_len,  # ≥ seq_len: checked at load
+                 # ≥ seq_len: checked at load (a base model's: in base_shape)
+                 (base.max_positions if base else cfg.model.max_position_embeddings) or t.seq_len,
                  tokens_per_step, global_batch, max_steps or max(1, math.ceil(budget / tokens_per_step)),
                  t.precision if t.precision != "auto" else ("bf16-mixed" if world.device.type == "cuda" else "fp32"),
-                 plan)
+                 plan, base, objective)
+
+
+def base_shape(base: BaseModel, seq_len: int, token_vocab: int) -> ModelShape:
+    """The base model's shape, checked against what training feeds it: windows no longer than its context, and
+    token ids (from its tokenizer) inside its embedding table."""
+    if base.max_positions and seq_len > base.max_positions:
+        raise UserError(f"train.seq_len: {seq_len} is longer than the base model's context {base.max_positions} "
+                        f"(train.init_from {base.path})")
+    if token_vocab > base.shape.vocab_size:
+        raise UserError(f"train.init_from: {base.path}: its tokenizer has {token_vocab:,} ids but the model's "
+                        f"embedding only {base.shape.vocab_size:,} rows")
+    return base.shape
+
+
+def initial_model(z: Setup, seed: int, tok, eos_id: int | None) -> torch.nn.Module:
+    """Where the model comes from: the base model's weights (continued pretraining, ``train.init_from``) or a
+    new LlamaForCausalLM of the resolved shape (from scratch). fp32, on the CPU."""
+    if z.base is None:
+        return build_model(z.shape, z.max_pos, seed=seed, objective=z.objective, bos_id=tok.bos_token_id,
+                           eos_id=eos_id, pad_id=tok.pad_token_id)
+    model = load_base_model(z.base)
+    torch.manual_seed(seed)  # a base with dropout (GPT-2): its masks are a function of the seed (resume: the RNG)
+    return model
 
 
 def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, max_steps: int | None = None,
@@ -196,8 +239,9 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
     data_dir = Path(data_dir) if data_dir is not None else run_dir
     z = setup(cfg, data_dir, world, max_steps)
     counts = z.counts
-    fp = stages.fingerprint(cfg.model.model_dump(), t.model_dump(), z.shape.as_dict(), z.total_steps,
-                            counts.get("tokenizer_sha256"), counts["sources"])
+    fp = stages.fingerprint(cfg.model.model_dump(), t.model_dump(exclude={"init_from"}), z.shape.as_dict(),
+                            z.total_steps, counts.get("tokenizer_sha256"), counts["sources"],
+                            *([str(z.base.path), z.base.fingerprint] if z.base else []))  # another base retrains
     if not restart and stages.is_done(run_dir, STAGE, fp):
         if world.is_main:
             console.print(f"train: done already ({z.total_steps} steps, {run_dir / MODEL_DIR}); --restart to train "
@@ -214,9 +258,10 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(z.tokenizer)
-    model = build_model(z.shape, z.max_pos, seed=t.seed, bos_id=tok.bos_token_id, eos_id=counts.get("eos_id"),
-                        pad_id=tok.pad_token_id).to(world.device)
-    hf_config = model.config
+    objective = objective_from_config(cfg.model, add_objective_tokens(tok, z.objective), t.seed)  # None: causal
+    model = initial_model(z, t.seed, tok, counts.get("eos_id")).to(world.device)
+    hf_config, model_class = model.config, type(model)  # the class before FSDP2 renames it
+    generation = model.generation_config if z.base else None  # a base's own generation settings travel on
     mode = choose_parallel(t.parallel, z.shape, world, seq_len=t.seq_len, micro_batch=t.micro_batch,
                            precision=z.precision, activation_checkpointing=t.activation_checkpointing,
                            cpu_offload=t.cpu_offload)
@@ -226,7 +271,7 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
     optimizer = make_optimizer(unwrap(model), lr=t.lr, weight_decay=t.weight_decay, device=world.device)
     loader = MixtureLoader(z.train, z.weights, seq_len=t.seq_len, global_batch=z.global_batch,
                            rank=world.rank, world_size=world.world_size, seed=t.seed)
-    driver = _driver(cfg, run_dir, data_dir, world, model, optimizer, loader, z, mode, amp, console)
+    driver = _driver(cfg, run_dir, data_dir, world, model, optimizer, loader, z, mode, amp, console, objective)
 
     resumed = driver.resume()
     if resumed:
@@ -238,8 +283,9 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
             console.print(f"resuming from {path} at step {driver.step}{note}", markup=False)
     if world.is_main:
         sh = z.shape
+        origin = f" {z.base.architecture} from {z.base.path}," if z.base else ""
         console.print(
-            f"train: {sh.params_total / 1e6:.2f}M params (d_model {sh.d_model}, {sh.n_layers} layers, "
+            f"train:{origin} {params_of(z) / 1e6:.2f}M params (d_model {sh.d_model}, {sh.n_layers} layers, "
             f"{sh.n_heads}/{sh.n_kv_heads} heads), {z.total_steps} steps × {z.tokens_per_step} tokens, "
             f"{world.world_size} process(es) ({mode}), {z.precision} on {world.device.type}"
         )
@@ -250,9 +296,17 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
                # planned vs actual training time: only when this invocation ran every step
                "train_seconds": round(driver.seconds, 1) if driver.first_step == 0 else None,
                "planned_seconds": (z.plan.get("run") or {}).get("planned_seconds"),
-               "tokens_per_s": driver.tokens_per_s, "params": z.shape.params_total,
+               "tokens_per_s": driver.tokens_per_s, "params": params_of(z),
                "model_dir": str(run_dir / MODEL_DIR), "parallel": mode, "world_size": world.world_size}
-    export(model, hf_config, z.tokenizer, run_dir / MODEL_DIR, world)
+    tok_dir = z.tokenizer if objective is None else Path(tempfile.mkdtemp(prefix="domainlm-tokenizer-"))
+    if objective is not None and world.is_main:  # the run tokenizer with the objective's tokens (mask, sentinels)
+        tok.save_pretrained(tok_dir)
+    try:
+        export(model, hf_config, tok_dir, run_dir / MODEL_DIR, world, model_class=model_class,
+               generation_config=generation)
+    finally:
+        if objective is not None:
+            shutil.rmtree(tok_dir, ignore_errors=True)
     if world.is_main:
         stages.mark_done(run_dir, STAGE, fp, summary)
         console.print(f"wrote [bold]{escape(str(run_dir / MODEL_DIR))}[/] (Hugging Face format); final loss "
@@ -262,8 +316,9 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
 
 
 def _driver(cfg: RunConfig, run_dir: Path, data_dir: Path, world: Dist, model, optimizer, loader: MixtureLoader,
-            z: Setup, mode: str, amp: str, console: Console) -> Driver:
-    """Pretraining's batches (the mixture loader), step, eval and checkpoint state, for the shared driver."""
+            z: Setup, mode: str, amp: str, console: Console, objective: Objective | None = None) -> Driver:
+    """Pretraining's batches (the mixture loader), step, eval and checkpoint state, for the shared driver.
+    ``objective``: masked LM or span corruption (train/objectives.py) instead of next-token prediction."""
     t = cfg.train
     driver: Driver
 
@@ -273,13 +328,23 @@ def _driver(cfg: RunConfig, run_dir: Path, data_dir: Path, world: Dist, model, o
 
     def one_step(lr: float):
         batch, _ = loader.next_batch()
-        res = train_step(model, optimizer, batch.to(world.device, non_blocking=True), lr=lr,
-                         micro_batch=t.micro_batch, grad_clip=t.grad_clip, precision=amp)
+        if objective is None:
+            res = train_step(model, optimizer, batch.to(world.device, non_blocking=True), lr=lr,
+                             micro_batch=t.micro_batch, grad_clip=t.grad_clip, precision=amp)
+        else:  # masks: a function of (seed, the loader's step, the row of the global batch) — exact on resume
+            inputs, labels = objective.train_batch(batch, loader.step - 1, world.rank * loader.local_batch)
+            res = train_step(model, optimizer, inputs.to(world.device), lr=lr, micro_batch=t.micro_batch,
+                             grad_clip=t.grad_clip, precision=amp, labels=labels.to(world.device),
+                             objective=objective.loss)
         fields = {"tokens": (driver.step + 1) * z.tokens_per_step,
                   **{f"epochs/{k}": v for k, v in loader.epochs().items()}}
         return res, z.tokens_per_step, fields
 
     def run_eval() -> Eval:
+        if objective is not None:
+            return _objective_eval(evaluate_objective(unwrap(model), z.val, objective, seq_len=t.seq_len,
+                                                      micro_batch=t.micro_batch, max_tokens=t.eval_tokens,
+                                                      world=world, precision=amp))
         res = evaluate(unwrap(model), z.val, z.counts, seq_len=t.seq_len, micro_batch=t.micro_batch,
                        max_tokens=t.eval_tokens, world=world, precision=amp)
         shown = ", ".join(f"{k} {v['loss']:.3f} ({v['bpb']:.3f} bpb)" for k, v in res.items())
@@ -288,7 +353,9 @@ def _driver(cfg: RunConfig, run_dir: Path, data_dir: Path, world: Dist, model, o
         scalars = {f"val/{k}/{m}": v[m] for k, v in res.items() for m in ("loss", "bpb")}
         return Eval(fields, f"val loss {shown}", scalars)
 
-    flops_per_token = z.shape.flops_per_token(t.seq_len)
+    flops_per_token = (z.base or z.shape).flops_per_token(t.seq_len) if objective is None else \
+        objective_flops_per_token(z.shape, t.seq_len, cfg.model.objective, cfg.model.noise_density,
+                                  cfg.model.mean_span_length)
     peak = peak_flops(world.device, z.precision, data_dir, world.world_size)
     driver = Driver(
         STAGE, run_dir, world, model, optimizer, z.total_steps, lr, one_step, run_eval if z.val else None,
@@ -298,8 +365,49 @@ def _driver(cfg: RunConfig, run_dir: Path, data_dir: Path, world: Dist, model, o
     return driver
 
 
-def export(model, hf_config, tokenizer_dir: Path, out: Path, world: Dist) -> None:
-    """The Hugging Face export: gather the full weights (a collective under FSDP), rank 0 writes."""
+def _objective_eval(res: dict[str, dict[str, float]]) -> Eval:
+    """The metrics rows of a masked / span model's validation: no bits per byte (a masked-token loss is not a
+    probability of the text), the loss per predicted token and its top-1 accuracy."""
+    shown = ", ".join(f"{k} {v['loss']:.3f} (acc {v['accuracy']:.1%})" for k, v in res.items())
+    fields = {**{f"val_loss/{k}": v["loss"] for k, v in res.items()},
+              **{f"accuracy/{k}": v["accuracy"] for k, v in res.items()}}
+    scalars = {f"val/{k}/{m}": v[m] for k, v in res.items() for m in ("loss", "accuracy")}
+    return Eval(fields, f"val loss {shown}", scalars)
+
+
+@torch.no_grad()
+def evaluate_objective(model, val: dict[str, np.ndarray], objective: Objective, *, seq_len: int, micro_batch: int,
+                       max_tokens: int, world: Dist, precision: str) -> dict[str, dict[str, float]]:
+    """Masked-token (or span-corruption target) loss in nats per predicted token and top-1 accuracy per source,
+    on ``seq_len`` windows of the val token stream corrupted with the fixed validation seed (train/objectives.py),
+    so every model — whatever mask rate it trained with — is scored on the same masks."""
+    out = {}
+    for name, arr in val.items():
+        n = val_windows(arr, seq_len, max_tokens, world.world_size)
+        if n == 0:
+            continue
+        mine = list(range(world.rank, n, world.world_size))
+        batches = (objective.eval_batch([arr[j * seq_len : (j + 1) * seq_len] for j in mine[i : i + micro_batch]],
+                                        mine[i : i + micro_batch]) for i in range(0, len(mine), micro_batch))
+        nll, scored, hits = validation_nll(model, batches, world.device, precision, objective.loss, hits=True)
+        if dist.is_initialized():
+            for x in (nll, scored, hits):
+                dist.all_reduce(x)
+        out[name] = {"loss": nll.item() / max(scored.item(), 1), "accuracy": hits.item() / max(scored.item(), 1),
+                     "targets": int(scored.item())}
+    return out
+
+
+def params_of(z: Setup) -> int:
+    """Parameters trained: the base model's exact count, or the Llama shape's."""
+    if z.objective != CAUSAL:  # an encoder or encoder-decoder of the shape
+        return objective_params(z.shape, z.objective)
+    return z.base.params if z.base else z.shape.params_total
+
+
+def export(model, hf_config, tokenizer_dir: Path, out: Path, world: Dist, **kw) -> None:
+    """The Hugging Face export: gather the full weights (a collective under FSDP), rank 0 writes. ``kw``:
+    `export_hf`'s (the architecture to save, a base model's generation config)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     if dist.is_initialized():
@@ -307,4 +415,4 @@ def export(model, hf_config, tokenizer_dir: Path, out: Path, world: Dist) -> Non
     else:
         full = {k: v.cpu() for k, v in unwrap(model).state_dict().items()}
     if world.is_main:
-        export_hf(full, hf_config, tokenizer_dir, out)
+        export_hf(full, hf_config, tokenizer_dir, out, **kw)

@@ -1,0 +1,244 @@
+"""model.objective masked / span: masks, training with exact resume after SIGKILL, export, eval, plan FLOPs."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from crashkit import KILLED, domainlm
+from domainlm.errors import UserError
+from domainlm.model import build_model
+from domainlm.plan.shape import ModelShape, objective_flops_per_token, objective_params
+from domainlm.train.objectives import (
+    IGNORE,
+    Masking,
+    SpanCorruption,
+    make_objective,
+    span_counts,
+    span_lengths,
+)
+from test_train_fixtures import (  # noqa: F401 (one_thread: autouse fixture)
+    clone_run,
+    losses,
+    make_run,
+    one_thread,
+    read_metrics,
+    run_dir,
+    single_thread,
+    train_in_process,
+    weights,
+)
+
+STEPS, EVERY = 8, 4  # checkpoints and evals at 4 and 8; the crash test kills at step 6
+
+
+def objective_run(tmp, objective: str, **model):
+    cfg = make_run(tmp, checkpoint_every=EVERY, eval_every=EVERY)
+    data = yaml.safe_load(cfg.read_text())
+    data["model"].pop("n_kv_heads")  # ModernBERT and T5 have no grouped-query attention
+    data["model"].update(objective=objective, **model)
+    cfg.write_text(yaml.safe_dump(data))
+    return cfg
+
+
+@pytest.fixture(scope="module", params=["masked", "span"])
+def straight(request, tmp_path_factory):
+    """A run of each objective, never interrupted."""
+    with single_thread():
+        cfg = objective_run(tmp_path_factory.mktemp(request.param), request.param)
+        summary = train_in_process(cfg, max_steps=STEPS)
+    return request.param, cfg, summary
+
+
+# ---------------------------------------------------------------------------------------------------- masks
+
+
+def test_bert_masking_is_a_function_of_the_key():
+    special = np.array([0, 1, 2])
+    m = Masking(mask_id=99, rate=0.15, special=special, random_ids=np.arange(3, 99))
+    row = np.where(np.arange(2000) % 50 == 49, 1, np.arange(2000) % 90 + 3)  # text with an EOS every 50 tokens
+    inputs, labels = m(row, np.random.default_rng([7, 3, 5, 1]))
+    again = m(row, np.random.default_rng([7, 3, 5, 1]))
+    assert np.array_equal(inputs, again[0]) and np.array_equal(labels, again[1])
+    chosen = labels != IGNORE
+    assert chosen.sum() == round(0.15 * 1960)  # 15% of the text tokens (Devlin et al. 2019); EOS never chosen
+    assert not chosen[row == 1].any() and np.array_equal(labels[chosen], row[chosen])
+    assert np.array_equal(inputs[~chosen], row[~chosen])
+    masked, kept = (inputs[chosen] == 99).mean(), (inputs[chosen] == row[chosen]).mean()
+    assert abs(masked - 0.8) < 0.05 and abs(kept - 0.1) < 0.04  # 80% mask, 10% random, 10% unchanged
+
+
+def test_whole_word_masking_masks_words():
+    # ids 10..19 start a word, 20..29 continue one: words of 1-3 tokens
+    starts = np.zeros(40, dtype=bool)
+    starts[:20] = True
+    rng = np.random.default_rng(0)
+    row = np.concatenate([[10 + rng.integers(10)] + list(20 + rng.integers(10, size=rng.integers(3)))
+                          for _ in range(200)])
+    m = Masking(39, 0.15, np.array([0, 1, 2]), np.arange(3, 39), word_start=starts)
+    _, labels = m(row, np.random.default_rng(1))
+    chosen = labels != IGNORE
+    word = np.cumsum(starts[row])  # word number of each token
+    for w in np.unique(word[chosen]):
+        assert chosen[word == w].all()  # a chosen word is chosen whole
+    assert abs(chosen.sum() - 0.15 * len(row)) <= 3
+
+
+def test_span_corruption_counts_and_reconstruction():
+    # T5 (Raffel et al. 2020) trains on 568-token windows: 85 noise tokens in 28 spans → 512 inputs, 114 targets
+    assert span_counts(568, 0.15, 3.0) == (85, 28)
+    assert span_lengths(568, 0.15, 3.0) == (512, 114)
+    sentinels = np.arange(1000, 1100)
+    corrupt = SpanCorruption(sentinels, eos_id=1, noise_density=0.15, mean_span_length=3.0)
+    row = np.arange(3, 131)
+    inputs, targets = corrupt(row, np.random.default_rng([0, 1, 2]))
+    assert (len(inputs), len(targets)) == span_lengths(128, 0.15, 3.0) == (116, 26)
+    assert inputs[-1] == targets[-1] == 1
+    # putting each span back in place of its sentinel gives the window
+    spans = np.split(targets[:-1], np.flatnonzero(targets[:-1] >= 1000)[1:])
+    out = []
+    for t in inputs[:-1]:
+        out.extend(spans[t - 1000][1:] if t >= 1000 else [t])
+    assert np.array_equal(out, row)
+
+
+# ---------------------------------------------------------------------------------------------------- training
+
+
+def test_trains_and_logs_masked_metrics(straight):
+    objective, cfg, summary = straight
+    ls = losses(cfg)
+    assert len(ls) == STEPS and ls[-1] < ls[0] - 0.5, ls
+    evals = read_metrics(run_dir(cfg), "eval")
+    assert [e["step"] for e in evals] == [4, 8]
+    assert set(evals[-1]) == {"kind", "step", "val_loss/legal", "val_loss/news", "accuracy/legal", "accuracy/news"}
+    assert evals[-1]["val_loss/legal"] < evals[0]["val_loss/legal"]  # no bpb: a masked loss is not a text's
+    assert summary["steps"] == STEPS and summary["skipped_steps"] == 0
+
+
+@pytest.mark.parametrize("objective", ["masked", "span"])
+def test_params_match_transformers(objective):
+    shape = ModelShape(n_layers=2, d_model=32, n_heads=4, n_kv_heads=4, ffn_dim=96, vocab_size=301)
+    model = build_model(shape, 32, objective=objective, bos_id=0, eos_id=1, pad_id=2)
+    unique = {id(p): p.numel() for p in model.parameters()}
+    assert objective_params(shape, objective) == sum(unique.values())
+
+
+def test_sigkill_then_resume_is_bitwise_identical(straight, tmp_path):
+    objective, ref, ref_summary = straight
+    cfg = clone_run(ref, tmp_path, fresh=True)
+    proc = domainlm(["train", str(cfg), "--max-steps", str(STEPS)], fault="train.step:6", fault_dir=tmp_path)
+    assert proc.returncode == KILLED, proc.stderr[-2000:]
+    run = run_dir(cfg)
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000004"]
+    assert read_metrics(run)[-1]["step"] == 6
+    summary = train_in_process(cfg, max_steps=STEPS)
+    assert losses(cfg) == losses(ref)  # bitwise: the masks of steps 5-8 are redrawn identically
+    assert read_metrics(run, "eval") == read_metrics(run_dir(ref), "eval")
+    a, b = weights(run_dir(ref) / "model"), weights(run / "model")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert summary["final_loss"] == ref_summary["final_loss"]
+
+
+# ---------------------------------------------------------------------------------------------------- export, eval
+
+
+def test_export_loads_without_domainlm(straight):
+    from transformers import AutoModelForMaskedLM, AutoModelForSeq2SeqLM, AutoTokenizer, pipeline
+
+    objective, cfg, summary = straight
+    folder = run_dir(cfg) / "model"
+    tok = AutoTokenizer.from_pretrained(folder)
+    if objective == "masked":
+        model = AutoModelForMaskedLM.from_pretrained(folder)
+        assert type(model).__name__ == "ModernBertForMaskedLM" and tok.mask_token_id == len(tok) - 1
+        fill = pipeline("fill-mask", model=str(folder))
+        ranked = fill(f"The licensee shall {fill.tokenizer.mask_token} the software.", top_k=5)
+        assert len(ranked) == 5 and ranked[0]["score"] >= ranked[-1]["score"]
+        assert all(r["sequence"].startswith("The licensee shall") for r in ranked)
+    else:
+        model = AutoModelForSeq2SeqLM.from_pretrained(folder)
+        assert type(model).__name__ == "T5ForConditionalGeneration"
+        ids = tok("The licensee shall <extra_id_0> the software.", return_tensors="pt").input_ids
+        assert tok.convert_tokens_to_ids("<extra_id_0>") in ids[0].tolist()
+        assert model.generate(ids, max_new_tokens=4).shape[1] <= 5
+    assert summary["params"] == sum({id(p): p.numel() for p in model.parameters()}.values())
+
+
+def test_eval_scores_identical_masks(straight, tmp_path):
+    from rich.console import Console
+
+    from domainlm.evaluate.command import print_eval, run_eval
+    from domainlm.outputs import ObjectiveEvalOutput
+
+    objective, cfg, _ = straight
+    text = tmp_path / "legal.txt"
+    text.write_text("The licensee shall indemnify the licensor against all claims. " * 20)
+    first, written = run_eval(run_dir(cfg) / "model", texts=[f"legal={text}"], out=tmp_path / "eval.json")
+    again, _ = run_eval(run_dir(cfg) / "model", texts=[f"legal={text}"])
+    s = first["sources"]["legal"]
+    assert first["objective"] == objective and "bpb" not in s and first["probes"] is None
+    assert 0 <= s["accuracy"] <= 1 and s["targets"] > 0 and s["windows"] == -(-s["tokens"] // 32) and first["context"] == 32
+    assert s["loss"] == again["sources"]["legal"]["loss"]  # the same masks every time (seed 0)
+    ObjectiveEvalOutput.checked(first)
+    assert written.is_file()
+    out = io.StringIO()
+    print_eval(first, Console(file=out, width=200))
+    assert "bits per byte is defined for causal models only" in " ".join(out.getvalue().split())
+
+
+# ---------------------------------------------------------------------------------------------------- plan, config
+
+
+def test_flops_per_token_hand_computed():
+    shape = ModelShape(n_layers=2, d_model=64, n_heads=2, n_kv_heads=2, ffn_dim=192, vocab_size=1000)
+    # masked: 6·(L·(4d² + 3·d·ffn) + d² + V·d) + 12·L·d·T = 6·(2·(16384 + 36864) + 4096 + 64000) + 12·2·64·128
+    # — every position of the window, not only the 15% that are masked
+    assert objective_flops_per_token(shape, 128, "masked") == 6 * 174_592 + 196_608 == 1_244_160
+    # span, T = 128: 19 noise tokens in 6 spans → T_e = 116 encoder, T_d = 26 decoder tokens
+    # encoder token: 6·(2·53248 + 2·2·4096) + 12·2·64·116 = 737280 + 178176 = 915456
+    # decoder token: 6·(2·(6·4096 + 36864) + 64000) + 12·2·64·(26 + 116) = 1121280 + 218112 = 1339392
+    assert objective_flops_per_token(shape, 128, "span") == (116 * 915_456 + 26 * 1_339_392) / 128 == 1_101_696
+    assert objective_flops_per_token(shape, 128, "causal") == shape.flops_per_token(128)
+
+
+def test_plan_says_laws_are_causal():
+    from domainlm.plan.planner import PlanRequest, make_plan
+
+    causal = make_plan(PlanRequest(flops=1e15, vocab_size=1000, seq_len=128))
+    masked = make_plan(PlanRequest(flops=1e15, vocab_size=1000, seq_len=128, objective="masked"))
+    assert not any("fitted on causal" in n for n in causal["notes"])
+    assert any("fitted on causal decoder LMs" in n for n in masked["notes"])
+    assert any("not per masked token" in n for n in masked["notes"])
+    shape = ModelShape(**{k: masked["model"][k] for k in ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_dim",
+                                                          "vocab_size", "tie_embeddings")})
+    assert masked["flops_per_token"] == objective_flops_per_token(shape, 128, "masked")
+
+
+@pytest.mark.parametrize(("model", "train", "message"), [
+    ({"mask_rate": 0.3}, {}, "model.mask_rate: only for model.objective: masked, not causal"),
+    ({"objective": "masked", "n_heads": 4, "n_kv_heads": 2}, {}, "no grouped-query attention"),
+    ({"objective": "span"}, {"seq_len": 4096}, "more than the 100 sentinel tokens"),
+])
+def test_bad_objective_config(tmp_path, cli, model, train, message):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(yaml.safe_dump({"name": "x", "model": model, "train": train}))
+    code, _, err = cli("train", str(cfg))
+    assert code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_objective_needs_its_tokens(tmp_path):
+    from transformers import AutoTokenizer
+
+    from test_train_fixtures import make_tokenizer
+
+    tok = AutoTokenizer.from_pretrained(make_tokenizer(tmp_path))
+    with pytest.raises(UserError, match="no mask token"):
+        make_objective("masked", tok)
+    with pytest.raises(UserError, match="sentinel"):
+        make_objective("span", tok)
+    assert make_objective("causal", tok) is None
