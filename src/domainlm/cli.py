@@ -182,7 +182,9 @@ def plan(
 
 @app.command()
 def memory(
-    params: Annotated[str, typer.Option(help="parameter count, e.g. 7.5e9 or 7.5B")],
+    params: Annotated[str | None, typer.Option(help="parameter count, e.g. 7.5e9 or 7.5B")] = None,
+    model: Annotated[Path | None, typer.Option(help="a Hugging Face model folder or run directory: its real shape "
+                                                    "and parameter count (config.json)")] = None,
     precision: Annotated[str, typer.Option(help="fp32 | bf16-mixed | bf16")] = "bf16-mixed",
     optimizer: Annotated[str, typer.Option(help="adamw | sgd | adafactor")] = "adamw",
     sharding: Annotated[str | None, typer.Option(help="ddp | zero1 | zero2 | zero3")] = None,
@@ -193,7 +195,7 @@ def memory(
     micro_batch: Annotated[str | None, typer.Option(help="sequences per GPU per micro-step (activations)")] = None,
     n_layers: Annotated[str | None, typer.Option(help="layers (default: the plan's shape rule)")] = None,
     d_model: Annotated[str | None, typer.Option(help="hidden size (default: the plan's shape rule)")] = None,
-    vocab_size: Annotated[str, typer.Option(help="vocabulary size (logits)")] = "32768",
+    vocab_size: Annotated[str | None, typer.Option(help="vocabulary size (logits) [32768, or --model's]")] = None,
     activation_checkpointing: Annotated[bool, typer.Option(help="recompute activations in backward")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -202,6 +204,7 @@ def memory(
 
     result = run_memory(
         params=params,
+        model=model,
         precision=precision,
         optimizer=optimizer,
         sharding=sharding,

@@ -40,11 +40,16 @@ def run_prepare(config: Path | None, console: Console) -> dict:
 
 def run_tokenize(config: Path | None, console: Console, tokenizer: Path | None = None) -> dict:
     """Token files of the prepared data: with the run's tokenizer in ``tokens/``, with another one (``tokenizer``,
-    a Hugging Face tokenizer folder) in its own folder (`RunDir.tokens_for`)."""
+    a Hugging Face tokenizer folder) in its own folder (`RunDir.tokens_for`). With ``train.init_from`` (continued
+    pretraining) and no ``tokenizer``, the base model's tokenizer: the one that run trains with."""
+    from domainlm.basemodel import base_of
     from domainlm.config import load_config
     from domainlm.data.tokenize import tokenize
 
-    run_dir = load_config(config).directory()
+    cfg = load_config(config)
+    run_dir = cfg.directory()
+    if tokenizer is None and (base := base_of(cfg)) is not None:
+        tokenizer = base.path
     t0 = time.perf_counter()
     with stages.locked(run_dir, "tokenize"), _progress(console) as progress:
         counts = tokenize(run_dir, tokenizer, progress)

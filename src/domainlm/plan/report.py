@@ -40,12 +40,16 @@ def print_plan(p: dict, console: Console) -> None:
         lc = p["law"]
         t.add_row("L(N, D)", f"E + A/N^α + B/D^β: E={lc['E']:.4g}, A={lc['A']:.4g}, B={lc['B']:.4g}, "
                   f"α={lc['alpha']:.4g}, β={lc['beta']:.4g}")
-    t.add_row("params", f"{_f(p['params'])}  ({p['law']['params_counted']})")
+    cont = p.get("continued")
+    if cont:  # train.init_from: N is the base's, the budget buys tokens only
+        t.add_row("continued", f"from {cont['init_from']}: {cont['how']}")
+    t.add_row("params", f"{_f(p['params'])}  ({'the base model' if cont else p['law']['params_counted']})")
     t.add_row("tokens", f"{_f(p['tokens'])}  ({p['tokens_per_param']:.1f} tokens/param)")
     if p["predicted_loss"] is not None:
         t.add_row("predicted loss", f"{p['predicted_loss']:.3f} nats/token (the law's own data)")
-    t.add_row("model", f"{m['n_layers']} layers × d_model {m['d_model']}, {m['n_heads']} heads of {m['head_dim']}, "
-              f"SwiGLU ffn {m['ffn_dim']}, vocab {m['vocab_size']}")
+    t.add_row("model", f"{m['architecture'] + ': ' if cont else ''}{m['n_layers']} layers × d_model {m['d_model']}, "
+              f"{m['n_heads']} heads of {m['head_dim']}, {'ffn' if cont else 'SwiGLU ffn'} {m['ffn_dim']}, "
+              f"vocab {m['vocab_size']}")
     t.add_row("", f"{_f(m['params_total'])} total = {_f(m['params_non_embedding'])} non-embedding + "
               f"{_f(m['params_total'] - m['params_non_embedding'])} embedding")
     t.add_row("FLOPs/token", f"{p['flops_per_token']:.3g} at seq_len {p['seq_len']}")
