@@ -1,4 +1,5 @@
-"""`domainlm run [CONFIG]`: the whole pipeline on one run directory, every stage skipped when done.
+"""`domainlm run [CONFIG]`: the whole pipeline on one run directory: a list of stages, each run once and skipped
+when done.
 
 plan → prepare → tokenizer → tokenize → plan with the real token counts → train → eval → general-only
 baseline (same shape and token budget, domain weight 0) → report. Each stage records a fingerprint of its
@@ -21,7 +22,6 @@ from domainlm import stages
 from domainlm.config import RunConfig, dump_config, load_config
 from domainlm.rundir import RunDir, write_json
 
-STAGES = ("plan", "prepare", "tokenizer", "tokenize", "plan (real counts)", "train", "eval", "baseline", "report")
 
 def quick_config(cfg: RunConfig) -> RunConfig:
     """The config scaled down by the packaged overlay ``recipes/overlays/quick.yaml`` (`domainlm run --quick`)."""
@@ -34,22 +34,6 @@ def quick_config(cfg: RunConfig) -> RunConfig:
     for section in ("budget", "tokenizer", "model", "train", "eval"):
         data[section].update(quick[section])
     return RunConfig.model_validate(data)
-
-
-class _Timer:
-    """Prints each stage's header and, when the next one starts, how long the previous one took."""
-
-    def __init__(self, console: Console):
-        self.console, self.t, self.times = console, None, {}
-
-    def stage(self, i: int, name: str | None) -> None:
-        now = time.perf_counter()
-        if self.t is not None:
-            self.times[self.name] = now - self.t
-            self.console.print(f"[dim]{self.name}: {now - self.t:.1f} s[/]")
-        self.t, self.name = now, name
-        if name is not None:
-            self.console.rule(f"[bold]stage {i}/{len(STAGES)}: {name}[/]", align="left")
 
 
 def _plan(config_path: Path, run_dir: Path, cfg: RunConfig, console: Console) -> dict:
@@ -196,26 +180,23 @@ def run_all(config: Path | None, *, console: Console, quick: bool = False) -> di
         config_path.write_text(text, encoding="utf-8")
     console.rule(f"[bold]domainlm run[/] {cfg.name} → {run_dir}")
 
-    timer = _Timer(console)
-    timer.stage(1, STAGES[0])
-    _plan(config_path, run_dir, cfg, console)
-    timer.stage(2, STAGES[1])
-    run_prepare(config_path, console)
-    timer.stage(3, STAGES[2])
-    run_tokenizer(config_path, console=console)
-    timer.stage(4, STAGES[3])
-    run_tokenize(config_path, console)
-    timer.stage(5, STAGES[4])
-    _plan(config_path, run_dir, cfg, console)
-    timer.stage(6, STAGES[5])
-    _train(cfg, run_dir, console)
-    timer.stage(7, STAGES[6])
-    _eval(run_dir, console)
-    timer.stage(8, "baseline (general only: same shape and tokens, domain weight 0)")
-    _baseline(config_path, cfg, run_dir, console)
-    timer.stage(9, STAGES[8])
-    report = _report(run_dir, console)
-    timer.stage(10, None)
-    s = summary(run_dir, cfg, time.perf_counter() - t0, report)
-    s["stage_seconds"] = {k: round(v, 1) for k, v in timer.times.items()}
-    return s
+    steps = [  # (title, stage): each stage runs once and skips itself when its inputs are unchanged
+        ("plan", lambda: _plan(config_path, run_dir, cfg, console)),
+        ("prepare", lambda: run_prepare(config_path, console)),
+        ("tokenizer", lambda: run_tokenizer(config_path, console=console)),
+        ("tokenize", lambda: run_tokenize(config_path, console)),
+        ("plan (real counts)", lambda: _plan(config_path, run_dir, cfg, console)),
+        ("train", lambda: _train(cfg, run_dir, console)),
+        ("eval", lambda: _eval(run_dir, console)),
+        ("baseline (general only: same shape and tokens, domain weight 0)",
+         lambda: _baseline(config_path, cfg, run_dir, console)),
+        ("report", lambda: _report(run_dir, console)),
+    ]
+    seconds = {}
+    for i, (title, stage) in enumerate(steps, 1):
+        console.rule(f"[bold]stage {i}/{len(steps)}: {title}[/]", align="left")
+        t = time.perf_counter()
+        stage()
+        seconds[title] = round(time.perf_counter() - t, 1)
+        console.print(f"[dim]{title}: {seconds[title]:.1f} s[/]")
+    return {**summary(run_dir, cfg, time.perf_counter() - t0, RunDir(run_dir).report), "stage_seconds": seconds}
