@@ -134,6 +134,11 @@ def test_model_comes_from_the_base(prepared):
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in saved.items())
     assert z.base.params == sum(p.numel() for p in model.parameters())  # tied head counted once
+    from domainlm.basemodel import resolve_base
+
+    again = resolve_base(prepared["run"])  # a run directory: its export, here a continued GPT-2
+    assert again.path == prepared["run"] / "model" and again.architecture == "GPT2LMHeadModel"
+    assert again.params == z.base.params and again.fingerprint != z.base.fingerprint
 
 
 def test_learning_rate_is_rewarmed_and_redecayed(prepared):
