@@ -48,6 +48,8 @@ from domainlm.train.schedule import lr_at
 from domainlm.train.step import IGNORE, make_optimizer, train_step, validation_nll
 
 STAGE = "train"
+# model section keys a base model (train.init_from) decides instead
+SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings", "max_position_embeddings")
 LOG2 = math.log(2.0)
 
 
@@ -289,6 +291,10 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
             f"{sh.n_heads}/{sh.n_kv_heads} heads), {z.total_steps} steps × {z.tokens_per_step} tokens, "
             f"{world.world_size} process(es) ({mode}), {z.precision} on {world.device.type}"
         )
+        ignored = [k for k in SHAPE_KEYS if getattr(cfg.model, k, None)] if z.base else []
+        if ignored:  # a config written for training from scratch, reused with a base
+            console.print(f"note: {', '.join('model.' + k for k in ignored)} not used: the shape is train.init_from's",
+                          markup=False)
     driver.run()
     faults.hit("train.before_export")
     summary = {"steps": driver.step, "final_loss": driver.last_loss if math.isfinite(driver.last_loss) else None,
