@@ -182,7 +182,8 @@ def test_eval_scores_identical_masks(straight, tmp_path):
     again, _ = run_eval(run_dir(cfg) / "model", texts=[f"legal={text}"])
     s = first["sources"]["legal"]
     assert first["objective"] == objective and "bpb" not in s and first["probes"] is None
-    assert 0 <= s["accuracy"] <= 1 and s["targets"] > 0 and s["windows"] == -(-s["tokens"] // 32) and first["context"] == 32
+    assert 0 <= s["accuracy"] <= 1 and s["targets"] > 0
+    assert first["context"] == 32 and s["windows"] == -(-s["tokens"] // 32)  # the windows it trained on
     assert s["loss"] == again["sources"]["legal"]["loss"]  # the same masks every time (seed 0)
     ObjectiveEvalOutput.checked(first)
     assert written.is_file()
@@ -242,3 +243,9 @@ def test_objective_needs_its_tokens(tmp_path):
     with pytest.raises(UserError, match="sentinel"):
         make_objective("span", tok)
     assert make_objective("causal", tok) is None
+    from domainlm.train.objectives import word_starts
+
+    starts = word_starts(tok)  # a byte-level token carrying the space before it starts a word
+    ids = tok("The licensee shall").input_ids[1:]  # (a text's first token starts a word wherever it is)
+    assert [bool(starts[i]) for i in ids] == [tok.decode([t]).startswith(" ") for t in ids]
+    assert starts[tok.eos_token_id] and sum(starts[i] for i in ids) == 2

@@ -82,11 +82,12 @@ def objective_of_config(config) -> str:
 
 
 def word_starts(tok) -> np.ndarray:
-    """True for the ids that start a word: a token continues the word before it when it begins with a letter or
-    digit (byte-level BPE marks a leading space with Ġ, a newline with Ċ)."""
+    """True for the ids that start a word: a token continues the word before it when its text begins with a
+    letter or digit (a byte-level token that starts a word carries the space before it)."""
     pieces = tok.convert_ids_to_tokens(list(range(len(tok))))
     special = set(tok.all_special_ids)
-    return np.array([i in special or not (p and p[0].isalnum()) for i, p in enumerate(pieces)], dtype=bool)
+    texts = [tok.convert_tokens_to_string([p]) if i not in special else "" for i, p in enumerate(pieces)]
+    return np.array([i in special or not (t and t[0].isalnum()) for i, t in enumerate(texts)], dtype=bool)
 
 
 @dataclass(frozen=True)
@@ -107,17 +108,17 @@ class Masking:
         k = max(1, int(round(self.rate * len(cand))))
         if self.word_start is None:
             chosen = rng.permutation(cand)[:k]
-        else:  # whole words, in random order, while they fit in k (BERT's create_pretraining_data)
+        else:  # whole words in random order, each only if it still fits in k (BERT's create_pretraining_data)
             new = self.word_start[row[cand]] | np.r_[True, np.diff(cand) != 1]
             words = np.split(cand, np.flatnonzero(new)[1:])
-            picked: list[np.ndarray] = []
+            picked: list[np.ndarray] = [np.array([], dtype=np.int64)]
             n = 0
             for w in rng.permutation(len(words)):
-                if n + len(words[w]) > k and n:
+                if n + len(words[w]) > k:
                     continue
                 picked.append(words[w])
                 n += len(words[w])
-                if n >= k:
+                if n == k:
                     break
             chosen = np.concatenate(picked)
         chosen = np.sort(chosen)
