@@ -27,7 +27,7 @@ from rich.table import Table
 
 from domainlm import faults
 from domainlm.config import SPECIAL_TOKENS, RunConfig, SourceConfig, load_config
-from domainlm.data.pipeline import data_dir, document_files, iter_documents, stats_path
+from domainlm.data.pipeline import document_files, iter_documents
 from domainlm.errors import UserError
 from domainlm.rundir import RunDir, swap_dir, write_json
 from domainlm.stages import Stage, file_fingerprint
@@ -47,11 +47,11 @@ ENCODE_BATCH_DOCS = 256
 def _check_prepared(cfg: RunConfig, run_dir: Path, config_name: str) -> None:
     if not cfg.sources:
         raise UserError(f"{config_name}: sources: no sources configured; the tokenizer needs text to train on")
-    stats = stats_path(run_dir)  # written last by `prepare`: its existence means the data are complete
+    stats = RunDir(run_dir).stats  # written last by `prepare`: its existence means the data are complete
     if not stats.exists():
         raise UserError(f"{stats}: no prepared data; run `domainlm prepare {config_name}` first")
     for s in cfg.sources:
-        folder = data_dir(run_dir) / s.name / "train"
+        folder = RunDir(run_dir) / RunDir.DATA / s.name / "train"
         if not folder.is_dir():
             raise UserError(f"{folder}: no prepared data for source {s.name!r}; run `domainlm prepare {config_name}` "
                             "first")
@@ -76,7 +76,7 @@ def train_bytes(run_dir: Path, source: str) -> int:
     """UTF-8 bytes of a source's train split (one streaming pass; sampling needs the total first)."""
     n = sum(len(t.encode("utf-8")) for t in iter_documents(run_dir, source, "train"))
     if n == 0:
-        folder = data_dir(run_dir) / source / "train"
+        folder = RunDir(run_dir) / RunDir.DATA / source / "train"
         raise UserError(f"{folder}: source {source!r} has an empty train split; nothing to train the tokenizer on")
     return n
 

@@ -50,27 +50,15 @@ def write_json_atomic(path: Path, obj) -> None:
     write_json(path, obj, indent=1, sort_keys=True)
 
 
-def data_dir(run_dir: Path) -> Path:
-    return RunDir(run_dir) / RunDir.DATA
-
-
-def stats_path(run_dir: Path) -> Path:
-    return RunDir(run_dir).stats
-
-
-def work_dir(run_dir: Path, source: str) -> Path:
-    return Path(run_dir) / ".prepare" / source
-
-
 # ------------------------------------------------------------------------------------------- reading outputs
 
 
 def document_files(run_dir: Path, source: str, split: str) -> list[Path]:
-    if not stats_path(run_dir).exists():
-        raise UserError(f"{stats_path(run_dir)}: no prepared data; run `domainlm prepare CONFIG` first")
+    if not RunDir(run_dir).stats.exists():
+        raise UserError(f"{RunDir(run_dir).stats}: no prepared data; run `domainlm prepare CONFIG` first")
     if split not in SPLITS:
         raise UserError(f"split must be one of {', '.join(SPLITS)}, got {split!r}")
-    folder = data_dir(run_dir) / source / split
+    folder = RunDir(run_dir) / RunDir.DATA / source / split
     if not folder.is_dir():
         raise UserError(f"{folder}: no prepared documents for source {source!r}")
     return sorted(folder.glob("*.jsonl.gz"))
@@ -179,7 +167,7 @@ def build_stages(spec: sources.SourceSpec, pcfg: PrepareConfig, run_dir: Path, t
 
     from domainlm.data import steps
 
-    w = work_dir(run_dir, spec.name)
+    w = RunDir(run_dir) / RunDir.PREPARE / spec.name
     ws = str(w)
     exact_cfg = ExactDedupConfig(content_getter=_text_of)
     mh_cfg = MinhashConfig(
@@ -216,7 +204,7 @@ def build_stages(spec: sources.SourceSpec, pcfg: PrepareConfig, run_dir: Path, t
     out += [
         ("keys", [*deduped(), steps.CollectKeys(ws)], tasks),
         ("split", [steps.PlanSplit(ws, pcfg.val_fraction, pcfg.val_min_docs)], 1),
-        ("write", [*deduped(), steps.SplitWriter(ws, str(data_dir(run_dir) / spec.name))], tasks),
+        ("write", [*deduped(), steps.SplitWriter(ws, str(RunDir(run_dir) / RunDir.DATA / spec.name))], tasks),
     ]
     return out
 
@@ -290,7 +278,7 @@ def _sum_counts(work: Path, step: str) -> tuple[Counter, list[str], int]:
 
 def check_clean(spec: sources.SourceSpec, pcfg: PrepareConfig, run_dir: Path) -> None:
     """After the clean stage: too many malformed lines, or nothing left, is the user's problem to fix."""
-    counts, errors, n_errors = _sum_counts(work_dir(run_dir, spec.name), "clean")
+    counts, errors, n_errors = _sum_counts(RunDir(run_dir) / RunDir.PREPARE / spec.name, "clean")
     lines = counts.get("json_lines", 0)
     if lines and n_errors / lines > pcfg.max_error_rate:
         raise UserError(
@@ -306,7 +294,7 @@ def check_clean(spec: sources.SourceSpec, pcfg: PrepareConfig, run_dir: Path) ->
 
 
 def source_stats(spec: sources.SourceSpec, pcfg: PrepareConfig, run_dir: Path) -> dict:
-    w = work_dir(run_dir, spec.name)
+    w = RunDir(run_dir) / RunDir.PREPARE / spec.name
     c, errors, n_errors = _sum_counts(w, "clean")
     after_exact = _sum_counts(w, "after_exact")[0].get("docs", 0)
     out = _sum_counts(w, "write")[0]
@@ -341,20 +329,20 @@ def prepare_sources(cfg: RunConfig, run_dir: Path, progress) -> dict:
     tasks = pcfg.tasks or workers
     specs = [sources.resolve(s, f"sources[{i}].input", pcfg.max_chars) for i, s in enumerate(cfg.sources)]
     fps = {s.name: source_fingerprint(s, pcfg, tasks) for s in specs}
-    stage = stages.Stage(run_dir, "prepare", stats_path(run_dir), (fps,))
+    stage = stages.Stage(run_dir, "prepare", RunDir(run_dir).stats, (fps,))
     if stage.done():
-        return json.loads(stats_path(run_dir).read_text())
+        return json.loads(stage.output.read_text())
     stage.start()
-    stats_path(run_dir).unlink(missing_ok=True)  # the completion mark of the data stage goes first,
+    stage.output.unlink(missing_ok=True)  # the completion mark of the data stage goes first,
     for counts in Path(run_dir).glob(f"{RunDir.TOKENS}*/{RunDir.COUNTS_FILE}"):  # and every tokenizer's tokens
         counts.unlink()  # of the old data
     stats = {"version": STATS_VERSION, "fingerprint": stage.fingerprint, "tasks": tasks, "sources": {}}
     for spec in specs:
-        w = work_dir(run_dir, spec.name)
+        w = RunDir(run_dir) / RunDir.PREPARE / spec.name
         fp_file = w / "fingerprint"
         if not fp_file.exists() or fp_file.read_text() != fps[spec.name]:
             shutil.rmtree(w, ignore_errors=True)  # another config or changed inputs: start this source over
-            shutil.rmtree(data_dir(run_dir) / spec.name, ignore_errors=True)
+            shutil.rmtree(RunDir(run_dir) / RunDir.DATA / spec.name, ignore_errors=True)
             w.mkdir(parents=True)
             fp_file.write_text(fps[spec.name])
         plan = build_stages(spec, pcfg, run_dir, tasks)
@@ -378,7 +366,7 @@ def prepare_sources(cfg: RunConfig, run_dir: Path, progress) -> dict:
         # timings vary run to run: kept out of stats.json, whose bytes must not depend on the machine's load
         write_json_atomic(w / "seconds.json", seconds)
     if len(stats["sources"]) < len(specs):  # Slurm: a rerun after the jobs have finished writes the statistics
-        return {"submitted": "slurm", "logs": str(run_dir / ".prepare"), "sources": {}}
-    write_json_atomic(stats_path(run_dir), stats)
+        return {"submitted": "slurm", "logs": str(RunDir(run_dir) / RunDir.PREPARE), "sources": {}}
+    write_json_atomic(stage.output, stats)
     stage.finish({"sources": list(fps)})
     return stats
