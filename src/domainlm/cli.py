@@ -530,6 +530,32 @@ def ablate(
     print_json(result) if as_json else print_ablation(result, console)
 
 
+# ---------------------------------------------------------------------------------------------------- decide
+
+
+@app.command()
+def decide(
+    config: ConfigArg = None,
+    base: Annotated[Path | None, typer.Option(help="the general model: any HF causal-LM folder or run directory "
+                                              "[the run's general-only baseline, ablate/w0]")] = None,
+    extend_vocab: Annotated[int, typer.Option("--extend-vocab", min=0, help="also continue the base with N domain "
+                                              "tokens added to its tokenizer (0: no such arm)")] = 0,
+    text: Annotated[
+        list[str] | None, typer.Option("--text", help="extra text to score, NAME=PATH (file or folder; repeatable)")
+    ] = None,
+    base_tokens: Annotated[float | None, typer.Option("--base-tokens", help="tokens the base was pretrained on "
+                                                      "(for its compute; a domainlm run records its own)")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """From scratch or continued? Train both at equal tokens; bpb per source, probes, compute, and a verdict."""
+    from domainlm.decide import print_decide, run_decide
+
+    with _locked(_config_dir(config), "decide"):
+        result = run_decide(config, base=base, extend_vocab=extend_vocab, texts=text, base_tokens=base_tokens,
+                            console=err_console if as_json else console)
+    print_json(result) if as_json else print_decide(result, console)
+
+
 # ---------------------------------------------------------------------------------------------------- launch (issue 14)
 
 launch_app = typer.Typer(help="Run training on a cluster (Slurm).", no_args_is_help=True)

@@ -26,6 +26,7 @@ checkpoint.mid_write                   a checkpoint's weights are in its temp fo
 finetune.step                          a fine-tuning step is done and logged
 scaling.point_done                     one point of a scaling sweep is trained and evaluated
 ablate.variant_done                    one variant of an ablation is trained and evaluated
+decide.arm_done                        one arm of `domainlm decide` is trained and evaluated
 eval.source_done                       bits per byte of one source are computed
 report.mid_write                       the report's figures are written, its page is not
 =====================================  =====================================================================

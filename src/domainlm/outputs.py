@@ -246,6 +246,8 @@ class SourceScore(Part):
     nll_bits: float
     forward_tokens: int
     cost: float
+    doc_bits: list[float] | None = None  # per document, in order (run_eval(per_doc=True): `domainlm decide`)
+    doc_bytes: list[int] | None = None
 
 
 class ProbeItem(Part):
@@ -432,6 +434,58 @@ class ClassifyComparison(FinetuneComparison):
     head: str  # classification
 
 
+# ------------------------------------------------------------------------------------------------ decide/decide.json
+
+
+class DecideBase(Part):
+    """The general model and what its own pretraining cost (6·N·D, when its tokens are known)."""
+
+    path: str
+    architecture: str
+    params: int
+    tokens: Num | None
+    flops: Num | None
+    tokens_from: str | None  # --base-tokens, or the base run's training record
+
+
+class DecideArm(Part):
+    label: str
+    trained_tokens: Num | None  # this run's training tokens (0: the general model as is)
+    params: int | None
+    model: str
+    flops_run: Num
+    flops_total: Num | None  # with the base's pretraining; None when that is unknown
+    bpb: dict[str, float]
+    bytes_per_token: dict[str, float]
+    probes: dict[str, Num] | None
+    extension: dict[str, Any] | None = None  # continued-vocab<N>: the tokens added (tokenizer_extend.extend)
+
+
+class DecideText(Part):
+    role: str | None
+    docs: int | None
+    winner: str
+    runner_up: str | None
+    bpb: dict[str, float]  # arm -> bpb, best first
+    margin: Interval | None = None  # runner-up − winner, paired bootstrap over documents
+    verdict: str
+
+
+class Decision(Output):
+    """``decide/decide.json`` — `domainlm decide` (decide.py): from scratch vs the general model continued vs as is."""
+
+    version: int
+    config: str | None
+    run_dir: str
+    tokens: Num
+    extend_vocab: int
+    base: DecideBase
+    arms: dict[str, DecideArm]
+    skipped: dict[str, str]
+    texts: dict[str, DecideText]
+    verdict: str
+
+
 # ------------------------------------------------------------------------------------------------ the table
 
 SCHEMAS: dict[str, type[Output]] = {
@@ -443,6 +497,7 @@ SCHEMAS: dict[str, type[Output]] = {
     RunDir.EVAL: EvalOutput,
     RunDir.BASELINE_EVAL: EvalOutput,
     RunDir.ABLATE: Ablation,
+    RunDir.DECIDE: Decision,
     RunDir.LAW: Law,
     RunDir.FINETUNE_COMPARE: FinetuneComparison,
     RunDir.CLASSIFY_COMPARE: ClassifyComparison,

@@ -116,12 +116,13 @@ class RunDir:
     ABLATE = "ablate/ablate.json"  # domainlm ablate
     VARIANT_EVAL = "eval.json"  # in a variant's folder (ablate/w<W>/): its bpb and probes
     BASELINE_EVAL = "ablate/w0/eval.json"  # the weight-0 variant's: domainlm run's general-only baseline
+    DECIDE_DIR = "decide"  # domainlm decide: decide/<arm>/ (an arm's training run and its eval.json)
+    DECIDE = "decide/decide.json"  # domainlm decide: scratch vs continued vs the general model, the verdict
     FINETUNE = "finetune.json"  # in a fine-tuning's --out folder: its summary
     LAW = "scaling/law.json"  # domainlm scaling
     POINTS = "scaling/points.jsonl"
     REPORT = "report/index.html"  # domainlm report
     STAGES = ".stages"  # bookkeeping markers (stages.py): not data for other stages
-    PREPARE = ".prepare"  # prepare's work files (datatrove tasks, counters): not data for other stages
 
     def __init__(self, root: Path | str):
         self.root = Path(root)

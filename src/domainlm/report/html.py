@@ -24,7 +24,7 @@ from domainlm.units import human
 REPORT_DIR = str(Path(RunDir.REPORT).parent)
 # Every PNG this module may write; ones not made this time are deleted, so the folder never shows a stale chart.
 PNGS = ("plan.png", "drops.png", "tokens.png", "epochs.png", "bytes_per_token.png", "loss.png", "eval_bpb.png",
-        "probes.png", "ablation.png")
+        "probes.png", "ablation.png", "decide.png")
 
 # run file -> the command that writes it (shown when the file is missing)
 PRODUCERS = {
@@ -36,6 +36,7 @@ PRODUCERS = {
     f"{RunDir.STAGES}/train.json": "domainlm train CONFIG",
     RunDir.EVAL: "domainlm eval {run}",
     RunDir.ABLATE: "domainlm ablate CONFIG --domain-weights 0,0.51,1",
+    RunDir.DECIDE: "domainlm decide CONFIG --base GENERAL_MODEL",
     RunDir.FINETUNE_COMPARE: "domainlm finetune {run} --compare GENERAL_MODEL --data TRAIN.jsonl",
     RunDir.CLASSIFY_COMPARE: "domainlm finetune {run} --head classification --compare GENERAL_MODEL --data TRAIN.jsonl",
 }
@@ -433,6 +434,40 @@ def ablation_section(r: Report) -> Section | None:
     return s
 
 
+def decide_section(r: Report) -> Section | None:
+    """Only when `domainlm decide` has run (decide.py): each arm's bpb per text at equal training tokens, probes,
+    compute, and the verdict with its paired-bootstrap intervals."""
+    d, why = r.read(RunDir.DECIDE)
+    if d is None and why.startswith("no "):
+        return None
+    s = Section("decide", "From scratch or continued?")
+    if d is None:
+        s.hints.append(why)
+        return s
+    texts = list(d["texts"])
+    rows = []
+    for arm, a in d["arms"].items():
+        p = a.get("probes")
+        rows.append([f"<b>{escape(arm)}</b><br><span class=note>{escape(a.get('label', ''))}</span>",
+                     *(_num(a["bpb"].get(n), "{:.4f}") for n in texts), _num(p and p.get("acc"), "{:.1%}"),
+                     human(a.get("trained_tokens")), _num(a.get("flops_run"), "{:.3g}"),
+                     _num(a.get("flops_total"), "{:.3g}")])
+    s.body.append(f"<p>Every arm trains on the same {human(d['tokens'])} tokens of the run's mixture; "
+                  f"general model: <code>{escape(str(d['base']['path']))}</code>. Bits per byte does not depend on "
+                  "the tokenizer, so arms with different tokenizers compare on it.</p>")
+    s.body.append(_table(["arm", *(f"{n} bpb" for n in texts), "probes", "trained tokens", "FLOPs (this run)",
+                          "FLOPs (total)"], rows))
+    s.body.append("<p>" + "<br>".join(escape(t["verdict"]) for t in d["texts"].values()) + "</p>")
+    notes = [f"{escape(arm)}: skipped — {escape(why)}" for arm, why in d.get("skipped", {}).items()]
+    if d["base"].get("flops") is None:
+        notes.append("the general model's own pretraining compute is unknown (pass --base-tokens): its arms' "
+                     "totals are left out")
+    s.body.append("<p class=note>Margins: winner vs runner-up, 95% paired bootstrap interval over documents. "
+                  "FLOPs ≈ 6·N·D (total: with the general model's own pretraining). " + " ".join(notes) + "</p>")
+    r.figure(s, plots.decide_chart, "decide.png", d)
+    return s
+
+
 def finetune_section(r: Report) -> Section | None:
     """Only when `domainlm finetune --compare` has run: downstream scores of the fine-tuned domain and general
     models side by side, with paired-bootstrap CIs (finetune/compare.py writes the file)."""
@@ -565,7 +600,7 @@ def build_report(run_dir: Path | str) -> dict:
     sections = []
     # page order; the tokenizer and eval sections record source roles that the ablation section uses
     for make in (plan_section, data_section, tokenizer_section, training_section, eval_section, probes_section,
-                 ablation_section, finetune_section, classify_section):
+                 ablation_section, decide_section, finetune_section, classify_section):
         try:
             s = make(r)
         except SHAPE_ERRORS as e:  # a file of an unexpected shape: say so, keep the rest of the report

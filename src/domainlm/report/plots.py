@@ -246,3 +246,19 @@ def ablation_chart(points: list[dict], path: Path) -> Path:
     ax.grid(alpha=0.3)
     ax.margins(0.15)
     return save(fig, path)
+
+
+def decide_chart(d: dict, path: Path) -> Path:
+    """`domainlm decide`: bits per byte per text for each arm (lower is better), the winner's margin as an error
+    bar of its paired-bootstrap interval."""
+    texts = list(d["texts"])
+    arm_colours = {"scratch": OURS, "continued": "tab:orange", "base": BASELINES[0]}
+    series = [(arm, [a["bpb"].get(n) for n in texts], arm_colours.get(arm, "tab:green"))
+              for arm, a in d["arms"].items()]
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    _grouped(ax, texts, series, fmt=lambda v: f"{v:.3f}")
+    ax.set_ylabel("bits per byte (lower is better)")
+    ax.set_title(f"From scratch or continued? ({human(d['tokens'])} training tokens each)")
+    ax.legend(fontsize=8, loc="lower right")
+    ax.margins(y=0.15)
+    return save(fig, path)

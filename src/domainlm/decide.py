@@ -1,0 +1,361 @@
+"""`domainlm decide CONFIG`: pretrain from scratch, or continue pretraining a general model? Measured on your data.
+
+At equal training tokens (the run's token budget), on the run's prepared data and mixture:
+
+- ``scratch``: the run's own model, trained from random weights with the run's domain tokenizer (``<run>/model``;
+  trained here unless `domainlm train`/`run` already did);
+- ``continued``: the general model (``--base``) continued on the same mixture for the same tokens (domain-adaptive
+  pretraining, Gururangan et al. 2020; ``train.init_from``, docs/continued.md), with its own tokenizer;
+- ``continued-vocab<N>`` (``--extend-vocab N``): the same, after adding the base tokenizer the N domain tokens that
+  save the most tokens (tokenizer_extend.py);
+- ``base``: the general model as it is.
+
+Each arm is scored like `domainlm eval` (evaluate/bpb.py) on every source's val split, on ``--text NAME=PATH``
+folders and on the term probes. Bits per byte does not depend on the tokenizer (bits of the whole text ÷ its
+bytes), which is what makes arms with different tokenizers comparable at all; loss per token is not.
+
+The verdict names, per text, the arm with the lowest bpb and its margin over the runner-up, with a paired
+bootstrap 95% interval over documents (the same resampled documents for both arms; ``evaluate/tasks.py``'s
+resampling): "no detectable difference" when the interval contains 0.
+
+Compute: training FLOPs ≈ 6·N·D (Kaplan et al. 2020, eq. 2.1; N parameters, D tokens) for this run's training
+of each arm and, for the arms built on the base, the base's own pretraining when it is known (a domainlm run
+directory records it; for a downloaded model pass ``--base-tokens``).
+
+Output: ``<run>/decide/decide.json`` and, per arm, ``<run>/decide/<arm>/`` (its training run and ``eval.json``
+with per-document bits). A finished arm is never redone: killed between arms, a rerun continues with the next.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from rich.console import Console
+from rich.table import Table
+
+from domainlm import faults, stages
+from domainlm.config import RunConfig, load_config
+from domainlm.errors import UserError
+from domainlm.rundir import RunDir, write_json
+
+DECIDE_VERSION = 1
+SCRATCH, CONTINUED, BASE = "scratch", "continued", "base"
+LABELS = {SCRATCH: "from scratch (the run's model)", CONTINUED: "general model, continued",
+          BASE: "general model as is"}
+FLOPS_PER_PARAM_TOKEN = 6  # forward + backward ≈ 6 FLOPs per parameter per token (Kaplan et al. 2020, eq. 2.1)
+
+
+def vocab_arm(n: int) -> str:
+    return f"{CONTINUED}-vocab{n}"
+
+
+def label(arm: str) -> str:
+    if arm.startswith(f"{CONTINUED}-vocab"):
+        return f"general model + {arm.removeprefix(CONTINUED + '-vocab')} domain tokens, continued"
+    return LABELS.get(arm, arm)
+
+
+def training_flops(params: float | None, tokens: float | None) -> float | None:
+    """6·N·D (Kaplan et al. 2020, eq. 2.1)."""
+    return FLOPS_PER_PARAM_TOKEN * params * tokens if params and tokens else None
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+
+def default_base(run_dir: Path) -> Path:
+    """The offline demo's general model: the run's general-only baseline (same shape, trained on news)."""
+    from domainlm.train.variants import variant_dir
+
+    return RunDir(variant_dir(run_dir, 0.0)).model
+
+
+def budget_tokens(cfg: RunConfig, run_dir: Path) -> float:
+    from domainlm.train.loop import plan_of, planned_tokens
+
+    budget = cfg.train.max_tokens or planned_tokens(plan_of(run_dir))
+    if budget is None:
+        raise UserError("train.max_tokens: no token budget; set it or run `domainlm plan CONFIG` first")
+    return float(budget)
+
+
+def trained_tokens(folder: Path, cfg: RunConfig) -> float | None:
+    """Tokens a domainlm training run trained on: its recorded steps × tokens per step."""
+    rec = stages.recorded(folder, "train")
+    if not rec.get("steps"):
+        return None
+    t = cfg.train
+    return float(rec["steps"] * (t.tokens_per_step or t.micro_batch * t.seq_len * (rec.get("world_size") or 1)))
+
+
+def base_pretraining(base_path: Path, base_params: int, base_tokens: float | None) -> dict:
+    """What the base model cost to make: from ``--base-tokens``, else from its domainlm run directory's record."""
+    from domainlm.evaluate.inputs import load_run_config
+
+    source, tokens = None, None
+    if base_tokens:
+        source, tokens = "--base-tokens", float(base_tokens)
+    else:
+        run = base_path.parent
+        if base_path.name == RunDir.MODEL and (RunDir(run).config).is_file() and stages.recorded(run, "train"):
+            tokens = trained_tokens(run, load_run_config(run))
+            source = f"{run}/{RunDir.STAGES}/train.json" if tokens else None
+    return {"params": base_params, "tokens": tokens, "flops": training_flops(base_params, tokens),
+            "tokens_from": source}
+
+
+def continued_config(cfg: RunConfig, run_dir: Path, arm: str, init_from: Path, tokens: float) -> RunConfig:
+    """The run's config, continued from ``init_from`` for ``tokens`` tokens in ``<run>/decide/<arm>/``."""
+    data = cfg.model_dump()
+    data["train"].update(init_from=str(init_from), max_tokens=float(tokens))
+    data["tokenizer"]["extend_vocab"] = 0  # the arm's base is already extended
+    data["name"] = f"{cfg.name}-{arm}"
+    data["run_dir"] = str(arm_dir(run_dir, arm))
+    return RunConfig.model_validate(data)
+
+
+def arm_dir(run_dir: Path, arm: str) -> Path:
+    return RunDir(run_dir) / RunDir.DECIDE_DIR / arm
+
+
+# ------------------------------------------------------------------------------------------------ arms
+
+
+def _tokenize_for(run_dir: Path, tokenizer_dir: Path, console: Console) -> None:
+    """Token files of the prepared data with ``tokenizer_dir`` (a no-op when they exist)."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from domainlm.data.tokenize import tokenize
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console,
+                  transient=True) as progress:
+        tokenize(run_dir, tokenizer_dir, progress)
+
+
+def domain_sample(cfg: RunConfig, run_dir: Path) -> list[str]:
+    """The domain train text the vocabulary extension counts on: the domain sources sampled as the tokenizer
+    samples its training text, up to ``tokenizer.sample_bytes``."""
+    from domainlm.tokenizer import _normalised, sample_texts, train_bytes
+
+    dom = [s for s in cfg.sources if s.role == "domain"]
+    if not dom:
+        raise UserError("sources: no source has role 'domain'; nothing to extend the vocabulary with")
+    totals = {s.name: train_bytes(run_dir, s.name) for s in dom}
+    return list(sample_texts(run_dir, _normalised(dom), totals, cfg.tokenizer.sample_bytes, cfg.tokenizer.seed, {}))
+
+
+def extended_base(cfg: RunConfig, run_dir: Path, base_path: Path, n: int, console: Console) -> tuple[Path, dict]:
+    """The base model with ``n`` domain tokens added (tokenizer_extend.extend), built once in
+    ``<run>/decide/continued-vocab<N>/base/``; returns the folder and what was added."""
+    from domainlm import tokenizer_extend
+    from domainlm.basemodel import resolve_base
+
+    out = arm_dir(run_dir, vocab_arm(n)) / "base"
+    fp = stages.fingerprint("extend-v1", n, resolve_base(base_path, "--base").fingerprint,
+                            stages.file_fingerprint(RunDir(run_dir).tokenizer / "tokenizer.json"),
+                            cfg.tokenizer.sample_bytes, cfg.tokenizer.seed)
+    stage = f"decide-extend-{n}"
+    if (out / "config.json").is_file() and stages.is_done(run_dir, stage, fp):
+        return out, stages.recorded(run_dir, stage)["extension"]
+    console.print(f"extending the base tokenizer with up to {n} domain tokens ...", highlight=False)
+    info = tokenizer_extend.extend(base_path, RunDir(run_dir).tokenizer, domain_sample(cfg, run_dir), n, out)
+    stages.mark_done(run_dir, stage, fp, {"extension": info})
+    return out, info
+
+
+def _train_continued(cfg: RunConfig, run_dir: Path, arm: str, init_from: Path, tokens: float,
+                     console: Console) -> Path:
+    from domainlm.train.variants import train_variant
+
+    _tokenize_for(run_dir, init_from, console)
+    return train_variant(continued_config(cfg, run_dir, arm, init_from, tokens), run_dir, console)
+
+
+def _train_scratch(cfg: RunConfig, run_dir: Path, console: Console) -> Path:
+    from domainlm.train.loop import train
+    from domainlm.train.parallel import distributed
+
+    with distributed() as world:
+        train(cfg, run_dir, world, console=console)
+    return RunDir(run_dir).model
+
+
+def evaluate_arm(model_dir: Path, run_dir: Path, out: Path, texts: list[str] | None, console: Console) -> dict:
+    """bpb (with per-document bits), probes; skipped when ``out`` is from the same model, texts and settings."""
+    from domainlm.evaluate import inputs
+    from domainlm.evaluate.command import _probe_file, eval_fingerprint, run_eval
+
+    target = inputs.resolve(model_dir, run_dir)
+    stage = f"decide-eval-{out.parent.name}"
+    text_files = [(n, {str(f): stages.file_fingerprint(f) for f in inputs.text_files(p)})
+                  for n, p in inputs.parse_text_args(texts)]
+    fp = stages.fingerprint(DECIDE_VERSION, eval_fingerprint(target.model_dir, target.cfg.eval,
+                                                             _probe_file(None, target), texts), text_files)
+    if out.exists() and stages.is_done(run_dir, stage, fp):
+        return json.loads(out.read_text(encoding="utf-8"))
+    result, _ = run_eval(model_dir, run=run_dir, texts=texts, out=out, per_doc=True, console=console)
+    stages.mark_done(run_dir, stage, fp)
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ statistics
+
+
+def paired_margin(bits_loser: list[float], bits_winner: list[float], doc_bytes: list[int]) -> dict:
+    """bpb(loser) − bpb(winner) over the same documents, with a paired bootstrap 95% interval: documents are
+    resampled with replacement (the same resamples for both arms) and the byte-weighted bpb difference
+    Σ(bits_l − bits_w) / Σ bytes is recomputed on each resample (percentile interval; evaluate/tasks.py)."""
+    from domainlm.evaluate.tasks import bootstrap_indices, with_ci
+
+    diff = [a - b for a, b in zip(bits_loser, bits_winner, strict=True)]
+    return with_ci(lambda b, d: sum(d) / sum(b), list(doc_bytes), diff, bootstrap_indices(len(diff)))
+
+
+def verdicts(evals: dict[str, dict]) -> dict[str, dict]:
+    """Per text: the winner (lowest bpb), the runner-up and the margin with its interval, and one sentence."""
+    names = list(next(iter(evals.values()))["sources"])
+    out = {}
+    for name in names:
+        ranked = sorted(evals, key=lambda a: evals[a]["sources"][name]["bpb"])
+        win, second = ranked[0], (ranked[1] if len(ranked) > 1 else None)
+        w = evals[win]["sources"][name]
+        row = {"role": w.get("role"), "docs": w.get("docs"), "winner": win, "runner_up": second,
+               "bpb": {a: evals[a]["sources"][name]["bpb"] for a in ranked}}
+        if second is not None:
+            s = evals[second]["sources"][name]
+            if s["doc_bytes"] != w["doc_bytes"]:
+                raise UserError(f"{name}: the arms were scored on different documents; delete "
+                                f"{RunDir.DECIDE_DIR}/*/eval.json and rerun")
+            m = paired_margin(s["doc_bits"], w["doc_bits"], w["doc_bytes"])
+            row["margin"] = m
+            lo, hi = m["ci95"]
+            sure = "" if lo > 0 else " — no detectable difference (the interval contains 0)"
+            row["verdict"] = (f"{name}: {win} wins by {m['value']:.4f} bpb [95% CI {lo:.4f}, {hi:.4f}] over "
+                              f"{second} ({w['bpb']:.4f} vs {s['bpb']:.4f}){sure}")
+        else:
+            row["verdict"] = f"{name}: {win} ({w['bpb']:.4f} bpb; no other arm)"
+        out[name] = row
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ the command
+
+
+def run_decide(config: Path | None, *, base: Path | None = None, extend_vocab: int = 0,
+               texts: list[str] | None = None, base_tokens: float | None = None,
+               console: Console | None = None) -> dict:
+    from domainlm.basemodel import resolve_base
+    from domainlm.data.tokens import load_counts
+    from domainlm.evaluate import inputs
+
+    console = console or Console(stderr=True)
+    cfg = load_config(config)
+    run_dir = cfg.directory()
+    if cfg.train.init_from:
+        raise UserError("train.init_from: `domainlm decide` compares training from scratch with continuing a "
+                        "general model; give a from-scratch config and the general model as --base")
+    if extend_vocab < 0:
+        raise UserError(f"--extend-vocab: expected a number ≥ 0, got {extend_vocab}")
+    load_counts(run_dir)  # fails early with "run `domainlm prepare`/`tokenize`"
+    for _, p in inputs.parse_text_args(texts):  # bad --text fails before any training
+        inputs.text_files(p)
+    base_path = Path(base) if base is not None else default_base(run_dir)
+    if base is None and not (base_path / "config.json").is_file():
+        raise UserError(f"--base: no general model given and no general-only baseline in {base_path}; run "
+                        "`domainlm run CONFIG` (it trains one) or pass --base MODEL_DIR (any Hugging Face causal LM)")
+    b = resolve_base(base_path, "--base")
+    tokens = budget_tokens(cfg, run_dir)
+    pre = base_pretraining(b.path, b.params, base_tokens)
+
+    arms = [SCRATCH, CONTINUED] + ([vocab_arm(extend_vocab)] if extend_vocab else []) + [BASE]
+    results: dict[str, dict] = {}
+    evals: dict[str, dict] = {}
+    skipped: dict[str, str] = {}
+    for i, arm in enumerate(arms, 1):
+        console.rule(f"decide {i}/{len(arms)}: {label(arm)}")
+        row: dict = {"label": label(arm)}
+        if arm == SCRATCH:
+            model_dir = _train_scratch(cfg, run_dir, console)
+            n_params = stages.recorded(run_dir, "train").get("params")
+            row.update(trained_tokens=trained_tokens(run_dir, cfg), params=n_params, base_flops=None)
+        elif arm == BASE:
+            model_dir = b.path
+            row.update(trained_tokens=0.0, params=b.params, base_flops=pre["flops"])
+        else:
+            init_from = b.path
+            if arm != CONTINUED:
+                init_from, ext = extended_base(cfg, run_dir, b.path, extend_vocab, console)
+                row["extension"] = {k: ext[k] for k in ("requested", "added", "base_vocab", "vocab")}
+                row["extension"]["top"] = ext["tokens"][:20]
+                if not ext["added"]:
+                    skipped[arm] = ("the base tokenizer already has every domain token the run's tokenizer uses "
+                                    "(no candidate to add)")
+                    console.print(f"{arm}: skipped — {skipped[arm]}", highlight=False)
+                    continue
+            model_dir = _train_continued(cfg, run_dir, arm, init_from, tokens, console)
+            vcfg = continued_config(cfg, run_dir, arm, init_from, tokens)
+            row.update(trained_tokens=trained_tokens(vcfg.directory(), vcfg),
+                       params=resolve_base(init_from, "--base").params, base_flops=pre["flops"])
+        ev = evaluate_arm(model_dir, run_dir, arm_dir(run_dir, arm) / RunDir.VARIANT_EVAL, texts, console)
+        evals[arm] = ev
+        run_flops = training_flops(row["params"], row["trained_tokens"])
+        base_flops = row.pop("base_flops")
+        total = run_flops or 0.0 if arm == SCRATCH else (run_flops or 0.0) + base_flops if base_flops else None
+        row.update(model=str(model_dir), flops_run=run_flops or 0.0, flops_total=total,
+                   bpb={k: v["bpb"] for k, v in ev["sources"].items()},
+                   bytes_per_token={k: v["bytes_per_token"] for k, v in ev["sources"].items()},
+                   probes=({k: ev["probes"][k] for k in ("items", "acc", "acc_per_byte", "chance")}
+                           if ev.get("probes") else None))
+        results[arm] = row
+        faults.hit("decide.arm_done")
+
+    per_text = verdicts(evals)
+    out = {
+        "version": DECIDE_VERSION,
+        "config": str(config) if config else None,
+        "run_dir": str(run_dir),
+        "tokens": tokens,
+        "extend_vocab": extend_vocab,
+        "base": {"path": str(b.path), "architecture": b.architecture, **pre},
+        "arms": results,
+        "skipped": skipped,
+        "texts": per_text,
+        "verdict": "; ".join(r["verdict"] for r in per_text.values()),
+    }
+    from domainlm.outputs import Decision
+
+    out = Decision.checked(out)
+    write_json(RunDir(run_dir) / RunDir.DECIDE, out)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ printing
+
+
+def _flops(x: float | None) -> str:
+    return "unknown" if x is None else f"{x:.3g}"
+
+
+def print_decide(d: dict, console: Console) -> None:
+    texts = list(d["texts"])
+    t = Table(title=f"from scratch or continued? bits per byte at {d['tokens']:,.0f} training tokens (lower is "
+              "better)", title_justify="left")
+    t.add_column("arm")
+    for n in texts:
+        t.add_column(f"{n} ({d['texts'][n]['role']})", justify="right")
+    for col in ("probes", "FLOPs this run", "FLOPs total"):
+        t.add_column(col, justify="right")
+    for arm, r in d["arms"].items():
+        p = r.get("probes")
+        t.add_row(arm, *(f"{r['bpb'][n]:.4f}" for n in texts), f"{p['acc']:.1%}" if p else "-",
+                  _flops(r["flops_run"]), _flops(r["flops_total"]))
+    console.print(t)
+    for arm, why in d["skipped"].items():
+        console.print(f"{arm}: skipped — {why}", highlight=False)
+    pre = d["base"]
+    if pre["flops"] is None:
+        console.print("[dim]the base model's own pretraining is unknown: pass --base-tokens D for its total[/]")
+    for r in d["texts"].values():
+        console.print(r["verdict"], highlight=False, markup=False)
+    console.print(f"wrote {Path(d['run_dir']) / RunDir.DECIDE}", highlight=False, markup=False)

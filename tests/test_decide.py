@@ -1,0 +1,205 @@
+"""`domainlm decide`: from scratch vs the general model continued vs the general model as is, at equal tokens, on a
+tiny prepared run (documents, tokenizer, token files) with a tiny non-domainlm base model (its own BPE)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from crashkit import KILLED, domainlm, stamps
+from domainlm import decide
+from domainlm.config import load_config, write_resolved
+from domainlm.errors import UserError
+from test_train_fixtures import (  # noqa: F401 (one_thread: autouse fixture)
+    LEGAL,
+    NEWS,
+    make_tiny_model,
+    make_tokenizer,
+    one_thread,
+)
+
+STEPS = 6
+PROBES = [{"context": "The licensee shall", "answer": "indemnify", "distractors": ["compliment", "entertain"]},
+          {"context": "This license is irrevocable, royalty-free and", "answer": "worldwide",
+           "distractors": ["sideways", "yesterday"]}]
+TOKENS_PER_STEP = 8 * 32
+
+
+def _write_docs(folder: Path, docs: list[str]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    with gzip.open(folder / "00000.jsonl.gz", "wt", encoding="utf-8") as f:
+        for i, d in enumerate(docs):
+            f.write(json.dumps({"id": str(i), "text": d, "metadata": {}}) + "\n")
+
+
+def prepared_run(tmp: Path) -> Path:
+    """A prepared run (documents, stats, the run's tokenizer and its token files) and its config; returns the
+    config path."""
+    from domainlm.data.tokenize import tokenize
+
+    run = tmp / "run"
+    make_tokenizer(run / "tokenizer", 300)
+    rng = np.random.default_rng(0)
+    for name, texts in (("legal", LEGAL), ("news", NEWS)):
+        for split, n in (("train", 40), ("val", 10)):
+            _write_docs(run / "data" / name / split, [" ".join(rng.choice(texts, size=2)) for _ in range(n)])
+    (run / "data" / "stats.json").write_text(json.dumps({"version": 1, "fingerprint": "test",
+                                                         "sources": {"legal": {}, "news": {}}}))
+    tokenize(run)
+    cfg = {
+        "name": "tiny", "run_dir": str(run),
+        "sources": [{"name": "legal", "role": "domain", "weight": 0.5, "input": "package:licensedcode"},
+                    {"name": "news", "role": "general", "weight": 0.5, "input": "package:bbc-news"}],
+        "tokenizer": {"vocab_size": 300, "sample_bytes": 100_000},
+        "model": {"d_model": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2},
+        "train": {"seq_len": 32, "micro_batch": 4, "tokens_per_step": TOKENS_PER_STEP,
+                  "max_tokens": STEPS * TOKENS_PER_STEP, "lr": 1e-2, "warmup_steps": 2, "eval_every": 100,
+                  "checkpoint_every": 100, "eval_tokens": 128},
+        "eval": {"max_bytes_per_source": 2000, "probes": str(tmp / "probes.jsonl")},
+    }
+    (tmp / "probes.jsonl").write_text("".join(json.dumps(p) + "\n" for p in PROBES), encoding="utf-8")
+    path = tmp / "tiny.yaml"
+    path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
+    write_resolved(load_config(path), run)  # as `domainlm plan`/`prepare` do
+    return path
+
+
+@pytest.fixture(scope="module")
+def decided(tmp_path_factory):
+    """A pristine prepared run (for the crash test), and a copy with `decide` run on it once, in-process."""
+    from rich.console import Console
+
+    tmp = tmp_path_factory.mktemp("decide")
+    pristine = prepared_run(tmp / "pristine")
+    base = make_tiny_model(tmp / "base", NEWS)  # a general model: another architecture's folder, its own BPE
+    extra = tmp / "extra"
+    extra.mkdir()
+    (extra / "a.txt").write_text(LEGAL[0] + " " + NEWS[1], encoding="utf-8")
+    (extra / "b.txt").write_text(LEGAL[3] + " " + LEGAL[4], encoding="utf-8")
+    shutil.copytree(tmp / "pristine", tmp / "done")
+    cfg = tmp / "done" / "tiny.yaml"
+    cfg.write_text(pristine.read_text().replace(str(tmp / "pristine"), str(tmp / "done")))
+    texts = [f"extra={extra}"]
+    result = decide.run_decide(cfg, base=base, extend_vocab=8, texts=texts, base_tokens=1e6,
+                               console=Console(quiet=True))
+    return {"pristine": pristine, "cfg": cfg, "base": base, "texts": texts, "result": result, "tmp": tmp}
+
+
+def test_three_arms_and_the_extended_one_at_equal_tokens(decided):
+    d, base = decided["result"], decided["base"]
+    run = Path(d["run_dir"])
+    assert list(d["arms"]) == ["scratch", "continued", "continued-vocab8", "base"]
+    assert json.loads((run / "decide" / "decide.json").read_text()) == d
+    tokens = STEPS * TOKENS_PER_STEP
+    assert d["tokens"] == tokens
+    for arm in ("scratch", "continued", "continued-vocab8"):
+        r = d["arms"][arm]
+        assert r["trained_tokens"] == tokens  # equal training tokens
+        assert r["flops_run"] == 6 * r["params"] * tokens  # 6·N·D
+    assert d["arms"]["base"]["trained_tokens"] == 0 and d["arms"]["base"]["flops_run"] == 0
+    # the base's pretraining (--base-tokens) counts in the total of the arms built on it, not in scratch's
+    assert d["base"]["flops"] == 6 * d["base"]["params"] * 1e6
+    assert d["arms"]["continued"]["flops_total"] == d["arms"]["continued"]["flops_run"] + d["base"]["flops"]
+    assert d["arms"]["scratch"]["flops_total"] == d["arms"]["scratch"]["flops_run"]
+    ext = d["arms"]["continued-vocab8"]["extension"]
+    assert ext["added"] == 8 and ext["vocab"] == ext["base_vocab"] + 8
+    assert d["arms"]["continued-vocab8"]["params"] == d["arms"]["continued"]["params"] + 8 * 32 * 2  # emb + head
+    # the continued arms start from the base: their model folders have the base's architecture and tokenizer
+    from transformers import AutoTokenizer
+
+    assert len(AutoTokenizer.from_pretrained(run / "decide" / "continued" / "model")) == \
+        len(AutoTokenizer.from_pretrained(base))
+    for arm, r in d["arms"].items():
+        assert set(r["bpb"]) == {"legal", "news", "extra"}, arm
+        assert all(0 < v < 20 for v in r["bpb"].values())
+        assert r["probes"]["items"] > 0
+        ev = json.loads((run / "decide" / arm / "eval.json").read_text())
+        for s in ev["sources"].values():  # per-document bits add up to the text's total
+            assert sum(s["doc_bits"]) == pytest.approx(s["nll_bits"], rel=1e-9)
+            assert sum(s["doc_bytes"]) == s["bytes"]
+
+
+def test_verdict_names_the_winner_with_a_paired_interval(decided):
+    d = decided["result"]
+    for name, t in d["texts"].items():
+        ranked = sorted(d["arms"], key=lambda a: d["arms"][a]["bpb"][name])
+        assert t["winner"] == ranked[0] and t["runner_up"] == ranked[1]
+        m = t["margin"]
+        assert m["value"] == pytest.approx(d["arms"][ranked[1]]["bpb"][name] - d["arms"][ranked[0]]["bpb"][name])
+        assert m["ci95"][0] <= m["value"] <= m["ci95"][1]
+        assert t["verdict"].startswith(f"{name}: {ranked[0]} wins by")
+    assert d["verdict"].count("wins by") == 3
+
+
+def test_paired_margin_by_hand():
+    """Two documents: the margin is Σ(bits_l − bits_w)/Σ bytes, and with every document's difference equal
+    per byte the bootstrap interval collapses onto it."""
+    m = decide.paired_margin([30.0, 12.0], [20.0, 8.0], [10, 4])
+    assert m["value"] == pytest.approx((10 + 4) / 14)
+    assert m["ci95"] == pytest.approx([1.0, 1.0])
+    m = decide.paired_margin([1.0, 10.0, 3.0], [2.0, 4.0, 3.0], [1, 1, 1])  # diffs −1, 6, 0
+    assert m["value"] == pytest.approx(5 / 3)
+    assert -1 <= m["ci95"][0] < m["value"] < m["ci95"][1] <= 6
+
+
+def test_rerun_redoes_nothing(decided):
+    from rich.console import Console
+
+    run = Path(decided["result"]["run_dir"])
+    before = stamps(run, "model", "decide")
+    again = decide.run_decide(decided["cfg"], base=decided["base"], extend_vocab=8, texts=decided["texts"],
+                              base_tokens=1e6, console=Console(quiet=True))
+    assert again == decided["result"]
+    after = stamps(run, "model", "decide")
+    assert {k: v for k, v in after.items() if k != "decide/decide.json"} == \
+        {k: v for k, v in before.items() if k != "decide/decide.json"}
+
+
+def test_killed_between_arms_does_not_redo_finished_arms(decided, tmp_path):
+    shutil.copytree(decided["tmp"] / "pristine", tmp_path / "c")
+    cfg = tmp_path / "c" / "tiny.yaml"
+    cfg.write_text(decided["pristine"].read_text().replace(str(decided["tmp"] / "pristine"), str(tmp_path / "c")))
+    args = ["decide", str(cfg), "--base", str(decided["base"]), "--text", decided["texts"][0], "--base-tokens", "1e6",
+            "--json"]
+    proc = domainlm(args, fault="decide.arm_done:2", fault_dir=tmp_path)
+    assert proc.returncode == KILLED, proc.stderr[-2000:]
+    run = tmp_path / "c" / "run"
+    assert not (run / "decide" / "decide.json").exists()
+    done = stamps(run, "model", "decide/scratch", "decide/continued")
+    assert "decide/continued/eval.json" in done and "model/model.safetensors" in done
+    proc = domainlm(args)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert {k: v for k, v in stamps(run, "model", "decide/scratch", "decide/continued").items() if k in done} == done
+    got = json.loads(proc.stdout)
+    ref = decided["result"]["arms"]
+    assert list(got["arms"]) == ["scratch", "continued", "base"]
+    for arm in got["arms"]:  # the same numbers as the uninterrupted in-process run
+        assert got["arms"][arm]["bpb"] == pytest.approx(ref[arm]["bpb"], rel=1e-9)
+
+
+def test_bad_inputs(decided, tmp_path):
+    from rich.console import Console
+
+    with pytest.raises(UserError, match="--base: no general model given"):
+        decide.run_decide(decided["pristine"], console=Console(quiet=True))
+    with pytest.raises(UserError, match="--text"):
+        decide.run_decide(decided["pristine"], base=decided["base"], texts=[f"x={tmp_path / 'nope'}"],
+                          console=Console(quiet=True))
+
+
+def test_report_section(decided):
+    from domainlm.report.html import Report, decide_section
+
+    run = Path(decided["result"]["run_dir"])
+    sec = decide_section(Report(run))
+    assert sec.title == "From scratch or continued?" and sec.complete and sec.images == ["decide.png"]
+    page = "".join(sec.body)
+    for arm in decided["result"]["arms"]:
+        assert f"<b>{arm}</b>" in page
+    assert "wins by" in page
