@@ -84,8 +84,9 @@ class TokenWriter:
 def load_counts(tokens: Path) -> dict:
     p = counts_path(tokens)
     if not p.exists():
-        raise UserError(f"{p}: no token files; run `domainlm tokenize CONFIG` first (after `domainlm prepare` and "
-                        "`domainlm tokenizer`)")
+        other = "" if p.parent.name == RunDir.TOKENS else " --tokenizer DIR"  # another tokenizer's folder
+        raise UserError(f"{p}: no token files; run `domainlm tokenize CONFIG{other}` first (after `domainlm "
+                        "prepare` and `domainlm tokenizer`)")
     try:
         data = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
