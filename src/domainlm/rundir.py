@@ -123,6 +123,7 @@ class RunDir:
     POINTS = "scaling/points.jsonl"
     REPORT = "report/index.html"  # domainlm report
     STAGES = ".stages"  # bookkeeping markers (stages.py): not data for other stages
+    PREPARE = ".prepare"  # prepare's work files (datatrove tasks, counters): not data for other stages
 
     def __init__(self, root: Path | str):
         self.root = Path(root)
