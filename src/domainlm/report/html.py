@@ -324,6 +324,8 @@ def eval_section(r: Report) -> Section:
     if not ev.get("sources"):
         s.hints.append(f"eval/eval.json has no per-source scores: run `domainlm eval {r.run_dir}`")
         return s
+    if ev.get("objective"):  # a masked-LM encoder / span encoder-decoder (evaluate/objective.py): no bpb
+        return _objective_eval(s, ev)
     baselines = _baselines(ev)
     header = ["text", "role", "bits/byte"]
     for label, _ in baselines:
@@ -347,6 +349,29 @@ def eval_section(r: Report) -> Section:
     if not baselines:
         s.body.append("<p class=note>No baseline model in eval.json: the general-only baseline is trained by "
                       "<code>domainlm run</code> (or <code>domainlm ablate</code> with weight 0).</p>")
+    return s
+
+
+def _objective_eval(s: Section, ev: dict) -> Section:
+    """eval.json of a masked / span model: its loss and accuracy on fixed masks, next to any baseline's."""
+    what = "masked tokens" if ev["objective"] == "masked" else "span-corruption targets"
+    s.title = f"Evaluation: {what} ({ev['objective']} model)"
+    baselines = _baselines(ev)
+    header = ["text", "role", "loss (nats/target)", "accuracy"]
+    for label, _ in baselines:
+        header += [f"{label} loss", f"{label} accuracy"]
+    header += [what, "bytes"]
+    rows = []
+    for n, v in ev["sources"].items():
+        row = [escape(n), escape(v.get("role", "")), f"<b>{_num(v.get('loss'), '{:.4f}')}</b>",
+               _num(v.get("accuracy"), "{:.1%}")]
+        for _, b in baselines:
+            theirs = b["sources"].get(n, {})
+            row += [_num(theirs.get("loss"), "{:.4f}"), _num(theirs.get("accuracy"), "{:.1%}")]
+        rows.append(row + [f"{v.get('targets', 0):,}", f"{v.get('bytes', 0):,}"])
+    s.body.append(_table(header, rows))
+    s.body.append(f"<p class=note>{escape(ev.get('comparable', ''))}. Masks: {escape(json.dumps(ev.get('masking')))}."
+                  "</p>")
     return s
 
 
@@ -537,6 +562,10 @@ def _summary(r: Report) -> str:
     if ev and ev.get("sources"):
         baselines = _baselines(ev)
         for n, v in ev["sources"].items():
+            if ev.get("objective"):  # a masked / span model: its loss and accuracy on fixed masks
+                items.append([f"{escape(n)} ({escape(v.get('role', ''))})", f"{_num(v.get('loss'), '{:.4f}')} nats "
+                              f"per {ev['objective']} target, accuracy {_num(v.get('accuracy'), '{:.1%}')}"])
+                continue
             line = f"{_num(v.get('bpb'), '{:.4f}')} bits/byte"
             for label, b in baselines:
                 theirs = b["sources"].get(n, {}).get("bpb")
