@@ -136,6 +136,8 @@ def test_tokenize_writes_contract_files(tmp_path):
     cfg = two_sources(tmp_path, 50)
     run = tmp_path / "run"
     assert run_prepare(cfg, quiet_console())["next"] == "domainlm tokenizer"
+    with pytest.raises(UserError, match=r"tokenizer.json: no tokenizer; run `domainlm tokenizer CONFIG` first"):
+        run_tokenize(cfg, quiet_console())
     train_tokenizer(run, list(pipeline.iter_documents(run, "a", "train")))
     assert run_prepare(cfg, quiet_console())["next"] == "domainlm tokenize"  # a hint: prepare only prepares
     assert not (run / "tokens").exists()

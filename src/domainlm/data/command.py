@@ -82,7 +82,7 @@ def print_prepare(result: dict, console: Console) -> None:
             console.print(f"[yellow]{name}: {s['malformed_lines']} malformed lines skipped, first at "
                           f"{escape(', '.join(s['malformed_at'][:3]))}[/]", highlight=False)
     if result["next"] == "domainlm tokenize":
-        console.print("[dim]next: `domainlm tokenize CONFIG` writes the token files (`prepare` no longer does)[/]")
+        console.print("[dim]next: `domainlm tokenize CONFIG` (token files are no longer written by prepare)[/]")
     else:
         console.print("[dim]next: `domainlm tokenizer CONFIG`, then `domainlm tokenize CONFIG`[/]")
 

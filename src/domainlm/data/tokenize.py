@@ -36,6 +36,8 @@ def load_tokenizer(tokenizer_dir: Path):
     from tokenizers import Tokenizer
 
     path = Path(tokenizer_dir) / "tokenizer.json"
+    if not path.exists():
+        raise UserError(f"{path}: no tokenizer; run `domainlm tokenizer CONFIG` first")
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:  # noqa: BLE001 - tokenizers raises a bare Exception for a bad file
