@@ -20,6 +20,7 @@ from domainlm.plan.shape import (
     largest_params,
     make_shape,
     objective_flops_per_token,
+    objective_params,
     shape_for_params,
 )
 from domainlm.units import human
@@ -242,7 +243,7 @@ def _run(req: PlanRequest, law: L.Law, compute: dict, shape: ModelShape, d_opt: 
     else:
         tokens = d_opt
     out = {
-        "params": run_shape.params_total,
+        "params": objective_params(run_shape, req.objective),  # the encoder's / encoder-decoder's own count
         "tokens": tokens,
         "model": run_shape.as_dict(),
         "follows_plan": not overrides,
@@ -626,7 +627,7 @@ def _continued(req: PlanRequest, law: L.Law, compute: dict, weights: dict, limit
     and the budget buys tokens only — D = C / (6·N) (the laws' C = 6·N·D), with nothing subtracted for the base's
     own pretraining (paid before this run; the law's compute-optimal split does not apply to a model whose size is
     given). A time budget buys D = seconds × FLOP/s ÷ the base's FLOPs per token (PaLM's count, attention
-    included), and C = 6·N·D. On a CPU the rate is the generic probe's (the base itself is not measured)."""
+    included), and C = 6·N·D. On a CPU the rate is the base's own training speed measured on this machine."""
     b = req.base
     n = float(b["params"])
     fpt = float(b["flops_per_token"])
@@ -634,6 +635,13 @@ def _continued(req: PlanRequest, law: L.Law, compute: dict, weights: dict, limit
     shape = ModelShape(m["n_layers"], m["d_model"], m["n_heads"], m["n_kv_heads"], m["ffn_dim"], m["vocab_size"],
                        m["tie_embeddings"])
     seconds = req.hours * 3600.0 if req.hours else None
+    if b.get("max_positions") and req.seq_len > b["max_positions"]:
+        raise UserError(f"train.seq_len: {req.seq_len} is longer than the base model's context {b['max_positions']} "
+                        f"(train.init_from {b['path']})")
+    if compute["method"] == "cpu-probe":  # the base itself on this machine: a generic probe is not its speed
+        probe = _base_probe(req, shape)
+        compute["shape_probe"] = probe
+        compute["hardware_flops_per_s"] = probe["tokens_per_s"] * req.gpus * fpt
     rate = compute.get("hardware_flops_per_s")  # measured on CPU, MFU-assumed on GPU; None for a FLOPs budget
     if compute["method"] == "flops":
         d = compute["flops"] / (6.0 * n)
@@ -667,7 +675,7 @@ def _continued(req: PlanRequest, law: L.Law, compute: dict, weights: dict, limit
                                    "tie_embeddings")},
              "params_non_embedding": int(n) - emb, "params_total": int(n), "architecture": b["architecture"]}
     continued = {
-        "init_from": b["path"], "architecture": b["architecture"], "params": int(n),
+        "init_from": b["path"], "architecture": b["architecture"], "params": int(n), "fingerprint": b["fingerprint"],
         "tokens": d, "compute_flops": compute["flops"],
         "how": (f"N fixed to the base model ({b['architecture']}, {human(n)} params); tokens = C / (6·N) = "
                 f"{compute['flops']:.3g} / (6 × {human(n)}) = {human(d)} — minus nothing: the base's own "
@@ -675,7 +683,7 @@ def _continued(req: PlanRequest, law: L.Law, compute: dict, weights: dict, limit
     }
     run = {"params": int(n), "tokens": tokens, "model": model, "follows_plan": not overrides, "overrides": overrides,
            "tokens_per_s": tokens_per_s,
-           "tokens_per_s_from": ("measured: the generic CPU probe, this machine" if compute["method"] == "cpu-probe"
+           "tokens_per_s_from": ("measured: the base model, this machine" if compute["method"] == "cpu-probe"
                                  else f"assumed: MFU {compute['mfu']:.0%} of the datasheet peak" if rate else None),
            "planned_seconds": tokens / tokens_per_s if tokens_per_s else None, "budget_seconds": seconds}
     if limits:
@@ -705,6 +713,22 @@ def _continued(req: PlanRequest, law: L.Law, compute: dict, weights: dict, limit
                   f"the scaling law ({law.name}) does not size the model here; its compute-optimal split is for "
                   "training from scratch."],
     }
+
+
+def _base_probe(req: PlanRequest, shape: ModelShape) -> dict:
+    """Training tokens/s of the base model itself on this machine (`hardware.measure_shape_throughput` with the
+    loaded base), reused from an earlier plan of the same base, batch and machine."""
+    b = req.base
+    key = {"machine": machine_id(), "base": b["fingerprint"], "seq_len": req.seq_len, "micro_batch": req.micro_batch}
+    old = req.shape_probe
+    if old and all(old.get(k) == v for k, v in key.items()):
+        return old
+    from domainlm.basemodel import resolve_base
+    from domainlm.model import load_base_model
+
+    model = load_base_model(resolve_base(b["path"]))
+    req.shape_probe = {**key, **hardware.measure_shape_throughput(shape, req.seq_len, req.micro_batch, model=model)}
+    return req.shape_probe
 
 
 def _plan_memory(req: PlanRequest, compute: dict, shape: ModelShape, params: float, warnings: list[str]) -> dict:
