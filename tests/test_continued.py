@@ -256,6 +256,28 @@ def test_plan_fixes_n_to_the_base(prepared, tmp_path, cli):
     plan, _ = run_plan(cfg)
     assert plan["tokens"] == pytest.approx(3.6 * plan["compute"]["hardware_flops_per_s"] / plan["flops_per_token"])
     assert plan["compute_flops"] == pytest.approx(6 * n * plan["tokens"])
+    # a CPU budget: the base's own speed on this machine (measured once; here read back from the plan it wrote)
+    from transformers import AutoModelForCausalLM
+
+    from domainlm.basemodel import resolve_base
+    from domainlm.plan.hardware import measure_shape_throughput
+    from domainlm.plan.planner import machine_id
+
+    base = resolve_base(prepared["base"])
+    probe = measure_shape_throughput(base.shape, 32, 4, seconds=0.0,
+                                     model=AutoModelForCausalLM.from_pretrained(prepared["base"]))
+    assert probe["steps"] == 3 and probe["tokens_per_s"] > 0  # the GPT-2 itself trains in the probe
+    fp = plan["continued"]["fingerprint"]
+    assert fp == base.fingerprint
+    (tmp_path / "planrun" / "plan.json").write_text(json.dumps({"compute": {
+        "method": "cpu-probe", "machine": machine_id(), "measured_flops_per_s": 1e9,
+        "shape_probe": {"machine": machine_id(), "base": fp, "seq_len": 32, "micro_batch": 4,
+                        "tokens_per_s": 5000.0}}}))
+    src["budget"] = {"gpu": "cpu", "hours": 0.001}
+    cfg.write_text(yaml.safe_dump(src))
+    plan, _ = run_plan(cfg)
+    assert plan["tokens"] == pytest.approx(3.6 * 5000.0) and plan["run"]["tokens_per_s"] == pytest.approx(5000.0)
+    assert plan["compute_flops"] == pytest.approx(6 * n * 3.6 * 5000.0)
     # memory from the real shape
     code, out, err = cli("memory", "--model", str(prepared["base"]), "--json", "--seq-len", "32", "--micro-batch", "4")
     assert code == 0, err

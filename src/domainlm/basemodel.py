@@ -49,7 +49,8 @@ class BaseModel:
 
     def as_dict(self) -> dict:
         return {"path": str(self.path), "architecture": self.architecture, "model_type": self.model_type,
-                "params": self.params, "max_positions": self.max_positions, "model": self.shape.as_dict()}
+                "params": self.params, "max_positions": self.max_positions, "fingerprint": self.fingerprint,
+                "model": self.shape.as_dict()}
 
 
 def _fail(path: Path, what: str, key: str = KEY) -> UserError:

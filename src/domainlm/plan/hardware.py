@@ -92,12 +92,13 @@ def measure_cpu_flops(seconds: float = 3.0, seq_len: int = 256, batch: int = 8) 
     }
 
 
-def measure_shape_throughput(shape, seq_len: int, micro_batch: int, seconds: float = 4.0) -> dict:
+def measure_shape_throughput(shape, seq_len: int, micro_batch: int, seconds: float = 4.0, model=None) -> dict:
     """Training tokens/s of ``shape`` itself on this machine: the trainer's model (`build_model`), optimizer and
     `train_step` on micro-batches of ``micro_batch`` × ``seq_len`` random tokens, two warm-up steps, then timed
     steps for ~``seconds``. A probe of another shape is not enough: measured here, a 1.1M-parameter plan ran
     at ~45% of the FLOP/s of the 7.4M-parameter probe model, so a budget sized with the probe took 600 s
-    instead of 360 s (issue 11)."""
+    instead of 360 s (issue 11). ``model``: measure this model instead (continued pretraining's base, whose
+    architecture need not be `build_model`'s); ``shape`` then only gives the vocabulary and the FLOPs count."""
     import torch
 
     from domainlm.model import build_model
@@ -106,7 +107,7 @@ def measure_shape_throughput(shape, seq_len: int, micro_batch: int, seconds: flo
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")
     precision = "bf16-mixed" if cuda else "fp32"
-    model = build_model(shape, seq_len, seed=0).to(device)
+    model = (model if model is not None else build_model(shape, seq_len, seed=0)).to(device)
     opt = make_optimizer(model, lr=1e-4, weight_decay=0.0, device=device)
     g = torch.Generator().manual_seed(0)
     batch = torch.randint(0, shape.vocab_size, (micro_batch, seq_len + 1), generator=g).to(device)

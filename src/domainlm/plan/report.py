@@ -21,7 +21,8 @@ def print_plan(p: dict, console: Console) -> None:
     elif c["method"] == "cpu-probe":
         rate = c.get("hardware_flops_per_s") or c["measured_flops_per_s"] * c["gpus"]
         probe = c.get("shape_probe") or {}
-        on = ("the plan's shape" if probe.get("model", {}).get("d_model") == p["model"]["d_model"]
+        on = ("the base model" if probe.get("base") else
+              "the plan's shape" if probe.get("model", {}).get("d_model") == p["model"]["d_model"]
               and probe.get("model", {}).get("n_layers") == p["model"]["n_layers"] else "the generic probe")
         how = f"{c['gpus']}× cpu × {c['hours']:g} h at {rate / 1e9:.1f} GFLOP/s measured on {on}"
     else:
