@@ -147,6 +147,14 @@ def test_truncated_token_file_is_refused_and_tokenize_rewrites_it(prepared, tmp_
     assert tokens.open_tokens(run, "a", "train").shape == (len(good) // 2,)
 
 
+def test_tokenize_with_another_tokenizer_that_is_not_one(prepared, tmp_path, cli):
+    one_line(cli("tokenize", str(prepared), "--tokenizer", str(tmp_path)), str(tmp_path / "tokenizer.json"),
+             "expected a Hugging Face tokenizer folder")
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    one_line(cli("tokenize", str(prepared), "--tokenizer", str(tmp_path)), "cannot load tokenizer")
+    assert not list(run_dir(prepared).glob("tokens-*"))
+
+
 def test_train_refuses_truncated_or_random_token_files(trained, tmp_path, cli):
     cfg = clone_run(trained, tmp_path)
     path = tokens.token_path(run_dir(cfg), "legal", "train")
