@@ -218,6 +218,7 @@ def test_plan_says_laws_are_causal():
     shape = ModelShape(**{k: masked["model"][k] for k in ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_dim",
                                                           "vocab_size", "tie_embeddings")})
     assert masked["flops_per_token"] == objective_flops_per_token(shape, 128, "masked")
+    assert masked["run"]["params"] == objective_params(shape, "masked") != shape.params_total
 
 
 @pytest.mark.parametrize(("model", "train", "message"), [
@@ -249,3 +250,24 @@ def test_objective_needs_its_tokens(tmp_path):
     ids = tok("The licensee shall").input_ids[1:]  # (a text's first token starts a word wherever it is)
     assert [bool(starts[i]) for i in ids] == [tok.decode([t]).startswith(" ") for t in ids]
     assert starts[tok.eos_token_id] and sum(starts[i] for i in ids) == 2
+
+
+def test_report_and_summary_show_the_objectives_scores(straight, tmp_path):
+    """`domainlm run`'s summary and the report read a masked / span eval.json: loss and accuracy, no bpb."""
+    from domainlm.config import load_config, write_resolved
+    from domainlm.evaluate.command import run_eval
+    from domainlm.report import build_report
+    from domainlm.run import summary
+
+    objective, ref, _ = straight
+    cfg = clone_run(ref, tmp_path)
+    run = run_dir(cfg)
+    text = tmp_path / "legal.txt"
+    text.write_text("The licensee shall indemnify the licensor against all claims. " * 10)
+    ev, _ = run_eval(run / "model", texts=[f"legal={text}"], out=run / "eval" / "eval.json")
+    write_resolved(load_config(cfg), run)
+    html = build_report(run)["path"]
+    page = open(html, encoding="utf-8").read()
+    assert f"({objective} model)" in page and "bits per byte is defined for causal models only" in page
+    s = summary(run, load_config(cfg), 1.0, html)
+    assert s["metric"].startswith(objective) and s["sources"]["legal"]["bpb"] == ev["sources"]["legal"]["loss"]

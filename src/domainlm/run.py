@@ -115,17 +115,19 @@ def summary(run_dir: Path, cfg: RunConfig, seconds: float, report: Path) -> dict
     ev = RunDir(run_dir).read_json(RunDir.EVAL)
     base = ev.get("baseline") or {}
     rows = {}
+    metric = "bpb" if not ev.get("objective") else "loss"  # masked / span models: their loss on fixed masks
     for name, s in ev["sources"].items():
         b = base.get("sources", {}).get(name, {})
         rows[name] = {
             "role": s.get("role"),
-            "bpb": s["bpb"],
-            "baseline_bpb": b.get("bpb"),
-            "change_pct": (s["bpb"] / b["bpb"] - 1) * 100 if b.get("bpb") else None,
+            "bpb": s[metric],
+            "baseline_bpb": b.get(metric),
+            "change_pct": (s[metric] / b[metric] - 1) * 100 if b.get(metric) else None,
         }
     probes = (ev.get("probes") or {}).get("acc")
     base_probes = (base.get("probes") or {}).get("acc")
     return {"run_dir": str(run_dir), "sources": rows, "probe_acc": probes, "baseline_probe_acc": base_probes,
+            **({"metric": f"{ev['objective']} loss (nats per predicted token)"} if ev.get("objective") else {}),
             "report": str(report), "seconds": round(seconds, 1), "training": training_vs_plan(run_dir)}
 
 
@@ -140,7 +142,8 @@ def training_vs_plan(run_dir: Path) -> dict:
 
 
 def print_summary(s: dict, console: Console) -> None:
-    t = Table(title="domainlm run — bits per byte on held-out text (lower is better)", title_justify="left")
+    what = s.get("metric", "bits per byte")  # a masked / span model: its loss on fixed masks (no bpb)
+    t = Table(title=f"domainlm run — {what} on held-out text (lower is better)", title_justify="left")
     for col in ("source", "role", "domain model", "general-only baseline", "change"):
         t.add_column(col, justify="left" if col in ("source", "role") else "right")
     for name, r in s["sources"].items():
