@@ -5,6 +5,10 @@ The schedule is a pure function of the step, so its whole state is the step numb
   10×, i.e. min_lr_ratio 0.1, over the full run — Hoffmann et al. 2022 §3).
 - wsd: hold ``lr`` then decay linearly over the last ``decay_fraction`` of steps (Hu et al. 2024,
   MiniCPM; Hägele et al. 2024 find a ~20% cooldown matches cosine).
+
+Continued pretraining (``train.init_from``) runs the same schedule from step 0 — re-warm to ``lr``, then
+re-decay — as Ibrahim et al. 2024 ("Simple and Scalable Strategies to Continually Pre-train LLMs",
+arXiv 2403.08763) recommend: the base brings weights only, no optimizer state or step (docs/continued.md).
 """
 
 from __future__ import annotations
