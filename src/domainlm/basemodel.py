@@ -78,15 +78,16 @@ def model_folder(init_from: str | Path, key: str = KEY) -> Path:
 
 def _shape(cfg) -> ModelShape:
     """The base's shape from its config; the names differ between families (transformers maps GPT-2's n_embd,
-    n_layer, n_head onto hidden_size, num_hidden_layers, num_attention_heads)."""
-    d = int(cfg.hidden_size)
-    heads = int(cfg.num_attention_heads)
-    kv = getattr(cfg, "num_key_value_heads", None) or heads
-    ffn = getattr(cfg, "intermediate_size", None) or getattr(cfg, "n_inner", None) or getattr(cfg, "ffn_dim", None)
-    text = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
-    tied = bool(getattr(text, "tie_word_embeddings", False))
-    return ModelShape(n_layers=int(cfg.num_hidden_layers), d_model=d, n_heads=heads, n_kv_heads=int(kv),
-                      ffn_dim=int(ffn or 4 * d), vocab_size=int(cfg.vocab_size), tie_embeddings=tied)
+    n_layer, n_head onto hidden_size, num_hidden_layers, num_attention_heads); a model with a text config inside
+    (multimodal families) is read from that."""
+    c = cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+    d = int(c.hidden_size)
+    heads = int(c.num_attention_heads)
+    kv = getattr(c, "num_key_value_heads", None) or heads
+    ffn = getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or getattr(c, "ffn_dim", None)
+    tied = bool(getattr(c, "tie_word_embeddings", getattr(cfg, "tie_word_embeddings", False)))
+    return ModelShape(n_layers=int(c.num_hidden_layers), d_model=d, n_heads=heads, n_kv_heads=int(kv),
+                      ffn_dim=int(ffn or 4 * d), vocab_size=int(c.vocab_size), tie_embeddings=tied)
 
 
 def _count_params(cfg) -> tuple[int, str]:
