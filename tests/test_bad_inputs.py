@@ -229,6 +229,7 @@ LOCKED_COMMANDS = [
     ("train", lambda cfg, run: ["train", str(cfg)]),
     ("prepare", lambda cfg, run: ["prepare", str(cfg)]),
     ("tokenizer", lambda cfg, run: ["tokenizer", str(cfg)]),
+    ("tokenize", lambda cfg, run: ["tokenize", str(cfg)]),
     ("plan", lambda cfg, run: ["plan", str(cfg)]),
     ("eval", lambda cfg, run: ["eval", str(run)]),
     ("report", lambda cfg, run: ["report", str(run)]),

@@ -105,7 +105,7 @@ def _prepared_run(tmp: Path) -> Path:
                        "eval_every": 100, "checkpoint_every": 100},
                 eval={"max_bytes_per_source": 4000})
     cfg.write_text(yaml.safe_dump(data))
-    for args in (["prepare", str(cfg)], ["tokenizer", str(cfg)], ["prepare", str(cfg)]):
+    for args in (["prepare", str(cfg)], ["tokenizer", str(cfg)], ["tokenize", str(cfg)]):
         proc = domainlm(args)
         assert proc.returncode == 0, proc.stderr[-2000:]
     return cfg
