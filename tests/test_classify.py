@@ -118,8 +118,8 @@ def test_resume_after_sigkill_equals_uninterrupted(decoder, task_files, tmp_path
     resumed = python(code)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stderr and "step 2" in resumed.stderr
-    whole = C.finetune_classifier(decoder, task_files["train"], out=tmp_path / "whole",
-                                  args=FinetuneArgs(steps=4, batch_size=4, micro_batch=2, lr=1e-3, checkpoint_every=2))
+    C.finetune_classifier(decoder, task_files["train"], out=tmp_path / "whole",
+                          args=FinetuneArgs(steps=4, batch_size=4, micro_batch=2, lr=1e-3, checkpoint_every=2))
     a, b = weights(tmp_path / "ft" / "model"), weights(tmp_path / "whole" / "model")
     assert a.keys() == b.keys()
     for k in a:
@@ -175,3 +175,50 @@ def test_bad_input(decoder, tmp_path, cli):
         C.finetune_classifier(decoder, good, out=tmp_path / "o", args=FinetuneArgs(lora=True))
     code, _, err = cli("finetune", str(decoder), "--head", "nope", "--data", str(good))
     assert code == 2 and "--head: expected lm or classification" in err
+
+
+def test_run_downstream_stage_compares_the_run_with_its_baseline(tmp_path, decoder, task_files):
+    """`domainlm run`'s downstream stage on a run directory whose model and general-only baseline exist: both
+    models fine-tuned the same way on the run's LicenseDB split (here a small one written beforehand; the stage
+    writes the default split when there is none), eval/classify.json written; a rerun skips."""
+    import io
+
+    import yaml
+    from rich.console import Console
+
+    from domainlm.config import load_config
+    from domainlm.finetune.downstream import run_downstream
+    from domainlm.rundir import RunDir
+    from test_train_fixtures import make_run
+
+    cfg_path = make_run(tmp_path)
+    raw = yaml.safe_load(cfg_path.read_text())
+    raw["sources"][0]["exclude_ids"] = "licensedb:test"
+    raw["downstream"] = {"task": "licensedb-category", "steps": 2, "batch_size": 4, "max_len": 24}
+    cfg_path.write_text(yaml.safe_dump(raw))
+    cfg = load_config(cfg_path)
+    assert cfg.sources[0].exclude_ids == "licensedb:test"  # a name, not a path relative to the config
+    run = cfg.directory()
+    shutil.copytree(decoder, run / "model")
+    shutil.copytree(decoder, run / "ablate" / "w0" / "model")  # the general-only baseline's export
+    (run / RunDir.TASK_DATA).mkdir(parents=True)
+    for f in task_files.values():
+        shutil.copy(f, run / RunDir.TASK_DATA / f.name)
+    (run / RunDir.TASK_DATA / "balance.json").write_text("{}")
+    out = io.StringIO()
+    res = run_downstream(cfg, run, Console(file=out, width=200))
+    assert res["head"] == "classification" and res["tasks"][C.TASK]["items"] == 8
+    assert (run / RunDir.CLASSIFY_COMPARE).is_file() and "does not exclude" not in out.getvalue()
+    assert res["models"] == {"domain": str(run / "model"), "general": str(run / "ablate" / "w0" / "model")}
+    again = run_downstream(cfg, run, Console(file=out, width=200))
+    assert again == json.loads((run / RunDir.CLASSIFY_COMPARE).read_text()) and "done already" in out.getvalue()
+
+
+def test_exclude_ids_licensedb_test_drops_the_test_licenses():
+    from domainlm.data.sources import _exclude
+
+    split = T.split_licenses(T.load_licenses())
+    test_key = next(k for k, v in split.items() if v == "test")
+    train_key = next(k for k, v in split.items() if v == "train")
+    files = [f"/r/licenses/{test_key}.LICENSE", f"/r/licenses/{train_key}.LICENSE"]
+    assert _exclude(files, "/r", "licensedb:test", "sources[0].input") == files[1:]

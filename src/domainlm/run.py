@@ -128,7 +128,14 @@ def summary(run_dir: Path, cfg: RunConfig, seconds: float, report: Path) -> dict
     base_probes = (base.get("probes") or {}).get("acc")
     return {"run_dir": str(run_dir), "sources": rows, "probe_acc": probes, "baseline_probe_acc": base_probes,
             **({"metric": f"{ev['objective']} loss (nats per predicted token)"} if ev.get("objective") else {}),
-            "report": str(report), "seconds": round(seconds, 1), "training": training_vs_plan(run_dir)}
+            "report": str(report), "seconds": round(seconds, 1), "training": training_vs_plan(run_dir),
+            **({"downstream": downstream_summary(run_dir)} if cfg.downstream.task is not None else {})}
+
+
+def downstream_summary(run_dir: Path) -> dict | None:
+    from domainlm.finetune.downstream import summary_of
+
+    return summary_of(run_dir)
 
 
 def training_vs_plan(run_dir: Path) -> dict:
@@ -162,6 +169,10 @@ def print_summary(s: dict, console: Console) -> None:
         planned = "" if tr.get("planned_seconds") is None else f", planned {tr['planned_seconds']:.0f} s"
         budget = "" if tr.get("budget_seconds") is None else f", budget {tr['budget_seconds']:.0f} s"
         console.print(f"training: {tr['train_seconds']:.0f} s{planned}{budget}", highlight=False)
+    if s.get("downstream"):
+        from domainlm.finetune.downstream import print_summary as print_downstream
+
+        print_downstream(s["downstream"], console)
     console.print(f"report: [bold]{s['report']}[/]  ({s['seconds']:.0f} s)")
 
 
@@ -195,6 +206,11 @@ def run_all(config: Path | None, *, console: Console, quick: bool = False) -> di
          lambda: _baseline(config_path, cfg, run_dir, console)),
         ("report", lambda: _report(run_dir, console)),
     ]
+    if cfg.downstream.task is not None:  # docs/finetune.md: both models fine-tuned the same way, then compared
+        from domainlm.finetune.downstream import run_downstream
+
+        steps.insert(-1, (f"downstream ({cfg.downstream.task}, {cfg.downstream.head}: domain vs general-only)",
+                          lambda: run_downstream(cfg, run_dir, console)))
     seconds = {}
     for i, (title, stage) in enumerate(steps, 1):
         console.rule(f"[bold]stage {i}/{len(steps)}: {title}[/]", align="left")

@@ -94,6 +94,7 @@ class RunDir:
     for which stage writes each file and which read it)."""
 
     CONFIG = "config.yaml"  # the resolved config (plan, prepare)
+    RUN_CONFIG = "run-config.yaml"  # domainlm run: the config every stage of the run reads (--quick: scaled down)
     PLAN = "plan.json"  # domainlm plan
     PLAN_CHART = "plan.png"
     DATA = "data"  # data/<source>/{train,val}/*.jsonl.gz — domainlm prepare

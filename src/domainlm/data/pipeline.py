@@ -36,7 +36,7 @@ from domainlm import faults, stages
 from domainlm.config import PrepareConfig, RunConfig
 from domainlm.data import sources
 from domainlm.errors import UserError
-from domainlm.rundir import RunDir, write_json
+from domainlm.rundir import RunDir, atomic_write, write_json
 
 STATS_VERSION = 1
 # Part of every fingerprint: bump it when a change to this package changes what prepare writes, so runs
@@ -344,7 +344,7 @@ def prepare_sources(cfg: RunConfig, run_dir: Path, progress) -> dict:
             shutil.rmtree(w, ignore_errors=True)  # another config or changed inputs: start this source over
             shutil.rmtree(RunDir(run_dir) / RunDir.DATA / spec.name, ignore_errors=True)
             w.mkdir(parents=True)
-            fp_file.write_text(fps[spec.name])
+            atomic_write(fp_file, fps[spec.name])
         plan = build_stages(spec, pcfg, run_dir, tasks)
         finished = all(_completed(w / "stages" / name) >= n for name, _, n in plan)
         submitted = False

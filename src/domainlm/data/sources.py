@@ -25,7 +25,7 @@ from pathlib import Path
 
 import orjson
 
-from domainlm.config import SourceConfig
+from domainlm.config import LICENSEDB_TEST, SourceConfig
 from domainlm.errors import UserError
 
 PACKAGES = ("licensedcode", "bbc-news")
@@ -125,10 +125,15 @@ def _exclude(files: list[str], root: str, exclude_ids: str | None, where: str) -
     if not exclude_ids:
         return files
     key = where.rsplit(".", 1)[0] + ".exclude_ids"
-    try:
-        lines = Path(exclude_ids).read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise UserError(f"{key}: cannot read {exclude_ids} ({type(e).__name__})") from None
+    if exclude_ids == LICENSEDB_TEST:  # computed, not read: the default split's test licenses and their rules
+        from domainlm.evaluate.tasks import default_test_exclusions
+
+        lines = default_test_exclusions()
+    else:
+        try:
+            lines = Path(exclude_ids).read_text(encoding="utf-8").splitlines()
+        except (OSError, UnicodeDecodeError) as e:
+            raise UserError(f"{key}: cannot read {exclude_ids} ({type(e).__name__})") from None
     drop = {ln.strip() for ln in lines if ln.strip() and not ln.lstrip().startswith("#")}
     prefix = len(root.rstrip(os.sep)) + 1
     kept = [f for f in files if f[prefix:] not in drop]

@@ -21,6 +21,7 @@ import json
 import re
 from collections import Counter
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -128,26 +129,34 @@ def excluded_files(test_keys: set[str]) -> list[str]:
     return out
 
 
+@lru_cache(maxsize=1)
+def default_test_exclusions() -> tuple[str, ...]:
+    """``sources[].exclude_ids: licensedb:test``: the files `write_task_data` lists in exclude_ids.txt for the
+    default split."""
+    return tuple(excluded_files({it["license"] for it in build()["test"]}))
+
+
 def write_task_data(out_dir: Path, **kw) -> dict:
-    """train/val/test JSONL, exclude_ids.txt (for ``sources[].exclude_ids``) and balance.json."""
+    """train/val/test JSONL, exclude_ids.txt (for ``sources[].exclude_ids``) and balance.json (written last)."""
+    from domainlm.rundir import atomic_write
+
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = build(**kw)
-    for name, items in data.items():
-        with open(out_dir / f"{name}.jsonl", "w", encoding="utf-8") as f:
-            f.writelines(json.dumps(it) + "\n" for it in items)  # ASCII: no U+2028 to split lines on
+    for name, items in data.items():  # ASCII JSON: no U+2028 to split lines on
+        atomic_write(out_dir / f"{name}.jsonl", "".join(json.dumps(it) + "\n" for it in items))
     test_keys = {it["license"] for it in data["test"]}
     excl = excluded_files(test_keys)
-    (out_dir / "exclude_ids.txt").write_text(
-        "# licensedcode files of the test licenses (written by `domainlm tasks licensedb`)\n" + "\n".join(excl) + "\n",
-        encoding="utf-8")
+    atomic_write(out_dir / "exclude_ids.txt",
+                 "# licensedcode files of the test licenses (written by `domainlm tasks licensedb`)\n"
+                 + "\n".join(excl) + "\n")
     seen = {s: {it["license"] for it in items} for s, items in data.items()}
     overlap = (seen["train"] | seen["val"]) & seen["test"]
     assert not overlap, f"licenses in both fine-tuning and test: {sorted(overlap)[:3]}"
     summary = {"dir": str(out_dir), "licenses": {s: len(v) for s, v in seen.items()},
                "items": {s: len(v) for s, v in data.items()}, "excluded_files": len(excl),
                "balance": {s: class_balance(v) for s, v in data.items()}, "params": kw}
-    (out_dir / "balance.json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    atomic_write(out_dir / "balance.json", json.dumps(summary, indent=1))
     return summary
 
 
@@ -198,13 +207,14 @@ def rouge_l(pred: str, ref: str) -> float:
 
 def macro_f1(gold: list[str], pred: list[str]) -> float:
     """Mean F1 over the classes present in gold or predictions (a class never predicted scores 0)."""
-    labels = sorted(set(gold) | set(pred))
-    f1s = []
-    for c in labels:
-        tp = sum(g == c and p == c for g, p in zip(gold, pred, strict=True))
-        fp = sum(g != c and p == c for g, p in zip(gold, pred, strict=True))
-        fn = sum(g == c and p != c for g, p in zip(gold, pred, strict=True))
-        f1s.append(2 * tp / (2 * tp + fp + fn) if tp else 0.0)
+    tp, fp, fn = Counter(), Counter(), Counter()
+    for g, p in zip(gold, pred, strict=True):  # one pass: the bootstrap calls this thousands of times
+        if g == p:
+            tp[g] += 1
+        else:
+            fp[p] += 1
+            fn[g] += 1
+    f1s = [2 * tp[c] / (2 * tp[c] + fp[c] + fn[c]) if tp[c] else 0.0 for c in sorted(set(gold) | set(pred))]
     return float(np.mean(f1s)) if f1s else 0.0
 
 
