@@ -220,7 +220,7 @@ def _run(req: PlanRequest, law: L.Law, compute: dict, shape: ModelShape, d_opt: 
                     f"{req.vocab_size}, too small a transformer to learn much")
         overrides.append({"what": "model", "plan": f"{shape.n_layers} layers × d_model {shape.d_model} "
                           f"({shape.params_total:,} params)", "run": f"{fixed.n_layers} layers × d_model "
-                          f"{fixed.d_model} ({fixed.params_total:,} params)", "reason": why})
+                          f"{fixed.d_model} ({objective_params(fixed, req.objective):,} params)", "reason": why})
     fpt = _fpt(req, run_shape)
     rate = compute.get("hardware_flops_per_s")  # FLOP/s this plan trains at: measured on CPU, MFU-assumed on GPU
     tokens_per_s = rate / fpt if rate else None
