@@ -20,7 +20,7 @@ from rich.table import Table
 
 from domainlm import stages
 from domainlm.config import RunConfig, dump_config, load_config
-from domainlm.rundir import RunDir, write_json
+from domainlm.rundir import RunDir, atomic_write, write_json
 
 
 def quick_config(cfg: RunConfig) -> RunConfig:
@@ -188,10 +188,10 @@ def run_all(config: Path | None, *, console: Console, quick: bool = False) -> di
     run_dir = cfg.directory()
     run_dir.mkdir(parents=True, exist_ok=True)
     # Every stage reads the same resolved config file (for --quick, the scaled-down copy).
-    config_path = run_dir / "run-config.yaml"
+    config_path = RunDir(run_dir) / RunDir.RUN_CONFIG
     text = dump_config(cfg)
     if not config_path.exists() or config_path.read_text() != text:
-        config_path.write_text(text, encoding="utf-8")
+        atomic_write(config_path, text)
     console.rule(f"[bold]domainlm run[/] {cfg.name} → {run_dir}")
 
     steps = [  # (title, stage): each stage runs once and skips itself when its inputs are unchanged
