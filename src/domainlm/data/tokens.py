@@ -142,8 +142,6 @@ def open_tokens(tokens: Path, source: str, split: str, counts: dict | None = Non
     tokens it says) and its ids (below ``vocab_size``)."""
     counts = counts or load_counts(tokens)
     p = token_path(tokens, source, split)
-    if not p.exists():
-        raise UserError(f"{p}: missing token file; {REDO}")
     problem = file_problem(tokens, source, split, counts)
     if problem is not None:
         raise UserError(f"{p}: {problem}; {REDO}")
