@@ -228,6 +228,18 @@ def test_rerun_skips_and_another_base_retrains(prepared, tmp_path):
     assert losses(cfg) != losses(ref)
 
 
+def test_ablation_variants_continue_the_same_base(prepared):
+    """`domainlm ablate` (and `domainlm run`'s general-only baseline) on a continued run: each variant continues the
+    base on its tokenizer's token files with other replay weights; no model shape is written into its config."""
+    from domainlm.config import load_config
+    from domainlm.train.variants import variant_config
+
+    vcfg = variant_config(load_config(prepared["cfg"]), prepared["run"], 0.25)
+    assert vcfg.train.init_from == str(prepared["base"]) and vcfg.model.d_model is None
+    assert {s.name: s.weight for s in vcfg.sources} == {"legal": 0.25, "news": 0.75}
+    assert vcfg.train.max_tokens == STEPS * 256
+
+
 def test_plan_fixes_n_to_the_base(prepared, tmp_path, cli):
     from domainlm.plan.command import run_plan
     from domainlm.plan.report import print_plan

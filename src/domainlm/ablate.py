@@ -15,6 +15,7 @@ from rich.console import Console
 from rich.table import Table
 
 from domainlm import faults
+from domainlm.basemodel import base_of
 from domainlm.config import RunConfig, load_config
 from domainlm.data.tokens import load_counts
 from domainlm.errors import UserError
@@ -49,7 +50,8 @@ def run_ablate(config: Path | None, domain_weights: str, *, console: Console) ->
     cfg = load_config(config)
     run_dir = cfg.directory()
     weights = parse_weights(domain_weights)
-    load_counts(run_dir)  # fails early with "run `domainlm tokenize`"
+    base = base_of(cfg)  # continued pretraining: the variants continue the base, on its tokenizer's token files
+    load_counts(RunDir(run_dir).tokens_for(base.path) if base else run_dir)  # fails early: "run `domainlm tokenize`"
     from domainlm.data.pipeline import document_files
 
     for s in cfg.sources:  # each variant is scored on the val documents: check them before any training

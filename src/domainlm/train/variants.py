@@ -10,6 +10,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from domainlm.basemodel import base_of
 from domainlm.config import RunConfig, write_resolved
 from domainlm.data.tokens import load_counts
 from domainlm.errors import UserError
@@ -37,9 +38,10 @@ def reweighted(cfg: RunConfig, domain_weight: float) -> dict[str, float]:
 
 
 def variant_config(cfg: RunConfig, run_dir: Path, domain_weight: float) -> RunConfig:
-    """The run's config with new weights, the run's shape and budget fixed, and its own directory."""
-    counts = load_counts(run_dir)
-    shape = resolve_shape(cfg, run_dir, int(counts["vocab_size"]))
+    """The run's config with new weights, the run's shape and budget fixed, and its own directory. A continued
+    run's variants (``train.init_from``) continue the same base: its shape, its tokenizer's token files."""
+    base = base_of(cfg)
+    shape = base.shape if base else resolve_shape(cfg, run_dir, int(load_counts(run_dir)["vocab_size"]))
     budget = cfg.train.max_tokens or planned_tokens(plan_of(run_dir))
     if budget is None:
         raise UserError("train.max_tokens: no token budget; set it or run `domainlm plan CONFIG` first")
@@ -55,8 +57,9 @@ def fixed_config(cfg: RunConfig, shape: ModelShape, max_tokens: float, *, name: 
     data = cfg.model_dump()
     for s in data["sources"]:
         s["weight"] = (weights or {}).get(s["name"], s["weight"])
-    data["model"].update(n_layers=shape.n_layers, d_model=shape.d_model, n_heads=shape.n_heads,
-                         n_kv_heads=shape.n_kv_heads, ffn_dim=shape.ffn_dim)
+    if not data["train"].get("init_from"):  # a base model brings its own shape
+        data["model"].update(n_layers=shape.n_layers, d_model=shape.d_model, n_heads=shape.n_heads,
+                             n_kv_heads=shape.n_kv_heads, ffn_dim=shape.ffn_dim)
     data["train"].update(train, max_tokens=float(max_tokens))
     data["name"] = name
     data["run_dir"] = str(run_dir)
