@@ -47,7 +47,11 @@ def _plan(config_path: Path, run_dir: Path, cfg: RunConfig, console: Console) ->
         print_plan(result, console)
         return result
 
-    counts = RunDir(run_dir).counts
+    from domainlm.basemodel import base_of
+    from domainlm.data.tokens import counts_path
+
+    base = base_of(cfg)  # continued pretraining: the counts of the base tokenizer's token files
+    counts = counts_path(RunDir(run_dir).tokens_for(base.path) if base else run_dir)
     stage = stages.Stage(run_dir, "plan", RunDir(run_dir).plan,
                          (dump_config(cfg), counts.read_text() if counts.exists() else None))
     result, ran = stage.run(work, lambda: RunDir(run_dir).read_json(RunDir.PLAN))
