@@ -203,3 +203,40 @@ def test_report_section(decided):
     for arm in decided["result"]["arms"]:
         assert f"<b>{arm}</b>" in page
     assert "wins by" in page
+
+
+def test_extend_vocab_in_the_config(decided, tmp_path):
+    """`tokenizer.extend_vocab: N` with `train.init_from`: `domainlm tokenize` builds <run>/base-extended/ (its
+    audit: bytes per token before and after) and tokenizes with it; the run then trains from it."""
+    from rich.console import Console
+    from transformers import AutoTokenizer
+
+    from domainlm.basemodel import base_of
+    from domainlm.data.command import run_tokenize
+
+    shutil.copytree(decided["tmp"] / "pristine", tmp_path / "c")
+    data = yaml.safe_load(decided["pristine"].read_text().replace(str(decided["tmp"] / "pristine"),
+                                                                  str(tmp_path / "c")))
+    data["train"]["init_from"] = str(decided["base"])
+    data["tokenizer"]["extend_vocab"] = 6
+    cfg = tmp_path / "c" / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump(data))
+    res = run_tokenize(cfg, Console(quiet=True))
+    ext = tmp_path / "c" / "run" / "base-extended"
+    assert base_of(load_config(cfg)).path == ext.resolve()
+    assert res["counts"]["vocab_size"] == len(AutoTokenizer.from_pretrained(decided["base"])) + 6
+    audit = json.loads((ext / "audit.json").read_text())
+    legal = audit["bytes_per_token"]["legal"]
+    assert legal["bytes_per_token"] > legal["baseline_bytes_per_token"]  # after > before on domain text
+    ext_arm = decided["result"]["arms"]["continued-vocab8"]["extension"]["bytes_per_token"]["legal"]
+    assert ext_arm["after"] > ext_arm["before"]
+
+
+def test_a_copy_of_the_runs_tokenizer_shares_its_token_files(decided, tmp_path):
+    """The demo's general model (ablate/w0) ships the run's own tokenizer: its continued arm reads tokens/."""
+    from domainlm.rundir import RunDir
+
+    run = RunDir(decided["result"]["run_dir"])
+    shutil.copytree(run.tokenizer, tmp_path / "copy")
+    assert run.tokens_for(tmp_path / "copy") == run.root / "tokens"
+    assert run.tokens_for(decided["base"]).name.startswith("tokens-")

@@ -159,6 +159,10 @@ def resolve_base(init_from: str | Path, key: str = KEY) -> BaseModel:
 def base_of(cfg) -> BaseModel | None:
     """The base model of a run config (``train.init_from``), or None when it trains from scratch."""
     init_from = cfg.train.init_from
+    if init_from and cfg.tokenizer.extend_vocab:  # the base with domain tokens added, once `domainlm tokenize` built it
+        extended = RunDir(cfg.directory()) / RunDir.EXTENDED_BASE
+        if (extended / "config.json").is_file():
+            return resolve_base(extended)
     return resolve_base(init_from) if init_from else None
 
 

@@ -545,6 +545,8 @@ def decide(
     ] = None,
     base_tokens: Annotated[float | None, typer.Option("--base-tokens", help="tokens the base was pretrained on "
                                                       "(for its compute; a domainlm run records its own)")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", help="peak learning rate of the continued arms, re-warmed "
+                                             "[train.lr]")] = None,
     as_json: JsonOpt = False,
 ) -> None:
     """From scratch or continued? Train both at equal tokens; bpb per source, probes, compute, and a verdict."""
@@ -552,7 +554,7 @@ def decide(
 
     with _locked(_config_dir(config), "decide"):
         result = run_decide(config, base=base, extend_vocab=extend_vocab, texts=text, base_tokens=base_tokens,
-                            console=err_console if as_json else console)
+                            lr=lr, console=err_console if as_json else console)
     print_json(result) if as_json else print_decide(result, console)
 
 

@@ -105,10 +105,12 @@ def base_pretraining(base_path: Path, base_params: int, base_tokens: float | Non
             "tokens_from": source}
 
 
-def continued_config(cfg: RunConfig, run_dir: Path, arm: str, init_from: Path, tokens: float) -> RunConfig:
-    """The run's config, continued from ``init_from`` for ``tokens`` tokens in ``<run>/decide/<arm>/``."""
+def continued_config(cfg: RunConfig, run_dir: Path, arm: str, init_from: Path, tokens: float,
+                     lr: float | None = None) -> RunConfig:
+    """The run's config, continued from ``init_from`` for ``tokens`` tokens in ``<run>/decide/<arm>/`` (peak
+    learning rate ``lr``, default the run's ``train.lr``)."""
     data = cfg.model_dump()
-    data["train"].update(init_from=str(init_from), max_tokens=float(tokens))
+    data["train"].update(init_from=str(init_from), max_tokens=float(tokens), lr=lr or cfg.train.lr)
     data["tokenizer"]["extend_vocab"] = 0  # the arm's base is already extended
     data["name"] = f"{cfg.name}-{arm}"
     data["run_dir"] = str(arm_dir(run_dir, arm))
@@ -133,43 +135,20 @@ def _tokenize_for(run_dir: Path, tokenizer_dir: Path, console: Console) -> None:
         tokenize(run_dir, tokenizer_dir, progress)
 
 
-def domain_sample(cfg: RunConfig, run_dir: Path) -> list[str]:
-    """The domain train text the vocabulary extension counts on: the domain sources sampled as the tokenizer
-    samples its training text, up to ``tokenizer.sample_bytes``."""
-    from domainlm.tokenizer import _normalised, sample_texts, train_bytes
-
-    dom = [s for s in cfg.sources if s.role == "domain"]
-    if not dom:
-        raise UserError("sources: no source has role 'domain'; nothing to extend the vocabulary with")
-    totals = {s.name: train_bytes(run_dir, s.name) for s in dom}
-    return list(sample_texts(run_dir, _normalised(dom), totals, cfg.tokenizer.sample_bytes, cfg.tokenizer.seed, {}))
-
-
 def extended_base(cfg: RunConfig, run_dir: Path, base_path: Path, n: int, console: Console) -> tuple[Path, dict]:
-    """The base model with ``n`` domain tokens added (tokenizer_extend.extend), built once in
-    ``<run>/decide/continued-vocab<N>/base/``; returns the folder and what was added."""
+    """The base model with ``n`` domain tokens added (tokenizer_extend.build_extended), built once in
+    ``<run>/decide/continued-vocab<N>/base/``; returns the folder and what was added (with the audit)."""
     from domainlm import tokenizer_extend
-    from domainlm.basemodel import resolve_base
 
     out = arm_dir(run_dir, vocab_arm(n)) / "base"
-    fp = stages.fingerprint("extend-v1", n, resolve_base(base_path, "--base").fingerprint,
-                            stages.file_fingerprint(RunDir(run_dir).tokenizer / "tokenizer.json"),
-                            cfg.tokenizer.sample_bytes, cfg.tokenizer.seed)
-    stage = f"decide-extend-{n}"
-    if (out / "config.json").is_file() and stages.is_done(run_dir, stage, fp):
-        return out, stages.recorded(run_dir, stage)["extension"]
-    console.print(f"extending the base tokenizer with up to {n} domain tokens ...", highlight=False)
-    info = tokenizer_extend.extend(base_path, RunDir(run_dir).tokenizer, domain_sample(cfg, run_dir), n, out)
-    stages.mark_done(run_dir, stage, fp, {"extension": info})
-    return out, info
+    return out, tokenizer_extend.build_extended(cfg, run_dir, base_path, n, out, key="--base", console=console)
 
 
-def _train_continued(cfg: RunConfig, run_dir: Path, arm: str, init_from: Path, tokens: float,
-                     console: Console) -> Path:
+def _train_continued(vcfg: RunConfig, run_dir: Path, console: Console) -> Path:
     from domainlm.train.variants import train_variant
 
-    _tokenize_for(run_dir, init_from, console)
-    return train_variant(continued_config(cfg, run_dir, arm, init_from, tokens), run_dir, console)
+    _tokenize_for(run_dir, Path(vcfg.train.init_from), console)
+    return train_variant(vcfg, run_dir, console)
 
 
 def _train_scratch(cfg: RunConfig, run_dir: Path, console: Console) -> Path:
@@ -243,7 +222,7 @@ def verdicts(evals: dict[str, dict]) -> dict[str, dict]:
 
 
 def run_decide(config: Path | None, *, base: Path | None = None, extend_vocab: int = 0,
-               texts: list[str] | None = None, base_tokens: float | None = None,
+               texts: list[str] | None = None, base_tokens: float | None = None, lr: float | None = None,
                console: Console | None = None) -> dict:
     from domainlm.basemodel import resolve_base
     from domainlm.data.tokens import load_counts
@@ -288,13 +267,17 @@ def run_decide(config: Path | None, *, base: Path | None = None, extend_vocab: i
                 init_from, ext = extended_base(cfg, run_dir, b.path, extend_vocab, console)
                 row["extension"] = {k: ext[k] for k in ("requested", "added", "base_vocab", "vocab")}
                 row["extension"]["top"] = ext["tokens"][:20]
+                row["extension"]["bytes_per_token"] = {  # measured on each val split: the base's, then extended
+                    k: {"before": v["baseline_bytes_per_token"], "after": v["bytes_per_token"]}
+                    for k, v in ext["audit"]["bytes_per_token"].items()}
+                row["extension"]["terms"] = ext["audit"]["summary"].get("terms")
                 if not ext["added"]:
                     skipped[arm] = ("the base tokenizer already has every domain token the run's tokenizer uses "
                                     "(no candidate to add)")
                     console.print(f"{arm}: skipped — {skipped[arm]}", highlight=False)
                     continue
-            model_dir = _train_continued(cfg, run_dir, arm, init_from, tokens, console)
-            vcfg = continued_config(cfg, run_dir, arm, init_from, tokens)
+            vcfg = continued_config(cfg, run_dir, arm, init_from, tokens, lr)
+            model_dir = _train_continued(vcfg, run_dir, console)
             row.update(trained_tokens=trained_tokens(vcfg.directory(), vcfg),
                        params=resolve_base(init_from, "--base").params, base_flops=pre["flops"])
         ev = evaluate_arm(model_dir, run_dir, arm_dir(run_dir, arm) / RunDir.VARIANT_EVAL, texts, console)

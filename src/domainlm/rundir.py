@@ -119,6 +119,7 @@ class RunDir:
     BASELINE_EVAL = "ablate/w0/eval.json"  # the weight-0 variant's: domainlm run's general-only baseline
     DECIDE_DIR = "decide"  # domainlm decide: decide/<arm>/ (an arm's training run and its eval.json)
     DECIDE = "decide/decide.json"  # domainlm decide: scratch vs continued vs the general model, the verdict
+    EXTENDED_BASE = "base-extended"  # tokenizer.extend_vocab: the base model + domain tokens (tokenizer_extend.py)
     FINETUNE = "finetune.json"  # in a fine-tuning's --out folder: its summary
     LAW = "scaling/law.json"  # domainlm scaling
     POINTS = "scaling/points.jsonl"
@@ -164,6 +165,9 @@ class RunDir:
         except OSError as e:
             raise UserError(f"{tok}: cannot read the tokenizer ({e.strerror}); expected a Hugging Face tokenizer "
                             "folder with a tokenizer.json") from None
+        own = self.tokenizer / "tokenizer.json"
+        if own.is_file() and hashlib.sha256(own.read_bytes()).hexdigest() == digest:
+            return self.root / self.TOKENS  # the run's own tokenizer in another folder (e.g. a variant's export)
         return self.root / f"{self.TOKENS}-{digest[:12]}"
 
     @property

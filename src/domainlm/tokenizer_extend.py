@@ -164,3 +164,71 @@ def extend(base_dir: Path, domain_tokenizer: Path, texts: Iterable[str], n: int,
     swap_dir(tmp, out_dir)
     return {"requested": n, "added": len(tokens), "base_vocab": len(base_tok), "vocab": len(tok),
             "tokens": [{**t.as_dict(), "id": i} for t, i in zip(tokens, ids, strict=True)]}
+
+
+# ------------------------------------------------------------------------------------------------ in a run
+
+
+def domain_sample(cfg, run_dir: Path) -> list[str]:
+    """The domain train text the choice counts on: the domain sources sampled the way `domainlm tokenizer` samples
+    its training text (tokenizer.py), up to ``tokenizer.sample_bytes``."""
+    from domainlm.tokenizer import _normalised, sample_texts, train_bytes
+
+    dom = [s for s in cfg.sources if s.role == "domain"]
+    if not dom:
+        raise UserError("tokenizer.extend_vocab: no source has role 'domain'; nothing to take domain tokens from")
+    totals = {s.name: train_bytes(run_dir, s.name) for s in dom}
+    return list(sample_texts(run_dir, _normalised(dom), totals, cfg.tokenizer.sample_bytes, cfg.tokenizer.seed, {}))
+
+
+def build_extended(cfg, run_dir: Path, base_path: Path, n: int, out: Path, *, key: str = "train.init_from",
+                   console=None) -> dict:
+    """``extend`` inside a run: candidates from the run's tokenizer, counted on its domain sample; the audit of
+    the extended tokenizer against the base's (bytes per token on every val split, domain-term splits: before
+    and after) goes into the result and ``<out>/audit.json``. Done once per base, run tokenizer, N and sample
+    (a stage marker ``extend-<folder>``); returns what was added and the audit."""
+    from domainlm import stages
+    from domainlm.basemodel import resolve_base
+    from domainlm.rundir import RunDir, write_json
+    from domainlm.tokenizer import audit
+
+    run_tok = RunDir(run_dir).tokenizer / "tokenizer.json"
+    if not run_tok.is_file():
+        raise UserError(f"{run_tok}: no domain tokenizer to take tokens from; run `domainlm tokenizer CONFIG` first")
+    stage = f"extend-{out.parent.name}-{out.name}" if out.parent != Path(run_dir) else f"extend-{out.name}"
+    fp = stages.fingerprint("extend-v1", n, resolve_base(base_path, key).fingerprint, stages.file_fingerprint(run_tok),
+                            cfg.tokenizer.sample_bytes, cfg.tokenizer.seed, cfg.tokenizer.audit_bytes,
+                            cfg.tokenizer.domain_terms)
+    if (out / "config.json").is_file() and (out / "audit.json").is_file() and stages.is_done(run_dir, stage, fp):
+        return stages.recorded(run_dir, stage)["extension"]
+    if console is not None:
+        console.print(f"extending {base_path}'s tokenizer with up to {n} domain tokens ...", highlight=False)
+    info = extend(base_path, RunDir(run_dir).tokenizer, domain_sample(cfg, run_dir), n, out)
+    from transformers import AutoTokenizer
+
+    before = AutoTokenizer.from_pretrained(base_path, local_files_only=True)
+    after = AutoTokenizer.from_pretrained(out, local_files_only=True)
+    info["audit"] = audit(_backend(after), _backend(before), cfg, run_dir)  # "baseline" = the base, before
+    write_json(out / "audit.json", info["audit"])
+    stages.mark_done(run_dir, stage, fp, {"extension": info})
+    return info
+
+
+def ensure_extended(cfg, console=None) -> Path | None:
+    """With ``train.init_from`` and ``tokenizer.extend_vocab: N``: the base model extended with N domain tokens,
+    built once in ``<run>/base-extended/`` (`domainlm tokenize` calls this before it tokenizes with the base's
+    tokenizer; `basemodel.base_of` then names this folder). None when the config asks for no extension."""
+    from domainlm.rundir import RunDir
+
+    n = cfg.tokenizer.extend_vocab
+    if not n or not cfg.train.init_from:
+        return None
+    from domainlm.basemodel import model_folder
+
+    run_dir = cfg.directory()
+    out = RunDir(run_dir) / RunDir.EXTENDED_BASE
+    info = build_extended(cfg, run_dir, model_folder(cfg.train.init_from), n, out, console=console)
+    if not info["added"]:
+        raise UserError(f"tokenizer.extend_vocab: {cfg.train.init_from}'s tokenizer already has every domain token "
+                        f"of {RunDir(run_dir).tokenizer}; nothing to add (set it to 0)")
+    return out

@@ -48,6 +48,10 @@ def run_tokenize(config: Path | None, console: Console, tokenizer: Path | None =
 
     cfg = load_config(config)
     run_dir = cfg.directory()
+    if tokenizer is None:
+        from domainlm.tokenizer_extend import ensure_extended
+
+        ensure_extended(cfg, console)  # tokenizer.extend_vocab: base_of(cfg) is then the extended base
     if tokenizer is None and (base := base_of(cfg)) is not None:
         tokenizer = base.path
     t0 = time.perf_counter()
