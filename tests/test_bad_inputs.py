@@ -554,3 +554,18 @@ def test_cli_fallbacks_are_one_line(model_dir, tmp_path, monkeypatch, cli):
     monkeypatch.setattr(domainlm.cli, "DEBUG", False)  # --debug sets it for the process: undone after the test
     with pytest.raises(RuntimeError, match="boom"):  # --debug: the traceback
         cli("--debug", "generate", str(model_dir))
+
+
+def test_scaling_refuses_a_non_causal_objective(trained, tmp_path, cli):
+    """The sweep fits L(N, D) to bits per byte, which a masked or span model does not have: one line, nothing written."""
+    cfg = clone_run(trained, tmp_path)
+    data = yaml.safe_load(cfg.read_text())
+    data.setdefault("model", {})["objective"] = "masked"
+    data["model"].pop("n_kv_heads", None)  # grouped-query attention is a decoder option
+    cfg.write_text(yaml.safe_dump(data), encoding="utf-8")
+    run = run_dir(cfg)
+    before = snapshot(run)
+    one_line(cli("scaling", str(cfg)), "model.objective: masked", "causal")
+    after = snapshot(run)
+    after.pop(".lock", None)  # the run's lock, taken before the check
+    assert after == before

@@ -169,6 +169,9 @@ def run_sweep(config: Path | None, budgets: str, sizes: int, *, law_out: Path | 
     from domainlm.scaling.fit import fit_law
 
     cfg = load_config(config)
+    if cfg.model.objective != "causal":  # the sweep fits L(N, D) to bits per byte, which only a causal LM has
+        raise UserError(f"model.objective: {cfg.model.objective}: domainlm scaling fits laws to a causal LM's bits "
+                        "per byte; run it with model.objective: causal")
     run_dir = cfg.directory()
     batch = batch_overrides(cfg, step_tokens)
     cfg.train = cfg.train.model_copy(update=batch)
