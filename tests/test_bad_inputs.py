@@ -460,10 +460,10 @@ def test_kill_before_export_then_resume_logs_once_and_summarises(trained, tmp_pa
     train_in_process(cfg, max_steps=STEPS)
 
     def no_nan(name):
-        raise ValueError(f"{name} in .stages/train.json")
+        raise ValueError(f"{name} in logs/train.json")
 
-    summary = json.loads((run / ".stages" / "train.json").read_text(), parse_constant=no_nan)
-    ref = json.loads((run_dir(trained) / ".stages" / "train.json").read_text())
+    summary = json.loads((run / "logs" / "train.json").read_text(), parse_constant=no_nan)
+    ref = json.loads((run_dir(trained) / "logs" / "train.json").read_text())
     assert summary["final_loss"] == ref["final_loss"] and math.isfinite(summary["final_loss"])
     assert isinstance(summary["tokens_per_s"], float) and summary["tokens_per_s"] > 0
     assert [r["step"] for r in read_metrics(run, "eval")] == [STEPS]  # the final eval is not repeated

@@ -281,7 +281,8 @@ def test_plan_fixes_n_to_the_base(prepared, tmp_path, cli):
     assert probe["steps"] == 3 and probe["tokens_per_s"] > 0  # the GPT-2 itself trains in the probe
     fp = plan["continued"]["fingerprint"]
     assert fp == base.fingerprint
-    (tmp_path / "planrun" / "plan.json").write_text(json.dumps({"compute": {
+    earlier = tmp_path / "planrun" / "plan.json"  # the last plan, as if made on a CPU budget with this probe
+    earlier.write_text(json.dumps({**json.loads(earlier.read_text()), "compute": {
         "method": "cpu-probe", "machine": machine_id(), "measured_flops_per_s": 1e9,
         "shape_probe": {"machine": machine_id(), "base": fp, "seq_len": 32, "micro_batch": 4,
                         "tokens_per_s": 5000.0}}}))

@@ -11,6 +11,8 @@ import pytest
 import torch
 
 from crashkit import KILLED, domainlm, python
+from domainlm.outputs import Ablation
+from domainlm.rundir import RunDir
 from test_train_fixtures import make_run, make_tiny_model, run_dir, single_thread, weights
 
 TEXTS = [
@@ -130,4 +132,5 @@ def test_ablation_killed_between_variants(tmp_path):
     assert w0.stat().st_mtime_ns == stamp  # the finished variant was not retrained
     ref = json.loads((run_dir(ref_cfg) / "ablate" / "ablate.json").read_text())
     got = json.loads((run_dir(cfg) / "ablate" / "ablate.json").read_text())
+    assert [r.domain_weight for r in RunDir(run_dir(cfg)).load(RunDir.ABLATE, Ablation).results] == [0, 1]
     assert [r["bpb"] for r in got["results"]] == [r["bpb"] for r in ref["results"]]

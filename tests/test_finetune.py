@@ -10,10 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from domainlm import chat
 from domainlm.errors import UserError
 from domainlm.evaluate import tasks as T
 from domainlm.finetune import data as D
 from domainlm.finetune.loop import FinetuneArgs, example_order, finetune
+from domainlm.outputs import FinetuneComparison
 from domainlm.train.step import IGNORE, next_token_loss, train_step
 from test_train_fixtures import make_tiny_model
 
@@ -35,7 +37,7 @@ def tok(model_dir):
     from transformers import AutoTokenizer
 
     t = AutoTokenizer.from_pretrained(model_dir)
-    D.ensure_chat_template(t)
+    chat.ensure_chat_template(t)
     return t
 
 
@@ -73,7 +75,7 @@ def test_train_step_loss_and_grad_equal_manual_masked_ce(model_dir, tok):
               {"role": "assistant", "content": "Permissive"}],
              [{"role": "user", "content": "Name this license."},
               {"role": "assistant", "content": "GNU General Public License"}]]
-    ids, labels = D.collate([D.Example(*D.encode(tok, m), "x") for m in convs], D.pad_id_of(tok))
+    ids, labels = D.collate([D.Example(*D.encode(tok, m), "x") for m in convs], chat.pad_id_of(tok))
 
     ref = AutoModelForCausalLM.from_pretrained(model_dir).train()
     logits = ref(input_ids=ids[:, :-1]).logits
@@ -131,7 +133,7 @@ def test_chat_template_round_trips(tok):
             {"role": "assistant", "content": "MIT License"}]
     text = tok.apply_chat_template(msgs, tokenize=False)
     assert text == "Be brief.\n\n### User:\nName this license.\n\n### Assistant:\nMIT License</s>"
-    assert "".join(t for t, _ in D.segments(tok, msgs)) == text
+    assert "".join(t for t, _ in chat.segments(tok, msgs)) == text
     ids, _ = D.encode(tok, msgs)
     assert ids == tok(text, add_special_tokens=False).input_ids  # piecewise tokenizing = tokenizing the whole
     assert tok.decode(ids) == text
@@ -146,8 +148,8 @@ def test_finetune_writes_hf_folder_with_template_and_resumes(model_dir, tmp_path
     s = finetune(model_dir, data, val=data, out=out, args=args)
     model = out / "model"
     tok = AutoTokenizer.from_pretrained(model)
-    assert tok.chat_template == D.CHAT_TEMPLATE
-    assert json.loads((model / "tokenizer_config.json").read_text())["chat_template"] == D.CHAT_TEMPLATE
+    assert tok.chat_template == chat.CHAT_TEMPLATE
+    assert json.loads((model / "tokenizer_config.json").read_text())["chat_template"] == chat.CHAT_TEMPLATE
     assert "### Assistant:" in tok.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
                                                         add_generation_prompt=True)
     rows = [json.loads(x) for x in (out / "logs" / "metrics.jsonl").read_text().splitlines()]
@@ -312,6 +314,7 @@ def test_compare_writes_side_by_side_result(model_dir, tmp_path):
     res, written = compare(model_dir, model_dir, data, test=test, out=tmp_path / "cmp",
                            args=FinetuneArgs(steps=2, batch_size=4, micro_batch=4))
     assert written == [tmp_path / "cmp" / "compare.json"]
+    assert FinetuneComparison.model_validate_json(written[0].read_text()).verdict == res["verdict"]
     r = res["tasks"]["licensedb-category"]
     # Same base, data, steps and seed: identical fine-tunes, so the difference is exactly 0.
     assert r["domain_minus_general"]["accuracy"]["value"] == 0 and "no detectable difference" in res["verdict"]

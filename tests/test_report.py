@@ -101,7 +101,7 @@ def _eval_result(bpb_legal, bpb_news, acc):
     def src(role, bpb, bpt):
         return {"role": role, "bpb": bpb, "loss_per_token": bpb * bpt * math.log(2), "ppl": 2 ** (bpb * bpt),
                 "tokens": 20000, "bytes": int(20000 * bpt), "docs": 40, "bytes_per_token": bpt,
-                "nll_bits": bpb * 20000 * bpt}
+                "nll_bits": bpb * 20000 * bpt, "forward_tokens": 39000, "cost": 1.95}
 
     return {"sources": {"legal": src("domain", bpb_legal, 3.88), "news": src("general", bpb_news, 3.76)},
             "probes": {"file": "legal-probes.jsonl", "items": 4, "acc": acc, "acc_per_byte": acc - 0.25,
@@ -113,18 +113,23 @@ def _eval_result(bpb_legal, bpb_news, acc):
 
 
 def _eval(run: Path, baseline: bool = True) -> None:
-    ev = {"version": 1, "domainlm": "0.1.0", "model": str(run / "model"), "run_dir": str(run), "device": "cpu",
-          "context": 256, "stride": 128, "max_bytes_per_source": 200000, "doc_start_ids": [0],
-          **_eval_result(0.91, 1.31, 0.75), "seconds": 12.0}
-    if baseline:
-        ev["baseline"] = {"name": "general-only baseline", "model": str(run / "baseline/model"),
-                          **_eval_result(1.42, 1.25, 0.25)}
-    _write(run / "eval/eval.json", ev)
+    def ev(model: Path, *scores) -> dict:
+        return {"version": 1, "domainlm": "0.1.0", "model": str(model), "run_dir": str(run), "device": "cpu",
+                "processes": 1, "context": 256, "stride": 128, "max_bytes_per_source": 200000, "doc_start_ids": [0],
+                **_eval_result(*scores), "seconds": 12.0}
+
+    _write(run / "eval/eval.json", ev(run / "model", 0.91, 1.31, 0.75))
+    if baseline:  # `domainlm run`'s general-only baseline: the ablation's weight-0 variant
+        _write(run / "ablate/w0/eval.json", ev(run / "ablate/w0/model", 1.42, 1.25, 0.25))
 
 
 def _ablate(run: Path) -> None:
-    _write(run / "ablate/ablate.json", {"version": 1, "results": [
-        {"domain_weight": w, "bpb": {"legal": 1.45 - 0.6 * w, "news": 1.22 + 0.2 * w ** 2}} for w in (0, 0.51, 1)]})
+    _write(run / "ablate/ablate.json", {
+        "version": 1, "config": "config.yaml", "model": {"n_layers": 2}, "tokens": 60000.0,
+        "configured_domain_weight": 0.51, "results": [
+            {"domain_weight": w, "weights": {"legal": w, "news": 1 - w},
+             "bpb": {"legal": 1.45 - 0.6 * w, "news": 1.22 + 0.2 * w ** 2}, "roles": SOURCES,
+             "model": str(run / f"ablate/w{w:g}/model")} for w in (0, 0.51, 1)]})
 
 
 def full_run(tmp_path: Path) -> Path:
@@ -189,7 +194,7 @@ def test_missing_inputs_say_which_stage_to_run(tmp_path, cli):
     s = result["sections"]
     assert s["plan"]["complete"] and s["training"]["complete"]
     assert not s["data"]["complete"] and not s["eval"]["complete"]
-    assert "could not read eval/eval.json" in html
+    assert "eval/eval.json: not a valid EvalOutput" in html
     assert "another domainlm version" in " ".join(s["tokenizer"]["hints"])
     assert _images(html) == 3  # plan, epochs (planned and trained), loss
     assert sorted(p.name for p in (run / "report").glob("*.png")) == ["epochs.png", "loss.png", "plan.png"]
@@ -205,14 +210,6 @@ def test_eval_without_baseline_or_probes(tmp_path):
     assert result["sections"]["eval"]["complete"]
     assert "--probes FILE" in " ".join(result["sections"]["probes"]["hints"])
     assert "No baseline model" in (run / "report/index.html").read_text(encoding="utf-8")
-
-
-def test_ablation_keyed_by_weight(tmp_path):
-    run = tmp_path / "r"
-    _write(run / "ablate/ablate.json", {"version": 1, "roles": SOURCES, "0": {"bpb": {"legal": 1.4, "news": 1.2}},
-                                        "1": {"sources": {"legal": {"bpb": 0.9}, "news": {"bpb": 1.5}}}})
-    s = build_report(run)["sections"]["ablation"]
-    assert s["complete"] and s["images"] == ["ablation.png"]
 
 
 def test_not_a_directory(tmp_path, cli):

@@ -9,6 +9,8 @@ from crashkit import KILLED, domainlm, is_temp, stamps, tree
 from domainlm.ablate import parse_weights
 from domainlm.config import load_config
 from domainlm.errors import UserError
+from domainlm.outputs import SCHEMAS, Law
+from domainlm.rundir import RunDir
 from domainlm.train.variants import reweighted
 
 
@@ -33,14 +35,15 @@ def test_run_quick_end_to_end_and_idempotent(quick):
     assert set(ev["sources"]) == {"legal", "news"}
     for s in ev["sources"].values():
         assert 0 < s["bpb"] < 8
-    # The general-only baseline is in eval.json and the domain model is better on the domain.
-    assert set(ev["baseline"]["sources"]) == {"legal", "news"}
-    assert ev["sources"]["legal"]["bpb"] < ev["baseline"]["sources"]["legal"]["bpb"]
+    # The general-only baseline (the weight-0 variant) has its own eval.json; the domain model is better on the domain.
+    base = json.loads((run / "ablate" / "w0" / "eval.json").read_text())
+    assert set(base["sources"]) == {"legal", "news"} and "baseline" not in ev
+    assert ev["sources"]["legal"]["bpb"] < base["sources"]["legal"]["bpb"]
     assert summary["sources"]["legal"]["change_pct"] < 0
     page = run / "report" / "index.html"
     assert page.exists() and page.read_text().count("data:image/png;base64") >= 5
     for f in ("plan.json", "data/stats.json", "tokenizer/audit.json", "tokens/counts.json", "model/config.json",
-              "model/model.safetensors", "logs/metrics.jsonl", "ablate/w0/model/model.safetensors"):
+              "model/model.safetensors", "logs/metrics.jsonl", "logs/train.json", "ablate/w0/model/model.safetensors"):
         assert (run / f).exists(), f
 
     outputs = ("plan.json", "data", "tokenizer", "tokens", "model", "checkpoints", "logs", "eval", "ablate", "report")
@@ -51,6 +54,30 @@ def test_run_quick_end_to_end_and_idempotent(quick):
     assert "done already" in out and "report: inputs unchanged, skipped" in out
     assert "step " not in out  # no training step ran
     assert stamps(run, *outputs) == before  # nothing rewritten
+
+
+@pytest.mark.slow
+def test_outputs_match_their_models(quick, tmp_path):
+    """Every output file of a real run validates against its model in outputs.SCHEMAS (the writers build them
+    through the models; this checks the files as written); a damaged one is a one-line error naming it."""
+    run, _ = quick
+    written = {rel for rel in SCHEMAS if (run / rel).exists()}
+    assert written >= {RunDir.PLAN, RunDir.STATS, RunDir.COUNTS, RunDir.AUDIT, RunDir.TRAIN, RunDir.EVAL,
+                       RunDir.BASELINE_EVAL}
+    for rel in written:
+        assert RunDir(run).load(rel, SCHEMAS[rel]) is not None, rel
+    assert RunDir(run).load(RunDir.LAW, Law) is None  # not written: None, not an error
+
+    copy = RunDir(tmp_path)
+    for rel, damage in ((RunDir.EVAL, lambda t: t[: len(t) // 2]),  # torn
+                        (RunDir.TRAIN, lambda t: t.replace('"steps"', '"step"')),  # another version's field
+                        (RunDir.PLAN, lambda t: t.replace('"follows_plan": false', '"follows_plan": []'))):
+        (copy / rel).parent.mkdir(parents=True, exist_ok=True)
+        (copy / rel).write_text(damage((run / rel).read_text()))
+        with pytest.raises(UserError) as e:
+            copy.load(rel, SCHEMAS[rel])
+        msg = str(e.value)
+        assert msg.startswith(f"{copy / rel}: not a valid ") and "\n" not in msg, msg
 
 
 # One kill inside each stage of the main job, each rerun resuming the previous one's work and dying in the next

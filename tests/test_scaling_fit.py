@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from domainlm.errors import UserError
+from domainlm.outputs import Law
 from domainlm.plan.laws import LAWS, get_law
 from domainlm.scaling.fit import Points, bootstrap, fit_approach3, fit_law, objective_at
 
@@ -117,6 +118,7 @@ def test_points_csv_fit_json_and_plan(tmp_path, cli):
     law_path = tmp_path / "law.json"
     assert res["law_path"] == str(law_path) and law_path.exists()
     written = json.loads(law_path.read_text())
+    assert Law.model_validate(written).budgets_from == "6·N·D, grouped within 10%"
     code, out, err = cli("plan", "--flops", "1e21", "--law", f"fitted:{law_path}", "--json")
     assert code == 0, err
     plan = json.loads(out)

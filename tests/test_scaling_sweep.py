@@ -10,7 +10,9 @@ import pytest
 
 from domainlm.config import load_config
 from domainlm.errors import UserError
+from domainlm.outputs import Law, ScalingPoint
 from domainlm.plan.laws import get_law
+from domainlm.rundir import RunDir
 from domainlm.scaling.sweep import batch_overrides, parse_budgets, plan_sweep
 from test_train_fixtures import make_run, one_thread, run_dir  # noqa: F401 (one_thread: autouse)
 
@@ -42,6 +44,8 @@ def test_sweep_points_law_plot_and_rerun(tiny, cli):
         assert [e["step"] for e in evals] == [r["steps"]]  # one eval, at the end of the decayed schedule
     law = json.loads((sdir / "law.json").read_text())
     assert law["points"] == 9 and law["params_counted"] == "total"
+    assert RunDir(run_dir(tiny)).load(RunDir.LAW, Law).points == 9  # the file is what its model says
+    assert [ScalingPoint.model_validate(r).dir for r in rows] == [r["dir"] for r in rows]
     a3 = law["approach3"]
     if a3["alpha"] > 0 and a3["beta"] > 0:
         fitted = get_law(f"fitted:{sdir / 'law.json'}")

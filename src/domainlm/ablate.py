@@ -20,6 +20,7 @@ from domainlm.config import RunConfig, load_config
 from domainlm.data.tokens import load_counts
 from domainlm.errors import UserError
 from domainlm.evaluate.command import evaluate_variant
+from domainlm.outputs import Ablation, AblationResult
 from domainlm.rundir import RunDir, write_json
 from domainlm.train.variants import train_variant, variant_config
 
@@ -61,43 +62,18 @@ def run_ablate(config: Path | None, domain_weights: str, *, console: Console) ->
     for i, w in enumerate(weights, 1):
         console.rule(f"ablate {i}/{len(weights)}: domain weight {w:g}")
         vcfg = variant_config(cfg, run_dir, w)
-        vdir = vcfg.directory()
         model_dir = train_variant(vcfg, run_dir, console)
-        ev = evaluate_variant(vdir, run_dir, console)
-        results.append({
-            "domain_weight": w,
-            "weights": {s.name: s.weight for s in vcfg.sources},
-            "bpb": {k: v["bpb"] for k, v in ev["sources"].items()},
-            "roles": roles,
-            "model": str(model_dir),
-        })
+        ev = evaluate_variant(vcfg.directory(), run_dir, console)
+        results.append(AblationResult(domain_weight=w, weights={s.name: s.weight for s in vcfg.sources},
+                                      bpb={k: v["bpb"] for k, v in ev["sources"].items()}, roles=roles,
+                                      model=str(model_dir)))
         faults.hit("ablate.variant_done")
-    out = {
-        "version": ABLATE_VERSION,
-        "config": str(config) if config else None,
-        "model": vcfg.model.model_dump(),
-        "tokens": vcfg.train.max_tokens,
-        "configured_domain_weight": domain_share(cfg),
-        "results": results,
-    }
-    write_json(RunDir(run_dir).ablate, out)
-    out["plot"] = str(plot_ablation(out, RunDir(run_dir).ablate.with_suffix(".png")))
-    return out
-
-
-def role_bpb(result: dict, role: str) -> float | None:
-    """Byte-weighted mean would need bytes; with one source per role (the usual case) it is that source's."""
-    vals = [v for k, v in result["bpb"].items() if result["roles"].get(k) == role]
-    return sum(vals) / len(vals) if vals else None
-
-
-def plot_ablation(ab: dict, path: Path) -> Path:
-    """The report's ablation chart (domain bpb vs general bpb per weight), written atomically."""
+    ab = Ablation(version=ABLATE_VERSION, config=str(config) if config else None, model=vcfg.model.model_dump(),
+                  tokens=vcfg.train.max_tokens, configured_domain_weight=domain_share(cfg), results=results)
+    write_json(RunDir(run_dir).ablate, ab.model_dump())
     from domainlm.report.plots import ablation_chart
 
-    points = [{"weight": r["domain_weight"], **{f"{role}_bpb": role_bpb(r, role) for role in ("domain", "general")}}
-              for r in ab["results"]]
-    return ablation_chart([p for p in points if None not in p.values()], path)
+    return {**ab.model_dump(), "plot": str(ablation_chart(ab, RunDir(run_dir).ablate.with_suffix(".png")))}
 
 
 def print_ablation(ab: dict, console: Console) -> None:

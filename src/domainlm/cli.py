@@ -558,7 +558,7 @@ def decide(
     print_json(result) if as_json else print_decide(result, console)
 
 
-# ---------------------------------------------------------------------------------------------------- launch (issue 14)
+# ---------------------------------------------------------------------------------------------------- launch
 
 launch_app = typer.Typer(help="Run training on a cluster (Slurm).", no_args_is_help=True)
 app.add_typer(launch_app, name="launch")

@@ -37,6 +37,7 @@ from rich.table import Table
 from domainlm import faults, stages
 from domainlm.config import RunConfig, load_config
 from domainlm.errors import UserError
+from domainlm.outputs import TrainSummary
 from domainlm.rundir import RunDir, write_json
 
 DECIDE_VERSION = 1
@@ -81,12 +82,12 @@ def budget_tokens(cfg: RunConfig, run_dir: Path) -> float:
 
 
 def trained_tokens(folder: Path, cfg: RunConfig) -> float | None:
-    """Tokens a domainlm training run trained on: its recorded steps × tokens per step."""
-    rec = stages.recorded(folder, "train")
-    if not rec.get("steps"):
+    """Tokens a domainlm training run trained on: its summary's steps × tokens per step."""
+    rec = RunDir(folder).load(RunDir.TRAIN, TrainSummary)
+    if rec is None or not rec.steps:
         return None
     t = cfg.train
-    return float(rec["steps"] * (t.tokens_per_step or t.micro_batch * t.seq_len * (rec.get("world_size") or 1)))
+    return float(rec.steps * (t.tokens_per_step or t.micro_batch * t.seq_len * rec.world_size))
 
 
 def base_pretraining(base_path: Path, base_params: int, base_tokens: float | None) -> dict:
@@ -98,9 +99,9 @@ def base_pretraining(base_path: Path, base_params: int, base_tokens: float | Non
         source, tokens = "--base-tokens", float(base_tokens)
     else:
         run = base_path.parent
-        if base_path.name == RunDir.MODEL and (RunDir(run).config).is_file() and stages.recorded(run, "train"):
+        if base_path.name == RunDir.MODEL and RunDir(run).config.is_file() and (RunDir(run) / RunDir.TRAIN).is_file():
             tokens = trained_tokens(run, load_run_config(run))
-            source = f"{run}/{RunDir.STAGES}/train.json" if tokens else None
+            source = str(RunDir(run) / RunDir.TRAIN) if tokens else None
     return {"params": base_params, "tokens": tokens, "flops": training_flops(base_params, tokens),
             "tokens_from": source}
 
@@ -256,7 +257,7 @@ def run_decide(config: Path | None, *, base: Path | None = None, extend_vocab: i
         row: dict = {"label": label(arm)}
         if arm == SCRATCH:
             model_dir = _train_scratch(cfg, run_dir, console)
-            n_params = stages.recorded(run_dir, "train").get("params")
+            n_params = RunDir(run_dir).load(RunDir.TRAIN, TrainSummary).params
             row.update(trained_tokens=trained_tokens(run_dir, cfg), params=n_params, base_flops=None)
         elif arm == BASE:
             model_dir = b.path

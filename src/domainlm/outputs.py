@@ -2,7 +2,7 @@
 
 ``SCHEMAS`` maps each file of `rundir.RunDir` to its model. Writers build their result as before and pass it
 through the model on the way out (``Model.checked(data)``, then ``rundir.write_json``), so a field added to a
-writer but not here fails the writer's tests at once; readers load a file with ``RunDir(run).load(rel, Model)``
+writer but not here fails the writer's tests at once; readers load a file with ``RunDir(run).load(rel, SCHEMAS[rel])``
 (None while the stage has not run, a one-line `UserError` naming the file when it does not match). Models
 forbid unknown fields, and keep the writer's numbers as written (``Num``: an int stays an int).
 
@@ -82,12 +82,14 @@ class PlanModel(Part):
     tie_embeddings: bool
     params_non_embedding: int
     params_total: int
+    architecture: str | None = None  # continued pretraining: the base's
 
 
 class Plan(Output):
     """``plan.json`` — `domainlm plan` (plan/planner.make_plan)."""
 
     run: PlanRun
+    continued: dict[str, Any] | None = None  # continued pretraining (train.init_from): the base, and how D follows
     compute_flops: Num
     compute: dict[str, Any]  # how the budget was derived (method flops | gpu | cpu-probe, and its numbers)
     law: dict[str, Any]  # name, source, params_counted and the law's constants
@@ -316,7 +318,9 @@ class ObjectiveEvalOutput(Output):
     comparable: str
     probes: None
     seconds: float
-    baseline: dict | None = None  # `domainlm run`'s general-only model, scored the same way (run.py)
+
+
+AnyEval = EvalOutput | ObjectiveEvalOutput  # what an eval.json holds: a causal model's, or a masked / span one's
 
 
 # ------------------------------------------------------------------------------------------------ ablate/ablate.json
@@ -349,7 +353,7 @@ class Ablation(Output):
 # ------------------------------------------------------------------------------------------------ scaling
 
 
-class ScalingPoint(Part):
+class ScalingPoint(Output):
     """One line of ``scaling/points.jsonl`` — `domainlm scaling` (scaling/sweep.py)."""
 
     budget: Num
@@ -377,18 +381,16 @@ class Law(Output):
     approach3: dict[str, Any]  # E, A, B, alpha, beta, a, b, *_ci95
     points: int
     huber_delta: float
+    law_name: str | None = None  # a sweep's: the law that centred it
     params_counted: str
     loss: str
+    source: str | None = None  # a CSV fit's
     budgets: list[Num]
-    # a sweep's
-    law_name: str | None = None
-    sizes: int | None = None
+    budgets_from: str | None = None  # a CSV fit's
+    sizes: int | None = None  # a sweep's, to the end
     tokens_per_step: int | None = None
     config: str | None = None
     tokenizer_sha256: str | None = None
-    # a CSV fit's
-    source: str | None = None
-    budgets_from: str | None = None
 
 
 # ------------------------------------------------------------------------------------------------ eval/finetune.json
@@ -488,14 +490,14 @@ class Decision(Output):
 
 # ------------------------------------------------------------------------------------------------ the table
 
-SCHEMAS: dict[str, type[Output]] = {
+SCHEMAS: dict[str, Any] = {  # a model, or a union of models
     RunDir.PLAN: Plan,
     RunDir.STATS: Stats,
     RunDir.COUNTS: Counts,
     RunDir.AUDIT: Audit,
     RunDir.TRAIN: TrainSummary,
-    RunDir.EVAL: EvalOutput,
-    RunDir.BASELINE_EVAL: EvalOutput,
+    RunDir.EVAL: AnyEval,
+    RunDir.BASELINE_EVAL: AnyEval,
     RunDir.ABLATE: Ablation,
     RunDir.DECIDE: Decision,
     RunDir.LAW: Law,

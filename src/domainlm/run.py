@@ -9,7 +9,6 @@ trainer from its last checkpoint). ``--quick`` runs a scaled-down copy (``runs/<
 
 from __future__ import annotations
 
-import json
 import time
 from importlib import resources
 from pathlib import Path
@@ -20,7 +19,8 @@ from rich.table import Table
 
 from domainlm import stages
 from domainlm.config import RunConfig, dump_config, load_config
-from domainlm.rundir import RunDir, atomic_write, write_json
+from domainlm.outputs import AnyEval, ObjectiveEvalOutput, Plan, TrainSummary
+from domainlm.rundir import RunDir, atomic_write
 
 
 def quick_config(cfg: RunConfig) -> RunConfig:
@@ -81,7 +81,8 @@ def _eval(run_dir: Path, console: Console) -> dict:
 
 def _baseline(config_path: Path, cfg: RunConfig, run_dir: Path, console: Console) -> dict | None:
     """The general-only model of the same shape and budget: the ablation's weight-0 variant (shared with
-    `domainlm ablate`, so either command reuses the other's model)."""
+    `domainlm ablate`, so either command reuses the other's model); its eval (`RunDir.BASELINE_EVAL`) is what
+    the report and the summary compare with."""
     from domainlm.evaluate.command import evaluate_variant
     from domainlm.train.variants import train_variant, variant_config
 
@@ -90,15 +91,7 @@ def _baseline(config_path: Path, cfg: RunConfig, run_dir: Path, console: Console
         return None
     vcfg = variant_config(cfg, run_dir, 0.0)
     train_variant(vcfg, run_dir, console)
-    base = evaluate_variant(vcfg.directory(), run_dir, console)
-    # The report and the summary read the baseline from the run's eval.json.
-    ev_path = RunDir(run_dir).eval
-    ev = json.loads(ev_path.read_text())
-    entry = {"name": "general-only baseline (domain weight 0)", **base}
-    if ev.get("baseline") != entry:  # rewrite only on change: the report is skipped when its inputs are unchanged
-        ev["baseline"] = entry
-        write_json(ev_path, ev)
-    return base
+    return evaluate_variant(vcfg.directory(), run_dir, console)
 
 
 def _report(run_dir: Path, console: Console) -> Path:
@@ -116,22 +109,18 @@ def _report(run_dir: Path, console: Console) -> Path:
 
 
 def summary(run_dir: Path, cfg: RunConfig, seconds: float, report: Path) -> dict:
-    ev = RunDir(run_dir).read_json(RunDir.EVAL)
-    base = ev.get("baseline") or {}
+    rd = RunDir(run_dir)
+    ev = rd.load(RunDir.EVAL, AnyEval)
+    base = rd.load(RunDir.BASELINE_EVAL, AnyEval)
+    metric = "loss" if isinstance(ev, ObjectiveEvalOutput) else "bpb"  # masked / span models: loss on fixed masks
     rows = {}
-    metric = "bpb" if not ev.get("objective") else "loss"  # masked / span models: their loss on fixed masks
-    for name, s in ev["sources"].items():
-        b = base.get("sources", {}).get(name, {})
-        rows[name] = {
-            "role": s.get("role"),
-            "bpb": s[metric],
-            "baseline_bpb": b.get(metric),
-            "change_pct": (s[metric] / b[metric] - 1) * 100 if b.get(metric) else None,
-        }
-    probes = (ev.get("probes") or {}).get("acc")
-    base_probes = (base.get("probes") or {}).get("acc")
+    for name, s in ev.sources.items():
+        mine, b = getattr(s, metric), getattr(base.sources.get(name), metric, None) if base else None
+        rows[name] = {"role": s.role, "bpb": mine, "baseline_bpb": b, "change_pct": (mine / b - 1) * 100 if b else None}
+    probes = ev.probes.acc if ev.probes else None
+    base_probes = base.probes.acc if base and base.probes else None
     return {"run_dir": str(run_dir), "sources": rows, "probe_acc": probes, "baseline_probe_acc": base_probes,
-            **({"metric": f"{ev['objective']} loss (nats per predicted token)"} if ev.get("objective") else {}),
+            **({"metric": f"{ev.objective} loss (nats per predicted token)"} if metric == "loss" else {}),
             "report": str(report), "seconds": round(seconds, 1), "training": training_vs_plan(run_dir),
             **({"downstream": downstream_summary(run_dir)} if cfg.downstream.task is not None else {})}
 
@@ -145,11 +134,13 @@ def downstream_summary(run_dir: Path) -> dict | None:
 def training_vs_plan(run_dir: Path) -> dict:
     """What the plan said the run trains (and any override of the law's plan, with its reason) next to what
     trained and how long it took."""
-    run = (RunDir(run_dir).read_json(RunDir.PLAN) or {}).get("run") or {}
-    done = stages.recorded(run_dir, "train")
-    return {"planned_seconds": run.get("planned_seconds"), "budget_seconds": run.get("budget_seconds"),
-            "train_seconds": done.get("train_seconds"), "planned_tokens": run.get("tokens"),
-            "params": done.get("params"), "steps": done.get("steps"), "overrides": run.get("overrides") or []}
+    plan, done = RunDir(run_dir).load(RunDir.PLAN, Plan), RunDir(run_dir).load(RunDir.TRAIN, TrainSummary)
+    run = plan.run if plan else None
+    return {"planned_seconds": getattr(run, "planned_seconds", None),
+            "budget_seconds": getattr(run, "budget_seconds", None),
+            "train_seconds": getattr(done, "train_seconds", None), "planned_tokens": getattr(run, "tokens", None),
+            "params": getattr(done, "params", None), "steps": getattr(done, "steps", None),
+            "overrides": [o.model_dump() for o in run.overrides] if run else []}
 
 
 def print_summary(s: dict, console: Console) -> None:

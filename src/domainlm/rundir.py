@@ -13,14 +13,12 @@ import hashlib
 import json
 import os
 import shutil
+import typing
 from pathlib import Path
-from typing import TypeVar
 
-from pydantic import BaseModel, ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from domainlm.errors import UserError
-
-M = TypeVar("M", bound=BaseModel)
 
 
 def fsync(path: Path) -> None:
@@ -195,14 +193,14 @@ class RunDir:
         path = self.root / rel
         return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
-    def load(self, rel: str, model: type[M]) -> M | None:
+    def load(self, rel: str, model):
         """The output ``rel`` as its typed model (outputs.SCHEMAS), or None when its stage has not written it."""
         return load_output(self.root / rel, model)
 
 
-def load_output(path: Path | str, model: type[M]) -> M | None:
-    """A JSON output file as ``model``: None when absent; a one-line UserError naming the file when it is not
-    JSON or not what ``model`` describes (torn by hand, or written by another domainlm version)."""
+def load_output(path: Path | str, model):
+    """A JSON output file as ``model`` (a pydantic model, or a union of them): None when absent; a one-line
+    UserError naming the file when it is not JSON or not what ``model`` describes."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -211,10 +209,11 @@ def load_output(path: Path | str, model: type[M]) -> M | None:
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: cannot read it ({e}); rerun the stage that writes it") from None
     try:
-        return model.model_validate_json(text)
+        return TypeAdapter(model).validate_json(text)
     except ValidationError as e:
         first = e.errors()[0]
         where = ".".join(str(x) for x in first["loc"]) or "the file"
         more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        raise UserError(f"{path}: not a valid {model.__name__}: {where}: {first['msg']}{more}; rerun the stage "
-                        "that writes it") from None
+        name = " or ".join(m.__name__ for m in typing.get_args(model) or [model])
+        raise UserError(f"{path}: not a valid {name} ({where}: {first['msg']}{more}): damaged, or written by another "
+                        "domainlm version; rerun the stage that writes it") from None

@@ -29,6 +29,7 @@ from domainlm import faults
 from domainlm.config import SPECIAL_TOKENS, RunConfig, SourceConfig, load_config
 from domainlm.data.pipeline import document_files, iter_documents
 from domainlm.errors import UserError
+from domainlm.outputs import Audit
 from domainlm.rundir import RunDir, swap_dir, write_json
 from domainlm.stages import Stage, file_fingerprint
 
@@ -307,7 +308,7 @@ def run_tokenizer(config: Path | str | None, *, console: Console | None = None) 
     save_hf(tok, tmp)
     if baseline is not None:
         baseline.save(str(tmp / BASELINE_FILE))
-    write_json(tmp / AUDIT_FILE, result)
+    write_json(tmp / AUDIT_FILE, Audit.checked(result))
     swap_dir(tmp, out)
     stage.finish({"vocab_size": tok.get_vocab_size()})
     return result

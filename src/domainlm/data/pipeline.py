@@ -36,6 +36,7 @@ from domainlm import faults, stages
 from domainlm.config import PrepareConfig, RunConfig
 from domainlm.data import sources
 from domainlm.errors import UserError
+from domainlm.outputs import Stats
 from domainlm.rundir import RunDir, atomic_write, write_json
 
 STATS_VERSION = 1
@@ -367,6 +368,6 @@ def prepare_sources(cfg: RunConfig, run_dir: Path, progress) -> dict:
         write_json_atomic(w / "seconds.json", seconds)
     if len(stats["sources"]) < len(specs):  # Slurm: a rerun after the jobs have finished writes the statistics
         return {"submitted": "slurm", "logs": str(RunDir(run_dir) / RunDir.PREPARE), "sources": {}}
-    write_json_atomic(stage.output, stats)
+    write_json_atomic(stage.output, Stats.checked(stats))
     stage.finish({"sources": list(fps)})
     return stats

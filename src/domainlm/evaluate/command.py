@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import json
+import contextlib
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 from rich.console import Console
@@ -18,7 +17,8 @@ from domainlm.errors import UserError
 from domainlm.evaluate import bpb, inputs
 from domainlm.evaluate import objective as objective_eval
 from domainlm.evaluate.probes import load_probes, packaged_probes, score_probes, summarise
-from domainlm.rundir import RunDir, write_json
+from domainlm.outputs import AnyEval, EvalOutput, ObjectiveEvalOutput
+from domainlm.rundir import RunDir, load_output, write_json
 from domainlm.stages import file_fingerprint, fingerprint, is_done, mark_done
 
 EVAL_VERSION = 1
@@ -102,8 +102,6 @@ def run_eval(
                           "model's[/]", highlight=False)
         dest = out if out is not None else (RunDir(target.run_dir).eval if target.is_run else None)
         if dest is not None and world.is_main:
-            from domainlm.outputs import ObjectiveEvalOutput
-
             write_json(Path(dest), ObjectiveEvalOutput.checked(result))
             if target.is_run:
                 mark_done(target.run_dir, "eval", eval_fingerprint(target.model_dir, ecfg, probe_path, texts))
@@ -142,7 +140,7 @@ def run_eval(
 
     dest = out if out is not None else (RunDir(target.run_dir).eval if target.is_run else None)
     if dest is not None and world.is_main:
-        write_json(Path(dest), result)
+        write_json(Path(dest), EvalOutput.checked(result))
         if target.is_run:
             mark_done(target.run_dir, "eval", eval_fingerprint(target.model_dir, ecfg, probe_path, texts))
     return result, dest
@@ -157,8 +155,11 @@ def run_eval_cached(model_or_run: Path, *, stage: str = "eval", run: Path | None
     ecfg = target.cfg.eval if target.cfg is not None else EvalConfig()
     dest = Path(out) if out is not None else RunDir(target.run_dir).eval
     fp = eval_fingerprint(target.model_dir, ecfg, _probe_file(None, target), None)
-    if dest.exists() and is_done(target.run_dir, stage, fp):
-        return json.loads(dest.read_text(encoding="utf-8")), False
+    if is_done(target.run_dir, stage, fp):
+        with contextlib.suppress(UserError):  # one this version cannot read is scored again
+            done = load_output(dest, AnyEval)
+            if done is not None:
+                return done.model_dump(exclude_unset=True), False
     result, _ = run_eval(model_or_run, run=run, out=out, console=console)
     mark_done(target.run_dir, stage, fp)
     return result, True
@@ -173,7 +174,7 @@ def evaluate_variant(variant_dir: Path, run_dir: Path, console: Console | None) 
     return result
 
 
-@contextmanager
+@contextlib.contextmanager
 def _progress(console: Console | None, label: str):
     """A transient progress bar over scored windows (nothing without a console, e.g. with --json)."""
     if console is None:

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from domainlm.chat import ensure_chat_template, pad_id_of, segments
 from domainlm.errors import UserError
 
 TASKS = ("licensedb-category", "licensedb-name")
@@ -273,7 +274,6 @@ def choice_logprobs(model, tok, prompt: str, choices: list[str]):
     runs once; its KV cache is repeated for the K choices (the prompt is ~50× longer than an answer)."""
     import torch
 
-    from domainlm.finetune.data import pad_id_of, segments
 
     pieces = [segments(tok, [{"role": "user", "content": prompt}, {"role": "assistant", "content": c}])
               for c in choices]
@@ -312,7 +312,6 @@ def generate_answers(model, tok, items: list[dict], max_new_tokens: int = 32, ba
     """Greedy answers, batched with left padding (the attention mask hides the pads)."""
     import torch
 
-    from domainlm.finetune.data import pad_id_of, segments
 
     pad, device = pad_id_of(tok), next(model.parameters()).device
     room = _context(model) - max_new_tokens
@@ -342,7 +341,6 @@ def score_task(model_dir: Path, task: str, *, test: Path | None = None, items: l
     import torch
 
     from domainlm.evaluate.inputs import load_model
-    from domainlm.finetune.data import ensure_chat_template
 
     items = items if items is not None else load_test(task, test)
     model, tok = load_model(Path(model_dir), "cuda" if torch.cuda.is_available() else "cpu")

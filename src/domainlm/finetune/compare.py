@@ -18,9 +18,8 @@ from rich.table import Table
 from domainlm.errors import UserError
 from domainlm.evaluate import tasks as downstream
 from domainlm.finetune.loop import FinetuneArgs, finetune, resolve_model
+from domainlm.outputs import ClassifyComparison, FinetuneComparison
 from domainlm.rundir import RunDir, write_json
-
-RESULT = "eval/finetune.json"
 
 
 def _licenses_in(path: Path) -> set[str]:
@@ -91,13 +90,11 @@ def compare(domain: Path, general: Path, data: Path, *, val: Path | None = None,
             result["tasks"][task]["majority_macro_f1"] = downstream.macro_f1(
                 gold, [scored["domain"]["majority_class"]] * len(gold))
     result["verdict"] = verdict(result)
-    if head != "lm":
-        from domainlm.outputs import ClassifyComparison
-
-        result = ClassifyComparison.checked(result)
-    written = [_write(out / "compare.json", result)]
+    checked = (FinetuneComparison if head == "lm" else ClassifyComparison).checked(result)
+    written = [write_json(out / "compare.json", checked, indent=1)]
     if run_dir is not None:
-        written.append(_write(run_dir / (RESULT if head == "lm" else RunDir.CLASSIFY_COMPARE), result))
+        rel = RunDir.FINETUNE_COMPARE if head == "lm" else RunDir.CLASSIFY_COMPARE
+        written.append(write_json(RunDir(run_dir) / rel, checked, indent=1))
     return result, written
 
 
@@ -110,10 +107,6 @@ def verdict(result: dict) -> str:
             word = "better" if lo > 0 else "worse" if hi < 0 else "no detectable difference"
             lines.append(f"{task} {name}: domain − general = {d['value']:+.1%} [{lo:+.1%}, {hi:+.1%}] → {word}")
     return "; ".join(lines)
-
-
-def _write(path: Path, data: dict) -> Path:
-    return write_json(path, data, indent=1)
 
 
 def print_compare(result: dict, console: Console) -> None:

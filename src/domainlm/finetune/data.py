@@ -22,20 +22,11 @@ from pathlib import Path
 
 import torch
 
+# finetune/loop.py and finetune/classify.py import ensure_chat_template and pad_id_of from here
+from domainlm.chat import ensure_chat_template, pad_id_of, segments  # noqa: F401
 from domainlm.errors import UserError
 from domainlm.train.step import IGNORE
 
-# Plain-text role headers, so no new tokens (and no resized embeddings) are needed for a from-scratch
-# tokenizer; the assistant turn ends with the EOS token that separated documents in pretraining.
-CHAT_TEMPLATE = (
-    "{%- for message in messages -%}"
-    "{%- if message['role'] == 'system' -%}{{ message['content'] }}{{ '\\n\\n' }}"
-    "{%- elif message['role'] == 'user' -%}{{ '### User:\\n' }}{{ message['content'] }}{{ '\\n\\n' }}"
-    "{%- elif message['role'] == 'assistant' -%}{{ '### Assistant:\\n' }}{{ message['content'] }}{{ eos_token }}"
-    "{%- endif -%}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '### Assistant:\\n' }}{%- endif -%}"
-)
 ROLES = ("system", "user", "assistant")
 
 
@@ -44,16 +35,6 @@ class Example:
     ids: list[int]
     labels: list[int]  # IGNORE where no loss
     where: str  # file:line, for errors
-
-
-def ensure_chat_template(tok) -> bool:
-    """Give the tokenizer our template unless it already has one; True if it was added."""
-    if getattr(tok, "chat_template", None):
-        return False
-    if tok.eos_token is None:
-        raise UserError(f"{tok.name_or_path}: the tokenizer has no eos_token; the chat template ends turns with it")
-    tok.chat_template = CHAT_TEMPLATE
-    return True
 
 
 # ------------------------------------------------------------------------------------------------ reading
@@ -119,28 +100,6 @@ def read_jsonl(path: Path) -> list[tuple[str, list[dict]]]:
 # ------------------------------------------------------------------------------------------------ encoding
 
 
-def segments(tok, messages: list[dict]) -> list[tuple[str, bool]]:
-    """The rendered conversation as (text, trained) pieces; their concatenation is the template's rendering."""
-
-    def render(msgs, gen):
-        return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-
-    out, done = [], ""
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        prefix, full = render(messages[:i], True), render(messages[: i + 1], False)
-        if not (prefix.startswith(done) and full.startswith(prefix)):
-            raise UserError(f"{tok.name_or_path}: its chat template does not render a conversation as a prefix of "
-                            "the longer one; cannot tell the prompt from the response to mask the loss")
-        out += [(prefix[len(done):], False), (full[len(prefix):], True)]
-        done = full
-    rest = render(messages, False)[len(done):]
-    if rest:
-        out.append((rest, False))
-    return [(t, trained) for t, trained in out if t]
-
-
 def encode(tok, messages: list[dict]) -> tuple[list[int], list[int]]:
     """Token ids and labels (the id where trained, else IGNORE). Pieces are tokenized separately, so a token
     never straddles the prompt/response boundary (our template ends the prompt with a newline, where the
@@ -189,10 +148,3 @@ def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.T
         ids[i, : len(e.ids)] = torch.tensor(e.ids)
         labels[i, : len(e.labels)] = torch.tensor(e.labels)
     return ids, labels
-
-
-def pad_id_of(tok) -> int:
-    for x in (tok.pad_token_id, tok.eos_token_id, 0):
-        if x is not None:
-            return int(x)
-    return 0

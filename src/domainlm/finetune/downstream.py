@@ -15,6 +15,7 @@ from rich.console import Console
 
 from domainlm import stages
 from domainlm.config import LICENSEDB_TEST, RunConfig
+from domainlm.outputs import ClassifyComparison
 from domainlm.rundir import RunDir
 
 STAGE = "downstream"
@@ -69,14 +70,14 @@ def run_downstream(cfg: RunConfig, run_dir: Path, console: Console) -> dict | No
 def summary_of(run_dir: Path) -> dict | None:
     """`domainlm run`'s summary of the downstream comparison: per task and metric, both models and the
     difference with their 95% intervals, and what the majority class scores; None when it has not run."""
-    res = RunDir(run_dir).read_json(RunDir.CLASSIFY_COMPARE)
-    if not res:
+    res = RunDir(run_dir).load(RunDir.CLASSIFY_COMPARE, ClassifyComparison)
+    if res is None:
         return None
-    return {task: {"majority_accuracy": t.get("majority_accuracy"), "majority_macro_f1": t.get("majority_macro_f1"),
-                   "majority_class": t.get("majority_class"), "items": t["items"],
-                   "metrics": {m: {"domain": t["domain"]["metrics"][m], "general": t["general"]["metrics"][m],
-                                   "domain_minus_general": d} for m, d in t["domain_minus_general"].items()}}
-            for task, t in res["tasks"].items()}
+    return {task: {"majority_accuracy": t.majority_accuracy, "majority_macro_f1": t.majority_macro_f1,
+                   "majority_class": t.majority_class, "items": t.items,
+                   "metrics": {m: {"domain": t.domain.metrics[m].model_dump(), "general": t.general.metrics[m].model_dump(),
+                                   "domain_minus_general": d.model_dump()} for m, d in t.domain_minus_general.items()}}
+            for task, t in res.tasks.items()}
 
 
 def print_summary(s: dict | None, console: Console) -> None:

@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from domainlm.config import RunConfig, load_config, write_resolved
-from domainlm.data.tokens import counts_path
 from domainlm.errors import UserError
+from domainlm.outputs import Counts, Plan
 from domainlm.plan.hardware import GPU_KINDS, get_accelerator
 from domainlm.plan.memory import estimate, recommend
 from domainlm.plan.planner import PlanRequest, make_plan
@@ -26,11 +25,17 @@ def _int(text: str | None, flag: str) -> int | None:
 
 def measured_unique_tokens(run_dir: Path) -> dict[str, float]:
     """Unique train tokens per source measured by `domainlm tokenize`, if it has run."""
-    p = counts_path(run_dir)
-    if not p.exists():
+    counts = RunDir(run_dir).load(RunDir.COUNTS, Counts)
+    return {k: float(v.train_tokens) for k, v in counts.sources.items()} if counts else {}
+
+
+def _earlier_compute(run_dir: Path) -> dict:
+    """The compute section of an earlier plan of this run ({} if none, or one this version cannot read)."""
+    try:
+        plan = RunDir(run_dir).load(RunDir.PLAN, Plan)
+    except UserError:
         return {}
-    data = json.loads(p.read_text(encoding="utf-8"))
-    return {k: float(v["train_tokens"]) for k, v in data.get("sources", {}).items()}
+    return plan.compute if plan else {}
 
 
 def _cached_cpu_probe(run_dir: Path) -> float | None:
@@ -38,22 +43,10 @@ def _cached_cpu_probe(run_dir: Path) -> float | None:
     counts must not re-size the model because the machine was busier the second time)."""
     from domainlm.plan.planner import machine_id
 
-    p = RunDir(run_dir).plan
-    try:
-        compute = json.loads(p.read_text(encoding="utf-8"))["compute"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
+    compute = _earlier_compute(run_dir)
     if compute.get("method") == "cpu-probe" and compute.get("machine") == machine_id():
         return compute.get("measured_flops_per_s")
     return None
-
-
-def _cached_shape_probe(run_dir: Path) -> dict | None:
-    """The throughput probe of the training shape from an earlier plan (the planner checks machine and shape)."""
-    try:
-        return json.loads(RunDir(run_dir).plan.read_text(encoding="utf-8"))["compute"].get("shape_probe")
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
 
 
 def request_from(cfg: RunConfig | None, **flags) -> PlanRequest:
@@ -74,7 +67,7 @@ def request_from(cfg: RunConfig | None, **flags) -> PlanRequest:
         req.micro_batch = cfg.train.micro_batch
         req.tie_embeddings = cfg.model.tie_embeddings
         req.cpu_flops_per_s = _cached_cpu_probe(cfg.directory())
-        req.shape_probe = _cached_shape_probe(cfg.directory())
+        req.shape_probe = _earlier_compute(cfg.directory()).get("shape_probe")  # the planner checks its shape
         m = cfg.model
         req.fixed_model = {k: v for k, v in (("d_model", m.d_model), ("n_layers", m.n_layers), ("n_heads", m.n_heads),
                                              ("n_kv_heads", m.n_kv_heads), ("ffn_dim", m.ffn_dim)) if v}
@@ -138,7 +131,7 @@ def run_plan(config: Path | None, plot: Path | None = None, **flags) -> tuple[di
         run_dir = cfg.directory()
         written.append(write_resolved(cfg, run_dir))
         result["config"] = str(config)
-        written.append(write_json(RunDir(run_dir).plan, result))
+        written.append(write_json(RunDir(run_dir).plan, Plan.checked(result)))
         from domainlm.plan.chart import plot_plan
 
         written.append(plot_plan(result, RunDir(run_dir) / RunDir.PLAN_CHART))

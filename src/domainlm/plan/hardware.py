@@ -97,7 +97,7 @@ def measure_shape_throughput(shape, seq_len: int, micro_batch: int, seconds: flo
     `train_step` on micro-batches of ``micro_batch`` × ``seq_len`` random tokens, two warm-up steps, then timed
     steps for ~``seconds``. A probe of another shape is not enough: measured here, a 1.1M-parameter plan ran
     at ~45% of the FLOP/s of the 7.4M-parameter probe model, so a budget sized with the probe took 600 s
-    instead of 360 s (issue 11). ``model``: measure this model instead (continued pretraining's base, whose
+    instead of 360 s. ``model``: measure this model instead (continued pretraining's base, whose
     architecture need not be `build_model`'s); ``shape`` then only gives the vocabulary and the FLOPs count."""
     import torch
 

@@ -8,10 +8,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from domainlm.errors import UserError
-from domainlm.plan import hardware
-from domainlm.plan import laws as L
-from domainlm.plan import memory as M
+from domainlm.plan import hardware, laws
 from domainlm.plan.hardware import DEFAULT_MFU, get_accelerator, measure_cpu_flops
+from domainlm.plan.memory import MemoryEstimate, estimate, recommend
 from domainlm.plan.shape import (
     MAX_D_MODEL,
     MAX_LAYERS,
@@ -108,7 +107,7 @@ def _compute(req: PlanRequest) -> dict:
     }
 
 
-def _size(law: L.Law, req: PlanRequest, compute: dict) -> tuple[float, float, ModelShape]:
+def _size(law: laws.Law, req: PlanRequest, compute: dict) -> tuple[float, float, ModelShape]:
     """The compute-optimal N, D and shape. A FLOPs budget is the laws' C = 6·N·D. A time budget (hours) is
     spent at the shape's own cost per token (PaLM FLOPs per token, attention included): D = seconds × FLOP/s /
     flops_per_token(shape), and C = 6·N·D must be the budget whose optimum is N — a fixed point, solved in
@@ -170,7 +169,7 @@ def _probe(req: PlanRequest, shape: ModelShape) -> dict:
     return req.shape_probe
 
 
-def _calibrate(law: L.Law, req: PlanRequest, compute: dict, shape: ModelShape):
+def _calibrate(law: laws.Law, req: PlanRequest, compute: dict, shape: ModelShape):
     """A CPU time budget is spent at the speed of the shape that will train, not the generic probe's: measure
     that shape (the config's fixed one, else the plan's), re-size the plan at its FLOP/s, and measure again if
     the shape moved."""
@@ -206,7 +205,7 @@ def _fixed_shape(req: PlanRequest, planned: ModelShape) -> ModelShape | None:
                       req.tie_embeddings)
 
 
-def _run(req: PlanRequest, law: L.Law, compute: dict, shape: ModelShape, d_opt: float, weights, limits) -> dict:
+def _run(req: PlanRequest, law: laws.Law, compute: dict, shape: ModelShape, d_opt: float, weights, limits) -> dict:
     """What `domainlm train` will train from this plan — the plan's shape and tokens unless the config fixes
     them — with each override, its reason, and the training time it should take."""
     fixed = _fixed_shape(req, shape)
@@ -304,7 +303,7 @@ def _mixture(tokens: float, weights: dict[str, float], limits: dict[str, float])
     for k, w in weights.items():
         t = w * tokens
         u = limits.get(k)
-        eff = L.effective_tokens(u, t) if u else t
+        eff = laws.effective_tokens(u, t) if u else t
         effective += eff
         rows[k] = {
             "weight": w,
@@ -318,22 +317,22 @@ def _mixture(tokens: float, weights: dict[str, float], limits: dict[str, float])
     return rows, effective
 
 
-def _loss(law: L.Law, shape: ModelShape, n: float, d: float) -> float | None:
+def _loss(law: laws.Law, shape: ModelShape, n: float, d: float) -> float | None:
     if law.has_loss:
         return law.loss(n, d)
     if law.name == "kaplan":
-        return L.kaplan_loss(shape.params_non_embedding, d)
+        return laws.kaplan_loss(shape.params_non_embedding, d)
     return None
 
 
-def loss_law(law: L.Law) -> tuple[L.Law, Callable[[float, float], float], str]:
+def loss_law(law: laws.Law) -> tuple[laws.Law, Callable[[float, float], float], str]:
     """The L(N, D) the data-constrained numbers use, and a sentence saying which: the law's own (approach-3
     form, a fitted law, Kaplan's eq. 1.5 in non-embedding N), else Chinchilla approach 3's — stated, never silent."""
     if law.has_loss:
         return law, law.loss, f"{law.name}'s own L(N, D)"
     if law.name == "kaplan":
-        return law, L.kaplan_loss, "Kaplan et al. 2020 eq. 1.5 L(N, D) (non-embedding N, WebText2 nats/token)"
-    c3 = L.LAWS["chinchilla-3"]
+        return law, laws.kaplan_loss, "Kaplan et al. 2020 eq. 1.5 L(N, D) (non-embedding N, WebText2 nats/token)"
+    c3 = laws.LAWS["chinchilla-3"]
     return c3, c3.loss, f"{law.name} has no loss formula: chinchilla-3's L(N, D) (Hoffmann et al. 2022 eq. 10) is used"
 
 
@@ -343,7 +342,7 @@ def unique_tokens_seen(tokens: float, weights: dict[str, float], limits: dict[st
     return sum(min(w * tokens, limits[k]) if limits.get(k) else w * tokens for k, w in weights.items() if w > 0)
 
 
-def data_constrained(law: L.Law, n: float, d: float, weights: dict[str, float], limits: dict[str, float]) -> dict:
+def data_constrained(law: laws.Law, n: float, d: float, weights: dict[str, float], limits: dict[str, float]) -> dict:
     """Muennighoff et al. 2023 (arXiv 2305.16264) eq. 5–7 for N params on D tokens: L(N', D') with
     D' the effective data (repeated tokens decay with R*_D) and N' the effective parameters (parameters beyond
     U_N, the compute-optimal size for the U_D unique tokens, decay with R*_N)."""
@@ -351,7 +350,7 @@ def data_constrained(law: L.Law, n: float, d: float, weights: dict[str, float], 
     rows, d_eff = _mixture(d, weights, limits)
     u_d = unique_tokens_seen(d, weights, limits)
     u_n = ll.params_for_tokens(u_d)
-    n_eff = L.effective_params(u_n, n)
+    n_eff = laws.effective_params(u_n, n)
     epochs = [r["epochs"] for r in rows.values() if r["epochs"] is not None]
     return {
         "loss_law": ll.name,
@@ -431,13 +430,13 @@ def _alternatives(law, req, flops, n_opt, d_opt, weights, limits, rows) -> list[
     over = {
         k: r
         for k, r in rows.items()
-        if req.roles.get(k, "domain") == "domain" and r["epochs"] and r["epochs"] > L.MAX_USEFUL_EPOCHS
+        if req.roles.get(k, "domain") == "domain" and r["epochs"] and r["epochs"] > laws.MAX_USEFUL_EPOCHS
     }
     general = [k for k in weights if req.roles.get(k) == "general"]
     if over and general:
         new = dict(weights)
         for k in over:
-            new[k] = L.MAX_USEFUL_EPOCHS * limits[k] / d_opt
+            new[k] = laws.MAX_USEFUL_EPOCHS * limits[k] / d_opt
         rest = 1.0 - sum(new[k] for k in weights if k not in general)
         g_total = sum(weights[k] for k in general)
         for k in general:
@@ -477,8 +476,8 @@ def _data_constrained_optimum(law, req, flops, n_opt, weights, limits) -> dict:
     dc = alt["data_constrained"]
     alt["description"] = (
         f"minimises L(N', D') (Muennighoff et al. 2023) with {dc['loss_law_note']}: repeated tokens decay with "
-        f"R*_D = {L.MUENNIGHOFF_R_D:.2f}, parameters beyond U_N = {human(dc['unique_params'])} (compute-optimal for "
-        f"the {human(dc['unique_tokens'])} unique tokens) with R*_N = {L.MUENNIGHOFF_R_N:.2f}; "
+        f"R*_D = {laws.MUENNIGHOFF_R_D:.2f}, parameters beyond U_N = {human(dc['unique_params'])} (compute-optimal for "
+        f"the {human(dc['unique_tokens'])} unique tokens) with R*_N = {laws.MUENNIGHOFF_R_N:.2f}; "
         f"N' = {human(dc['effective_params'])}, D' = {human(dc['effective_tokens'])}, {dc['epochs']:.1f} epochs"
     )
     alt["loss_law"] = dc["loss_law"]
@@ -493,7 +492,7 @@ def _check_bloomberggpt(alt: dict) -> str | None:
     dc = alt.get("data_constrained")
     if dc is None:
         return None
-    limit = dc["unique_params"] * (1.0 + L.MUENNIGHOFF_R_N)
+    limit = dc["unique_params"] * (1.0 + laws.MUENNIGHOFF_R_N)
     if alt["params"] <= limit:
         return None
     return (
@@ -507,7 +506,7 @@ def _check_bloomberggpt(alt: dict) -> str | None:
 
 
 def make_plan(req: PlanRequest) -> dict:
-    law = L.get_law(req.law)
+    law = laws.get_law(req.law)
     if req.vocab_size < 256:
         raise UserError(f"--vocab-size: expected ≥ 256 (every byte needs a token), got {req.vocab_size}")
     compute = _compute(req)
@@ -552,7 +551,7 @@ def make_plan(req: PlanRequest) -> dict:
             "the laws were fitted on models where they are a small share"
         )
     for k, r in rows.items():
-        if r["epochs"] and r["epochs"] > L.MAX_USEFUL_EPOCHS:
+        if r["epochs"] and r["epochs"] > laws.MAX_USEFUL_EPOCHS:
             warnings.append(
                 f"source {k!r} would be repeated {r['epochs']:.1f} epochs (> 4): beyond ~4 epochs repeated data "
                 f"is worth much less than new data (Muennighoff et al. 2023); its {human(r['tokens'])} tokens are "
@@ -622,7 +621,7 @@ def make_plan(req: PlanRequest) -> dict:
     return out
 
 
-def _continued(req: PlanRequest, law: L.Law, compute: dict, weights: dict, limits: dict) -> dict:
+def _continued(req: PlanRequest, law: laws.Law, compute: dict, weights: dict, limits: dict) -> dict:
     """The plan of continued pretraining (``train.init_from``): the model is the base, so N is its parameter count
     and the budget buys tokens only — D = C / (6·N) (the laws' C = 6·N·D), with nothing subtracted for the base's
     own pretraining (paid before this run; the law's compute-optimal split does not apply to a model whose size is
@@ -661,7 +660,7 @@ def _continued(req: PlanRequest, law: L.Law, compute: dict, weights: dict, limit
                             "config fixes the token budget (train.max_tokens)")
     rows, effective = _mixture(tokens, weights, limits)
     for k, r in rows.items():
-        if r["epochs"] and r["epochs"] > L.MAX_USEFUL_EPOCHS:
+        if r["epochs"] and r["epochs"] > laws.MAX_USEFUL_EPOCHS:
             warnings.append(f"source {k!r} would be repeated {r['epochs']:.1f} epochs (> 4): beyond ~4 epochs "
                             "repeated data is worth much less than new data (Muennighoff et al. 2023)")
     tokens_per_s = rate / fpt if rate else None
@@ -750,10 +749,10 @@ def _plan_memory(req: PlanRequest, compute: dict, shape: ModelShape, params: flo
     checkpointing = False
     if compute.get("gpu") and compute["gpu"] != "cpu":
         acc = get_accelerator(compute["gpu"])
-        rec, ests = M.recommend(acc.memory_gb, precision="bf16-mixed", **mem_kwargs)
+        rec, ests = recommend(acc.memory_gb, precision="bf16-mixed", **mem_kwargs)
         est = ests[rec or "zero3"]
         if rec is None:  # the trainer recomputes activations per layer (train.activation_checkpointing)
-            rec, ests = M.recommend(acc.memory_gb, precision="bf16-mixed", activation_checkpointing=True, **mem_kwargs)
+            rec, ests = recommend(acc.memory_gb, precision="bf16-mixed", activation_checkpointing=True, **mem_kwargs)
             if rec is not None:
                 warnings.append(
                     f"even ZeRO-3 over {req.gpus} GPU(s) needs {est.total_gb:.1f} GB of {acc.memory_gb:g} GB; with "
@@ -772,13 +771,13 @@ def _plan_memory(req: PlanRequest, compute: dict, shape: ModelShape, params: flo
                                 f"{est.total_gb:.1f} GB of {acc.memory_gb:g} GB: {fix}")
         memory = _mem_dict(est, acc.memory_gb, rec)
     else:
-        est = M.estimate(precision="fp32", sharding="ddp", **mem_kwargs)
+        est = estimate(precision="fp32", sharding="ddp", **mem_kwargs)
         memory = _mem_dict(est, None, None)
     memory["activation_checkpointing"] = checkpointing
     return memory
 
 
-def _mem_dict(est: M.MemoryEstimate, capacity_gb: float | None, rec: str | None) -> dict:
+def _mem_dict(est: MemoryEstimate, capacity_gb: float | None, rec: str | None) -> dict:
     return {
         "precision": est.precision,
         "sharding": est.sharding,

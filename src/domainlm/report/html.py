@@ -17,8 +17,9 @@ from pathlib import Path
 
 from domainlm import __version__, faults
 from domainlm.errors import UserError
+from domainlm.outputs import SCHEMAS, AnyEval, ObjectiveEvalOutput
 from domainlm.report import plots
-from domainlm.rundir import RunDir, atomic_write, publish, temp_path
+from domainlm.rundir import RunDir, atomic_write, load_output, publish, temp_path
 from domainlm.units import human
 
 REPORT_DIR = str(Path(RunDir.REPORT).parent)
@@ -33,15 +34,15 @@ PRODUCERS = {
     RunDir.COUNTS: "domainlm tokenize CONFIG",
     RunDir.AUDIT: "domainlm tokenizer CONFIG",
     RunDir.METRICS: "domainlm train CONFIG",
-    f"{RunDir.STAGES}/train.json": "domainlm train CONFIG",
+    RunDir.TRAIN: "domainlm train CONFIG",
     RunDir.EVAL: "domainlm eval {run}",
+    RunDir.BASELINE_EVAL: "domainlm run CONFIG",
     RunDir.ABLATE: "domainlm ablate CONFIG --domain-weights 0,0.51,1",
     RunDir.DECIDE: "domainlm decide CONFIG --base GENERAL_MODEL",
     RunDir.FINETUNE_COMPARE: "domainlm finetune {run} --compare GENERAL_MODEL --data TRAIN.jsonl",
     RunDir.CLASSIFY_COMPARE: "domainlm finetune {run} --head classification --compare GENERAL_MODEL --data TRAIN.jsonl",
 }
-# What a section catches from a file of an unexpected shape (e.g. written by another domainlm version).
-SHAPE_ERRORS = (KeyError, TypeError, ValueError, AttributeError, IndexError)
+BASELINE = "general-only baseline (domain weight 0)"
 
 
 @dataclass
@@ -64,10 +65,10 @@ class Report:
         self.run_dir = run_dir
         self.out = run_dir / REPORT_DIR
         self.cache: dict[str, tuple[object, str | None]] = {}
-        self.roles: dict[str, str] = {}  # source -> domain | general, from whichever file names it
 
-    def read(self, rel: str) -> tuple[object, str | None]:
-        """(content, None), or (None, why not) where why-not names the file and the command to run."""
+    def read(self, rel: str):
+        """(the file as its model of outputs.SCHEMAS, or the metrics rows; None), or (None, why not) where why-not
+        names the file and the command to run."""
         if rel not in self.cache:
             self.cache[rel] = self._read(rel)
         return self.cache[rel]
@@ -78,18 +79,17 @@ class Report:
         if not path.exists():
             return None, f"no {rel} yet: run `{cmd}`"
         try:
-            text = path.read_text(encoding="utf-8")
-            if rel.endswith(".jsonl"):
-                return _jsonl(text), None
-            return json.loads(text), None
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            return None, f"could not read {rel} ({type(e).__name__}: {e}); rerun `{cmd}`"
+            if rel == RunDir.METRICS:
+                return _jsonl(path.read_text(encoding="utf-8")), None
+            return load_output(path, SCHEMAS[rel]), None
+        except (OSError, UnicodeDecodeError, UserError) as e:
+            return None, f"{e} (`{cmd}`)"
 
     def figure(self, section: Section, draw, name: str, *args) -> None:
         """Draw one chart into the report folder and embed it; a chart that cannot be drawn becomes a hint."""
         try:
             path = draw(*args, self.out / name)
-        except SHAPE_ERRORS as e:
+        except (KeyError, TypeError, ValueError) as e:
             section.hints.append(f"could not draw {name} ({type(e).__name__}: {e})")
             return
         data = base64.b64encode(path.read_bytes()).decode("ascii")
@@ -150,40 +150,37 @@ def plan_section(r: Report) -> Section:
         plot_plan(p, tmp)
         return publish(tmp, path)
 
-    m = plan["model"]
+    m = plan.model
     s.body.append(_table(["", ""], [
-        ["compute", f"{plan['compute_flops']:.3g} FLOPs"],
-        ["scaling law", escape(str(plan["law"]["name"]))],
-        ["parameters", f"{human(plan['params'])} (shape: {m['n_layers']} layers × d_model {m['d_model']}, "
-                       f"{human(m['params_total'])} total)"],
-        ["training tokens", f"{human(plan['tokens'])} ({plan['tokens_per_param']:.1f} tokens/param)"],
-        ["effective tokens (repeats discounted)", human(plan.get("effective_tokens"))],
-        ["predicted loss", _num(plan.get("predicted_loss"))],
-        ["GPU hours", _num(plan.get("gpu_hours"), "{:,.1f}")],
+        ["compute", f"{plan.compute_flops:.3g} FLOPs"],
+        ["scaling law", escape(str(plan.law["name"]))],
+        ["parameters", f"{human(plan.params)} (shape: {m.n_layers} layers × d_model {m.d_model}, "
+                       f"{human(m.params_total)} total)"],
+        ["training tokens", f"{human(plan.tokens)} ({plan.tokens_per_param:.1f} tokens/param)"],
+        ["effective tokens (repeats discounted)", human(plan.effective_tokens)],
+        ["predicted loss", _num(plan.predicted_loss)],
+        ["GPU hours", _num(plan.gpu_hours, "{:,.1f}")],
     ], cls="kv"))
-    run = plan.get("run")
-    if run:  # what the run trains: the plan, or each override of it next to its reason
-        rows = [["model", escape(o["plan"]), escape(o["run"]), escape(o["reason"])] if o["what"] == "model" else
-                ["tokens", escape(o["plan"]), escape(o["run"]), escape(o["reason"])] for o in run["overrides"]]
-        title = ("<h3>This run follows the plan</h3>" if run["follows_plan"] else
-                 '<h3>This run does not follow the plan</h3><p class="warn">The config overrides the law\'s plan; '
-                 "the numbers above are the law's, the run trains these:</p>")
-        s.body.append(title + (_table(["", "plan (law)", "this run", "why"], rows) if rows else ""))
-        done, _ = r.read(f"{RunDir.STAGES}/train.json")
-        timing = [["planned training time", _num(run.get("planned_seconds"), "{:,.0f} s")],
-                  ["budget (budget.hours)", _num(run.get("budget_seconds"), "{:,.0f} s")],
-                  ["actual training time", _num((done or {}).get("train_seconds"), "{:,.0f} s")],
-                  ["tokens/s the plan used", escape(f"{_num(run.get('tokens_per_s'), '{:,.0f}')} "
-                                                    f"({run.get('tokens_per_s_from') or '-'})")]]
-        s.body.append(_table(["", ""], timing, cls="kv"))
-    r.figure(s, draw, "plan.png", plan)
-    if plan.get("sources"):
-        rows = [[escape(n), _num(v["weight"], "{:.0%}"), human(v["tokens"]), human(v.get("unique_tokens")),
-                 _num(v.get("epochs"), "{:.2f}"), human(v.get("effective_tokens"))]
-                for n, v in plan["sources"].items()]
+    run = plan.run  # what the run trains: the plan, or each override of it next to its reason
+    rows = [[escape(o.what), escape(o.plan), escape(o.run), escape(o.reason)] for o in run.overrides]
+    title = ("<h3>This run follows the plan</h3>" if run.follows_plan else
+             '<h3>This run does not follow the plan</h3><p class="warn">The config overrides the law\'s plan; '
+             "the numbers above are the law's, the run trains these:</p>")
+    s.body.append(title + (_table(["", "plan (law)", "this run", "why"], rows) if rows else ""))
+    trained, _ = r.read(RunDir.TRAIN)
+    timing = [["planned training time", _num(run.planned_seconds, "{:,.0f} s")],
+              ["budget (budget.hours)", _num(run.budget_seconds, "{:,.0f} s")],
+              ["actual training time", _num(trained.train_seconds if trained else None, "{:,.0f} s")],
+              ["tokens/s the plan used", escape(f"{_num(run.tokens_per_s, '{:,.0f}')} "
+                                                f"({run.tokens_per_s_from or '-'})")]]
+    s.body.append(_table(["", ""], timing, cls="kv"))
+    r.figure(s, draw, "plan.png", plan.model_dump(exclude_unset=True))
+    if plan.sources:
+        rows = [[escape(n), _num(v.weight, "{:.0%}"), human(v.tokens), human(v.unique_tokens),
+                 _num(v.epochs, "{:.2f}"), human(v.effective_tokens)] for n, v in plan.sources.items()]
         s.body.append("<h3>Mixture</h3>" + _table(
             ["source", "weight", "tokens", "unique tokens", "epochs", "effective tokens"], rows))
-    for w in plan.get("warnings", []):
+    for w in plan.warnings:
         s.body.append(f'<p class="warn">{escape(w)}</p>')
     return s
 
@@ -193,14 +190,10 @@ def data_section(r: Report) -> Section:
     stats, why = r.read(RunDir.STATS)
     if stats is None:
         s.hints.append(why)
-    elif "sources" not in stats:  # a Slurm submission marker, not finished stats
-        s.hints.append("data/stats.json has no per-source stats yet (jobs still running?): rerun "
-                       "`domainlm prepare CONFIG` when they finish")
     else:
-        srcs = stats["sources"]
-        rows = [[escape(n), f"{v['docs_in']:,}", human(v["bytes_in"], "B"), f"{v['docs_out']:,}",
-                 human(v["bytes_out"], "B"), f"{v.get('train_docs', 0):,}", f"{v.get('val_docs', 0):,}",
-                 f"{sum(v.get('drops', {}).values()):,}"] for n, v in srcs.items()]
+        rows = [[escape(n), f"{v.docs_in:,}", human(v.bytes_in, "B"), f"{v.docs_out:,}", human(v.bytes_out, "B"),
+                 f"{v.train_docs:,}", f"{v.val_docs:,}", f"{sum(v.drops.values()):,}"]
+                for n, v in stats.sources.items()]
         s.body.append(_table(["source", "docs in", "bytes in", "docs out", "bytes out", "train docs", "val docs",
                               "dropped"], rows))
         r.figure(s, plots.drops_chart, "drops.png", stats)
@@ -209,16 +202,15 @@ def data_section(r: Report) -> Section:
     if counts is None:
         s.hints.append(why)
     else:
-        srcs = counts["sources"]
-        rows = [[escape(n), human(c["train_tokens"]), human(c["val_tokens"]),
-                 _num(c["train_bytes"] / c["train_tokens"] if c.get("train_tokens") else None, "{:.2f}")]
-                for n, c in srcs.items()]
+        rows = [[escape(n), human(c.train_tokens), human(c.val_tokens),
+                 _num(c.train_bytes / c.train_tokens if c.train_tokens else None, "{:.2f}")]
+                for n, c in counts.sources.items()]
         s.body.append("<h3>Tokens</h3>" + _table(["source", "train tokens (unique)", "val tokens",
                                                   "train bytes/token"], rows))
         r.figure(s, plots.tokens_chart, "tokens.png", counts)
 
     plan, _ = r.read(RunDir.PLAN)
-    planned = {n: v["epochs"] for n, v in (plan or {}).get("sources", {}).items() if v.get("epochs") is not None}
+    planned = {n: v.epochs for n, v in (plan.sources if plan else {}).items() if v.epochs is not None}
     trained = _last_epochs(r)
     if planned or trained:
         s.body.append("<h3>Epochs</h3><p>How many times each source's unique tokens are seen: planned by "
@@ -241,27 +233,23 @@ def tokenizer_section(r: Report) -> Section:
     if a is None:
         s.hints.append(why)
         return s
-    base = a.get("baseline")
-    s.body.append(f"<p>{escape(str(a.get('kind', '?')))} tokenizer, vocab {a.get('vocab_size_trained', '?'):,}; "
-                  + (f"baseline: same kind and size trained on {escape(', '.join(base['sources']))} alone."
+    base = a.baseline
+    s.body.append(f"<p>{escape(a.kind)} tokenizer, vocab {a.vocab_size_trained:,}; "
+                  + (f"baseline: same kind and size trained on {escape(', '.join(base.sources))} alone."
                      if base else "no general source, so no baseline.") + "</p>")
-    rows = []
-    for n, v in a["bytes_per_token"].items():
-        r.roles.setdefault(n, v.get("role", ""))
-        rows.append([escape(n), escape(v.get("role", "")), f"{v['val_bytes']:,}", _num(v["bytes_per_token"]),
-                     _num(v.get("baseline_bytes_per_token")), _num(v.get("gain_pct"), "{:+.1f}%")])
+    rows = [[escape(n), escape(v.role), f"{v.val_bytes:,}", _num(v.bytes_per_token),
+             _num(v.baseline_bytes_per_token), _num(v.gain_pct, "{:+.1f}%")] for n, v in a.bytes_per_token.items()]
     s.body.append(_table(["source", "role", "val bytes", "bytes/token", "baseline", "gain"], rows))
     r.figure(s, plots.bytes_per_token_chart, "bytes_per_token.png", a)
-    if a.get("domain_terms"):
+    if a.domain_terms:
         def pieces(tokens):  # show spaces, so " res" and "res" differ; '|' separates tokens
             return "<code>" + escape("|".join(t.replace(" ", "␣") for t in tokens)) + "</code>"
 
         header = ["term", "ours", "tokens"] + (["baseline", "tokens"] if base else [])
-        rows = [[escape(t["term"]), pieces(t["tokens"]), str(t["count"])]
-                + ([pieces(t["baseline_tokens"]), str(t["baseline_count"])] if base else [])
-                for t in a["domain_terms"]]
+        rows = [[escape(t.term), pieces(t.tokens), str(t.count)]
+                + ([pieces(t.baseline_tokens), str(t.baseline_count)] if base else []) for t in a.domain_terms]
         s.body.append("<h3>Domain terms (as split mid-sentence)</h3>" + _table(header, rows, cls="terms"))
-        tm = a.get("summary", {}).get("terms")
+        tm = a.summary.get("terms")
         if tm and tm.get("baseline_mean_tokens") is not None:
             s.body.append(f"<p>{tm['mean_tokens']:.2f} tokens per term on average ({tm['single_token']}/{tm['n']} "
                           f"single-token) vs {tm['baseline_mean_tokens']:.2f} ({tm['baseline_single_token']}/"
@@ -300,19 +288,10 @@ def training_section(r: Report) -> Section:
     return s
 
 
-def _baselines(ev: dict) -> list[tuple[str, dict]]:
-    """Baseline models scored in the same eval.json: ``baseline`` (one eval result) or ``baselines``
-    (name -> eval result, or a list of results with a ``name``)."""
-    out = []
-    b = ev.get("baseline")
-    if isinstance(b, dict) and isinstance(b.get("sources"), dict):
-        out.append((str(b.get("name") or "general-only baseline"), b))
-    bs = ev.get("baselines")
-    items = bs.items() if isinstance(bs, dict) else enumerate(bs) if isinstance(bs, list) else []
-    for key, v in items:
-        if isinstance(v, dict) and isinstance(v.get("sources"), dict):
-            out.append((str(v.get("name") or (key if isinstance(key, str) else f"baseline {key + 1}")), v))
-    return out
+def _baselines(r: Report) -> list[tuple[str, AnyEval]]:
+    """The general-only baseline (`domainlm run`'s weight-0 variant), when it has been scored."""
+    base, _ = r.read(RunDir.BASELINE_EVAL)
+    return [(BASELINE, base)] if base is not None else []
 
 
 def eval_section(r: Report) -> Section:
@@ -321,57 +300,54 @@ def eval_section(r: Report) -> Section:
     if ev is None:
         s.hints.append(why)
         return s
-    if not ev.get("sources"):
+    if not ev.sources:
         s.hints.append(f"eval/eval.json has no per-source scores: run `domainlm eval {r.run_dir}`")
         return s
-    if ev.get("objective"):  # a masked-LM encoder / span encoder-decoder (evaluate/objective.py): no bpb
-        return _objective_eval(s, ev)
-    baselines = _baselines(ev)
+    baselines = _baselines(r)
+    if isinstance(ev, ObjectiveEvalOutput):  # a masked-LM encoder / span encoder-decoder (evaluate/objective.py)
+        return _objective_eval(s, ev, baselines)
     header = ["text", "role", "bits/byte"]
     for label, _ in baselines:
         header += [f"{label} bits/byte", "Δ vs it"]
     header += ["loss/token (nats)", "ppl", "tokens", "bytes", "bytes/token"]
     rows = []
-    for n, v in ev["sources"].items():
-        r.roles.setdefault(n, v.get("role", ""))
-        row = [escape(n), escape(v.get("role", "")), f"<b>{_num(v['bpb'], '{:.4f}')}</b>"]
+    for n, v in ev.sources.items():
+        row = [escape(n), escape(v.role), f"<b>{_num(v.bpb, '{:.4f}')}</b>"]
         for _, b in baselines:
-            theirs = b["sources"].get(n, {}).get("bpb")
-            delta = (v["bpb"] / theirs - 1) if theirs else None
-            row += [_num(theirs, "{:.4f}"), _num(delta, "{:+.1%}")]
-        row += [_num(v.get("loss_per_token"), "{:.4f}"), _num(v.get("ppl"), "{:.2f}"), f"{v.get('tokens', 0):,}",
-                f"{v.get('bytes', 0):,}", _num(v.get("bytes_per_token"), "{:.2f}")]
+            theirs = b.sources[n].bpb if n in b.sources else None
+            row += [_num(theirs, "{:.4f}"), _num(v.bpb / theirs - 1 if theirs else None, "{:+.1%}")]
+        row += [_num(v.loss_per_token, "{:.4f}"), _num(v.ppl, "{:.2f}"), f"{v.tokens:,}", f"{v.bytes:,}",
+                _num(v.bytes_per_token, "{:.2f}")]
         rows.append(row)
     s.body.append(_table(header, rows))
     s.body.append("<p class=note>Bits per byte compares models with different tokenizers; loss per token and "
                   "perplexity do not. Negative Δ: this model is better.</p>")
     r.figure(s, plots.eval_chart, "eval_bpb.png", ev, baselines)
-    if not baselines:
-        s.body.append("<p class=note>No baseline model in eval.json: the general-only baseline is trained by "
+    base, why = r.read(RunDir.BASELINE_EVAL)
+    if base is None and not why.startswith("no "):
+        s.hints.append(why)
+    elif base is None:
+        s.body.append("<p class=note>No baseline model: the general-only baseline is trained by "
                       "<code>domainlm run</code> (or <code>domainlm ablate</code> with weight 0).</p>")
     return s
 
 
-def _objective_eval(s: Section, ev: dict) -> Section:
-    """eval.json of a masked / span model: its loss and accuracy on fixed masks, next to any baseline's."""
-    what = "masked tokens" if ev["objective"] == "masked" else "span-corruption targets"
-    s.title = f"Evaluation: {what} ({ev['objective']} model)"
-    baselines = _baselines(ev)
+def _objective_eval(s: Section, ev: ObjectiveEvalOutput, baselines: list[tuple[str, AnyEval]]) -> Section:
+    """eval.json of a masked / span model: its loss and accuracy on fixed masks (no bpb), next to the baseline's."""
+    what = "masked tokens" if ev.objective == "masked" else "span-corruption targets"
+    s.title = f"Evaluation: {what} ({ev.objective} model)"
     header = ["text", "role", "loss (nats/target)", "accuracy"]
     for label, _ in baselines:
         header += [f"{label} loss", f"{label} accuracy"]
-    header += [what, "bytes"]
     rows = []
-    for n, v in ev["sources"].items():
-        row = [escape(n), escape(v.get("role", "")), f"<b>{_num(v.get('loss'), '{:.4f}')}</b>",
-               _num(v.get("accuracy"), "{:.1%}")]
+    for n, v in ev.sources.items():
+        row = [escape(n), escape(v.role), f"<b>{_num(v.loss, '{:.4f}')}</b>", _num(v.accuracy, "{:.1%}")]
         for _, b in baselines:
-            theirs = b["sources"].get(n, {})
-            row += [_num(theirs.get("loss"), "{:.4f}"), _num(theirs.get("accuracy"), "{:.1%}")]
-        rows.append(row + [f"{v.get('targets', 0):,}", f"{v.get('bytes', 0):,}"])
-    s.body.append(_table(header, rows))
-    s.body.append(f"<p class=note>{escape(ev.get('comparable', ''))}. Masks: {escape(json.dumps(ev.get('masking')))}."
-                  "</p>")
+            theirs = b.sources.get(n)
+            row += [_num(getattr(theirs, "loss", None), "{:.4f}"), _num(getattr(theirs, "accuracy", None), "{:.1%}")]
+        rows.append(row + [f"{v.targets:,}", f"{v.bytes:,}"])
+    s.body.append(_table(header + [what, "bytes"], rows))
+    s.body.append(f"<p class=note>{escape(ev.comparable)}. Masks: {escape(json.dumps(ev.masking))}.</p>")
     return s
 
 
@@ -381,59 +357,24 @@ def probes_section(r: Report) -> Section:
     if ev is None:
         s.hints.append(why)
         return s
-    p = ev.get("probes")
+    p = ev.probes
     if not p:
         s.hints.append(f"no probe scores in eval/eval.json: run `domainlm eval {r.run_dir} --probes FILE` "
                        "(or set eval.probes in the config)")
         return s
-    models = [("this model", p)] + [(label, b["probes"]) for label, b in _baselines(ev) if b.get("probes")]
-    rows = [[escape(label), str(q.get("items", "?")), _num(q.get("acc"), "{:.1%}"),
-             _num(q.get("acc_per_byte"), "{:.1%}"), _num(q.get("chance"), "{:.1%}")] for label, q in models]
-    s.body.append(f"<p>Cloze items from <code>{escape(str(p.get('file', '?')))}</code>: the right term must get a "
+    models = [("this model", p)] + [(label, b.probes) for label, b in _baselines(r) if b.probes]
+    rows = [[escape(label), str(q.items), _num(q.acc, "{:.1%}"), _num(q.acc_per_byte, "{:.1%}"),
+             _num(q.chance, "{:.1%}")] for label, q in models]
+    s.body.append(f"<p>Cloze items from <code>{escape(p.file)}</code>: the right term must get a "
                   "higher log-probability than every distractor.</p>")
     s.body.append(_table(["model", "items", "accuracy", "per-byte normalised", "chance"], rows))
     r.figure(s, plots.probes_chart, "probes.png", models)
-    items = p.get("results") or []
-    if items:
-        rows = [[escape(str(x.get("term", ""))), "✓" if x.get("correct") else "✗",
-                 "✓" if x.get("correct_per_byte") else "✗",
-                 escape(", ".join(f"{v:.2f}" for v in x.get("logprobs", [])))] for x in items]
-        s.body.append(f"<details><summary>all {len(items)} items (log-probabilities: right answer first)"
+    if p.results:
+        rows = [[escape(x.term), "✓" if x.correct else "✗", "✓" if x.correct_per_byte else "✗",
+                 escape(", ".join(f"{v:.2f}" for v in x.logprobs))] for x in p.results]
+        s.body.append(f"<details><summary>all {len(p.results)} items (log-probabilities: right answer first)"
                       "</summary>" + _table(["term", "right", "right (per byte)", "log-probs"], rows) + "</details>")
     return s
-
-
-def _ablation_points(ab: dict, roles: dict[str, str]) -> list[dict]:
-    """One point per domain weight: mean bpb over domain sources and over general sources.
-
-    Accepts ``{"results": [{"domain_weight", "bpb": {source: bpb}}, ...]}``, ``runs`` instead of
-    ``results``, a ``{weight: {...}}`` mapping, and per-source ``{"sources": {s: {"bpb", "role"}}}``.
-    """
-    roles = {**roles, **ab.get("roles", {})}
-    raw = ab.get("results", ab.get("runs", ab))
-    entries = list(raw) if isinstance(raw, list) else [{"domain_weight": float(k), **v} for k, v in raw.items()
-                                                      if isinstance(v, dict) and _is_number(k)]
-    points = []
-    for e in entries:
-        weight = e.get("domain_weight", e.get("weight"))
-        per = {k: (v["bpb"] if isinstance(v, dict) else v) for k, v in (e.get("bpb") or e.get("sources") or {}).items()}
-        for k, v in (e.get("sources") or {}).items():
-            if isinstance(v, dict) and v.get("role"):
-                roles.setdefault(k, v["role"])
-        by_role = {role: [per[k] for k in per if roles.get(k) == role] for role in ("domain", "general")}
-        if weight is None or not all(by_role.values()):
-            continue
-        points.append({"weight": float(weight), "per_source": per,
-                       **{f"{role}_bpb": sum(v) / len(v) for role, v in by_role.items()}})
-    return points
-
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def ablation_section(r: Report) -> Section | None:
@@ -445,17 +386,12 @@ def ablation_section(r: Report) -> Section | None:
     if ab is None:
         s.hints.append(why)
         return s
-    points = _ablation_points(ab, r.roles)
-    if not points:
-        s.hints.append("ablate/ablate.json has no weight with both domain and general bpb: rerun "
-                       "`domainlm ablate CONFIG --domain-weights 0,0.51,1`")
-        return s
-    sources = list(dict.fromkeys(k for p in points for k in p["per_source"]))
-    rows = [[_num(p["weight"], "{:.0%}"), *(_num(p["per_source"].get(k), "{:.4f}") for k in sources),
-             _num(p["domain_bpb"], "{:.4f}"), _num(p["general_bpb"], "{:.4f}")]
-            for p in sorted(points, key=lambda p: p["weight"])]
+    sources = list(dict.fromkeys(k for x in ab.results for k in x.bpb))
+    rows = [[_num(x.domain_weight, "{:.0%}"), *(_num(x.bpb.get(k), "{:.4f}") for k in sources),
+             _num(x.role_bpb("domain"), "{:.4f}"), _num(x.role_bpb("general"), "{:.4f}")]
+            for x in sorted(ab.results, key=lambda x: x.domain_weight)]
     s.body.append(_table(["domain weight", *(f"{k} bpb" for k in sources), "domain (mean)", "general (mean)"], rows))
-    r.figure(s, plots.ablation_chart, "ablation.png", points)
+    r.figure(s, plots.ablation_chart, "ablation.png", ab)
     return s
 
 
@@ -469,22 +405,18 @@ def decide_section(r: Report) -> Section | None:
     if d is None:
         s.hints.append(why)
         return s
-    texts = list(d["texts"])
-    rows = []
-    for arm, a in d["arms"].items():
-        p = a.get("probes")
-        rows.append([f"<b>{escape(arm)}</b><br><span class=note>{escape(a.get('label', ''))}</span>",
-                     *(_num(a["bpb"].get(n), "{:.4f}") for n in texts), _num(p and p.get("acc"), "{:.1%}"),
-                     human(a.get("trained_tokens")), _num(a.get("flops_run"), "{:.3g}"),
-                     _num(a.get("flops_total"), "{:.3g}")])
-    s.body.append(f"<p>Every arm trains on the same {human(d['tokens'])} tokens of the run's mixture; "
-                  f"general model: <code>{escape(str(d['base']['path']))}</code>. Bits per byte does not depend on "
+    rows = [[f"<b>{escape(arm)}</b><br><span class=note>{escape(a.label)}</span>",
+             *(_num(a.bpb.get(n), "{:.4f}") for n in d.texts), _num(a.probes and a.probes.get("acc"), "{:.1%}"),
+             human(a.trained_tokens), _num(a.flops_run, "{:.3g}"), _num(a.flops_total, "{:.3g}")]
+            for arm, a in d.arms.items()]
+    s.body.append(f"<p>Every arm trains on the same {human(d.tokens)} tokens of the run's mixture; "
+                  f"general model: <code>{escape(d.base.path)}</code>. Bits per byte does not depend on "
                   "the tokenizer, so arms with different tokenizers compare on it.</p>")
-    s.body.append(_table(["arm", *(f"{n} bpb" for n in texts), "probes", "trained tokens", "FLOPs (this run)",
+    s.body.append(_table(["arm", *(f"{n} bpb" for n in d.texts), "probes", "trained tokens", "FLOPs (this run)",
                           "FLOPs (total)"], rows))
-    s.body.append("<p>" + "<br>".join(escape(t["verdict"]) for t in d["texts"].values()) + "</p>")
-    notes = [f"{escape(arm)}: skipped — {escape(why)}" for arm, why in d.get("skipped", {}).items()]
-    if d["base"].get("flops") is None:
+    s.body.append("<p>" + "<br>".join(escape(t.verdict) for t in d.texts.values()) + "</p>")
+    notes = [f"{escape(arm)}: skipped — {escape(why)}" for arm, why in d.skipped.items()]
+    if d.base.flops is None:
         notes.append("the general model's own pretraining compute is unknown (pass --base-tokens): its arms' "
                      "totals are left out")
     s.body.append("<p class=note>Margins: winner vs runner-up, 95% paired bootstrap interval over documents. "
@@ -516,64 +448,54 @@ def _comparison_section(r: Report, rel: str, sid: str, title: str) -> Section | 
         s.hints.append(why)
         return s
 
-    def ci(m: dict, fmt: str = "{:.1%}") -> str:
-        return f"{fmt.format(m['value'])} [{fmt.format(m['ci95'][0])}, {fmt.format(m['ci95'][1])}]"
+    def ci(m, fmt: str = "{:.1%}") -> str:
+        return f"{fmt.format(m.value)} [{fmt.format(m.ci95[0])}, {fmt.format(m.ci95[1])}]"
 
-    rows = [[escape(task), escape(name), ci(t["domain"]["metrics"][name]), ci(t["general"]["metrics"][name]),
-             f"<b>{ci(t['domain_minus_general'][name], '{:+.1%}')}</b>"]
-            for task, t in ft["tasks"].items() for name in t["domain"]["metrics"]]
-    for task, t in ft["tasks"].items():
-        if t.get("majority_accuracy") is not None:  # what always answering the largest class scores
-            f1 = t.get("majority_macro_f1")
-            rows.append([escape(task), f"majority class ({escape(str(t.get('majority_class')))})",
-                         f"accuracy {t['majority_accuracy']:.1%}" + (f", macro-F1 {f1:.1%}" if f1 is not None else ""),
+    rows = [[escape(task), escape(name), ci(t.domain.metrics[name]), ci(t.general.metrics[name]),
+             f"<b>{ci(t.domain_minus_general[name], '{:+.1%}')}</b>"]
+            for task, t in ft.tasks.items() for name in t.domain.metrics]
+    for task, t in ft.tasks.items():
+        if t.majority_accuracy is not None:  # what always answering the largest class scores
+            f1 = t.majority_macro_f1
+            rows.append([escape(task), f"majority class ({escape(str(t.majority_class))})",
+                         f"accuracy {t.majority_accuracy:.1%}" + (f", macro-F1 {f1:.1%}" if f1 is not None else ""),
                          "", ""])
     s.body.append(_table(["task", "metric", "domain", "general", "domain − general"], rows))
-    if ft.get("models"):
-        s.body.append("<p class=note>" + "; ".join(f"{escape(k)}: <code>{escape(str(v))}</code>"
-                                                   for k, v in ft["models"].items()) + "</p>")
-    s.body.append(f"<p class=note>{escape(ft.get('verdict', ''))}. 95% bootstrap intervals over test items (paired "
+    s.body.append("<p class=note>" + "; ".join(f"{escape(k)}: <code>{escape(v)}</code>" for k, v in ft.models.items())
+                  + "</p>")
+    s.body.append(f"<p class=note>{escape(ft.verdict)}. 95% bootstrap intervals over test items (paired "
                   "for the difference); both models fine-tuned with the same data, steps and seed.</p>")
     return s
 
 
 def summary_html(r: Report) -> str:
-    """The headline numbers: what the run bought, in one table at the top (none if the files are odd)."""
-    try:
-        return _summary(r)
-    except SHAPE_ERRORS:  # the sections below say what is wrong with which file
-        return ""
-
-
-def _summary(r: Report) -> str:
+    """The headline numbers: what the run bought, in one table at the top (none before plan or eval)."""
     plan, _ = r.read(RunDir.PLAN)
     ev, _ = r.read(RunDir.EVAL)
-    trained, _ = r.read(f"{RunDir.STAGES}/train.json")
+    trained, _ = r.read(RunDir.TRAIN)
     items = []
-    if trained and trained.get("params"):
-        # What was trained (the config may fix a shape other than the plan's)
-        line = f"{human(trained['params'])} params trained for {trained['steps']:,} steps"
+    if trained:  # what was trained (the config may fix a shape other than the plan's)
+        line = f"{human(trained.params)} params trained for {trained.steps:,} steps"
         if plan:
-            line += f" (plan: {human(plan['model']['params_total'])} params, {human(plan['tokens'])} tokens)"
+            line += f" (plan: {human(plan.model.params_total)} params, {human(plan.tokens)} tokens)"
         items.append(["model", line])
     elif plan:
-        items.append(["model", f"{human(plan['model']['params_total'])} params, "
-                               f"{human(plan['tokens'])} tokens planned"])
-    if ev and ev.get("sources"):
-        baselines = _baselines(ev)
-        for n, v in ev["sources"].items():
-            if ev.get("objective"):  # a masked / span model: its loss and accuracy on fixed masks
-                items.append([f"{escape(n)} ({escape(v.get('role', ''))})", f"{_num(v.get('loss'), '{:.4f}')} nats "
-                              f"per {ev['objective']} target, accuracy {_num(v.get('accuracy'), '{:.1%}')}"])
+        items.append(["model", f"{human(plan.model.params_total)} params, {human(plan.tokens)} tokens planned"])
+    if ev:
+        baselines = _baselines(r)
+        for n, v in ev.sources.items():
+            if isinstance(ev, ObjectiveEvalOutput):  # a masked / span model: its loss and accuracy on fixed masks
+                items.append([f"{escape(n)} ({escape(v.role)})", f"{_num(v.loss, '{:.4f}')} nats per {ev.objective} "
+                              f"target, accuracy {_num(v.accuracy, '{:.1%}')}"])
                 continue
-            line = f"{_num(v.get('bpb'), '{:.4f}')} bits/byte"
+            line = f"{_num(v.bpb, '{:.4f}')} bits/byte"
             for label, b in baselines:
-                theirs = b["sources"].get(n, {}).get("bpb")
+                theirs = b.sources[n].bpb if n in b.sources else None
                 if theirs:
-                    line += f" (vs {theirs:.4f} for {escape(label)}: {v['bpb'] / theirs - 1:+.1%})"
-            items.append([f"{escape(n)} ({escape(v.get('role', ''))})", line])
-        if ev.get("probes"):
-            items.append(["term probes", f"{ev['probes']['acc']:.1%} (chance {ev['probes']['chance']:.1%})"])
+                    line += f" (vs {theirs:.4f} for {escape(label)}: {v.bpb / theirs - 1:+.1%})"
+            items.append([f"{escape(n)} ({escape(v.role)})", line])
+        if ev.probes:
+            items.append(["term probes", f"{ev.probes.acc:.1%} (chance {ev.probes.chance:.1%})"])
     return _table(["", ""], items, cls="kv summary") if items else ""
 
 
@@ -627,15 +549,10 @@ def build_report(run_dir: Path | str) -> dict:
     r = Report(run_dir)
     r.out.mkdir(exist_ok=True)
     sections = []
-    # page order; the tokenizer and eval sections record source roles that the ablation section uses
+    # page order
     for make in (plan_section, data_section, tokenizer_section, training_section, eval_section, probes_section,
-                 ablation_section, decide_section, finetune_section, classify_section):
-        try:
-            s = make(r)
-        except SHAPE_ERRORS as e:  # a file of an unexpected shape: say so, keep the rest of the report
-            name = make.__name__.removesuffix("_section")
-            s = Section(name, name.capitalize(), hints=[f"could not use the {name} files ({type(e).__name__}: {e}); "
-                                                         "were they written by another domainlm version?"])
+                 ablation_section, finetune_section, classify_section):
+        s = make(r)
         if s is not None:
             sections.append(s)
     now = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")

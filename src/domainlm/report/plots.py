@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
+from domainlm.outputs import Ablation, Audit, Counts, Decision, EvalOutput, ProbeScores, Stats  # noqa: E402
 from domainlm.plan.laws import MAX_USEFUL_EPOCHS  # noqa: E402
 from domainlm.rundir import publish, temp_path  # noqa: E402
 from domainlm.units import human  # noqa: E402
@@ -72,13 +73,13 @@ def _grouped(ax, groups: list[str], series: list[tuple[str, list[float], str]], 
 # ------------------------------------------------------------------------------------------------ data
 
 
-def drops_chart(stats: dict, path: Path) -> Path:
+def drops_chart(stats: Stats, path: Path) -> Path:
     """Documents dropped per reason (rows), one bar per source; datatrove gives every drop a reason."""
-    srcs = stats["sources"]
-    reasons = sorted({r for s in srcs.values() for r in s.get("drops", {})})
+    srcs = stats.sources
+    reasons = sorted({r for s in srcs.values() for r in s.drops})
     col = colours(list(srcs))
     fig, ax = plt.subplots(figsize=(8, 0.45 * max(len(reasons), 2) * max(len(srcs), 1) + 1.2))
-    series = [(f"{n} ({human(s.get('docs_in', 0))} docs in)", [s.get("drops", {}).get(r, 0) for r in reasons], col[n])
+    series = [(f"{n} ({human(s.docs_in)} docs in)", [s.drops.get(r, 0) for r in reasons], col[n])
               for n, s in srcs.items()]
     _grouped(ax, reasons, series, horizontal=True, fmt=lambda v: f"{v:,.0f}")
     ax.set_xlabel("documents dropped")
@@ -88,16 +89,15 @@ def drops_chart(stats: dict, path: Path) -> Path:
     return save(fig, path)
 
 
-def tokens_chart(counts: dict, path: Path) -> Path:
+def tokens_chart(counts: Counts, path: Path) -> Path:
     """Train and val tokens per source (train = unique tokens: the data limit the planner uses)."""
-    srcs = counts["sources"]
-    names = list(srcs)
+    srcs = counts.sources
     fig, ax = plt.subplots(figsize=(6, 3.8))
-    _grouped(ax, names, [("train", [srcs[n].get("train_tokens", 0) for n in names], "tab:blue"),
-                         ("val", [srcs[n].get("val_tokens", 0) for n in names], "tab:orange")])
+    _grouped(ax, list(srcs), [("train", [s.train_tokens for s in srcs.values()], "tab:blue"),
+                              ("val", [s.val_tokens for s in srcs.values()], "tab:orange")])
     ax.set_ylabel("tokens")
     ax.yaxis.set_major_formatter(HUMAN)
-    ax.set_title(f"Tokens per source (vocab {human(counts.get('vocab_size', 0))})")
+    ax.set_title(f"Tokens per source (vocab {human(counts.vocab_size)})")
     ax.legend(fontsize=8)
     ax.margins(y=0.15)
     return save(fig, path)
@@ -127,18 +127,16 @@ def epochs_chart(planned: dict[str, float | None], trained: dict[str, float], pa
 # ------------------------------------------------------------------------------------------------ tokenizer
 
 
-def bytes_per_token_chart(audit: dict, path: Path) -> Path:
+def bytes_per_token_chart(audit: Audit, path: Path) -> Path:
     """Bytes per token on each source's val split: higher = the tokenizer packs that text better."""
-    rows = audit["bytes_per_token"]
-    names = list(rows)
-    series = [(f"ours ({audit.get('kind', '?')}, vocab {human(audit.get('vocab_size_trained', 0))})",
-               [rows[n].get("bytes_per_token") for n in names], OURS)]
-    if any(rows[n].get("baseline_bytes_per_token") for n in names):
-        base = audit.get("baseline") or {}
-        series.append((f"baseline (trained on {', '.join(base.get('sources', [])) or 'general text'} alone)",
-                       [rows[n].get("baseline_bytes_per_token") for n in names], BASELINES[0]))
+    rows = audit.bytes_per_token.values()
+    series = [(f"ours ({audit.kind}, vocab {human(audit.vocab_size_trained)})", [r.bytes_per_token for r in rows],
+               OURS)]
+    if audit.baseline is not None:
+        series.append((f"baseline (trained on {', '.join(audit.baseline.sources)} alone)",
+                       [r.baseline_bytes_per_token for r in rows], BASELINES[0]))
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    _grouped(ax, [f"{n}\n({rows[n].get('role', '?')})" for n in names], series, fmt=lambda v: f"{v:.2f}")
+    _grouped(ax, [f"{n}\n({r.role})" for n, r in audit.bytes_per_token.items()], series, fmt=lambda v: f"{v:.2f}")
     ax.set_ylabel("bytes per token (val split)")
     ax.set_title("Tokenizer compression per source")
     ax.legend(fontsize=8, loc="lower right")
@@ -197,17 +195,14 @@ def loss_chart(train: list[dict], evals: list[dict], sources: list[str], path: P
 # ------------------------------------------------------------------------------------------------ eval
 
 
-def eval_chart(ours: dict, baselines: list[tuple[str, dict]], path: Path) -> Path:
+def eval_chart(ours: EvalOutput, baselines: list[tuple[str, EvalOutput]], path: Path) -> Path:
     """Bits per byte per source for our model and any baseline models (lower is better)."""
-    names = list(ours["sources"])
-    for _, b in baselines:
-        names += [n for n in b.get("sources", {}) if n not in names]
-    series = [("this model", [ours["sources"].get(n, {}).get("bpb") for n in names], OURS)]
-    series += [(label, [b.get("sources", {}).get(n, {}).get("bpb") for n in names], BASELINES[i % len(BASELINES)])
-               for i, (label, b) in enumerate(baselines)]
+    models = [("this model", ours, OURS)] + [(label, b, BASELINES[i % len(BASELINES)])
+                                             for i, (label, b) in enumerate(baselines)]
+    series = [(label, [m.sources[n].bpb if n in m.sources else None for n in ours.sources], colour)
+              for label, m, colour in models]
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
-    roles = {n: ours["sources"].get(n, {}).get("role", "") for n in names}
-    _grouped(ax, [f"{n}\n({roles[n]})" if roles[n] else n for n in names], series, fmt=lambda v: f"{v:.3f}")
+    _grouped(ax, [f"{n}\n({s.role})" for n, s in ours.sources.items()], series, fmt=lambda v: f"{v:.3f}")
     ax.set_ylabel("bits per byte (lower is better)")
     ax.set_title("Held-out bits per byte per source")
     ax.legend(fontsize=8, loc="lower right")
@@ -215,31 +210,31 @@ def eval_chart(ours: dict, baselines: list[tuple[str, dict]], path: Path) -> Pat
     return save(fig, path)
 
 
-def probes_chart(models: list[tuple[str, dict]], path: Path) -> Path:
+def probes_chart(models: list[tuple[str, ProbeScores]], path: Path) -> Path:
     """Domain-term cloze accuracy (raw and per-byte normalised) per model, with the chance level."""
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    metrics = ["acc", "acc_per_byte"]
-    series = [(label, [p.get(m) for m in metrics], OURS if i == 0 else BASELINES[(i - 1) % len(BASELINES)])
+    series = [(label, [p.acc, p.acc_per_byte], OURS if i == 0 else BASELINES[(i - 1) % len(BASELINES)])
               for i, (label, p) in enumerate(models)]
     _grouped(ax, ["accuracy", "accuracy (per-byte normalised)"], series, fmt=lambda v: f"{v:.0%}")
-    chance = models[0][1].get("chance")
+    chance = models[0][1].chance
     if chance:
         ax.axhline(chance, color="tab:red", ls="--", lw=1, label=f"chance ({chance:.0%})")
     ax.set_ylim(0, 1.1)
     ax.set_ylabel("fraction of items right")
-    ax.set_title(f"Domain term probes ({models[0][1].get('items', '?')} items)")
+    ax.set_title(f"Domain term probes ({models[0][1].items} items)")
     ax.legend(fontsize=8, loc="upper right")
     return save(fig, path)
 
 
-def ablation_chart(points: list[dict], path: Path) -> Path:
-    """Domain bpb vs general bpb, one point per domain weight: the trade-off BloombergGPT chose 51% on."""
-    pts = sorted(points, key=lambda p: p["weight"])
+def ablation_chart(ab: Ablation, path: Path) -> Path:
+    """Domain bpb vs general bpb (means over each role's sources), one point per domain weight: the trade-off
+    BloombergGPT chose 51% on. A weight without both roles' bpb is left out."""
+    pts = [(r.domain_weight, r.role_bpb("domain"), r.role_bpb("general")) for r in ab.results]
+    pts = sorted(p for p in pts if None not in p)
     fig, ax = plt.subplots(figsize=(6, 4.5))
-    ax.plot([p["domain_bpb"] for p in pts], [p["general_bpb"] for p in pts], "-o", color="tab:purple")
-    for p in pts:
-        ax.annotate(f"domain {p['weight']:.0%}", (p["domain_bpb"], p["general_bpb"]), xytext=(5, 4),
-                    textcoords="offset points", fontsize=8)
+    ax.plot([p[1] for p in pts], [p[2] for p in pts], "-o", color="tab:purple")
+    for w, domain, general in pts:
+        ax.annotate(f"domain {w:.0%}", (domain, general), xytext=(5, 4), textcoords="offset points", fontsize=8)
     ax.set_xlabel("domain bits per byte (lower is better)")
     ax.set_ylabel("general bits per byte (lower is better)")
     ax.set_title("Mixture ablation: domain weight vs held-out bpb")
@@ -248,17 +243,15 @@ def ablation_chart(points: list[dict], path: Path) -> Path:
     return save(fig, path)
 
 
-def decide_chart(d: dict, path: Path) -> Path:
-    """`domainlm decide`: bits per byte per text for each arm (lower is better), the winner's margin as an error
-    bar of its paired-bootstrap interval."""
-    texts = list(d["texts"])
+def decide_chart(d: Decision, path: Path) -> Path:
+    """`domainlm decide`: bits per byte per text for each arm (lower is better)."""
+    texts = list(d.texts)
     arm_colours = {"scratch": OURS, "continued": "tab:orange", "base": BASELINES[0]}
-    series = [(arm, [a["bpb"].get(n) for n in texts], arm_colours.get(arm, "tab:green"))
-              for arm, a in d["arms"].items()]
+    series = [(arm, [a.bpb.get(n) for n in texts], arm_colours.get(arm, "tab:green")) for arm, a in d.arms.items()]
     fig, ax = plt.subplots(figsize=(6.5, 3.8))
     _grouped(ax, texts, series, fmt=lambda v: f"{v:.3f}")
     ax.set_ylabel("bits per byte (lower is better)")
-    ax.set_title(f"From scratch or continued? ({human(d['tokens'])} training tokens each)")
+    ax.set_title(f"From scratch or continued? ({human(d.tokens)} training tokens each)")
     ax.legend(fontsize=8, loc="lower right")
     ax.margins(y=0.15)
     return save(fig, path)

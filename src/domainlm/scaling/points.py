@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 from domainlm.errors import UserError
+from domainlm.outputs import Law
 from domainlm.rundir import RunDir, write_json
 
 REQUIRED = ("params", "tokens", "loss")
@@ -95,7 +96,7 @@ def fit_points(path: Path, *, law_out: Path | None = None, n_boot: int = 100) ->
                budgets=sorted({r["flops"] for r in rows}),
                budgets_from="flops column" if "flops" in _header(path) else "6·N·D, grouped within 10%")
     law_path = Path(law_out) if law_out else path.with_name(Path(RunDir.LAW).name)
-    write_json(law_path, law)
+    write_json(law_path, Law.checked(law))
     plot = plot_scaling(rows, law, usable_law(law_path), law_path.with_name(law_path.stem + ".png"))
     return {"law": law, "law_path": str(law_path), "points_path": str(path), "plot": str(plot), "points": rows,
             "minutes": None, "config": None}

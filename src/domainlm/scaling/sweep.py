@@ -23,10 +23,11 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from domainlm import faults, stages
+from domainlm import faults
 from domainlm.config import RunConfig, load_config
 from domainlm.data.tokens import load_counts
 from domainlm.errors import UserError
+from domainlm.outputs import Law, ScalingPoint, TrainSummary
 from domainlm.plan.laws import LAWS, get_law
 from domainlm.plan.shape import ModelShape, make_shape, shape_for_params
 from domainlm.rundir import RunDir, atomic_write, write_json
@@ -205,19 +206,19 @@ def run_sweep(config: Path | None, budgets: str, sizes: int, *, law_out: Path | 
         t0, wall0 = time.perf_counter(), time.time()
         train_variant(vcfg, run_dir, console)
         losses = final_eval(p["dir"], p["steps"])
-        done = stages.recorded(p["dir"], "train")
-        trained_now = done.get("finished", 0) >= wall0
+        done = RunDir(p["dir"]).load(RunDir.TRAIN, TrainSummary)
+        trained_now = done.finished >= wall0
         seconds = round(time.perf_counter() - t0, 1) if trained_now else old.get(str(p["dir"]), {}).get("seconds")
-        rows.append({
+        rows.append(ScalingPoint.checked({
             "budget": p["budget"], "params": n, "params_non_embedding": shape.params_non_embedding,
             "d_model": shape.d_model, "n_layers": shape.n_layers, "steps": p["steps"], "tokens": p["tokens"],
             # "flops" is the budget the point belongs to (the fit groups IsoFLOP curves by it); 6·N·D rounds
             # D to whole steps, so it differs from the budget by < half a step's worth.
             "flops": p["budget"], "flops_6nd": 6.0 * n * p["tokens"],
             "loss": mixture_loss(losses, weights), "val_loss": losses,
-            "law_optimum": p["law_optimum"], "seconds": seconds, "tokens_per_s": done.get("tokens_per_s"),
+            "law_optimum": p["law_optimum"], "seconds": seconds, "tokens_per_s": done.tokens_per_s,
             "dir": str(p["dir"]),
-        })
+        }))
         atomic_write(points_path, "".join(json.dumps(r) + "\n" for r in rows))  # a killed sweep keeps them
         faults.hit("scaling.point_done")
     minutes = (time.perf_counter() - t_start) / 60
@@ -226,7 +227,7 @@ def run_sweep(config: Path | None, budgets: str, sizes: int, *, law_out: Path | 
                budgets=sorted({r["budget"] for r in rows}), sizes=sizes, tokens_per_step=tokens_per_step(cfg),
                config=str(config) if config else None, tokenizer_sha256=load_counts(run_dir).get("tokenizer_sha256"))
     law_path = Path(law_out) if law_out else RunDir(run_dir) / RunDir.LAW
-    write_json(law_path, law)
+    write_json(law_path, Law.checked(law))
     from domainlm.scaling.plot import plot_scaling, usable_law
 
     plot = plot_scaling(rows, law, usable_law(law_path), out_dir / "scaling.png")

@@ -3,16 +3,18 @@ validation and the Hugging Face export, run by the loop shared with fine-tuning 
 
 Run with one process (``domainlm train CONFIG``) or many (``torchrun --nproc_per_node N -m domainlm train
 CONFIG``). Outputs under the run directory: ``checkpoints/``, ``logs/metrics.jsonl``,
-``logs/tensorboard/`` and the Hugging Face export ``model/``.
+``logs/tensorboard/``, the Hugging Face export ``model/`` and, last, the summary ``logs/train.json``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import re
 import shutil
 import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,9 +30,10 @@ from domainlm.config import RunConfig, load_config
 from domainlm.data.tokens import counts_path, load_counts, open_tokens
 from domainlm.errors import UserError
 from domainlm.model import MODEL_DIR, TOKENIZER_DIR, build_model, export_hf, load_base_model, resolve_shape
+from domainlm.outputs import TrainSummary
 from domainlm.plan.hardware import ACCELERATORS
 from domainlm.plan.shape import ModelShape, objective_flops_per_token, objective_params
-from domainlm.rundir import RunDir
+from domainlm.rundir import RunDir, write_json
 from domainlm.train import checkpoint as ckpt
 from domainlm.train.data import MixtureLoader, val_windows
 from domainlm.train.driver import Driver, Eval
@@ -244,11 +247,15 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
     fp = stages.fingerprint(cfg.model.model_dump(), t.model_dump(exclude={"init_from"}), z.shape.as_dict(),
                             z.total_steps, counts.get("tokenizer_sha256"), counts["sources"],
                             *([str(z.base.path), z.base.fingerprint] if z.base else []))  # another base retrains
+    done = None
     if not restart and stages.is_done(run_dir, STAGE, fp):
+        with contextlib.suppress(UserError):  # a summary that does not parse: resume, export and write it again
+            done = RunDir(run_dir).load(RunDir.TRAIN, TrainSummary)
+    if done is not None:
         if world.is_main:
             console.print(f"train: done already ({z.total_steps} steps, {run_dir / MODEL_DIR}); --restart to train "
                           "again", markup=False)
-        return stages.recorded(run_dir, STAGE)
+        return done.model_dump()
     if world.is_main:
         if restart:
             for p in (ckpt.checkpoints_dir(run_dir), RunDir(run_dir).metrics.parent, run_dir / MODEL_DIR):
@@ -297,13 +304,6 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
                           markup=False)
     driver.run()
     faults.hit("train.before_export")
-    summary = {"steps": driver.step, "final_loss": driver.last_loss if math.isfinite(driver.last_loss) else None,
-               "skipped_steps": driver.skipped,
-               # planned vs actual training time: only when this invocation ran every step
-               "train_seconds": round(driver.seconds, 1) if driver.first_step == 0 else None,
-               "planned_seconds": (z.plan.get("run") or {}).get("planned_seconds"),
-               "tokens_per_s": driver.tokens_per_s, "params": params_of(z),
-               "model_dir": str(run_dir / MODEL_DIR), "parallel": mode, "world_size": world.world_size}
     tok_dir = z.tokenizer if objective is None else Path(tempfile.mkdtemp(prefix="domainlm-tokenizer-"))
     if objective is not None and world.is_main:  # the run tokenizer with the objective's tokens (mask, sentinels)
         tok.save_pretrained(tok_dir)
@@ -313,8 +313,17 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
     finally:
         if objective is not None:
             shutil.rmtree(tok_dir, ignore_errors=True)
+    summary = TrainSummary(
+        steps=driver.step, final_loss=driver.last_loss if math.isfinite(driver.last_loss) else None,
+        skipped_steps=driver.skipped,
+        # planned vs actual training time: only when this invocation ran every step
+        train_seconds=round(driver.seconds, 1) if driver.first_step == 0 else None,
+        planned_seconds=(z.plan.get("run") or {}).get("planned_seconds"), tokens_per_s=driver.tokens_per_s,
+        params=params_of(z), model_dir=str(run_dir / MODEL_DIR), parallel=mode, world_size=world.world_size,
+        finished=time.time()).model_dump()
     if world.is_main:
-        stages.mark_done(run_dir, STAGE, fp, summary)
+        write_json(RunDir(run_dir) / RunDir.TRAIN, summary)
+        stages.mark_done(run_dir, STAGE, fp)
         console.print(f"wrote [bold]{escape(str(run_dir / MODEL_DIR))}[/] (Hugging Face format); final loss "
                       f"{driver.last_loss:.4f}")
     barrier()
