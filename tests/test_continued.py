@@ -228,6 +228,19 @@ def test_rerun_skips_and_another_base_retrains(prepared, tmp_path):
     assert losses(cfg) != losses(ref)
 
 
+def test_report_shows_the_base_tokenizers_tokens(prepared):
+    from domainlm.data.tokens import load_counts
+    from domainlm.report.html import Report, data_section
+    from domainlm.rundir import RunDir
+    from domainlm.units import human
+
+    counts = load_counts(RunDir(prepared["run"]).tokens_for(prepared["base"]))
+    s = data_section(Report(prepared["run"]))
+    html = "".join(s.body)
+    assert "<h3>Tokens</h3>" in html and not any("tokens/counts.json" in h for h in s.hints), s.hints
+    assert human(counts["sources"]["legal"]["train_tokens"]) in html  # the base tokenizer's count, not the run's
+
+
 def test_ablation_variants_continue_the_same_base(prepared):
     """`domainlm ablate` (and `domainlm run`'s general-only baseline) on a continued run: each variant continues the
     base on its tokenizer's token files with other replay weights; no model shape is written into its config."""

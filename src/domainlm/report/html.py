@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
 
+import yaml
+
 from domainlm import __version__, faults
 from domainlm.errors import UserError
 from domainlm.outputs import SCHEMAS, AnyEval, ObjectiveEvalOutput
@@ -75,13 +77,15 @@ class Report:
 
     def _read(self, rel: str):
         path = self.run_dir / rel
-        cmd = PRODUCERS[rel].format(run=self.run_dir)
+        # a token folder of another tokenizer (continued pretraining's base): written by the same command
+        cmd = (PRODUCERS.get(rel) or PRODUCERS[RunDir.COUNTS] if rel.endswith(RunDir.COUNTS_FILE) else
+               PRODUCERS[rel]).format(run=self.run_dir)
         if not path.exists():
             return None, f"no {rel} yet: run `{cmd}`"
         try:
             if rel == RunDir.METRICS:
                 return _jsonl(path.read_text(encoding="utf-8")), None
-            return load_output(path, SCHEMAS[rel]), None
+            return load_output(path, SCHEMAS[RunDir.COUNTS if rel.endswith(RunDir.COUNTS_FILE) else rel]), None
         except (OSError, UnicodeDecodeError, UserError) as e:
             return None, f"{e} (`{cmd}`)"
 
@@ -185,6 +189,24 @@ def plan_section(r: Report) -> Section:
     return s
 
 
+def _counts_rel(run_dir: Path) -> str:
+    """tokens/counts.json, or with ``train.init_from`` (continued pretraining) the counts of the base tokenizer's
+    token folder (`RunDir.tokens_for`), the files that run trained on."""
+    from domainlm.config import validate
+    from domainlm.errors import ConfigError
+
+    try:
+        data = yaml.safe_load((run_dir / RunDir.CONFIG).read_text(encoding="utf-8"))
+        if isinstance(data, dict) and (data.get("train") or {}).get("init_from"):
+            from domainlm.basemodel import base_of
+
+            folder = RunDir(run_dir).tokens_for(base_of(validate(data)).path)
+            return str(folder.relative_to(run_dir) / RunDir.COUNTS_FILE)
+    except (OSError, UserError, ConfigError, yaml.YAMLError, ValueError):
+        pass  # no config, or its base is gone: the run's own token files
+    return RunDir.COUNTS
+
+
 def data_section(r: Report) -> Section:
     s = Section("data", "Data: cleaning, deduplication, tokens, epochs")
     stats, why = r.read(RunDir.STATS)
@@ -198,7 +220,7 @@ def data_section(r: Report) -> Section:
                               "dropped"], rows))
         r.figure(s, plots.drops_chart, "drops.png", stats)
 
-    counts, why = r.read(RunDir.COUNTS)
+    counts, why = r.read(_counts_rel(r.run_dir))
     if counts is None:
         s.hints.append(why)
     else:
