@@ -437,6 +437,17 @@ def decide_section(r: Report) -> Section | None:
     s.body.append(_table(["arm", *(f"{n} bpb" for n in d.texts), "probes", "trained tokens", "FLOPs (this run)",
                           "FLOPs (total)"], rows))
     s.body.append("<p>" + "<br>".join(escape(t.verdict) for t in d.texts.values()) + "</p>")
+    for arm, a in d.arms.items():  # continued-vocab<N>: the extension's audit, the base tokenizer before and after
+        ext = a.extension or {}
+        if ext.get("added"):
+            bpt = ", ".join(f"{escape(k)} {v['before']:.2f} → {v['after']:.2f}"
+                            for k, v in (ext.get("bytes_per_token") or {}).items())
+            tm = ext.get("terms") or {}
+            terms = (f"; domain terms {tm['baseline_mean_tokens']:.2f} → {tm['mean_tokens']:.2f} tokens on average"
+                     if tm.get("baseline_mean_tokens") is not None else "")
+            s.body.append(f"<p class=note>{escape(arm)}: {ext['added']:,} domain tokens added to the base tokenizer "
+                          f"({ext['base_vocab']:,} → {ext['vocab']:,}); bytes per token on the val splits, before → "
+                          f"after: {bpt}{terms}.</p>")
     notes = [f"{escape(arm)}: skipped — {escape(why)}" for arm, why in d.skipped.items()]
     if d.base.flops is None:
         notes.append("the general model's own pretraining compute is unknown (pass --base-tokens): its arms' "
