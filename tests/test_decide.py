@@ -246,3 +246,11 @@ def test_a_copy_of_the_runs_tokenizer_shares_its_token_files(decided, tmp_path):
     shutil.copytree(run.tokenizer, tmp_path / "copy")
     assert run.tokens_for(tmp_path / "copy") == run.root / "tokens"
     assert run.tokens_for(decided["base"]).name.startswith("tokens-")
+
+
+def test_train_record_of_a_run_without_logs_train_json(decided, tmp_path):
+    """A run directory from before logs/train.json (or a rerun that found training done): the stage marker."""
+    run = Path(decided["result"]["run_dir"])
+    shutil.copytree(run / ".stages", tmp_path / ".stages")
+    params = decided["result"]["arms"]["scratch"]["params"]
+    assert decide.train_record(run)["params"] == decide.train_record(tmp_path)["params"] == params

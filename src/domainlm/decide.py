@@ -81,13 +81,20 @@ def budget_tokens(cfg: RunConfig, run_dir: Path) -> float:
     return float(budget)
 
 
+def train_record(folder: Path) -> dict:
+    """What a finished training run recorded: ``logs/train.json``, else its stage marker (a run directory from
+    before that file; a rerun that finds the training done does not write it)."""
+    rec = RunDir(folder).load(RunDir.TRAIN, TrainSummary)
+    return rec.model_dump() if rec is not None else stages.recorded(folder, "train")
+
+
 def trained_tokens(folder: Path, cfg: RunConfig) -> float | None:
     """Tokens a domainlm training run trained on: its summary's steps × tokens per step."""
-    rec = RunDir(folder).load(RunDir.TRAIN, TrainSummary)
-    if rec is None or not rec.steps:
+    rec = train_record(folder)
+    if not rec.get("steps"):
         return None
     t = cfg.train
-    return float(rec.steps * (t.tokens_per_step or t.micro_batch * t.seq_len * rec.world_size))
+    return float(rec["steps"] * (t.tokens_per_step or t.micro_batch * t.seq_len * (rec.get("world_size") or 1)))
 
 
 def base_pretraining(base_path: Path, base_params: int, base_tokens: float | None) -> dict:
@@ -99,9 +106,10 @@ def base_pretraining(base_path: Path, base_params: int, base_tokens: float | Non
         source, tokens = "--base-tokens", float(base_tokens)
     else:
         run = base_path.parent
-        if base_path.name == RunDir.MODEL and RunDir(run).config.is_file() and (RunDir(run) / RunDir.TRAIN).is_file():
+        if base_path.name == RunDir.MODEL and RunDir(run).config.is_file() and train_record(run):
             tokens = trained_tokens(run, load_run_config(run))
-            source = str(RunDir(run) / RunDir.TRAIN) if tokens else None
+            rec = RunDir.TRAIN if (RunDir(run) / RunDir.TRAIN).is_file() else f"{RunDir.STAGES}/train.json"
+            source = str(RunDir(run) / rec) if tokens else None
     return {"params": base_params, "tokens": tokens, "flops": training_flops(base_params, tokens),
             "tokens_from": source}
 
@@ -257,7 +265,7 @@ def run_decide(config: Path | None, *, base: Path | None = None, extend_vocab: i
         row: dict = {"label": label(arm)}
         if arm == SCRATCH:
             model_dir = _train_scratch(cfg, run_dir, console)
-            n_params = RunDir(run_dir).load(RunDir.TRAIN, TrainSummary).params
+            n_params = train_record(run_dir).get("params")
             row.update(trained_tokens=trained_tokens(run_dir, cfg), params=n_params, base_flops=None)
         elif arm == BASE:
             model_dir = b.path
