@@ -21,8 +21,10 @@ import os
 from pathlib import Path
 
 import numpy as np
+from pydantic import ValidationError
 
 from domainlm.errors import UserError
+from domainlm.outputs import Counts
 from domainlm.rundir import RunDir, publish, write_json
 
 COUNTS_VERSION = 1
@@ -91,13 +93,19 @@ def load_counts(tokens: Path) -> dict:
         data = json.loads(p.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UserError(f"{p}: corrupted counts file ({e.msg} at line {e.lineno}); {REDO}") from None
-    if data.get("version") != COUNTS_VERSION:
+    if not isinstance(data, dict) or data.get("version") != COUNTS_VERSION:
         raise UserError(f"{p}: token files from an incompatible version; {REDO}")
+    try:
+        Counts.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        where = ".".join(str(x) for x in first["loc"])
+        raise UserError(f"{p}: not a valid counts file ({where}: {first['msg']}); {REDO}") from None
     return data
 
 
 def write_counts(tokens: Path, data: dict) -> Path:
-    return write_json(counts_path(tokens), {"version": COUNTS_VERSION, **data})
+    return write_json(counts_path(tokens), Counts.checked({"version": COUNTS_VERSION, **data}))
 
 
 def file_problem(tokens: Path, source: str, split: str, counts: dict) -> str | None:
