@@ -75,7 +75,8 @@ def summary_of(run_dir: Path) -> dict | None:
         return None
     return {task: {"majority_accuracy": t.majority_accuracy, "majority_macro_f1": t.majority_macro_f1,
                    "majority_class": t.majority_class, "items": t.items,
-                   "metrics": {m: {"domain": t.domain.metrics[m].model_dump(), "general": t.general.metrics[m].model_dump(),
+                   "metrics": {m: {"domain": t.domain.metrics[m].model_dump(),
+                                   "general": t.general.metrics[m].model_dump(),
                                    "domain_minus_general": d.model_dump()} for m, d in t.domain_minus_general.items()}}
             for task, t in res.tasks.items()}
 
