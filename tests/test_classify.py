@@ -144,8 +144,9 @@ def test_compare_classifiers_majority_and_report(decoder, task_files, tmp_path, 
     shutil.copytree(decoder, run / "model")  # a run directory: the result also goes to <run>/eval/classify.json
     code, out, err = cli("finetune", str(run), "--head", "classification", "--compare", str(decoder),
                          "--data", str(task_files["train"]), "--test", str(task_files["test"]), "--steps", "2",
-                         "--batch-size", "4", "--lr", "1e-3")
+                         "--batch-size", "4", "--lr", "1e-3", "--max-len", "24")
     assert code == 0, err
+    assert json.loads((run / "finetune" / "classify" / "domain" / "finetune.json").read_text())["args"]["max_len"] == 24
     res = json.loads((run / "eval" / "classify.json").read_text())
     assert res["head"] == "classification" and list(res["tasks"]) == [C.TASK]
     r = res["tasks"][C.TASK]

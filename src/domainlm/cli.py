@@ -317,6 +317,7 @@ def finetune(
     seed: Annotated[int, typer.Option(help="example order seed")] = 0,
     lora: Annotated[bool, typer.Option("--lora", help="LoRA adapters (needs peft: domainlm[lora]), merged")] = False,
     too_long: Annotated[str, typer.Option(help="longer than the context: truncate (left) | reject")] = "truncate",
+    max_len: Annotated[int | None, typer.Option(min=8, help="tokens per example [the model's context]")] = None,
     compare: Annotated[Path | None, typer.Option(help="also fine-tune this general model; score both")] = None,
     test: Annotated[Path | None, typer.Option(help="--compare: test JSONL [the built LicenseDB test split]")] = None,
     task: Annotated[list[str] | None, typer.Option("--task", help="--compare: tasks [both licensedb ones]")] = None,
@@ -329,7 +330,7 @@ def finetune(
     from domainlm.finetune.loop import FinetuneArgs
 
     args = FinetuneArgs(steps=steps, batch_size=batch_size, micro_batch=min(micro_batch, batch_size), lr=lr,
-                        seed=seed, lora=lora, too_long=too_long)
+                        seed=seed, lora=lora, too_long=too_long, max_len=max_len)
     if out is not None:
         _writable_folder(Path(out), "--out")
     if not (Path(model_or_run) / "config.json").is_file() and (Path(model_or_run) / "model").is_dir():
