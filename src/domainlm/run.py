@@ -31,7 +31,7 @@ def quick_config(cfg: RunConfig) -> RunConfig:
     data["run_dir"] = str(cfg.directory().with_name(cfg.directory().name + "-quick"))
     for s in data["sources"]:
         s["max_files"] = min(s.get("max_files") or quick["max_files"], quick["max_files"])
-    for section in ("budget", "tokenizer", "model", "train", "eval"):
+    for section in ("budget", "tokenizer", "model", "train", "eval", "downstream"):
         data[section].update(quick[section])
     return RunConfig.model_validate(data)
 
