@@ -236,7 +236,7 @@ def finetune_classifier(model_or_run: Path, data: Path, *, val: Path | None = No
 
     from transformers import AutoConfig, AutoTokenizer
 
-    from domainlm.finetune.data import pad_id_of
+    from domainlm.chat import pad_id_of
 
     context = int(getattr(AutoConfig.from_pretrained(model_dir, local_files_only=True), "max_position_embeddings",
                           0) or 512)
@@ -328,7 +328,7 @@ def score_items(model_dir: Path, items: list[dict], task: str = TASK) -> dict:
     with bootstrap CIs, chance and majority-class accuracy, predictions)."""
     from transformers import AutoTokenizer
 
-    from domainlm.finetune.data import pad_id_of
+    from domainlm.chat import pad_id_of
 
     model_dir = Path(model_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

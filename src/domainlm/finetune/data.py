@@ -22,8 +22,7 @@ from pathlib import Path
 
 import torch
 
-# finetune/loop.py and finetune/classify.py import ensure_chat_template and pad_id_of from here
-from domainlm.chat import ensure_chat_template, pad_id_of, segments  # noqa: F401
+from domainlm.chat import segments
 from domainlm.errors import UserError
 from domainlm.train.step import IGNORE
 

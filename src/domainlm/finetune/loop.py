@@ -27,8 +27,9 @@ from rich.console import Console
 from rich.markup import escape
 
 from domainlm import stages
+from domainlm.chat import ensure_chat_template, pad_id_of
 from domainlm.errors import UserError
-from domainlm.finetune.data import collate, encode_all, ensure_chat_template, pad_id_of, read_jsonl
+from domainlm.finetune.data import collate, encode_all, read_jsonl
 from domainlm.rundir import RunDir, swap_dir, write_json
 from domainlm.train import checkpoint as ckpt
 from domainlm.train.driver import Driver, Eval
@@ -212,7 +213,8 @@ def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Pa
                "tokens_per_s": driver.tokens_per_s, "args": asdict(args), "fingerprint": fp,
                "chat_template": "added" if added else "model's"}
     write_json(summary_path, summary, indent=1)
-    console.print(f"wrote [bold]{escape(str(out / RunDir.MODEL))}[/] (Hugging Face format, chat template in its tokenizer); "
+    console.print(f"wrote [bold]{escape(str(out / RunDir.MODEL))}[/] (Hugging Face format, chat template in its "
+                  "tokenizer); "
                   f"final loss {last_loss:.4f}" + (f", val loss {last_val:.4f}" if last_val is not None else ""))
     return summary
 
