@@ -199,7 +199,8 @@ def build_extended(cfg, run_dir: Path, base_path: Path, n: int, out: Path, *, ke
     fp = stages.fingerprint("extend-v1", n, resolve_base(base_path, key).fingerprint, stages.file_fingerprint(run_tok),
                             cfg.tokenizer.sample_bytes, cfg.tokenizer.seed, cfg.tokenizer.audit_bytes,
                             cfg.tokenizer.domain_terms)
-    if (out / "config.json").is_file() and (out / "audit.json").is_file() and stages.is_done(run_dir, stage, fp):
+    audit_file = out / Path(RunDir.AUDIT).name  # the extended tokenizer's audit, beside it as the run's is
+    if (out / "config.json").is_file() and audit_file.is_file() and stages.is_done(run_dir, stage, fp):
         return stages.recorded(run_dir, stage)["extension"]
     if console is not None:
         console.print(f"extending {base_path}'s tokenizer with up to {n} domain tokens ...", highlight=False)
@@ -209,7 +210,7 @@ def build_extended(cfg, run_dir: Path, base_path: Path, n: int, out: Path, *, ke
     before = AutoTokenizer.from_pretrained(base_path, local_files_only=True)
     after = AutoTokenizer.from_pretrained(out, local_files_only=True)
     info["audit"] = audit(_backend(after), _backend(before), cfg, run_dir)  # "baseline" = the base, before
-    write_json(out / "audit.json", info["audit"])
+    write_json(audit_file, info["audit"])
     stages.mark_done(run_dir, stage, fp, {"extension": info})
     return info
 
