@@ -25,7 +25,6 @@ intervals), so `finetune/compare.py` compares two classifiers exactly as it comp
 from __future__ import annotations
 
 import json
-import shutil
 from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -38,9 +37,16 @@ from rich.markup import escape
 from domainlm import stages
 from domainlm.errors import UserError
 from domainlm.evaluate import tasks as downstream
-from domainlm.finetune.loop import FinetuneArgs, _save_hf, default_out, example_order, resolve_model
+from domainlm.finetune.loop import (
+    FinetuneArgs,
+    _save_hf,
+    default_out,
+    example_order,
+    finished_or_start,
+    inputs_fingerprint,
+    resolve_model,
+)
 from domainlm.rundir import RunDir, write_json
-from domainlm.train import checkpoint as ckpt
 from domainlm.train.driver import Driver, Eval
 from domainlm.train.parallel import Dist
 from domainlm.train.schedule import lr_at
@@ -246,20 +252,11 @@ def finetune_classifier(model_or_run: Path, data: Path, *, val: Path | None = No
     enc, cut = encode(tok, train_rows, labels, max_len, args.too_long)
     venc = encode(tok, val_rows, labels, max_len, "truncate", unknown="keep")[0] if val_rows else None
 
-    fp = stages.fingerprint("classification", labels, asdict(args),
-                            {f.name: stages.file_fingerprint(f) for f in sorted(model_dir.iterdir()) if f.is_file()},
-                            stages.file_fingerprint(Path(data)), stages.file_fingerprint(Path(val)) if val else None)
+    fp = stages.fingerprint("classification", labels, asdict(args), *inputs_fingerprint(model_dir, data, val))
     summary_path = out / RunDir.FINETUNE
-    if restart:
-        shutil.rmtree(out, ignore_errors=True)
-    elif summary_path.is_file() and (out / RunDir.MODEL / "config.json").is_file():
-        done = json.loads(summary_path.read_text(encoding="utf-8"))
-        if done.get("fingerprint") == fp:
-            console.print(f"finetune: done already ({out / RunDir.MODEL}); --restart to fine-tune again",
-                          markup=False)
-            return done
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt.remove_partial(out)
+    done = finished_or_start(out, fp, restart, console)
+    if done is not None:
+        return done
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = "bf16-mixed" if device.type == "cuda" else "fp32"

@@ -116,6 +116,29 @@ def _save_hf(model, tok, out: Path) -> None:
     swap_dir(tmp, out)
 
 
+def inputs_fingerprint(model_dir: Path, data: Path, val: Path | None) -> tuple:
+    """What a fine-tuning's result depends on besides its arguments: the model's files and the data files."""
+    return ({f.name: stages.file_fingerprint(f) for f in sorted(model_dir.iterdir()) if f.is_file()},
+            stages.file_fingerprint(Path(data)), stages.file_fingerprint(Path(val)) if val else None)
+
+
+def finished_or_start(out: Path, fp: str, restart: bool, console: Console) -> dict | None:
+    """The summary of a finished fine-tuning into ``out`` with fingerprint ``fp`` (nothing to do), else None with
+    ``out`` ready to train into (emptied on ``restart``; a half-written checkpoint removed, finished ones kept)."""
+    summary_path = out / RunDir.FINETUNE
+    if restart:
+        shutil.rmtree(out, ignore_errors=True)
+    elif summary_path.is_file() and (out / RunDir.MODEL / "config.json").is_file():
+        done = json.loads(summary_path.read_text(encoding="utf-8"))
+        if done.get("fingerprint") == fp:
+            console.print(f"finetune: done already ({out / RunDir.MODEL}); --restart to fine-tune again",
+                          markup=False)
+            return done
+    out.mkdir(parents=True, exist_ok=True)
+    ckpt.remove_partial(out)
+    return None
+
+
 def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Path | None = None,
              args: FinetuneArgs | None = None, restart: bool = False, console: Console | None = None) -> dict:
     args = args or FinetuneArgs()
@@ -142,20 +165,11 @@ def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Pa
     venc = encode_all(tok, val_convs, max_tokens, args.too_long) if val_convs else None
     pad_id = pad_id_of(tok)
 
-    fp = stages.fingerprint(asdict(args), {f.name: stages.file_fingerprint(f) for f in sorted(model_dir.iterdir())
-                                           if f.is_file()},
-                            stages.file_fingerprint(Path(data)), stages.file_fingerprint(Path(val)) if val else None)
+    fp = stages.fingerprint(asdict(args), *inputs_fingerprint(model_dir, data, val))
     summary_path = out / RunDir.FINETUNE
-    if restart:
-        shutil.rmtree(out, ignore_errors=True)
-    elif summary_path.is_file() and (out / RunDir.MODEL / "config.json").is_file():
-        done = json.loads(summary_path.read_text(encoding="utf-8"))
-        if done.get("fingerprint") == fp:
-            console.print(f"finetune: done already ({out / RunDir.MODEL}); --restart to fine-tune again",
-                          markup=False)
-            return done
-    out.mkdir(parents=True, exist_ok=True)
-    ckpt.remove_partial(out)
+    done = finished_or_start(out, fp, restart, console)
+    if done is not None:
+        return done
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     precision = "bf16-mixed" if device.type == "cuda" else "fp32"
