@@ -100,12 +100,8 @@ def run_eval(
         if probe_items and console is not None:
             console.print(f"[dim]probes skipped: they compare a causal model's log-likelihoods, not a {kind} "
                           "model's[/]", highlight=False)
-        dest = out if out is not None else (RunDir(target.run_dir).eval if target.is_run else None)
-        if dest is not None and world.is_main:
-            write_json(Path(dest), ObjectiveEvalOutput.checked(result))
-            if target.is_run:
-                mark_done(target.run_dir, "eval", eval_fingerprint(target.model_dir, ecfg, probe_path, texts))
-        return result, dest
+        return result, _write(result, ObjectiveEvalOutput, out, target, world,
+                              lambda: eval_fingerprint(target.model_dir, ecfg, probe_path, texts))
     model, tok = inputs.load_model(target.model_dir, str(world.device))
     ctx = context or ecfg.context or min(bpb.model_context(model), bpb.DEFAULT_MAX_CONTEXT)
     ctx = min(ctx, bpb.model_context(model))  # positions past the trained context are meaningless
@@ -138,12 +134,19 @@ def run_eval(
         result["probes"] = summarise(scored, probe_path)
     result["seconds"] = round(time.perf_counter() - t0, 2)
 
+    return result, _write(result, EvalOutput, out, target, world,
+                          lambda: eval_fingerprint(target.model_dir, ecfg, probe_path, texts))
+
+
+def _write(result: dict, schema, out: Path | None, target, world, fingerprint) -> Path | None:
+    """Write ``result`` (checked against ``schema``) to ``out``, else to the run's eval.json with the eval stage's
+    marker; rank 0 writes. Returns where it went (None: a bare model folder and no ``out``)."""
     dest = out if out is not None else (RunDir(target.run_dir).eval if target.is_run else None)
     if dest is not None and world.is_main:
-        write_json(Path(dest), EvalOutput.checked(result))
+        write_json(Path(dest), schema.checked(result))
         if target.is_run:
-            mark_done(target.run_dir, "eval", eval_fingerprint(target.model_dir, ecfg, probe_path, texts))
-    return result, dest
+            mark_done(target.run_dir, "eval", fingerprint())
+    return dest
 
 
 def run_eval_cached(model_or_run: Path, *, stage: str = "eval", run: Path | None = None, out: Path | None = None,
