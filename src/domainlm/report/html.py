@@ -75,6 +75,17 @@ class Report:
             self.cache[rel] = self._read(rel)
         return self.cache[rel]
 
+    def optional(self, rel: str, sid: str, title: str) -> tuple | None:
+        """A section shown only once the command writing ``rel`` has run: None while ``rel`` is absent, else
+        (its model, the section); (None, the section with the hint) when the file is there but unreadable."""
+        data, why = self.read(rel)
+        if data is None and why.startswith("no "):
+            return None
+        s = Section(sid, title)
+        if data is None:
+            s.hints.append(why)
+        return data, s
+
     def _read(self, rel: str):
         path = self.run_dir / rel
         # a token folder of another tokenizer (continued pretraining's base): written by the same command
@@ -401,12 +412,11 @@ def probes_section(r: Report) -> Section:
 
 def ablation_section(r: Report) -> Section | None:
     """Only when `domainlm ablate` has run: the section is left out of the page otherwise."""
-    ab, why = r.read(RunDir.ABLATE)
-    if ab is None and why.startswith("no "):
+    opened = r.optional(RunDir.ABLATE, "ablation", "Mixture ablation: domain weight vs bits per byte")
+    if opened is None:
         return None
-    s = Section("ablation", "Mixture ablation: domain weight vs bits per byte")
+    ab, s = opened
     if ab is None:
-        s.hints.append(why)
         return s
     sources = list(dict.fromkeys(k for x in ab.results for k in x.bpb))
     rows = [[_num(x.domain_weight, "{:.0%}"), *(_num(x.bpb.get(k), "{:.4f}") for k in sources),
@@ -420,12 +430,11 @@ def ablation_section(r: Report) -> Section | None:
 def decide_section(r: Report) -> Section | None:
     """Only when `domainlm decide` has run (decide.py): each arm's bpb per text at equal training tokens, probes,
     compute, and the verdict with its paired-bootstrap intervals."""
-    d, why = r.read(RunDir.DECIDE)
-    if d is None and why.startswith("no "):
+    opened = r.optional(RunDir.DECIDE, "decide", "From scratch or continued?")
+    if opened is None:
         return None
-    s = Section("decide", "From scratch or continued?")
+    d, s = opened
     if d is None:
-        s.hints.append(why)
         return s
     rows = [[f"<b>{escape(arm)}</b><br><span class=note>{escape(a.label)}</span>",
              *(_num(a.bpb.get(n), "{:.4f}") for n in d.texts), _num(a.probes and a.probes.get("acc"), "{:.1%}"),
@@ -473,12 +482,11 @@ def classify_section(r: Report) -> Section | None:
 
 
 def _comparison_section(r: Report, rel: str, sid: str, title: str) -> Section | None:
-    ft, why = r.read(rel)
-    if ft is None and why.startswith("no "):
+    opened = r.optional(rel, sid, title)
+    if opened is None:
         return None
-    s = Section(sid, title)
+    ft, s = opened
     if ft is None:
-        s.hints.append(why)
         return s
 
     def ci(m, fmt: str = "{:.1%}") -> str:
