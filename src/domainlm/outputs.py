@@ -268,9 +268,8 @@ class ProbeScores(Part):
     results: list[ProbeItem]
 
 
-class EvalOutput(Output):
-    """``eval/eval.json`` — `domainlm eval` (evaluate/command.py); also a variant's ``eval.json``
-    (``ablate/w<W>/``; ``ablate/w0/`` is `domainlm run`'s general-only baseline)."""
+class EvalHeader(Output):
+    """What every ``eval.json`` starts with, whatever the objective: who scored which model, where."""
 
     version: int
     domainlm: str
@@ -278,6 +277,12 @@ class EvalOutput(Output):
     run_dir: str | None
     device: str
     processes: int
+
+
+class EvalOutput(EvalHeader):
+    """``eval/eval.json`` — `domainlm eval` (evaluate/command.py); also a variant's ``eval.json``
+    (``ablate/w<W>/``; ``ablate/w0/`` is `domainlm run`'s general-only baseline)."""
+
     context: int
     stride: int
     max_bytes_per_source: int
@@ -300,16 +305,10 @@ class ObjectiveSourceScore(Part):
     bytes: int
 
 
-class ObjectiveEvalOutput(Output):
+class ObjectiveEvalOutput(EvalHeader):
     """``eval/eval.json`` of a masked-LM encoder or span-corruption encoder-decoder (``objective`` says which):
     no bits per byte, which only a causal model defines; the masks are fixed by ``masking`` (its seed)."""
 
-    version: int
-    domainlm: str
-    model: str
-    run_dir: str | None
-    device: str
-    processes: int
     max_bytes_per_source: int
     objective: str  # masked | span
     context: int
