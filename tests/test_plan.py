@@ -152,6 +152,9 @@ def test_bloomberggpt_budget_gives_a_model_of_its_size():
     bbg = next(a for a in p["alternatives"] if a["name"] == "bloomberggpt")
     assert 40e9 < bbg["params"] < 70e9
     assert bbg["outside_range"] is False and "warning" not in bbg  # the paper's own choice is inside its range
+    # U_N for the 708B unique tokens, with epoch-2024's L(N, D) standing in for chinchilla-1 (docs/planning.md).
+    assert bbg["data_constrained"]["loss_law"] == "epoch-2024"
+    assert bbg["data_constrained"]["unique_params"] == pytest.approx(37.3e9, rel=0.005)
     assert bbg["tokens"] == pytest.approx(708e9, rel=0.01)
     assert p["memory"]["recommended_sharding"] == "zero3"
 

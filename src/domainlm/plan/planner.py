@@ -581,8 +581,8 @@ def _data_constrained_optimum(law, req, flops, n_opt, weights, limits) -> dict:
 def _check_bloomberggpt(alt: dict) -> str | None:
     """BloombergGPT's heuristic (the largest model that sees every token once) is only meaningful while the
     model is not far beyond what the unique data can use: Muennighoff's excess parameters are each worth
-    exp(−R_N/R*_N) of a useful one, under 37% once N > U_N·(1 + R*_N). The paper's own choice (50.6B params, U_N
-    ≈ 35B for 708B unique tokens) sits well inside."""
+    exp(−R_N/R*_N) of a useful one, under 37% once N > U_N·(1 + R*_N). The paper's own choice (50.6B params; U_N
+    = 37.3B for its 708B unique tokens with epoch-2024's L(N, D), 9.85B with chinchilla-3's) sits inside."""
     dc = alt.get("data_constrained")
     if dc is None:
         return None
