@@ -425,3 +425,22 @@ def test_debug_shows_traceback(cli):
 def test_tiny_budget_with_big_vocab_warns():
     p = make_plan(PlanRequest(flops=1e15, vocab_size=131072))
     assert any("vocab" in w for w in p["warnings"])
+
+
+def test_plan_chart_labels_do_not_overlap():
+    """The known models' labels (Chinchilla / LLaMA / Llama-2 / BloombergGPT, OPT / GPT-3 / BLOOM are neighbours)
+    each get a spot where no other label covers them."""
+    import matplotlib.pyplot as plt
+
+    from domainlm.plan import chart
+
+    fig = chart.plan_figure(make_plan(PlanRequest(flops=5.76e23)))
+    names = [name for name, _, _ in chart.KNOWN_MODELS]
+    texts = [t for t in fig.axes[0].texts if t.get_text() in names]
+    assert sorted(t.get_text() for t in texts) == sorted(names)
+    renderer = fig.canvas.get_renderer()
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    for i, a in enumerate(boxes):
+        for j, b in enumerate(boxes[:i]):
+            assert not a.overlaps(b), (texts[i].get_text(), texts[j].get_text())
+    plt.close(fig)
