@@ -18,7 +18,8 @@ import yaml
 
 from domainlm.config import load_config
 from domainlm.data import pipeline, tokens
-from domainlm.data.command import run_prepare, run_tokenize
+from domainlm.data.command import run_prepare
+from domainlm.tokenize import run_tokenize
 from domainlm.data.tokenize import tokenize
 from domainlm.errors import ConfigError, UserError
 from domainlm.rundir import RunDir
