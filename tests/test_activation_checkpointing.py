@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from domainlm.model import build_model
 from domainlm import memory as M
+from domainlm.model import build_model
 from domainlm.shape import ModelShape
 from domainlm.train.memory_probe import measure_cpu
 from domainlm.train.parallel import checkpoint_layers

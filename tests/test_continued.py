@@ -62,9 +62,9 @@ def prepared(tmp_path_factory):
     from domainlm.config import load_config
     from domainlm.data import pipeline
     from domainlm.data.command import run_prepare
-    from domainlm.tokenize import run_tokenize
     from domainlm.data.tokenize import tokenize
     from domainlm.rundir import RunDir
+    from domainlm.tokenize import run_tokenize
 
     tmp = tmp_path_factory.mktemp("continued")
     run = tmp / "run"

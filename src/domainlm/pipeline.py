@@ -30,7 +30,6 @@ from rich.console import Console
 from domainlm import __version__, stages
 from domainlm.config import RunConfig, dump_config
 from domainlm.data.command import run_prepare
-from domainlm.tokenize import run_tokenize
 from domainlm.data.tokens import counts_path
 from domainlm.evaluate.command import evaluate_variant, print_eval, run_eval_cached
 from domainlm.finetune.downstream import run_downstream
@@ -52,6 +51,7 @@ from domainlm.plan.command import run_plan
 from domainlm.plan.report import print_plan
 from domainlm.report import html
 from domainlm.rundir import RunDir, load_output
+from domainlm.tokenize import run_tokenize
 from domainlm.tokenizer import run_tokenizer
 from domainlm.train.loop import train
 from domainlm.train.parallel import distributed

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from domainlm.config import demo_recipe_path, load_config
 from domainlm.errors import UserError
-from domainlm.rundir import atomic_write
+from domainlm.rundir import RunDir, atomic_write
 
 # Slurm's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (sbatch(1)), or UNLIMITED
 TIME_RE = re.compile(r"^(\d+(:\d{1,2}){0,2}|\d+-\d+(:\d{1,2}){0,2}|unlimited|infinite)$", re.IGNORECASE)

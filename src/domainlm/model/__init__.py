@@ -29,8 +29,8 @@ from transformers.utils import logging as hf_logging
 from domainlm.config import RunConfig
 from domainlm.errors import UserError
 from domainlm.model.base import tokenizer_files
-from domainlm.shape import ModelShape, ffn_for, make_shape
 from domainlm.rundir import RunDir, swap_dir
+from domainlm.shape import ModelShape, ffn_for, make_shape
 
 TOKENIZER_DIR = RunDir.TOKENIZER
 MODEL_DIR = RunDir.MODEL

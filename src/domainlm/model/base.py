@@ -21,8 +21,8 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from domainlm.errors import UserError
-from domainlm.shape import ModelShape
 from domainlm.rundir import RunDir
+from domainlm.shape import ModelShape
 from domainlm.stages import file_fingerprint, fingerprint
 
 KEY = "train.init_from"

@@ -6,12 +6,12 @@ from pathlib import Path
 
 from domainlm.config import RunConfig, load_config, write_resolved
 from domainlm.errors import UserError
+from domainlm.hardware import GPU_KINDS, get_accelerator
+from domainlm.memory import estimate, recommend
 from domainlm.model.base import resolve_base
 from domainlm.outputs import Counts, Plan
 from domainlm.plan.chart import plot_plan
-from domainlm.hardware import GPU_KINDS, get_accelerator
 from domainlm.plan.laws import load_fitted
-from domainlm.memory import estimate, recommend
 from domainlm.plan.planner import PlanRequest, machine_id, make_plan
 from domainlm.rundir import RunDir, write_json
 from domainlm.units import parse_assignments, parse_number

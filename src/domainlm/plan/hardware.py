@@ -12,6 +12,7 @@ from domainlm.model import build_model
 from domainlm.shape import make_shape
 from domainlm.train.step import make_optimizer, train_step
 
+
 def measure_cpu_flops(seconds: float = 3.0, seq_len: int = 256, batch: int = 8) -> dict:
     """Sustained fp32 training FLOP/s of this machine, measured on a small Llama-shaped model.
 

@@ -12,8 +12,12 @@ import torch
 from scipy.optimize import minimize_scalar
 
 from domainlm.errors import UserError
+from domainlm.hardware import DEFAULT_MFU, get_accelerator
+from domainlm.memory import MemoryEstimate, estimate, recommend
 from domainlm.model import load_base_model
 from domainlm.model.base import resolve_base
+from domainlm.plan import hardware, laws
+from domainlm.plan.hardware import measure_cpu_flops
 from domainlm.shape import (
     MAX_D_MODEL,
     MAX_LAYERS,
@@ -25,10 +29,6 @@ from domainlm.shape import (
     objective_params,
     shape_for_params,
 )
-from domainlm.plan import hardware, laws
-from domainlm.hardware import DEFAULT_MFU, get_accelerator
-from domainlm.plan.hardware import measure_cpu_flops
-from domainlm.memory import MemoryEstimate, estimate, recommend
 from domainlm.units import human
 
 TOKENS_PER_PARAM_RULE = 20.0  # Chinchilla's rule of thumb: ~20 training tokens per parameter

@@ -27,12 +27,12 @@ from domainlm import faults
 from domainlm.config import RunConfig, load_config
 from domainlm.data.tokens import load_counts
 from domainlm.errors import UserError
-from domainlm.shape import ModelShape, make_shape, shape_for_params
 from domainlm.outputs import Law, ScalingPoint, TrainSummary
 from domainlm.plan.laws import LAWS, get_law
 from domainlm.rundir import RunDir, atomic_write, write_json
 from domainlm.scaling.fit import fit_law
 from domainlm.scaling.plot import plot_scaling, usable_law
+from domainlm.shape import ModelShape, make_shape, shape_for_params
 from domainlm.train.driver import metric_rows
 from domainlm.train.variants import fixed_config, train_variant
 

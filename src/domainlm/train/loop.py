@@ -30,12 +30,12 @@ from domainlm import faults, stages
 from domainlm.config import RunConfig, load_config
 from domainlm.data.tokens import counts_path, load_counts, open_tokens
 from domainlm.errors import UserError
+from domainlm.hardware import ACCELERATORS
 from domainlm.model import MODEL_DIR, TOKENIZER_DIR, build_model, export_hf, load_base_model, resolve_shape
 from domainlm.model.base import BaseModel, base_of
-from domainlm.shape import ModelShape, objective_flops_per_token, objective_params
 from domainlm.outputs import TrainSummary
-from domainlm.hardware import ACCELERATORS
 from domainlm.rundir import RunDir, write_json
+from domainlm.shape import ModelShape, objective_flops_per_token, objective_params
 from domainlm.train import checkpoint as ckpt
 from domainlm.train.data import MixtureLoader, val_windows
 from domainlm.train.driver import Driver, Eval

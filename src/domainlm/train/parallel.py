@@ -29,8 +29,8 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from domainlm.shape import ModelShape
 from domainlm.memory import estimate
+from domainlm.shape import ModelShape
 
 
 @dataclass(frozen=True)
