@@ -12,15 +12,11 @@ import yaml
 from crashkit import KILLED, domainlm
 from domainlm.errors import UserError
 from domainlm.model import build_model
-from domainlm.plan.shape import ModelShape, objective_flops_per_token, objective_params
-from domainlm.train.objectives import (
-    IGNORE,
-    Masking,
-    SpanCorruption,
-    make_objective,
-    span_counts,
-    span_lengths,
-)
+from domainlm.objectives import OBJECTIVES
+from domainlm.objectives.base import IGNORE
+from domainlm.objectives.masked import Masking, word_starts
+from domainlm.objectives.span import SpanCorruption, span_counts, span_lengths
+from domainlm.plan.shape import ModelShape
 from test_train_fixtures import (  # noqa: F401 (one_thread: autouse fixture)
     clone_run,
     losses,
@@ -123,9 +119,9 @@ def test_trains_and_logs_masked_metrics(straight):
 @pytest.mark.parametrize("objective", ["masked", "span"])
 def test_params_match_transformers(objective):
     shape = ModelShape(n_layers=2, d_model=32, n_heads=4, n_kv_heads=4, ffn_dim=96, vocab_size=301)
-    model = build_model(shape, 32, objective=objective, bos_id=0, eos_id=1, pad_id=2)
+    model = build_model(shape, 32, objective=OBJECTIVES[objective], bos_id=0, eos_id=1, pad_id=2)
     unique = {id(p): p.numel() for p in model.parameters()}
-    assert objective_params(shape, objective) == sum(unique.values())
+    assert OBJECTIVES[objective].params(shape) == sum(unique.values())
 
 
 def test_sigkill_then_resume_is_bitwise_identical(straight, tmp_path):
@@ -199,26 +195,26 @@ def test_flops_per_token_hand_computed():
     shape = ModelShape(n_layers=2, d_model=64, n_heads=2, n_kv_heads=2, ffn_dim=192, vocab_size=1000)
     # masked: 6·(L·(4d² + 3·d·ffn) + d² + V·d) + 12·L·d·T = 6·(2·(16384 + 36864) + 4096 + 64000) + 12·2·64·128
     # — every position of the window, not only the 15% that are masked
-    assert objective_flops_per_token(shape, 128, "masked") == 6 * 174_592 + 196_608 == 1_244_160
+    assert OBJECTIVES["masked"].flops_per_token(shape, 128) == 6 * 174_592 + 196_608 == 1_244_160
     # span, T = 128: 19 noise tokens in 6 spans → T_e = 116 encoder, T_d = 26 decoder tokens
     # encoder token: 6·(2·53248 + 2·2·4096) + 12·2·64·116 = 737280 + 178176 = 915456
     # decoder token: 6·(2·(6·4096 + 36864) + 64000) + 12·2·64·(26 + 116) = 1121280 + 218112 = 1339392
-    assert objective_flops_per_token(shape, 128, "span") == (116 * 915_456 + 26 * 1_339_392) / 128 == 1_101_696
-    assert objective_flops_per_token(shape, 128, "causal") == shape.flops_per_token(128)
+    assert OBJECTIVES["span"].flops_per_token(shape, 128) == (116 * 915_456 + 26 * 1_339_392) / 128 == 1_101_696
+    assert OBJECTIVES["causal"].flops_per_token(shape, 128) == shape.flops_per_token(128)
 
 
 def test_plan_says_laws_are_causal():
     from domainlm.plan.planner import PlanRequest, make_plan
 
     causal = make_plan(PlanRequest(flops=1e15, vocab_size=1000, seq_len=128))
-    masked = make_plan(PlanRequest(flops=1e15, vocab_size=1000, seq_len=128, objective="masked"))
+    masked = make_plan(PlanRequest(flops=1e15, vocab_size=1000, seq_len=128, objective=OBJECTIVES["masked"]))
     assert not any("fitted on causal" in n for n in causal["notes"])
     assert any("fitted on causal decoder LMs" in n for n in masked["notes"])
     assert any("not per masked token" in n for n in masked["notes"])
     shape = ModelShape(**{k: masked["model"][k] for k in ("n_layers", "d_model", "n_heads", "n_kv_heads", "ffn_dim",
                                                           "vocab_size", "tie_embeddings")})
-    assert masked["flops_per_token"] == objective_flops_per_token(shape, 128, "masked")
-    assert masked["run"]["params"] == objective_params(shape, "masked") != shape.params_total
+    assert masked["flops_per_token"] == OBJECTIVES["masked"].flops_per_token(shape, 128)
+    assert masked["run"]["params"] == OBJECTIVES["masked"].params(shape) != shape.params_total
 
 
 @pytest.mark.parametrize(("model", "train", "message"), [
@@ -240,12 +236,12 @@ def test_objective_needs_its_tokens(tmp_path):
 
     tok = AutoTokenizer.from_pretrained(make_tokenizer(tmp_path))
     with pytest.raises(UserError, match="no mask token"):
-        make_objective("masked", tok)
+        OBJECTIVES["masked"].batches(tok)
     with pytest.raises(UserError, match="sentinel"):
-        make_objective("span", tok)
-    assert make_objective("causal", tok) is None
-    from domainlm.train.objectives import word_starts
-
+        OBJECTIVES["span"].batches(tok)
+    windows = torch.arange(10).view(2, 5)
+    inputs, labels = OBJECTIVES["causal"].batches(tok).train(windows, 0, 0)
+    assert inputs is windows and labels is None  # causal adds nothing: each window is its own target
     starts = word_starts(tok)  # a byte-level token carrying the space before it starts a word
     ids = tok("The licensee shall").input_ids[1:]  # (a text's first token starts a word wherever it is)
     assert [bool(starts[i]) for i in ids] == [tok.decode([t]).startswith(" ") for t in ids]
