@@ -35,7 +35,6 @@ class Loss:
 
     forward: Callable
     shift: int = 1
-    name: str = "causal"
 
     def __call__(self, model: torch.nn.Module, batch: torch.Tensor, reduction: str = "mean",
                  labels: torch.Tensor | None = None) -> torch.Tensor:

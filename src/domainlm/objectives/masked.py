@@ -80,7 +80,7 @@ def _masked_forward(model, batch: torch.Tensor, labels: torch.Tensor | None):
     return model(input_ids=batch).logits, labels  # every position is read; labels ≠ -100 are scored
 
 
-MASKED_LM = Loss(_masked_forward, shift=0, name="masked")
+MASKED_LM = Loss(_masked_forward, shift=0)
 
 
 def encoder_config(shape: ModelShape, max_positions: int, *, bos_id: int | None = None, eos_id: int | None = None,

@@ -81,7 +81,7 @@ def _span_forward(model, batch: torch.Tensor, labels: torch.Tensor | None):
     return model(input_ids=batch, decoder_input_ids=decoder_ids, use_cache=False).logits, labels
 
 
-SPAN_LM = Loss(_span_forward, shift=0, name="span")
+SPAN_LM = Loss(_span_forward, shift=0)
 
 
 def t5_config(shape: ModelShape, max_positions: int, *, eos_id: int | None = None, pad_id: int | None = None):
