@@ -56,7 +56,8 @@ def print_plan(p: dict, console: Console) -> None:
     voc = p.get("vocabulary")
     if voc:  # Tao et al. 2024: vocabulary and non-vocabulary parameters apart
         t.add_row("vocabulary", f"{voc['vocab_size']:,} ({voc['from']}); the law's optimum here "
-                  f"{voc['recommended_exact']:,.0f} → {voc['recommended']:,} (approach 2: {voc['approach2']:,.0f}); "
+                  f"{voc['recommended_exact']:,.0f} → {voc['recommended']:,} (a multiple of 64, ≥ 512; approach 2: "
+                  f"{voc['approach2']:,.0f}); "
                   f"N_v = V·d {_f(voc['params_vocabulary'])}, N_nv {_f(voc['params_non_vocabulary'])}, embeddings "
                   f"{voc['embedding_share']:.0%} of the parameters"
                   + ("" if voc["in_fitted_range"] else "; outside the law's fitted range (33M–2.87B N_nv)"))
