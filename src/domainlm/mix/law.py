@@ -46,6 +46,9 @@ PARAMS = ("c", "a", "t", "beta")  # per source: L = c + exp(a + t·ρ − β·ln
 CI = 95.0  # percent, the intervals' nominal coverage
 N_BOOT = 200
 GRID_STEP = 0.001  # weights searched for the recommendation
+# A well-posed fit converges in ~10 Levenberg-Marquardt iterations; one that runs on slides along a valley of
+# the bounded-away constants (c → −∞ on a barely curved source) and is refitted with them held at their bound.
+MAX_NFEV = 100
 
 
 # ------------------------------------------------------------------------------------------------ the mixture
@@ -136,19 +139,27 @@ def _jac(theta: np.ndarray, rho: np.ndarray, log_eff: np.ndarray) -> np.ndarray:
     return np.stack([np.ones_like(e), e, e * rho, -e * log_eff], axis=1)
 
 
-def _solve(p: Points, th0: np.ndarray, bounded: bool):
-    kw = dict(jac=lambda th: _jac(th, p.rho, p.log_eff), xtol=1e-12, ftol=1e-12, gtol=1e-12)
-    resid = lambda th: law_bpb(th, p.rho, p.log_eff) - p.bpb  # noqa: E731
-    if bounded:
-        return least_squares(resid, th0, method="trf", x_scale="jac", max_nfev=2000,
-                             bounds=([0.0, -np.inf, -np.inf, 0.0], [np.inf] * 4), **kw)
-    return least_squares(resid, th0, method="lm", max_nfev=2000, **kw)
+def _lm(p: Points, th0: np.ndarray, free: np.ndarray) -> tuple[np.ndarray, bool]:
+    """Levenberg-Marquardt over the ``free`` constants (the others held at their values in ``th0``): θ, and
+    whether it converged to a finite θ with c ≥ 0, β ≥ 0."""
+    def full(u):
+        th = th0.copy()
+        th[free] = u
+        return th
+
+    with np.errstate(over="ignore", invalid="ignore"):
+        res = least_squares(lambda u: law_bpb(full(u), p.rho, p.log_eff) - p.bpb, th0[free], method="lm",
+                            jac=lambda u: _jac(full(u), p.rho, p.log_eff)[:, free], xtol=1e-10, ftol=1e-10,
+                            gtol=1e-10, max_nfev=MAX_NFEV)
+    th = full(res.x)
+    return th, bool(res.success and np.all(np.isfinite(th)) and th[0] >= 0 and th[3] >= 0)
 
 
 def fit_points(p: Points, start: np.ndarray | None = None) -> np.ndarray:
-    """Least-squares θ = (c, a, t, β) for one source (see the module docstring): Levenberg-Marquardt from the
-    better of the profile start and ``start``; under the bounds c ≥ 0, β ≥ 0 (a trust region) only when the
-    unbounded optimum leaves them."""
+    """Least-squares θ = (c, a, t, β) for one source (see the module docstring), under c ≥ 0 and β ≥ 0:
+    Levenberg-Marquardt from the better of the profile start and ``start``; when the optimum leaves the bounds,
+    the constants that left are held at 0 and the rest refitted (an active set: the sources of a tiny run are
+    far from converged, and their c sits at 0); a trust-region solver under the bounds if that fails too."""
     y = p.bpb
     lo = float(y.min())
     candidates = [_profile_start(p)]
@@ -156,13 +167,34 @@ def fit_points(p: Points, start: np.ndarray | None = None) -> np.ndarray:
         th = np.asarray(start, dtype=float)
         candidates.append((th, float(np.sum((law_bpb(th, p.rho, p.log_eff) - y) ** 2))))
     th0 = min(candidates, key=lambda r: r[1])[0].copy()
-    with np.errstate(over="ignore", invalid="ignore"):
-        res = _solve(p, th0, bounded=False)
-    if res.success and np.all(np.isfinite(res.x)) and res.x[0] >= 0 and res.x[3] >= 0:
-        return res.x
     th0[0] = min(max(th0[0], 0.0), lo * (1 - 1e-6))
     th0[3] = max(th0[3], 0.0)
-    return _solve(p, th0, bounded=True).x
+    if th0[0] > 0:  # the profile found an interior c: most fits end here
+        th, ok = _lm(p, th0, np.ones(4, dtype=bool))
+        if ok:
+            return th
+        left = [i for i in (0, 3) if not np.isfinite(th[i]) or th[i] < 0] or [0]
+    else:  # the profile's best c is 0: start on that bound
+        left = [0]
+    for fixed in (left, [0, 3]):
+        free = np.ones(4, dtype=bool)
+        free[fixed] = False
+        th1 = th0.copy()
+        th1[fixed] = 0.0
+        th, ok = _lm(p, th1, free)
+        if ok:
+            # KKT: ∂SSE/∂θ_j = 2·Σ r·∂L/∂θ_j must not point into the bounds' interior for a held constant (else
+            # it belongs inside: refit it free from here)
+            grad = 2 * (law_bpb(th, p.rho, p.log_eff) - y) @ _jac(th, p.rho, p.log_eff)
+            if np.any(grad[fixed] < -1e-9):
+                inner, ok_inner = _lm(p, th, np.ones(4, dtype=bool))
+                if ok_inner:
+                    return inner
+            return th
+    res = least_squares(lambda th: law_bpb(th, p.rho, p.log_eff) - y, th0, method="trf", x_scale="jac",
+                        jac=lambda th: _jac(th, p.rho, p.log_eff), bounds=([0.0, -np.inf, -np.inf, 0.0], [np.inf] * 4),
+                        xtol=1e-10, ftol=1e-10, gtol=1e-10, max_nfev=MAX_NFEV)
+    return res.x
 
 
 def check_design(p: Points, source: str) -> None:
