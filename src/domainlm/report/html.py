@@ -14,12 +14,13 @@ import math
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from domainlm import __version__, faults
 from domainlm.errors import UserError
-from domainlm.outputs import SCHEMAS, AnyEval, ObjectiveEvalOutput
+from domainlm.outputs import AnyEval, ObjectiveEvalOutput
 from domainlm.report import plots
 from domainlm.rundir import RunDir, atomic_write, load_output, publish, temp_path
 from domainlm.units import human
@@ -27,23 +28,30 @@ from domainlm.units import human
 REPORT_DIR = str(Path(RunDir.REPORT).parent)
 # Every PNG this module may write; ones not made this time are deleted, so the folder never shows a stale chart.
 PNGS = ("plan.png", "drops.png", "tokens.png", "epochs.png", "bytes_per_token.png", "loss.png", "eval_bpb.png",
-        "probes.png", "ablation.png", "decide.png")
+        "probes.png", "ablation.png", "decide.png", "mix.png")
 
-# run file -> the command that writes it (shown when the file is missing)
-PRODUCERS = {
-    RunDir.PLAN: "domainlm plan CONFIG",
-    RunDir.STATS: "domainlm prepare CONFIG",
-    RunDir.COUNTS: "domainlm tokenize CONFIG",
-    RunDir.AUDIT: "domainlm tokenizer CONFIG",
-    RunDir.METRICS: "domainlm train CONFIG",
-    RunDir.TRAIN: "domainlm train CONFIG",
-    RunDir.EVAL: "domainlm eval {run}",
-    RunDir.BASELINE_EVAL: "domainlm run CONFIG",
-    RunDir.ABLATE: "domainlm ablate CONFIG --domain-weights 0,0.51,1",
-    RunDir.DECIDE: "domainlm decide CONFIG --base GENERAL_MODEL",
-    RunDir.FINETUNE_COMPARE: "domainlm finetune {run} --compare GENERAL_MODEL --data TRAIN.jsonl",
-    RunDir.CLASSIFY_COMPARE: "domainlm finetune {run} --head classification --compare GENERAL_MODEL --data TRAIN.jsonl",
-}
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """What the report knows of the run directory's files, from the stage registry (pipeline.py): each output's
+    model and the command that writes it (shown when the file is missing)."""
+
+    schemas: dict[str, Any]
+    producers: dict[str, str]
+
+    def command(self, rel: str) -> str:
+        # a token folder of another tokenizer (continued pretraining's base): written by the same command
+        if rel not in self.producers and rel.endswith(RunDir.COUNTS_FILE):
+            rel = RunDir.COUNTS
+        return self.producers[rel]
+
+    def schema(self, rel: str):
+        if rel not in self.schemas and rel.endswith(RunDir.COUNTS_FILE):
+            rel = RunDir.COUNTS
+        return self.schemas[rel]
+
+
 BASELINE = "general-only baseline (domain weight 0)"
 
 
@@ -63,8 +71,9 @@ class Section:
 class Report:
     """The state one report build shares between sections: where to read, where to write, what was drawn."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, catalog: Catalog):
         self.run_dir = run_dir
+        self.catalog = catalog
         self.out = run_dir / REPORT_DIR
         self.cache: dict[str, tuple[object, str | None]] = {}
 
@@ -88,15 +97,13 @@ class Report:
 
     def _read(self, rel: str):
         path = self.run_dir / rel
-        # a token folder of another tokenizer (continued pretraining's base): written by the same command
-        cmd = (PRODUCERS.get(rel) or PRODUCERS[RunDir.COUNTS] if rel.endswith(RunDir.COUNTS_FILE) else
-               PRODUCERS[rel]).format(run=self.run_dir)
+        cmd = self.catalog.command(rel).format(run=self.run_dir)
         if not path.exists():
             return None, f"no {rel} yet: run `{cmd}`"
         try:
             if rel == RunDir.METRICS:
                 return _jsonl(path.read_text(encoding="utf-8")), None
-            return load_output(path, SCHEMAS[RunDir.COUNTS if rel.endswith(RunDir.COUNTS_FILE) else rel]), None
+            return load_output(path, self.catalog.schema(rel)), None
         except (OSError, UnicodeDecodeError, UserError) as e:
             return None, f"{e} (`{cmd}`)"
 
@@ -427,6 +434,47 @@ def ablation_section(r: Report) -> Section | None:
     return s
 
 
+def mix_section(r: Report) -> Section | None:
+    """Only when `domainlm mix` has run (mix/stage.py): the fitted law per source, the held-out weight's prediction
+    beside its measured bpb, the recommended weight with its interval, and the frontier."""
+    opened = r.optional(RunDir.MIX, "mix", "The mixture, chosen by a law")
+    if opened is None:
+        return None
+    m, s = opened
+    if m is None:
+        return s
+    rec = m.recommended
+    d = m.design
+    s.body.append(f"<p>{len(m.runs)} runs ({len(d['weights'])} domain weights × {d['seeds']} seeds × "
+                  f"{len(d['budgets'])} budgets: {', '.join(human(b) for b in d['budgets'])} tokens) of the run's "
+                  "model fitted per source to bpb = c + k·exp(t·ρ)·(D′/D_ref)^−β (Ye et al. 2024's mixing law, "
+                  "with Muennighoff et al. 2023's effective data D′ for a repeated corpus; ρ is the domain share "
+                  "of D′). 95% bootstrap intervals over runs.</p>")
+
+    def ci(x, fmt="{:.3f}"):
+        return f"{fmt.format(x.value)} [{fmt.format(x.ci95[0])}, {fmt.format(x.ci95[1])}]"
+
+    rows = [[escape(k), escape(m.sources[k].role), ci(v.c), ci(v.k), ci(v.t), ci(v.beta), _num(v.rmse, "{:.4f}")]
+            for k, v in m.law.items()]
+    s.body.append(_table(["source", "role", "c", "k", "t", "β", "rmse"], rows))
+    h = m.held_out
+    rows = [[escape(x.source), human(x.tokens), f"{x.measured:.4f}", f"{x.predicted:.4f}",
+             f"[{x.pi95[0]:.4f}, {x.pi95[1]:.4f}]", "yes" if x.inside else "<b>no</b>"] for x in h.rows]
+    s.body.append(f"<p>Held-out check: the law fitted without domain weight {h.weight:g} ({h.runs_fitted} runs) "
+                  "predicts it:</p>")
+    s.body.append(_table(["source", "tokens", "measured (mean of seeds)", "predicted",
+                          "95% interval for that mean", "inside"], rows))
+    preds = "; ".join(f"{escape(k)} {p.bpb:.4f} [{p.ci95[0]:.4f}, {p.ci95[1]:.4f}] (general-only "
+                      f"{p.general_only_bpb:.4f})" for k, p in rec.predicted.items())
+    s.body.append(f"<p><b>Recommended domain weight at {human(rec.tokens)} tokens: {rec.domain_weight:.3f} "
+                  f"(95% CI {rec.ci95[0]:.3f}–{rec.ci95[1]:.3f})</b> — {escape(rec.objective)}. Predicted bpb: "
+                  f"{preds}.</p>")
+    for note in m.notes:
+        s.body.append(f"<p class=note>{escape(note)}</p>")
+    r.figure(s, plots.mix_chart, "mix.png", m)
+    return s
+
+
 def decide_section(r: Report) -> Section | None:
     """Only when `domainlm decide` has run (decide.py): each arm's bpb per text at equal training tokens, probes,
     compute, and the verdict with its paired-bootstrap intervals."""
@@ -582,17 +630,17 @@ def render(r: Report, sections: list[Section], now: str) -> str:
     )
 
 
-def build_report(run_dir: Path | str) -> dict:
-    """Write ``<run>/report/index.html`` and its PNGs; return what was written and what is missing."""
+def build_report(run_dir: Path | str, makers: list, catalog: Catalog) -> dict:
+    """Write ``<run>/report/index.html`` and its PNGs from the sections ``makers`` make (page order; one that
+    returns None is left out); return what was written and what is missing. The stage registry
+    (`pipeline.build_report`) passes every stage's sections and the catalog of outputs."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory (make one with `domainlm plan CONFIG`)")
-    r = Report(run_dir)
+    r = Report(run_dir, catalog)
     r.out.mkdir(exist_ok=True)
     sections = []
-    # page order
-    for make in (plan_section, data_section, tokenizer_section, training_section, eval_section, probes_section,
-                 ablation_section, finetune_section, classify_section):
+    for make in makers:
         s = make(r)
         if s is not None:
             sections.append(s)
