@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
+from domainlm import faults
 from domainlm.mix.stage import run_mix
 from domainlm.outputs import Mix
 from domainlm.rundir import RunDir
@@ -18,13 +19,41 @@ from test_train_fixtures import one_thread, single_thread  # noqa: F401 (one_thr
 BUDGETS = f"{3 * TOKENS_PER_STEP},{6 * TOKENS_PER_STEP}"  # 3 and 6 steps
 
 
+class Stopped(Exception):
+    pass
+
+
 @pytest.fixture(scope="module")
 def mixed(tmp_path_factory):
+    """The design run once, after an attempt stopped at its 3rd finished variant (the `mix.variant_done` fault
+    site, raising here instead of killing the test process): the finished variants' times before the rerun."""
     tmp = tmp_path_factory.mktemp("mix")
+    hits = []
+
+    def stop_at_third(site):
+        hits.append(site)
+        if hits.count("mix.variant_done") == 3:
+            raise Stopped(site)
+
     with single_thread():  # a module fixture runs before the autouse one_thread of its first test
         cfg = prepared_run(tmp)
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(faults, "hit", stop_at_third)
+            with pytest.raises(Stopped):
+                run_mix(cfg, seeds=2, budgets=BUDGETS, n_boot=40, console=Console(quiet=True))
+        run = Path(cfg).parent / "run"
+        first = sorted(run.glob(f"{RunDir.MIX_DIR}/*/{RunDir.TRAIN}"))
+        stamps = {str(p.parents[1]): p.stat().st_mtime_ns for p in first}
+        stopped = {"mix_json": (run / RunDir.MIX).exists(), "stamps": stamps}
         result = run_mix(cfg, seeds=2, budgets=BUDGETS, n_boot=40, console=Console(quiet=True))
-    return {"cfg": cfg, "result": result, "run": Path(result["plot"]).parents[1]}
+    return {"cfg": cfg, "result": result, "run": run, "stopped": stopped}
+
+
+def test_a_stopped_design_resumes_without_retraining(mixed):
+    stopped = mixed["stopped"]
+    assert not stopped["mix_json"] and len(stopped["stamps"]) == 3
+    for folder, stamp in stopped["stamps"].items():
+        assert (Path(folder) / RunDir.TRAIN).stat().st_mtime_ns == stamp, folder
 
 
 def test_mix_trains_the_design_fits_and_writes_its_schema(mixed):
@@ -70,6 +99,17 @@ def test_mix_trains_the_design_fits_and_writes_its_schema(mixed):
     assert (run / RunDir.MIX_CHART).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def test_report_section(mixed):
+    from domainlm.pipeline import build_report
+
+    rep = build_report(mixed["run"])
+    s = rep["sections"]["mix"]
+    assert s["complete"] and s["images"] == ["mix.png"], s
+    page = (mixed["run"] / RunDir.REPORT).read_text()
+    rec = mixed["result"]["recommended"]
+    assert "Recommended domain weight at" in page and f"{rec['domain_weight']:.3f}" in page
+
+
 def test_rerun_skips_and_plan_takes_the_weights(mixed, cli):
     run = mixed["run"]
     stamps = {r["dir"]: (Path(r["dir"]) / RunDir.TRAIN).stat().st_mtime_ns for r in mixed["result"]["runs"]}
@@ -90,6 +130,8 @@ def test_rerun_skips_and_plan_takes_the_weights(mixed, cli):
     (["--budgets", "1000"], "--budgets"),
     (["--max-general-cost", "two"], "--max-general-cost"),
     (["--objective-weights", "legal"], "--objective-weights"),
+    (["--objective-weights", "law=1,news=1"], "not a source of the run"),
+    (["--weights", "0,0.25,half,0.75,1"], "--weights"),
     (["--held-out", "0"], "--held-out"),
 ])
 def test_bad_design_is_one_line(mixed, cli, args, msg):

@@ -49,7 +49,7 @@ CURVE_POINTS = 51  # weights 0, 0.02, …, 1 in the curves of mix.json
 
 
 def parse_design_weights(text: str | None) -> list[float]:
-    ws = parse_weights(text or DEFAULT_WEIGHTS)
+    ws = parse_weights(text or DEFAULT_WEIGHTS, "--weights")
     if len(ws) < MIN_WEIGHTS or ws[0] != 0.0 or ws[-1] != 1.0:
         raise UserError(f"--weights: {','.join(f'{w:g}' for w in ws)}: give ≥ {MIN_WEIGHTS} distinct domain weights "
                         "including both ends, e.g. 0,0.25,0.5,0.75,1 (general-only and domain-only pin the law)")
@@ -143,6 +143,10 @@ def run_mix(config: Path | None, *, weights: str | None = None, seeds: int = MIN
         document_files(run_dir, s.name, "val")
     mixture = mixture_of(cfg, counts)
     objective = parse_objective(max_general_cost, objective_weights)
+    unknown = [n for n in objective.weights or {} if n not in mixture.roles]
+    if unknown:
+        raise UserError(f"--objective-weights: {', '.join(unknown)} is not a source of the run (sources: "
+                        f"{', '.join(mixture.roles)})")
     ws = parse_design_weights(weights)
     if seeds < MIN_SEEDS:
         raise UserError(f"--seeds: {seeds}; give ≥ {MIN_SEEDS} (the bootstrap and the held-out check need the "
