@@ -22,7 +22,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from domainlm import faults, stages
+from domainlm import faults, objectives, stages
 from domainlm.ablate import parse_weights
 from domainlm.config import RunConfig, load_config
 from domainlm.data.pipeline import document_files
@@ -133,7 +133,7 @@ def run_mix(config: Path | None, *, weights: str | None = None, seeds: int = MIN
     console = console or Console(stderr=True)
     cfg = load_config(config)
     run_dir = cfg.directory()
-    if cfg.model.objective != "causal":
+    if not objectives.get(cfg.model.objective).bits_per_byte:  # the law is fitted to bits per byte
         raise UserError(f"model.objective: {cfg.model.objective}: domainlm mix fits laws to a causal LM's bits per "
                         "byte; run it with model.objective: causal")
     if cfg.train.init_from:
