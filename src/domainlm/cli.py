@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from domainlm import __version__
-from domainlm.errors import ConfigError, UserError
+from domainlm.errors import ConfigError, Preempted, UserError
 from domainlm.rundir import RunDir
 
 app = typer.Typer(
@@ -635,6 +635,9 @@ def main(argv: list[str] | None = None) -> None:
         if DEBUG:
             raise
         _error(str(e))
+        sys.exit(e.exit_code)
+    except Preempted as e:  # a checkpoint is written; the requeued job (or a rerun) resumes from it
+        err_console.print(_one_line(str(e)), markup=False, highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted; rerun the same command to resume")

@@ -35,7 +35,7 @@ from domainlm.plan.hardware import ACCELERATORS
 from domainlm.plan.shape import ModelShape, objective_flops_per_token, objective_params
 from domainlm.rundir import RunDir, write_json
 from domainlm.train import checkpoint as ckpt
-from domainlm.train.data import MixtureLoader, val_windows
+from domainlm.train.data import MixtureLoader, rank_windows, val_windows
 from domainlm.train.driver import Driver, Eval
 from domainlm.train.objectives import CAUSAL, Objective, add_objective_tokens, added_tokens, objective_from_config
 from domainlm.train.parallel import (
@@ -122,10 +122,10 @@ def evaluate(model, val: dict[str, np.ndarray], counts: dict, *, seq_len: int, m
     out = {}
     eos = counts.get("eos_id")
     for name, arr in val.items():
-        n = val_windows(arr, seq_len, max_tokens, world.world_size)
-        if n == 0:
+        n = val_windows(arr, seq_len, max_tokens)
+        if n == 0:  # shorter than one window: left out at setup (`_val_splits`)
             continue
-        mine = list(range(world.rank, n, world.world_size))
+        mine = rank_windows(n, world.rank, world.world_size)
         nll, scored = validation_nll(model, _windows(arr, mine, seq_len, micro_batch, eos), world.device, precision)
         if dist.is_initialized():
             dist.all_reduce(nll)
@@ -138,12 +138,16 @@ def evaluate(model, val: dict[str, np.ndarray], counts: dict, *, seq_len: int, m
     return out
 
 
-def _windows(arr: np.ndarray, mine: list[int], seq_len: int, micro_batch: int, eos: int | None):
-    """(ids, labels) batches of the windows ``mine``; EOS is context, never a target."""
+def _windows(arr: np.ndarray, mine: list[int | None], seq_len: int, micro_batch: int, eos: int | None):
+    """(ids, labels) batches of the windows ``mine``; EOS is context, never a target; a None window (padding, see
+    `rank_windows`) runs window 0 with no target."""
     for i in range(0, len(mine), micro_batch):
-        rows = [np.asarray(arr[j * seq_len : (j + 1) * seq_len + 1], dtype=np.int64) for j in mine[i : i + micro_batch]]
+        part = mine[i : i + micro_batch]
+        rows = [np.asarray(arr[(j or 0) * seq_len : ((j or 0) + 1) * seq_len + 1], dtype=np.int64) for j in part]
         batch = torch.from_numpy(np.stack(rows))
-        yield batch, (batch.masked_fill(batch == eos, IGNORE) if eos is not None else batch)
+        labels = batch.masked_fill(batch == eos, IGNORE) if eos is not None else batch.clone()
+        labels[[k for k, j in enumerate(part) if j is None]] = IGNORE
+        yield batch, labels
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -185,7 +189,8 @@ def setup(cfg: RunConfig, data_dir: Path, world: Dist, max_steps: int | None) ->
         if name not in counts.get("sources", {}):
             raise UserError(f"{counts_path(tokens)}: no tokens for source {name!r}; rerun `domainlm prepare CONFIG`")
     train = {n: open_tokens(tokens, n, "train", counts) for n in weights}
-    val = {n: open_tokens(tokens, n, "val", counts) for n in weights if counts["sources"][n]["val_tokens"]}
+    # a split shorter than one window has no validation loss (`train` says so); any other is spread over the ranks
+    val = {n: open_tokens(tokens, n, "val", counts) for n in weights if counts["sources"][n]["val_tokens"] > t.seq_len}
     tok_dir = base.path if base else data_dir / TOKENIZER_DIR
     if not (tok_dir / "tokenizer.json").exists():
         raise UserError(f"{tok_dir}: no tokenizer; run `domainlm tokenizer CONFIG` (the export ships it)")
@@ -298,6 +303,10 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
             f"{sh.n_heads}/{sh.n_kv_heads} heads), {z.total_steps} steps × {z.tokens_per_step} tokens, "
             f"{world.world_size} process(es) ({mode}), {z.precision} on {world.device.type}"
         )
+        short = [n for n in z.weights if n not in z.val and counts["sources"][n]["val_tokens"]]
+        for name in short:
+            console.print(f"note: source {name!r}: its val split has {counts['sources'][name]['val_tokens']} tokens, "
+                          f"fewer than train.seq_len + 1 = {t.seq_len + 1}: no validation loss for it", markup=False)
         ignored = [k for k in SHAPE_KEYS if getattr(cfg.model, k, None)] if z.base else []
         if ignored:  # a config written for training from scratch, reused with a base
             console.print(f"note: {', '.join('model.' + k for k in ignored)} not used: the shape is train.init_from's",
@@ -398,12 +407,13 @@ def evaluate_objective(model, val: dict[str, np.ndarray], objective: Objective, 
     so every model — whatever mask rate it trained with — is scored on the same masks."""
     out = {}
     for name, arr in val.items():
-        n = val_windows(arr, seq_len, max_tokens, world.world_size)
+        n = val_windows(arr, seq_len, max_tokens)
         if n == 0:
             continue
-        mine = list(range(world.rank, n, world.world_size))
-        batches = (objective.eval_batch([arr[j * seq_len : (j + 1) * seq_len] for j in mine[i : i + micro_batch]],
-                                        mine[i : i + micro_batch]) for i in range(0, len(mine), micro_batch))
+        mine = rank_windows(n, world.rank, world.world_size)
+        batches = (_padded(objective.eval_batch([arr[(j or 0) * seq_len : ((j or 0) + 1) * seq_len] for j in part],
+                                                [j or 0 for j in part]), part)
+                   for part in (mine[i : i + micro_batch] for i in range(0, len(mine), micro_batch)))
         nll, scored, hits = validation_nll(model, batches, world.device, precision, objective.loss, hits=True)
         if dist.is_initialized():
             for x in (nll, scored, hits):
@@ -411,6 +421,13 @@ def evaluate_objective(model, val: dict[str, np.ndarray], objective: Objective, 
         out[name] = {"loss": nll.item() / max(scored.item(), 1), "accuracy": hits.item() / max(scored.item(), 1),
                      "targets": int(scored.item())}
     return out
+
+
+def _padded(batch: tuple[torch.Tensor, torch.Tensor], part: list[int | None]) -> tuple[torch.Tensor, torch.Tensor]:
+    """No targets in the rows of padding windows (None in ``part``, see `rank_windows`)."""
+    inputs, labels = batch
+    labels[[k for k, j in enumerate(part) if j is None]] = IGNORE
+    return inputs, labels
 
 
 def params_of(z: Setup) -> int:

@@ -1,0 +1,119 @@
+"""Training at cluster scale, on 2 CPU processes (torchrun, gloo, FSDP2): a run preempted by SIGUSR1 (delivered to
+one rank by fault injection, as Slurm's ``--signal`` would) checkpoints at the step boundary on both ranks and exits
+75; each rank writes, hashes and on resume opens only its own shard; the resumed curve is the one-process curve;
+and validation with fewer windows (1) than ranks (2) gives the one-process numbers."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from test_train_fixtures import (  # noqa: F401 (one_thread: autouse fixture)
+    losses,
+    make_run,
+    one_thread,
+    read_metrics,
+    run_dir,
+    set_train,
+    single_thread,
+    train_in_process,
+)
+
+STEPS = 8
+REL = 1e-5
+SEQ = 32
+
+# Installed in each process of the resumed run (PYTHONPATH): every file it opens under checkpoints/, one log per rank.
+OPEN_LOG = '''
+import os, sys
+_out = os.environ.get("TEST_OPEN_LOG")
+if _out and "RANK" in os.environ:
+    _log = open(os.path.join(_out, "opened-" + os.environ["RANK"]), "w", buffering=1)
+    def _hook(event, args):
+        if event == "open" and isinstance(args[0], (str, bytes, os.PathLike)):
+            path = os.fsdecode(args[0])
+            if "/checkpoints/" in path:
+                _log.write(os.path.realpath(path) + "\\n")
+    sys.addaudithook(_hook)
+'''
+
+
+def close(got: list[float], want: list[float]) -> bool:
+    return len(got) == len(want) and all(abs(g - w) <= REL * abs(w) for g, w in zip(got, want, strict=True))
+
+
+def torchrun(cfg: Path, env: dict, tmp: Path):
+    import subprocess
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", **env}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "domainlm",
+           "train", str(cfg)]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240, cwd=tmp)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The one-process reference, and the same run on 2 FSDP ranks: rank 1 alone gets SIGUSR1 after step 3, then
+    the run is restarted with every checkpoint file each rank opens logged. Constant LR, 1 validation window of
+    32 tokens per source (eval_tokens 32 < 2 ranks × 32)."""
+    tmp = tmp_path_factory.mktemp("cluster")
+    train = dict(lr=3e-3, warmup_steps=0, min_lr_ratio=1.0, checkpoint_every=4, eval_every=4, eval_tokens=SEQ,
+                 max_tokens=STEPS * 8 * SEQ)
+    with single_thread():
+        ref = set_train(make_run(tmp / "ref"), **train)
+        train_in_process(ref)
+    cfg = set_train(make_run(tmp / "dist"), parallel="fsdp", **train)
+    first = torchrun(cfg, {"DOMAINLM_FAULT": "train.step:3:USR1", "DOMAINLM_FAULT_RANK": "1",
+                           "DOMAINLM_FAULT_DIR": str(tmp)}, tmp)
+    ckpts = sorted(p.name for p in (run_dir(cfg) / "checkpoints").iterdir())
+    first_losses = losses(cfg)
+    hook = tmp / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(OPEN_LOG)
+    (tmp / "opened").mkdir()
+    second = torchrun(cfg, {"TEST_OPEN_LOG": str(tmp / "opened"),
+                            "PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")])}, tmp)
+    return {"ref": ref, "cfg": cfg, "first": first, "ckpts": ckpts, "first_losses": first_losses, "second": second,
+            "opened": {r: (tmp / "opened" / f"opened-{r}").read_text().split() for r in (0, 1)}}
+
+
+def test_usr1_on_one_rank_checkpoints_both_at_the_step_boundary_and_exits_75(runs):
+    first, cfg = runs["first"], runs["cfg"]
+    text = " ".join(first.stderr.split())
+    assert first.returncode != 0 and "exitcode : 75" in text, first.stderr[-3000:]
+    assert "train: stopped by a signal after step 3/8" in text and "rerun the same command to resume" in text
+    # both ranks stopped after step 3 (rank 0 never got the signal): one checkpoint, of step 3
+    assert runs["ckpts"] == ["step-00000003"]
+    assert close(runs["first_losses"], losses(runs["ref"])[:3])
+    ck = run_dir(cfg) / "checkpoints" / "step-00000003"
+    index = json.loads((ck / "manifest.json").read_text())
+    assert index["world_size"] == 2 and sorted(index["manifests"]) == ["manifest-0.json", "manifest-1.json"]
+    m0, m1 = (json.loads((ck / f"manifest-{r}.json").read_text()) for r in (0, 1))
+    # each rank hashed only what it wrote: its shard, its RNG (rank 0: also the shared, small files)
+    assert sorted(m1) == ["dcp/__1_0.distcp", "rng-1.pt"]
+    assert sorted(m0) == ["dcp/.metadata", "dcp/__0_0.distcp", "rng-0.pt", "shared.pt", "state.json"]
+
+
+def test_resume_opens_only_its_own_shard_and_follows_the_one_process_curve(runs):
+    second, cfg, ref = runs["second"], runs["cfg"], runs["ref"]
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resuming from" in second.stderr
+    ck = (run_dir(cfg) / "checkpoints" / "step-00000003").resolve()
+    for rank, other in ((0, 1), (1, 0)):
+        opened = {Path(p).relative_to(ck).as_posix() for p in runs["opened"][rank] if Path(p).is_relative_to(ck)}
+        assert f"dcp/__{rank}_0.distcp" in opened and f"rng-{rank}.pt" in opened, opened
+        assert not {f"dcp/__{other}_0.distcp", f"rng-{other}.pt", f"manifest-{other}.json"} & opened, (rank, opened)
+    assert close(losses(cfg), losses(ref))
+
+
+def test_validation_with_fewer_windows_than_ranks_is_the_one_process_number(runs):
+    got, want = read_metrics(run_dir(runs["cfg"]), "eval"), read_metrics(run_dir(runs["ref"]), "eval")
+    assert [r["step"] for r in got] == [r["step"] for r in want] == [4, 8]
+    for g, w in zip(got, want, strict=True):
+        keys = {k for k in w if k.startswith(("val_loss/", "bpb/"))}
+        assert keys == {"val_loss/legal", "val_loss/news", "bpb/legal", "bpb/news"} and keys <= set(g)
+        assert all(abs(g[k] - w[k]) <= REL * abs(w[k]) for k in keys), (g, w)
