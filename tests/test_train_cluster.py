@@ -117,3 +117,61 @@ def test_validation_with_fewer_windows_than_ranks_is_the_one_process_number(runs
         keys = {k for k in w if k.startswith(("val_loss/", "bpb/"))}
         assert keys == {"val_loss/legal", "val_loss/news", "bpb/legal", "bpb/news"} and keys <= set(g)
         assert all(abs(g[k] - w[k]) <= REL * abs(w[k]) for k in keys), (g, w)
+
+
+# ------------------------------------------------------------------------------------------ meta-device init
+
+META_CHECK = '''
+import sys, torch
+from domainlm.model import build_model, seeded_init
+from domainlm.plan.shape import make_shape
+from domainlm.train.parallel import init_distributed, parallelize, shutdown
+world = init_distributed()
+bad = []
+for tie in (False, True):
+    shape = make_shape(32, 2, 301, tie_embeddings=tie)  # 301 rows: shards of 151 and 150
+    eager = build_model(shape, 64, seed=7)
+    meta = build_model(shape, 64, seed=7, meta=True)
+    model = parallelize(meta, "fsdp", world, activation_checkpointing=True, init=lambda m: seeded_init(m, 7))
+    want = dict(eager.named_parameters(remove_duplicate=False))
+    for name, p in model.named_parameters(remove_duplicate=False):
+        name = name.replace("._checkpoint_wrapped_module", "")
+        local = p.to_local()
+        if local.shape[0] >= p.shape[0] or not torch.equal(p.full_tensor(), want.pop(name)):
+            bad.append((tie, name))
+    bad += [(tie, "missing " + k) for k in want]
+    bad += [(tie, "head not tied")] if tie and model.lm_head.weight is not model.model.embed_tokens.weight else []
+    bad += [(tie, "rope")] if not torch.equal(model.model.rotary_emb.inv_freq, eager.model.rotary_emb.inv_freq) else []
+print("rank", world.rank, "bad", bad, flush=True)
+shutdown()
+sys.exit(1 if bad else 0)
+'''
+
+
+def test_meta_init_equals_eager_init_bit_for_bit(tmp_path):
+    """A model built on the meta device and materialised after `parallelize` — whole on one process, or FSDP2
+    shards of 2 ranks (each allocating only its shard) — has the weights `build_model` gives, bit for bit,
+    tied head or not."""
+    import subprocess
+
+    import torch
+
+    from domainlm.model import build_model, seeded_init
+    from domainlm.plan.shape import make_shape
+    from domainlm.train.parallel import Dist, parallelize
+
+    for tie in (False, True):
+        shape = make_shape(32, 2, 300, tie_embeddings=tie)
+        eager = build_model(shape, 64, seed=7)
+        model = parallelize(build_model(shape, 64, seed=7, meta=True), "none", Dist(0, 1, 0, torch.device("cpu")),
+                            init=lambda m: seeded_init(m, 7))
+        a, b = eager.state_dict(), model.state_dict()
+        assert sorted(a) == sorted(b) and all(torch.equal(a[k], b[k]) for k in a)
+        assert (model.lm_head.weight is model.model.embed_tokens.weight) == tie
+    assert not torch.equal(build_model(shape, 64, seed=8).lm_head.weight, eager.lm_head.weight)  # the seed counts
+    script = tmp_path / "meta_check.py"
+    script.write_text(META_CHECK)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                        str(script)], env=env, capture_output=True, text=True, timeout=180)
+    assert r.returncode == 0 and r.stdout.count("bad []") == 2, r.stdout + r.stderr[-3000:]

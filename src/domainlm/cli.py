@@ -574,6 +574,14 @@ def launch_slurm(
     cpus_per_task: Annotated[int | None, typer.Option(min=1, help="CPUs per node's torchrun [processes per node]")] = None,
     partition: Annotated[str | None, typer.Option(help="Slurm partition [the cluster's default]")] = None,
     time: Annotated[str | None, typer.Option(help="time limit, e.g. 2-00:00:00 [the partition's]")] = None,
+    account: Annotated[str | None, typer.Option(help="Slurm account to charge [your default]")] = None,
+    qos: Annotated[str | None, typer.Option(help="quality of service [the account's default]")] = None,
+    mem: Annotated[str | None, typer.Option(help="memory per node, e.g. 512G; 0: all of it [the cluster's]")] = None,
+    exclusive: Annotated[bool, typer.Option("--exclusive", help="whole nodes, shared with no other job")] = False,
+    constraint: Annotated[str | None, typer.Option(help="node features, e.g. h100&ib")] = None,
+    gres: Annotated[str | None, typer.Option(help="GPUs as generic resources, e.g. gpu:8 (no cons_tres)")] = None,
+    signal_seconds: Annotated[int, typer.Option(help="USR1 this long before the time limit: checkpoint, requeue "
+                                                     "(0: none)")] = 300,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="write the sbatch script, do not submit it")] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -581,12 +589,17 @@ def launch_slurm(
     from domainlm.launch.slurm import launch_train
 
     res = launch_train(config, nodes=nodes, gpus_per_node=gpus_per_node, procs_per_node=procs_per_node,
-                       cpus_per_task=cpus_per_task, partition=partition, time_limit=time, dry_run=dry_run)
+                       cpus_per_task=cpus_per_task, partition=partition, time_limit=time, account=account, qos=qos,
+                       mem=mem, exclusive=exclusive, constraint=constraint, gres=gres, signal_s=signal_seconds,
+                       dry_run=dry_run)
     if as_json:
         print_json(res)
         return
     console.print(f"wrote {res['script']} ({res['nodes']} node(s) × {res['procs_per_node']} process(es))",
                   markup=False, highlight=False)
+    if not res["data_ready"]:
+        console.print("note: no token files yet: run `domainlm prepare`, `domainlm tokenizer` and `domainlm "
+                      "tokenize` before submitting it", markup=False, highlight=False)
     if res["job_id"]:
         console.print(f"submitted job {res['job_id']}: `squeue -j {res['job_id']}`, log {res['log']}",
                       markup=False, highlight=False)

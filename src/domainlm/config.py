@@ -364,9 +364,20 @@ def demo_recipe_path() -> Path:
     return Path(str(resources.files("domainlm") / "recipes" / DEMO_RECIPE))
 
 
+def config_path(path: str | Path) -> Path:
+    """``path``; or, when it does not exist and reads ``recipes/<file>``, the packaged recipe of that name (the
+    docs' commands, run outside a clone of the repository)."""
+    p = Path(path)
+    if not p.exists() and len(p.parts) == 2 and p.parts[0] == "recipes":
+        packaged = Path(str(resources.files("domainlm") / "recipes" / p.name))
+        if packaged.is_file():
+            return packaged
+    return p
+
+
 def load_config(path: str | Path | None) -> RunConfig:
     """Load and validate a YAML run config; ``None`` loads the packaged legal demo."""
-    p = Path(path) if path is not None else demo_recipe_path()
+    p = config_path(path) if path is not None else demo_recipe_path()
     if not p.exists():
         raise UserError(f"{p}: config file not found")
     if p.is_dir():

@@ -29,7 +29,15 @@ from domainlm.basemodel import BaseModel, base_of
 from domainlm.config import RunConfig, load_config
 from domainlm.data.tokens import counts_path, load_counts, open_tokens
 from domainlm.errors import UserError
-from domainlm.model import MODEL_DIR, TOKENIZER_DIR, build_model, export_hf, load_base_model, resolve_shape
+from domainlm.model import (
+    MODEL_DIR,
+    TOKENIZER_DIR,
+    build_model,
+    export_hf,
+    load_base_model,
+    resolve_shape,
+    seeded_init,
+)
 from domainlm.outputs import TrainSummary
 from domainlm.plan.hardware import ACCELERATORS
 from domainlm.plan.shape import ModelShape, objective_flops_per_token, objective_params
@@ -230,10 +238,11 @@ def base_shape(base: BaseModel, seq_len: int, token_vocab: int) -> ModelShape:
 
 def initial_model(z: Setup, seed: int, tok, eos_id: int | None) -> torch.nn.Module:
     """Where the model comes from: the base model's weights (continued pretraining, ``train.init_from``) or a
-    new LlamaForCausalLM of the resolved shape (from scratch). fp32, on the CPU."""
+    new model of the resolved shape (from scratch). fp32, on the CPU — except a new causal LM, which is built on
+    the meta device and materialised shard by shard by `parallelize` (`seeded_init`: the same weights)."""
     if z.base is None:
         return build_model(z.shape, z.max_pos, seed=seed, objective=z.objective, bos_id=tok.bos_token_id,
-                           eos_id=eos_id, pad_id=tok.pad_token_id)
+                           eos_id=eos_id, pad_id=tok.pad_token_id, meta=z.objective == CAUSAL)
     model = load_base_model(z.base)
     torch.manual_seed(seed)  # a base with dropout (GPT-2): its masks are a function of the seed (resume: the RNG)
     return model
@@ -273,14 +282,17 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
 
     tok = AutoTokenizer.from_pretrained(z.tokenizer)
     objective = objective_from_config(cfg.model, add_objective_tokens(tok, z.objective), t.seed)  # None: causal
-    model = initial_model(z, t.seed, tok, counts.get("eos_id")).to(world.device)
+    model = initial_model(z, t.seed, tok, counts.get("eos_id"))
+    meta = next(model.parameters()).is_meta
+    model = model if meta else model.to(world.device)
     hf_config, model_class = model.config, type(model)  # the class before FSDP2 renames it
     generation = model.generation_config if z.base else None  # a base's own generation settings travel on
     mode = choose_parallel(t.parallel, z.shape, world, seq_len=t.seq_len, micro_batch=t.micro_batch,
                            precision=z.precision, activation_checkpointing=t.activation_checkpointing,
                            cpu_offload=t.cpu_offload)
     model = parallelize(model, mode, world, compile=t.compile, activation_checkpointing=t.activation_checkpointing,
-                        precision=z.precision, cpu_offload=t.cpu_offload)
+                        precision=z.precision, cpu_offload=t.cpu_offload,
+                        init=(lambda m: seeded_init(m, t.seed)) if meta else None)
     amp = step_precision(mode, world, z.precision)  # autocast, unless FSDP2 on CUDA already computes in bf16
     optimizer = make_optimizer(unwrap(model), lr=t.lr, weight_decay=t.weight_decay, device=world.device)
     loader = MixtureLoader(z.train, z.weights, seq_len=t.seq_len, global_batch=z.global_batch,

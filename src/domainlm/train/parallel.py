@@ -15,7 +15,7 @@ the step needs no autocast; DDP and a single GPU keep fp32 weights under bf16 au
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -150,11 +150,26 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 def parallelize(model: torch.nn.Module, mode: str, world: Dist, *, compile: bool = False,
                 activation_checkpointing: bool = False, precision: str = "fp32",
-                cpu_offload: bool = False) -> torch.nn.Module:
+                cpu_offload: bool = False, init: Callable[[torch.nn.Module], None] | None = None) -> torch.nn.Module:
     """Return the module to train: ``model`` itself (none/fsdp — `fully_shard` works in place) or a DDP wrapper.
 
     ``cpu_offload`` (FSDP only): sharded parameters, gradients and the optimizer step live in host memory
-    (`CPUOffloadPolicy`), for a model whose states do not fit the GPUs even fully sharded."""
+    (`CPUOffloadPolicy`), for a model whose states do not fit the GPUs even fully sharded.
+
+    A model on the meta device (`build_model(meta=True)`) is materialised here and initialised by ``init``: with
+    FSDP after sharding, so each rank only ever allocates its shard (torchtitan's order); otherwise on the
+    training device directly, without a full copy in host memory first."""
+    meta = any(p.is_meta for p in model.parameters())
+    if meta and init is None:
+        raise ValueError("a model on the meta device needs init")
+
+    def materialise(m: torch.nn.Module, device: torch.device) -> None:
+        tied = getattr(m, "config", None) is not None and getattr(m.config, "tie_word_embeddings", False)
+        m.to_empty(device=device)
+        if tied and mode != "fsdp":  # to_empty gives the head a tensor of its own: share the embedding's again
+            m.tie_weights()
+        init(m)
+
     if activation_checkpointing:
         checkpoint_layers(model)
     if compile:
@@ -163,6 +178,8 @@ def parallelize(model: torch.nn.Module, mode: str, world: Dist, *, compile: bool
     cpu_offload = cpu_offload and world.device.type == "cuda"  # on a CPU the states are in host memory already
     if cpu_offload and mode != "fsdp":
         raise ValueError(f"cpu_offload needs FSDP, not {mode!r}")
+    if meta and mode != "fsdp":
+        materialise(model, world.device)
     if mode == "none":
         return model
     if mode == "ddp":
@@ -183,6 +200,8 @@ def parallelize(model: torch.nn.Module, mode: str, world: Dist, *, compile: bool
         for layer in [x for stack in layer_stacks(model) for x in stack]:
             fully_shard(layer, **kw)  # one all-gather per layer in forward and backward
         fully_shard(model, **kw)  # embeddings, final norm, head
+        if meta:
+            materialise(model, torch.device("cpu") if cpu_offload else world.device)
         return model
     raise ValueError(f"unknown parallel mode {mode!r}")
 
