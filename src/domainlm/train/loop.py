@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
-import re
 import shutil
 import tempfile
 import time
@@ -39,7 +38,7 @@ from domainlm.model import (
     seeded_init,
 )
 from domainlm.outputs import TrainSummary
-from domainlm.plan.hardware import ACCELERATORS
+from domainlm.plan.hardware import accelerator_of
 from domainlm.plan.shape import ModelShape, objective_flops_per_token, objective_params
 from domainlm.rundir import RunDir, write_json
 from domainlm.train import checkpoint as ckpt
@@ -52,6 +51,7 @@ from domainlm.train.parallel import (
     choose_parallel,
     distributed,
     parallelize,
+    reshard,
     step_precision,
     unwrap,
 )
@@ -86,15 +86,12 @@ def planned_tokens(plan: dict) -> float | None:
 def peak_flops(device: torch.device, precision: str, run_dir: Path, world_size: int) -> float | None:
     """Denominator of MFU: datasheet peak × GPUs on CUDA; on CPU the plan's measured training probe
     (no datasheet exists, so CPU "MFU" is relative to what the probe model achieved)."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device).lower()
-        mem_gb = torch.cuda.get_device_properties(device).total_memory / 1e9
-        for key, acc in ACCELERATORS.items():
-            kind = key.split("-")[0]
-            size_ok = (key != "a100-40gb" or mem_gb < 60) and (key != "a100-80gb" or mem_gb >= 60)
-            if re.search(rf"\b{kind}\b", name) and size_ok:
-                return (acc.bf16_flops if precision == "bf16-mixed" else acc.fp32_flops) * world_size
-        return None
+    if device.type == "cuda":  # the card's own peak: an H100 PCIe is not an H100 SXM
+        acc = accelerator_of(torch.cuda.get_device_name(device),
+                             torch.cuda.get_device_properties(device).total_memory / 1e9)
+        if acc is None:
+            return None
+        return (acc.bf16_flops if precision == "bf16-mixed" else acc.fp32_flops) * world_size
     return plan_of(run_dir).get("compute", {}).get("measured_flops_per_s")
 
 
@@ -383,6 +380,7 @@ def _driver(cfg: RunConfig, run_dir: Path, data_dir: Path, world: Dist, model, o
                                                       world=world, precision=amp))
         res = evaluate(unwrap(model), z.val, z.counts, seq_len=t.seq_len, micro_batch=t.micro_batch,
                        max_tokens=t.eval_tokens, world=world, precision=amp)
+        reshard(model)  # zero2 keeps the weights a forward gathered until a backward that an eval never runs
         shown = ", ".join(f"{k} {v['loss']:.3f} ({v['bpb']:.3f} bpb)" for k, v in res.items())
         fields = {**{f"val_loss/{k}": v["loss"] for k, v in res.items()},
                   **{f"bpb/{k}": v["bpb"] for k, v in res.items()}}

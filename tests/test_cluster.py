@@ -1,7 +1,8 @@
-"""Training at cluster scale, on 2 CPU processes (torchrun, gloo, FSDP2): a run preempted by SIGUSR1 (delivered to
-one rank by fault injection, as Slurm's ``--signal`` would) checkpoints at the step boundary on both ranks and exits
-75; each rank writes, hashes and on resume opens only its own shard; the resumed curve is the one-process curve;
-and validation with fewer windows (1) than ranks (2) gives the one-process numbers."""
+"""Training at cluster scale, on 2 CPU processes (torchrun, gloo, FSDP2 as ``parallel: zero2``): a run preempted
+by SIGUSR1 (delivered to one rank by fault injection, as Slurm's ``--signal`` would) checkpoints at the step
+boundary on both ranks and exits 75; each rank writes, hashes and on resume opens only its own shard; the resumed
+curve is the one-process curve; validation with fewer windows (1) than ranks (2) gives the one-process numbers;
+a meta-initialised model is the eager one; the plan recommends only what the trainer runs; HF_ENDPOINT's port."""
 
 from __future__ import annotations
 
@@ -66,7 +67,7 @@ def runs(tmp_path_factory):
     with single_thread():
         ref = set_train(make_run(tmp / "ref"), **train)
         train_in_process(ref)
-    cfg = set_train(make_run(tmp / "dist"), parallel="fsdp", **train)
+    cfg = set_train(make_run(tmp / "dist"), parallel="zero2", **train)
     first = torchrun(cfg, {"DOMAINLM_FAULT": "train.step:3:USR1", "DOMAINLM_FAULT_RANK": "1",
                            "DOMAINLM_FAULT_DIR": str(tmp)}, tmp)
     ckpts = sorted(p.name for p in (run_dir(cfg) / "checkpoints").iterdir())
@@ -86,6 +87,7 @@ def test_usr1_on_one_rank_checkpoints_both_at_the_step_boundary_and_exits_75(run
     text = " ".join(first.stderr.split())
     assert first.returncode != 0 and "exitcode : 75" in text, first.stderr[-3000:]
     assert "train: stopped by a signal after step 3/8" in text and "rerun the same command to resume" in text
+    assert "2 process(es) (zero2)" in text
     # both ranks stopped after step 3 (rank 0 never got the signal): one checkpoint, of step 3
     assert runs["ckpts"] == ["step-00000003"]
     assert close(runs["first_losses"], losses(runs["ref"])[:3])
@@ -175,3 +177,51 @@ def test_meta_init_equals_eager_init_bit_for_bit(tmp_path):
     r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                         str(script)], env=env, capture_output=True, text=True, timeout=180)
     assert r.returncode == 0 and r.stdout.count("bad []") == 2, r.stdout + r.stderr[-3000:]
+
+
+# ------------------------------------------------------------------------------------------ the Hub's endpoint
+
+
+def test_hub_probe_uses_hf_endpoint_scheme_and_port(monkeypatch):
+    """A mirror at HF_ENDPOINT=http://127.0.0.1:<port> is probed on that port (not 443): reachable while it
+    listens, unreachable (naming host and port) once closed. Local sockets only."""
+    import socket
+
+    from domainlm.data.sources import _hub_unreachable
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
+        assert _hub_unreachable() is None
+    why = _hub_unreachable()
+    assert why is not None and why.startswith(f"127.0.0.1:{port}: ")
+    seen = []
+    monkeypatch.setattr(socket, "create_connection", lambda addr, timeout: seen.append(addr) or socket.socket())
+    for endpoint, want in (("http://mirror.local", ("mirror.local", 80)), ("https://hub.example", ("hub.example", 443)),
+                           ("https://hub.example:8443/", ("hub.example", 8443))):
+        monkeypatch.setenv("HF_ENDPOINT", endpoint)
+        _hub_unreachable()
+        assert seen[-1] == want
+
+
+# ------------------------------------------------------------------------------------------ sizing
+
+
+def test_plan_recommends_only_what_the_trainer_runs_and_the_cards_own_peak():
+    from domainlm.plan import memory as M
+    from domainlm.plan.hardware import accelerator_of
+
+    # ZeRO-1 (31.4 GB of states + 12.2 GB of activations, tests/test_memory.py) would fit 45 GB; the trainer has no
+    # ZeRO-1, so the plan recommends ZeRO-2, train.parallel: zero2
+    rec, ests = M.recommend(45, params=7.5e9, gpus=64, seq_len=2048, micro_batch=1, n_layers=32, d_model=4096)
+    assert ests["zero1"].total_gb <= 45 < ests["ddp"].total_gb and rec == "zero2"
+    assert M.TRAIN_PARALLEL[rec] == "zero2" and "train.parallel: zero2" in M.SHARDING_NAMES[rec]
+    for name, mem, key in (("NVIDIA H100 80GB HBM3", 85, "h100"), ("NVIDIA H100 PCIe", 85, "h100-pcie"),
+                           ("NVIDIA H100 NVL", 100, "h100-nvl"), ("NVIDIA H200", 150, "h200"),
+                           ("NVIDIA H200 NVL", 150, "h200-nvl"), ("NVIDIA A100-SXM4-40GB", 42, "a100-40gb"),
+                           ("NVIDIA A100 80GB PCIe", 85, "a100-80gb"), ("NVIDIA L4", 24, "l4")):
+        assert accelerator_of(name, mem).name == key, name
+    assert accelerator_of("NVIDIA H100 PCIe", 85).bf16_flops == 756e12  # datasheet: 1,513 with sparsity
+    assert accelerator_of("Tesla T4", 16) is None
