@@ -214,3 +214,32 @@ def test_launch_train_on_slurm_killed_requeued_resumes_same_curve(slurm_env, tmp
     got, want = losses(cfg), losses(ref)
     assert len(got) == len(want) == STEPS
     assert all(abs(g - w) <= 1e-5 * abs(w) for g, w in zip(got, want, strict=True)), (got, want)
+
+
+def test_launch_train_on_slurm_usr1_checkpoints_requeues_itself_and_resumes(slurm_env, tmp_path):
+    """SIGUSR1 to rank 1 after step 6 (fault injection: what ``--signal=USR1@N`` sends ahead of the time limit):
+    both ranks checkpoint step 6, rank 0 runs ``scontrol requeue`` from inside the job, and the job, run again
+    under the same id, resumes to the one-process loss curve."""
+    with single_thread():
+        ref = set_train(make_run(tmp_path / "ref"), lr=3e-3, warmup_steps=0, min_lr_ratio=1.0, checkpoint_every=4,
+                        eval_every=4, max_tokens=STEPS * 8 * 32)
+        train_in_process(ref)
+    cfg = set_train(make_run(tmp_path / "slurm"), lr=3e-3, warmup_steps=0, min_lr_ratio=1.0, checkpoint_every=4,
+                    eval_every=4, max_tokens=STEPS * 8 * 32, parallel="ddp")
+    # counted per process: the requeued run (steps 7-8) does not reach a 6th hit
+    env = {**slurm_env.env, "DOMAINLM_FAULT": "train.step:6:USR1", "DOMAINLM_FAULT_RANK": "1",
+           "DOMAINLM_FAULT_DIR": str(tmp_path), "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "domainlm", "launch", "slurm", str(cfg), "--nodes", "1",
+                        "--gpus-per-node", "0", "--procs-per-node", "2", "--json"],
+                       env=env, capture_output=True, text=True, cwd=tmp_path, timeout=120)
+    assert r.returncode == 0, r.stderr
+    job, log = json.loads(r.stdout)["job_id"], Path(json.loads(r.stdout)["log"])
+    assert "#SBATCH --signal=USR1@300" in (run_dir(cfg) / "launch" / "train.sbatch").read_text()
+    (rec,) = slurm_env.wait_job(job)
+    text = " ".join(log.read_text().split())
+    assert rec["JobState"] == "COMPLETED" and int(rec["Restarts"]) == 1, text[-3000:]
+    assert "train: stopped by a signal after step 6/8" in text and "(restart 1)" in text, text[-3000:]
+    assert "resuming from" in text and "step-00000006" in text
+    got, want = losses(cfg), losses(ref)
+    assert len(got) == len(want) == STEPS
+    assert all(abs(g - w) <= 1e-5 * abs(w) for g, w in zip(got, want, strict=True)), (got, want)

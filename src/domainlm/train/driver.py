@@ -15,6 +15,7 @@ that step's loss, speed and eval are read back from the log, not redone.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -157,9 +158,10 @@ class Driver:
                     if self.step < self.total_steps and preemption.requested():
                         if last_ckpt != self.step:
                             self.checkpoint()
-                        raise Preempted(f"{self.name}: stopped by a signal after step {self.step}/{self.total_steps}; "
-                                        f"checkpoint {ckpt.list_checkpoints(self.out)[-1]} written; "
-                                        f"{requeue(self.world)}")
+                        stopped = (f"{self.name}: stopped by a signal after step {self.step}/{self.total_steps}; "
+                                   f"checkpoint {ckpt.list_checkpoints(self.out)[-1]} written")
+                        how = requeue(self.world, functools.partial(progress.console.print, stopped, markup=False))
+                        raise Preempted(f"{stopped}; {how}")
                 if self.evaluate is not None and last_eval != self.step:
                     evaluate()
                 if last_ckpt != self.step:

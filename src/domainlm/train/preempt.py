@@ -17,11 +17,12 @@ import shutil
 import signal
 import subprocess
 import threading
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
 
-from domainlm.train.parallel import Dist
+from domainlm.train.parallel import Dist, barrier
 
 SIGNAL = signal.SIGUSR1
 
@@ -53,14 +54,22 @@ class Preemption:
         return flag.item() > 0
 
 
-def requeue(world: Dist) -> str:
-    """Rank 0 asks Slurm to requeue this job (it then runs again under the same id and resumes); returns what was
-    done, for the message."""
+def requeue(world: Dist, announce: Callable[[], None]) -> str:
+    """Under Slurm, rank 0 asks Slurm to requeue this job (it then runs again under the same id and resumes) while
+    the other ranks wait for it — a rank that exited first would have torchrun stop rank 0 before it asked. Slurm
+    then ends this run's processes, so rank 0 calls ``announce`` (the line saying so) first. Returns what was done,
+    for the message."""
     job = os.environ.get("SLURM_JOB_ID")
     if not job:
         return "rerun the same command to resume"
-    if not world.is_main:
-        return f"rank 0 requeues Slurm job {job}"
+    if world.is_main:
+        announce()
+        done = _scontrol_requeue(job)
+    barrier()
+    return done if world.is_main else f"rank 0 requeued Slurm job {job}"
+
+
+def _scontrol_requeue(job: str) -> str:
     exe = shutil.which("scontrol")
     if exe is None:
         return f"scontrol not found: requeue Slurm job {job} (`scontrol requeue {job}`) or resubmit to resume"
