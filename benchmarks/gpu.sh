@@ -9,7 +9,7 @@
 #   4. all the node's GPUs: FSDP2 over NCCL (`torchrun --nproc_per_node` = the GPUs), 350M and 1B, and the
 #      scaling efficiency = tokens/s on N GPUs ÷ (N × tokens/s on one GPU, same preset and settings)  ≤ 3 min
 #
-# MFU is against the card's own datasheet peak (`domainlm.plan.hardware.accelerator_of`: an H100 PCIe is not an
+# MFU is against the card's own datasheet peak (`domainlm.hardware.accelerator_of`: an H100 PCIe is not an
 # H100 SXM). Goals: ≥ 45% MFU at 350M in bf16 (llm-foundry reports ~46% on H100, Megatron-LM ~47%); predicted
 # memory within 15% of measured (measured/predicted 0.85–1.15); eval ratio ≥ 0.8; scaling efficiency ≥ 0.9 on
 # one NVLink node. Each part has its own time limit, so a slow part is cut off (and says so) rather than eating
@@ -31,7 +31,7 @@ out=$(mktemp -d)
 
 gpus=$("$PY" - <<'PYEOF'
 import sys, torch
-from domainlm.plan.hardware import accelerator_of
+from domainlm.hardware import accelerator_of
 if not torch.cuda.is_available():
     sys.exit("benchmarks/gpu.sh: no CUDA GPU (torch.cuda.is_available() is False); it measures the GPU path only")
 p = torch.cuda.get_device_properties(0)

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 
 from domainlm.model import build_model, seeded_init
-from domainlm.plan.shape import make_shape
+from domainlm.shape import make_shape
 from domainlm.train.parallel import init_distributed, parallelize, shutdown
 
 

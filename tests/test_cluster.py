@@ -126,7 +126,7 @@ def test_validation_with_fewer_windows_than_ranks_is_the_one_process_number(runs
 META_CHECK = '''
 import sys, torch
 from domainlm.model import build_model, seeded_init
-from domainlm.plan.shape import make_shape
+from domainlm.shape import make_shape
 from domainlm.train.parallel import init_distributed, parallelize, shutdown
 world = init_distributed()
 bad = []
@@ -159,7 +159,7 @@ def test_meta_init_equals_eager_init_bit_for_bit(tmp_path):
     import torch
 
     from domainlm.model import build_model, seeded_init
-    from domainlm.plan.shape import make_shape
+    from domainlm.shape import make_shape
     from domainlm.train.parallel import Dist, parallelize
 
     for tie in (False, True):
@@ -210,8 +210,8 @@ def test_hub_probe_uses_hf_endpoint_scheme_and_port(monkeypatch):
 
 
 def test_plan_recommends_only_what_the_trainer_runs_and_the_cards_own_peak():
-    from domainlm.plan import memory as M
-    from domainlm.plan.hardware import accelerator_of
+    from domainlm import memory as M
+    from domainlm.hardware import accelerator_of
 
     # ZeRO-1 (31.4 GB of states + 12.2 GB of activations, tests/test_memory.py) would fit 45 GB; the trainer has no
     # ZeRO-1, so the plan recommends ZeRO-2, train.parallel: zero2

@@ -24,8 +24,9 @@ import sys
 import time
 from pathlib import Path
 
+from domainlm.config import config_path, demo_recipe_path, load_config
 from domainlm.errors import UserError
-from domainlm.rundir import atomic_write
+from domainlm.rundir import RunDir, atomic_write
 
 # Slurm's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (sbatch(1)), or UNLIMITED
 TIME_RE = re.compile(r"^(\d+(:\d{1,2}){0,2}|\d+-\d+(:\d{1,2}){0,2}|unlimited|infinite)$", re.IGNORECASE)
@@ -120,8 +121,6 @@ def launch_train(config: Path | None, *, nodes: int, gpus_per_node: int, procs_p
                  dry_run: bool = False) -> dict:
     """Write ``<run>/launch/train.sbatch`` (atomically) and, unless ``dry_run``, submit it with sbatch. A dry run
     only writes the script, so it works before the data is prepared (a user reads the script first)."""
-    from domainlm.config import config_path, demo_recipe_path, load_config
-    from domainlm.data.tokens import counts_path
 
     _check("--time", time_limit, TIME_RE, "a Slurm time limit (MINUTES, H:M:S or D-H:M:S)")
     _check("--partition", partition, PARTITION_RE, "a partition name")
@@ -141,10 +140,11 @@ def launch_train(config: Path | None, *, nodes: int, gpus_per_node: int, procs_p
         raise UserError(f"--procs-per-node: {procs} processes on {gpus_per_node} GPUs per node; at most one per GPU")
     workdir = Path.cwd()
     run_dir = cfg.directory(workdir).resolve()
-    if not dry_run and not counts_path(run_dir).exists():  # else the job would fail after waiting in the queue
-        raise UserError(f"{counts_path(run_dir)}: no token files to train on; run `domainlm prepare`, "
-                        f"`domainlm tokenizer` and `domainlm tokenize` before `domainlm launch slurm` (`--dry-run` "
-                        "writes the script without them)")
+    counts = RunDir(run_dir).counts
+    if not dry_run and not counts.exists():  # else the job would fail on the cluster, after waiting in the queue
+        raise UserError(f"{counts}: no token files to train on; run `domainlm prepare`, `domainlm tokenizer` and "
+                        "`domainlm tokenize` before `domainlm launch slurm` (`--dry-run` writes the script without "
+                        "them)")
     text = train_script(config=path, workdir=workdir, run_dir=run_dir, job_name=f"domainlm-train-{cfg.name}",
                         nodes=nodes, gpus_per_node=gpus_per_node, procs_per_node=procs,
                         cpus_per_task=cpus_per_task or procs, partition=partition, time_limit=time_limit,
@@ -153,7 +153,7 @@ def launch_train(config: Path | None, *, nodes: int, gpus_per_node: int, procs_p
     script = script_path(run_dir)
     atomic_write(script, text)
     out = {"script": str(script), "nodes": nodes, "gpus_per_node": gpus_per_node, "procs_per_node": procs,
-           "job_id": None, "log": None, "data_ready": counts_path(run_dir).exists()}
+           "job_id": None, "log": None, "data_ready": counts.exists()}
     if not dry_run:
         out["job_id"] = sbatch(script)
         out["log"] = str(run_dir / "launch" / f"slurm-{out['job_id']}.out")

@@ -14,6 +14,8 @@ import os
 import signal
 import sys
 
+from torch.distributed.run import main as torchrun
+
 FORWARDED = (signal.SIGUSR1,)
 
 
@@ -41,8 +43,6 @@ def _forward(signum: int, frame) -> None:
 def main(argv: list[str] | None = None) -> None:
     for sig in FORWARDED:
         signal.signal(sig, _forward)
-    from torch.distributed.run import main as torchrun
-
     torchrun(sys.argv[1:] if argv is None else argv)
 
 
