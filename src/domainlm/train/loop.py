@@ -39,7 +39,7 @@ from domainlm.model import (
     seeded_init,
 )
 from domainlm.model.base import BaseModel, base_of
-from domainlm.objectives import IGNORE, Batches, Causal, Objective
+from domainlm.objectives import Batches, Causal, Objective
 from domainlm.outputs import TrainSummary
 from domainlm.rundir import RunDir, write_json
 from domainlm.shape import ModelShape
@@ -57,7 +57,7 @@ from domainlm.train.parallel import (
     unwrap,
 )
 from domainlm.train.schedule import lr_at
-from domainlm.train.step import make_optimizer, train_step, validation_nll
+from domainlm.train.step import IGNORE, make_optimizer, train_step, validation_nll
 
 STAGE = "train"
 # model section keys a base model (train.init_from) decides instead
