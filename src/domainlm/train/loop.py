@@ -233,13 +233,13 @@ def base_shape(base: BaseModel, seq_len: int, token_vocab: int) -> ModelShape:
     return base.shape
 
 
-def initial_model(z: Setup, seed: int, tok, eos_id: int | None) -> torch.nn.Module:
+def initial_model(z: Setup, seed: int, tok, eos_id: int | None, *, meta: bool = False) -> torch.nn.Module:
     """Where the model comes from: the base model's weights (continued pretraining, ``train.init_from``) or a
-    new model of the resolved shape (from scratch). fp32, on the CPU — except a new causal LM, which is built on
-    the meta device and materialised shard by shard by `parallelize` (`seeded_init`: the same weights)."""
+    new model of the resolved shape (from scratch). fp32, on the CPU — with ``meta``, a new causal LM is built on
+    the meta device instead, for `parallelize` to materialise shard by shard (`seeded_init`: the same weights)."""
     if z.base is None:
         return build_model(z.shape, z.max_pos, seed=seed, objective=z.objective, bos_id=tok.bos_token_id,
-                           eos_id=eos_id, pad_id=tok.pad_token_id, meta=isinstance(z.objective, Causal))
+                           eos_id=eos_id, pad_id=tok.pad_token_id, meta=meta and isinstance(z.objective, Causal))
     model = load_base_model(z.base)
     torch.manual_seed(seed)  # a base with dropout (GPT-2): its masks are a function of the seed (resume: the RNG)
     return model
@@ -279,7 +279,7 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
 
     tok = AutoTokenizer.from_pretrained(z.tokenizer)
     batches = z.objective.batches(z.objective.add_tokens(tok), t.seed)  # the mask token or sentinels appended
-    model = initial_model(z, t.seed, tok, counts.get("eos_id"))
+    model = initial_model(z, t.seed, tok, counts.get("eos_id"), meta=True)
     meta = next(model.parameters()).is_meta
     model = model if meta else model.to(world.device)
     hf_config, model_class = model.config, type(model)  # the class before FSDP2 renames it
