@@ -508,9 +508,12 @@ def test_crafted_fsdp_checkpoint_metadata_is_refused(trained, tmp_path, cli):
 
     (ck / "dcp").mkdir()
     (ck / "dcp" / ".metadata").write_bytes(pickle.dumps(Evil()))
-    manifest = json.loads((ck / "manifest.json").read_text())  # a crafted checkpoint has a matching manifest
+    manifest = json.loads((ck / "manifest-0.json").read_text())  # a crafted checkpoint has matching manifests
     manifest["dcp/.metadata"] = hashlib.sha256((ck / "dcp" / ".metadata").read_bytes()).hexdigest()
-    (ck / "manifest.json").write_text(json.dumps(manifest))
+    (ck / "manifest-0.json").write_text(json.dumps(manifest))
+    index = json.loads((ck / "manifest.json").read_text())
+    index["manifests"]["manifest-0.json"] = hashlib.sha256((ck / "manifest-0.json").read_bytes()).hexdigest()
+    (ck / "manifest.json").write_text(json.dumps(index))
     one_line(cli("train", str(cfg), "--max-steps", "12"), str(ck / "dcp" / ".metadata"), "refusing posix.system")
     assert not marker.exists()
 

@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from domainlm import __version__, stages
-from domainlm.errors import ConfigError, UserError
+from domainlm.errors import ConfigError, Preempted, UserError
 from domainlm.lazy import lazy
 from domainlm.rundir import RunDir
 from domainlm.stages import describe_environment_error, environment_error
@@ -604,18 +604,31 @@ def launch_slurm(
     cpus_per_task: Annotated[int | None, typer.Option(min=1, help="CPUs per node's torchrun [processes per node]")] = None,
     partition: Annotated[str | None, typer.Option(help="Slurm partition [the cluster's default]")] = None,
     time: Annotated[str | None, typer.Option(help="time limit, e.g. 2-00:00:00 [the partition's]")] = None,
+    account: Annotated[str | None, typer.Option(help="Slurm account to charge [your default]")] = None,
+    qos: Annotated[str | None, typer.Option(help="quality of service [the account's default]")] = None,
+    mem: Annotated[str | None, typer.Option(help="memory per node, e.g. 512G; 0: all of it [the cluster's]")] = None,
+    exclusive: Annotated[bool, typer.Option("--exclusive", help="whole nodes, shared with no other job")] = False,
+    constraint: Annotated[str | None, typer.Option(help="node features, e.g. h100&ib")] = None,
+    gres: Annotated[str | None, typer.Option(help="GPUs as generic resources, e.g. gpu:8 (no cons_tres)")] = None,
+    signal_seconds: Annotated[int, typer.Option(help="USR1 this long before the time limit: checkpoint, requeue "
+                                                     "(0: none)")] = 300,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="write the sbatch script, do not submit it")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Write <run>/launch/train.sbatch (srun + torchrun -m domainlm train, requeue-safe) and submit it."""
 
-    res = slurm_launcher.launch_train(config, nodes=nodes, gpus_per_node=gpus_per_node, procs_per_node=procs_per_node,
-                       cpus_per_task=cpus_per_task, partition=partition, time_limit=time, dry_run=dry_run)
+    res = slurm_launcher.launch_train(
+        config, nodes=nodes, gpus_per_node=gpus_per_node, procs_per_node=procs_per_node, cpus_per_task=cpus_per_task,
+        partition=partition, time_limit=time, account=account, qos=qos, mem=mem, exclusive=exclusive,
+        constraint=constraint, gres=gres, signal_s=signal_seconds, dry_run=dry_run)
     if as_json:
         print_json(res)
         return
     console.print(f"wrote {res['script']} ({res['nodes']} node(s) × {res['procs_per_node']} process(es))",
                   markup=False, highlight=False)
+    if not res["data_ready"]:
+        console.print("note: no token files yet: run `domainlm prepare`, `domainlm tokenizer` and `domainlm "
+                      "tokenize` before submitting it", markup=False, highlight=False)
     if res["job_id"]:
         console.print(f"submitted job {res['job_id']}: `squeue -j {res['job_id']}`, log {res['log']}",
                       markup=False, highlight=False)
@@ -664,6 +677,9 @@ def main(argv: list[str] | None = None) -> None:
         if DEBUG:
             raise
         _error(str(e))
+        sys.exit(e.exit_code)
+    except Preempted as e:  # a checkpoint is written; the requeued job (or a rerun) resumes from it
+        err_console.print(_one_line(str(e)), markup=False, highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted; rerun the same command to resume")

@@ -212,7 +212,9 @@ class TrainConfig(_Section):
     weight_decay: float = Field(default=0.1, ge=0)
     grad_clip: float = Field(default=1.0, gt=0)
     precision: Literal["auto", "fp32", "bf16-mixed"] = "auto"
-    parallel: Literal["auto", "ddp", "fsdp"] = "auto"
+    # zero2: FSDP2 that keeps the layers' weights gathered from forward to backward (ZeRO-2: states and grads
+    # sharded); fsdp: resharded after each layer's forward (ZeRO-3)
+    parallel: Literal["auto", "ddp", "zero2", "fsdp"] = "auto"
     activation_checkpointing: bool = Field(default=False, description="recompute each decoder layer in backward")
     cpu_offload: bool = Field(default=False, description="FSDP: keep sharded states and the optimizer step on the host")
     compile: bool = False
@@ -230,7 +232,7 @@ class TrainConfig(_Section):
     @classmethod
     def _offload_needs_fsdp(cls, v: bool, info) -> bool:
         if v and info.data.get("parallel") == "ddp":
-            raise ValueError("needs train.parallel: fsdp (or auto), not ddp: only FSDP2 offloads to the host")
+            raise ValueError("needs train.parallel: fsdp, zero2 (or auto), not ddp: only FSDP2 offloads to the host")
         return v
 
     @model_validator(mode="after")
@@ -368,9 +370,20 @@ def demo_recipe_path() -> Path:
     return Path(str(resources.files("domainlm") / "recipes" / DEMO_RECIPE))
 
 
+def config_path(path: str | Path) -> Path:
+    """``path``; or, when it does not exist and reads ``recipes/<file>``, the packaged recipe of that name (the
+    docs' commands, run outside a clone of the repository)."""
+    p = Path(path)
+    if not p.exists() and len(p.parts) == 2 and p.parts[0] == "recipes":
+        packaged = Path(str(resources.files("domainlm") / "recipes" / p.name))
+        if packaged.is_file():
+            return packaged
+    return p
+
+
 def load_config(path: str | Path | None) -> RunConfig:
     """Load and validate a YAML run config; ``None`` loads the packaged legal demo."""
-    p = Path(path) if path is not None else demo_recipe_path()
+    p = config_path(path) if path is not None else demo_recipe_path()
     if not p.exists():
         raise UserError(f"{p}: config file not found")
     if p.is_dir():

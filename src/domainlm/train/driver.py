@@ -4,7 +4,8 @@ The caller builds the model, the optimizer and its batches, and gives `Driver` t
 one optimizer step, an eval and its own part of a checkpoint. The driver owns the rest, once: resume from the
 newest checkpoint, the metrics log (``<out>/logs/metrics.jsonl``: one JSON row per step and per eval, and
 TensorBoard if asked), eval and checkpoint cadence (both always at the last step), the NaN/inf-step guard, the
-progress bar, and the crash site ``<name>.step``.
+progress bar, the crash site ``<name>.step``, and preemption: on SIGUSR1 (`train/preempt.py`) a checkpoint at the
+next step boundary, a Slurm requeue, and `Preempted`.
 
 Resume is exact: weights, optimizer and RNG come from the checkpoint (`train/checkpoint.py`), the caller
 restores its batch position from the state `resume` returns, and log rows after the checkpoint's step are
@@ -14,6 +15,7 @@ that step's loss, speed and eval are read back from the log, not redone.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -28,10 +30,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.tensorboard import SummaryWriter
 
 from domainlm import faults
-from domainlm.errors import UserError
+from domainlm.errors import Preempted, UserError
 from domainlm.rundir import RunDir, atomic_write
 from domainlm.train import checkpoint as ckpt
 from domainlm.train.parallel import Dist
+from domainlm.train.preempt import Preemption, requeue
 from domainlm.train.step import StepResult
 
 NOT_CURVES = ("kind", "step", "skipped", "tokens", "trained_tokens")  # row fields TensorBoard does not plot
@@ -137,7 +140,7 @@ class Driver:
                             disable=not main, transient=False)
         start, self.first_step = time.perf_counter(), self.step
         try:
-            with progress:
+            with progress, Preemption(self.world) as preemption:
                 task = progress.add_task(self.name, total=self.total_steps, completed=self.step, info="")
                 while self.step < self.total_steps:
                     info = self._step(log)
@@ -152,6 +155,13 @@ class Driver:
                     if self.step % self.checkpoint_every == 0:
                         self.checkpoint()
                         last_ckpt = self.step
+                    if self.step < self.total_steps and preemption.requested():
+                        if last_ckpt != self.step:
+                            self.checkpoint()
+                        stopped = (f"{self.name}: stopped by a signal after step {self.step}/{self.total_steps}; "
+                                   f"checkpoint {ckpt.list_checkpoints(self.out)[-1]} written")
+                        how = requeue(self.world, functools.partial(progress.console.print, stopped, markup=False))
+                        raise Preempted(f"{stopped}; {how}")
                 if self.evaluate is not None and last_eval != self.step:
                     evaluate()
                 if last_ckpt != self.step:
