@@ -45,6 +45,7 @@ from domainlm.finetune.loop import (
     finished_or_start,
     inputs_fingerprint,
     resolve_model,
+    weight_inputs,
 )
 from domainlm.rundir import RunDir, write_json
 from domainlm.train.driver import Driver, Eval
@@ -285,13 +286,11 @@ def finetune_classifier(model_or_run: Path, data: Path, *, val: Path | None = No
     driver = Driver("finetune", out, Dist(0, 1, 0, device), model, optimizer, args.steps,
                     lambda step: lr_at(step, lr=args.lr, total_steps=args.steps, warmup_steps=warmup), one_step,
                     evaluate if venc else None, lambda: {"fingerprint": fp}, args.eval_every, args.checkpoint_every,
-                    args.keep_checkpoints, console)
+                    args.keep_checkpoints, console,
+                    inputs=weight_inputs(args, model_dir, data, head="classification", labels=labels, max_len=max_len))
     resumed = driver.resume()
     if resumed:
         path, state = resumed
-        if state.get("fingerprint") != fp:
-            raise UserError(f"{path}: a checkpoint of another fine-tuning (model, data or flags differ); use "
-                            "--restart or another --out")
         console.print(f"resuming from {path} at step {driver.step}", markup=False)
 
     balance = Counter(labels[e.label] for e in enc)
