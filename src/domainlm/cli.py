@@ -36,6 +36,8 @@ DEBUG = False
 
 ConfigArg = Annotated[Path | None, typer.Argument(help="run config YAML (see recipes/legal-demo.yaml)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
+SeedsOpt = Annotated[int | None, typer.Option("--seeds", min=1, help="train each arm K times (seeds +0…+K−1); "
+                                              "intervals over seeds and documents [compare.seeds, 1]")]
 
 
 def _version(value: bool) -> None:
@@ -521,13 +523,14 @@ def run(
 def ablate(
     config: ConfigArg = None,
     domain_weights: Annotated[str, typer.Option(help="comma-separated domain weights to train")] = "0,0.51,1",
+    seeds: SeedsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train the same model shape on the same token budget per domain weight; bpb of each on every source."""
     from domainlm.ablate import print_ablation, run_ablate
 
     with _locked(_config_dir(config), "ablate"):
-        result = run_ablate(config, domain_weights, console=err_console if as_json else console)
+        result = run_ablate(config, domain_weights, console=err_console if as_json else console, seeds=seeds)
     print_json(result) if as_json else print_ablation(result, console)
 
 
@@ -548,6 +551,7 @@ def decide(
                                                       "(for its compute; a domainlm run records its own)")] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="peak learning rate of the continued arms, re-warmed "
                                              "[train.lr]")] = None,
+    seeds: SeedsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """From scratch or continued? Train both at equal tokens; bpb per source, probes, compute, and a verdict."""
@@ -555,7 +559,7 @@ def decide(
 
     with _locked(_config_dir(config), "decide"):
         result = run_decide(config, base=base, extend_vocab=extend_vocab, texts=text, base_tokens=base_tokens,
-                            lr=lr, console=err_console if as_json else console)
+                            lr=lr, seeds=seeds, console=err_console if as_json else console)
     print_json(result) if as_json else print_decide(result, console)
 
 
