@@ -326,6 +326,8 @@ def finetune(
     restart: Annotated[bool, typer.Option("--restart", help="delete the output folder; start over")] = False,
     head: Annotated[str, typer.Option(help="lm: instruction-tune the LM | classification: a sequence "
                                       "classification head ({text, label} lines or licensedb-category items)")] = "lm",
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="--compare: fine-tune each model K times (--seed "
+                                       "+0…+K−1); intervals over seeds and test items")] = 1,
 ) -> None:
     """Instruction-tune a model (loss on responses only), or --head classification; --compare GENERAL: domain vs
     general downstream."""
@@ -337,14 +339,16 @@ def finetune(
         _writable_folder(Path(out), "--out")
     if not (Path(model_or_run) / "config.json").is_file() and (Path(model_or_run) / "model").is_dir():
         with _locked(model_or_run, "finetune"):  # a run directory: the output goes to <run>/finetune/
-            _finetune(model_or_run, data, val, out, args, compare, test, task, restart, head)
+            _finetune(model_or_run, data, val, out, args, compare, test, task, restart, head, seeds)
     else:
-        _finetune(model_or_run, data, val, out, args, compare, test, task, restart, head)
+        _finetune(model_or_run, data, val, out, args, compare, test, task, restart, head, seeds)
 
 
-def _finetune(model_or_run, data, val, out, args, compare, test, task, restart, head="lm") -> None:
+def _finetune(model_or_run, data, val, out, args, compare, test, task, restart, head="lm", seeds=1) -> None:
     if head not in ("lm", "classification"):
         raise UserError(f"--head: expected lm or classification, got {head!r}")
+    if seeds > 1 and compare is None:
+        raise UserError("--seeds: compares fine-tuned models; give --compare GENERAL_MODEL")
     if compare is None:
         from domainlm.finetune.classify import finetune_classifier
         from domainlm.finetune.loop import finetune as run_finetune
@@ -356,7 +360,7 @@ def _finetune(model_or_run, data, val, out, args, compare, test, task, restart, 
     from domainlm.finetune.compare import print_compare
 
     result, written = run_compare(model_or_run, compare, data, val=val, test=test, out=out, args=args, tasks=task,
-                                  head=head,
+                                  head=head, seeds=seeds,
                                   restart=restart, console=err_console)
     print_compare(result, console)
     for p in written:

@@ -404,8 +404,9 @@ class Interval(Part):
 
 
 class ModelTaskScores(Part):
-    metrics: dict[str, Interval]
-    predictions: list[dict[str, Any]]
+    metrics: dict[str, Interval]  # the mean over fine-tuning seeds, interval over seeds and items
+    predictions: list[dict[str, Any]]  # the first seed's
+    seeds: list[dict[str, Any]] | None = None  # --seeds K > 1: each seed's metric values
 
 
 class TaskComparison(Part):
@@ -428,6 +429,7 @@ class FinetuneComparison(Output):
     models: dict[str, str]
     finetune: dict[str, dict[str, Any]]  # domain | general -> final_loss, val_loss, steps, truncated
     tasks: dict[str, TaskComparison]
+    seeds: list[int] | None = None  # --seeds K > 1: the fine-tuning seeds of both models
     verdict: str
 
 

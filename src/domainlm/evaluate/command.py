@@ -60,6 +60,7 @@ def run_eval(
     bootstrap)."""
     t0 = time.perf_counter()
     target = inputs.resolve(model_or_run, run)
+    inputs.refuse_classifier(target.model_dir)
     ecfg = target.cfg.eval if target.cfg is not None else EvalConfig()
     max_bytes = max_bytes or ecfg.max_bytes_per_source
     batch_tokens = batch_tokens or ecfg.batch_tokens

@@ -303,6 +303,7 @@ def finetune_classifier(model_or_run: Path, data: Path, *, val: Path | None = No
     driver.run()
     last_val = (driver.last_eval or {}).get("val_loss")
 
+    model.config.domainlm_max_len = max_len  # what `score_items` cuts test texts to: the length it trained on
     _save_hf(model, tok, out / RunDir.MODEL)
     summary = {"head": "classification", "model": str(model_dir), "run_dir": str(run_dir) if run_dir else None,
                "data": str(data), "val": str(val) if val else None, "out": str(out / RunDir.MODEL),
@@ -335,7 +336,8 @@ def score_items(model_dir: Path, items: list[dict], task: str = TASK) -> dict:
     if len(rows) != len(items):
         raise UserError(f"{task}: {len(items) - len(rows)} test item(s) of another task")
     context = int(getattr(model.config, "max_position_embeddings", 0) or 512)
-    examples, _ = encode(tok, rows, labels, context, "truncate", unknown="keep")
+    max_len = min(int(getattr(model.config, "domainlm_max_len", 0) or context), context)  # the training length
+    examples, _ = encode(tok, rows, labels, max_len, "truncate", unknown="keep")
     logits = logits_of(model, examples, pad_id_of(tok), device,
                        "bf16-mixed" if device.type == "cuda" else "fp32")
     preds = [labels[int(k)] for k in logits.argmax(-1)]
