@@ -21,32 +21,34 @@ from rich.console import Console
 from rich.table import Table
 
 from domainlm import faults
-from domainlm.basemodel import base_of
 from domainlm.config import RunConfig, load_config
+from domainlm.data.pipeline import document_files
 from domainlm.data.tokens import load_counts
 from domainlm.errors import UserError
 from domainlm.evaluate import bootstrap
 from domainlm.evaluate.command import evaluate_variant
+from domainlm.model.base import base_of
 from domainlm.outputs import Ablation, AblationResult
+from domainlm.report.plots import ablation_chart
 from domainlm.rundir import RunDir, write_json
 from domainlm.train.variants import train_variant, variant_config
 
 ABLATE_VERSION = 1
 
 
-def parse_weights(text: str) -> list[float]:
+def parse_weights(text: str, flag: str = "--domain-weights") -> list[float]:
     out = []
     for part in str(text).split(","):
         part = part.strip()
         try:
             w = float(part)
         except ValueError:
-            raise UserError(f"--domain-weights: expected numbers in [0, 1] like 0,0.51,1, got {part!r}") from None
+            raise UserError(f"{flag}: expected numbers in [0, 1] like 0,0.51,1, got {part!r}") from None
         if not 0.0 <= w <= 1.0:
-            raise UserError(f"--domain-weights: {w:g} is outside [0, 1]")
+            raise UserError(f"{flag}: {w:g} is outside [0, 1]")
         out.append(w)
     if not out:
-        raise UserError("--domain-weights: give at least one weight, e.g. 0,0.51,1")
+        raise UserError(f"{flag}: give at least one weight, e.g. 0,0.51,1")
     return sorted(set(out))
 
 
@@ -64,7 +66,6 @@ def run_ablate(config: Path | None, domain_weights: str, *, console: Console, se
     seed_list = [cfg.train.seed + i for i in range(n_seeds)]
     base = base_of(cfg)  # continued pretraining: the variants continue the base, on its tokenizer's token files
     load_counts(RunDir(run_dir).tokens_for(base.path) if base else run_dir)  # fails early: "run `domainlm tokenize`"
-    from domainlm.data.pipeline import document_files
 
     for s in cfg.sources:  # each variant is scored on the val documents: check them before any training
         document_files(run_dir, s.name, "val")
@@ -75,7 +76,7 @@ def run_ablate(config: Path | None, domain_weights: str, *, console: Console, se
                                                                           else ""))
         evs, models = [], []
         for seed in seed_list:
-            vcfg = variant_config(cfg, run_dir, w, seed)
+            vcfg = variant_config(cfg, run_dir, w, seed=seed)
             models.append(train_variant(vcfg, run_dir, console))
             evs.append(evaluate_variant(vcfg.directory(), run_dir, console))
         results.append(AblationResult(
@@ -88,7 +89,6 @@ def run_ablate(config: Path | None, domain_weights: str, *, console: Console, se
     ab = Ablation(version=ABLATE_VERSION, config=str(config) if config else None, model=vcfg.model.model_dump(),
                   tokens=vcfg.train.max_tokens, configured_domain_weight=domain_share(cfg), results=results)
     write_json(RunDir(run_dir).ablate, ab.model_dump())
-    from domainlm.report.plots import ablation_chart
 
     return {**ab.model_dump(), "plot": str(ablation_chart(ab, RunDir(run_dir).ablate.with_suffix(".png")))}
 

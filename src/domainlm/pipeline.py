@@ -28,12 +28,12 @@ from typing import Any
 from rich.console import Console
 
 from domainlm import __version__, stages
-from domainlm.basemodel import base_of
 from domainlm.config import RunConfig, dump_config
-from domainlm.data.command import run_prepare, run_tokenize
+from domainlm.data.command import run_prepare
 from domainlm.data.tokens import counts_path
 from domainlm.evaluate.command import evaluate_variant, print_eval, run_eval_cached
 from domainlm.finetune.downstream import run_downstream
+from domainlm.model.base import base_of
 from domainlm.outputs import (
     Ablation,
     AnyEval,
@@ -43,6 +43,7 @@ from domainlm.outputs import (
     Decision,
     FinetuneComparison,
     Law,
+    Mix,
     Plan,
     Stats,
     TrainSummary,
@@ -51,6 +52,7 @@ from domainlm.plan.command import run_plan
 from domainlm.plan.report import print_plan
 from domainlm.report import html
 from domainlm.rundir import RunDir, load_output
+from domainlm.tokenize import run_tokenize
 from domainlm.tokenizer import run_tokenizer
 from domainlm.train.loop import train
 from domainlm.train.parallel import distributed
@@ -160,7 +162,7 @@ REGISTRY: list[StageDecl] = [
     StageDecl(
         "plan", "domainlm plan CONFIG",
         "`plan/` — `laws.py` (Chinchilla, Kaplan, Muennighoff, fitted), `planner.py`, `memory.py`, `hardware.py`, "
-        "`chart.py`",
+        "`chart.py`; the shape from `shape.py`",
         (Output(RunDir.CONFIG, what="the resolved config (`config.RunConfig`)",
                 readers="eval, generate, report, finetune"),
          Output(RunDir.PLAN_CHART, what="PNG", readers="you"),
@@ -183,8 +185,8 @@ REGISTRY: list[StageDecl] = [
         run=lambda c: run_tokenizer(c.config_path, console=c.console), sections=(html.tokenizer_section,)),
     StageDecl(
         "tokenize", "domainlm tokenize CONFIG",
-        "`data/tokenize.py` → `data/tokens.py` (the token-file format; one folder per tokenizer, "
-        "`RunDir.tokens_for`)",
+        "`tokenize.py` (the command: vocabulary extension first, `tokenizer_extend.py`) → `data/tokenize.py` → "
+        "`data/tokens.py` (the token-file format; one folder per tokenizer, `RunDir.tokens_for`)",
         (Output(RunDir.TOKENS, what="`tokens/<source>/{train,val}.bin` (`tokens-<sha>/` for another tokenizer)",
                 readers="train, plan (real counts), report"),
          Output(RunDir.COUNTS, Counts, readers="train, plan, report")),
@@ -192,8 +194,10 @@ REGISTRY: list[StageDecl] = [
     StageDecl(
         "train", "domainlm train CONFIG",
         "`train/` — `loop.py` (pretraining setup, eval, export), `driver.py` (the one loop), `step.py` (the one "
-        "step), `data.py` (mixture loader), `parallel.py`, `checkpoint.py`, `schedule.py`, `objectives.py`; "
-        "`model.py`; `basemodel.py`",
+        "step), `data.py` (mixture loader), `parallel.py`, `checkpoint.py`, `schedule.py`; `objectives/` (causal, masked, span behind one `Objective` "
+        "interface); "
+        "`shape.py` (the shape rule, its parameter and FLOP counts); `model/` (`__init__.py`: the single-device "
+        "model and the HF export; `base.py`: continued pretraining's base model)",
         (Output(RunDir.CHECKPOINTS, what="`step-N/`: weights, optimizer, RNG, loader state, manifest (last)",
                 readers="train (resume)"),
          Output(RunDir.METRICS, what="one JSON row per step / eval", readers="report, scaling"),
@@ -218,6 +222,14 @@ REGISTRY: list[StageDecl] = [
     StageDecl(
         "decide", "domainlm decide CONFIG --base GENERAL_MODEL", "`decide.py`",
         (Output(RunDir.DECIDE, Decision, readers="report"),), sections=(html.decide_section,)),
+    StageDecl(
+        "mix", "domainlm mix CONFIG", "`mix/` — `law.py` (the mixing law, its fit and bootstrap, objectives), "
+        "`stage.py` (the design of variants, the held-out check); `train/variants.py`",
+        (Output(RunDir.MIX_DIR, what="`mix/D<tokens>-w<weight>-s<seed>/`: one variant's training run and `eval.json`",
+                readers="mix (resume)"),
+         Output(RunDir.MIX_CHART, what="PNG", readers="you"),
+         Output(RunDir.MIX, Mix, readers="report, plan (`--weights-from`)")),
+        sections=(html.mix_section,)),
     StageDecl(
         "scaling", "domainlm scaling CONFIG --budgets ...", "`scaling/` (sweep, fit, points)",
         (Output(RunDir.POINTS, what="one `ScalingPoint` per line", readers="scaling --points"),

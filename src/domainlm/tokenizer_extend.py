@@ -41,12 +41,22 @@ vocabulary are exactly the base model's.
 
 from __future__ import annotations
 
+import copy
+import shutil
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from tokenizers import AddedToken
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from domainlm import stages
 from domainlm.errors import UserError
+from domainlm.model.base import model_folder, resolve_base
+from domainlm.rundir import RunDir, swap_dir, write_json
+from domainlm.tokenizer import _normalised, audit, sample_texts, train_bytes
 
 ENCODE_BATCH_DOCS = 256
 
@@ -108,9 +118,7 @@ def choose(domain_tok, base_tok, texts: Iterable[str], n: int) -> list[NewToken]
 def extend_tokenizer(base_tok, tokens: list[NewToken]):
     """A copy of the HF tokenizer ``base_tok`` with ``tokens`` added (matched on the raw text, before the base
     tokenizer's own normalisation); returns (tokenizer, the new ids in the order of ``tokens``)."""
-    import copy
 
-    from tokenizers import AddedToken
 
     tok = copy.deepcopy(base_tok)
     before = len(tok)
@@ -127,7 +135,6 @@ def extend_model(model, tokens: list[NewToken], new_ids: list[int]) -> dict:
     input rows of the token's base pieces, each new output row the mean of all old output rows (the module
     docstring cites why). A tied head is untied first (an input row and an output row can then differ).
     Returns {"untied": whether the head was untied}."""
-    import torch
 
     if not tokens:
         return {"untied": False}
@@ -160,10 +167,7 @@ def extend(base_dir: Path, domain_tokenizer: Path, texts: Iterable[str], n: int,
     """Load the base model folder, choose ``n`` tokens from the domain tokenizer folder on ``texts``, and write
     the extended model + tokenizer (HF format) to ``out_dir`` (built under a temporary name, swapped in).
     Returns what was added."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from domainlm.rundir import swap_dir
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     base_tok = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
@@ -173,7 +177,6 @@ def extend(base_dir: Path, domain_tokenizer: Path, texts: Iterable[str], n: int,
     model = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True, dtype=torch.float32)
     resized = extend_model(model, tokens, ids)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    import shutil
 
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -189,7 +192,6 @@ def extend(base_dir: Path, domain_tokenizer: Path, texts: Iterable[str], n: int,
 def domain_sample(cfg, run_dir: Path) -> list[str]:
     """The domain train text the choice counts on: the domain sources sampled the way `domainlm tokenizer` samples
     its training text (tokenizer.py), up to ``tokenizer.sample_bytes``."""
-    from domainlm.tokenizer import _normalised, sample_texts, train_bytes
 
     dom = [s for s in cfg.sources if s.role == "domain"]
     if not dom:
@@ -204,10 +206,6 @@ def build_extended(cfg, run_dir: Path, base_path: Path, n: int, out: Path, *, ke
     the extended tokenizer against the base's (bytes per token on every val split, domain-term splits: before
     and after) goes into the result and ``<out>/audit.json``. Done once per base, run tokenizer, N and sample
     (a stage marker ``extend-<folder>``); returns what was added and the audit."""
-    from domainlm import stages
-    from domainlm.basemodel import resolve_base
-    from domainlm.rundir import RunDir, write_json
-    from domainlm.tokenizer import audit
 
     run_tok = RunDir(run_dir).tokenizer / "tokenizer.json"
     if not run_tok.is_file():
@@ -223,7 +221,6 @@ def build_extended(cfg, run_dir: Path, base_path: Path, n: int, out: Path, *, ke
     if console is not None:
         console.print(f"extending {base_path}'s tokenizer with up to {n} domain tokens ...", highlight=False)
     info = extend(base_path, RunDir(run_dir).tokenizer, domain_sample(cfg, run_dir), n, out)
-    from transformers import AutoTokenizer
 
     before = AutoTokenizer.from_pretrained(base_path, local_files_only=True)
     after = AutoTokenizer.from_pretrained(out, local_files_only=True)
@@ -236,13 +233,11 @@ def build_extended(cfg, run_dir: Path, base_path: Path, n: int, out: Path, *, ke
 def ensure_extended(cfg, console=None) -> Path | None:
     """With ``train.init_from`` and ``tokenizer.extend_vocab: N``: the base model extended with N domain tokens,
     built once in ``<run>/base-extended/`` (`domainlm tokenize` calls this before it tokenizes with the base's
-    tokenizer; `basemodel.base_of` then names this folder). None when the config asks for no extension."""
-    from domainlm.rundir import RunDir
+    tokenizer; `model.base.base_of` then names this folder). None when the config asks for no extension."""
 
     n = cfg.tokenizer.extend_vocab
     if not n or not cfg.train.init_from:
         return None
-    from domainlm.basemodel import model_folder
 
     run_dir = cfg.directory()
     out = RunDir(run_dir) / RunDir.EXTENDED_BASE

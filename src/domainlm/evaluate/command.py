@@ -17,9 +17,11 @@ from domainlm.errors import UserError
 from domainlm.evaluate import bpb, inputs
 from domainlm.evaluate import objective as objective_eval
 from domainlm.evaluate.probes import load_probes, packaged_probes, score_probes, summarise
+from domainlm.evaluate.tasks import format_metrics, load_test, score_task
 from domainlm.outputs import AnyEval, EvalOutput, ObjectiveEvalOutput
 from domainlm.rundir import RunDir, load_output, write_json
 from domainlm.stages import Stage, file_fingerprint, fingerprint
+from domainlm.train.parallel import init_distributed
 
 EVAL_VERSION = 1
 
@@ -82,24 +84,23 @@ def run_eval(
     if not named and not probe_items:
         raise UserError(f"{model_or_run}: nothing to score; give --text NAME=PATH, --run RUN_DIR or --probes FILE")
 
-    from domainlm.train.parallel import init_distributed
 
     world = init_distributed()  # under torchrun every rank scores its share of the windows (bpb.score_texts)
     device = world.device.type
     if not world.is_main:
         console = None
-    kind = objective_eval.model_objective(target.model_dir)
-    if kind != "causal":  # an encoder (masked LM) or encoder-decoder (span): its own loss, no bpb, no probes
+    objective = objective_eval.model_objective(target.model_dir)
+    if not objective.bits_per_byte:  # an encoder (masked LM) or encoder-decoder (span): its own loss, no probes
         seq_len = target.cfg.train.seq_len if target.cfg is not None else None  # the windows it trained on
         result = {"version": EVAL_VERSION, "domainlm": __version__, "model": str(target.model_dir),
                   "run_dir": str(target.run_dir) if target.run_dir else None, "device": device,
                   "processes": world.world_size, "max_bytes_per_source": max_bytes,
-                  **objective_eval.evaluate(target.model_dir, kind, named, batch_tokens=batch_tokens,
+                  **objective_eval.evaluate(target.model_dir, objective, named, batch_tokens=batch_tokens,
                                             context=context or ecfg.context or seq_len,
                                             device=str(world.device), progress=lambda label: _progress(console, label)),
                   "probes": None, "seconds": round(time.perf_counter() - t0, 2)}
         if probe_items and console is not None:
-            console.print(f"[dim]probes skipped: they compare a causal model's log-likelihoods, not a {kind} "
+            console.print(f"[dim]probes skipped: they compare a causal model's log-likelihoods, not a {objective.name} "
                           "model's[/]", highlight=False)
         return result, _write(result, ObjectiveEvalOutput, out, target, world,
                               lambda: eval_fingerprint(target.model_dir, ecfg, probe_path, texts))
@@ -242,7 +243,6 @@ def run_tasks(model_or_run: Path, task_names: list[str], *, test: Path | None = 
               console: Console | None = None) -> tuple[dict, Path | None]:
     """`domainlm eval MODEL --task licensedb-category`: score any model folder on the LicenseDB tasks
     (evaluate/tasks.py); written to ``<run>/eval/tasks.json`` for a run directory, or ``--out``."""
-    from domainlm.evaluate.tasks import load_test, score_task
 
     target = inputs.resolve(model_or_run)
     items = {t: load_test(t, test) for t in task_names}  # bad names / files fail before the model loads
@@ -257,8 +257,6 @@ def run_tasks(model_or_run: Path, task_names: list[str], *, test: Path | None = 
 
 
 def print_tasks(results: dict, written: Path | None, console: Console) -> None:
-    from domainlm.evaluate.tasks import format_metrics
-
     for t, r in results.items():
         base = f" (majority class {r['majority_accuracy']:.1%})" if "majority_accuracy" in r else ""
         console.print(f"{t} on {r['items']} test items: {format_metrics(r)}{base}", highlight=False)

@@ -26,6 +26,8 @@ from domainlm.config import LICENSEDB_TEST
 from domainlm.errors import UserError
 from domainlm.evaluate import bootstrap
 from domainlm.evaluate import tasks as downstream
+from domainlm.evaluate.inputs import load_run_config
+from domainlm.finetune import classify
 from domainlm.finetune.loop import FinetuneArgs, finetune, resolve_model
 from domainlm.outputs import ClassifyComparison, FinetuneComparison
 from domainlm.rundir import RunDir, write_json
@@ -44,8 +46,6 @@ def _licenses_in(path: Path) -> set[str]:
 def saw_test_items(model_dir: Path, run_dir: Path | None = None) -> str | None:
     """Why ``model_dir``'s pretraining contained LicenseDB's test licenses (its run config reads the package
     without ``exclude_ids``), or None (it did not, or nothing says: a folder without a domainlm run config)."""
-    from domainlm.evaluate.inputs import load_run_config
-
     run = run_dir or (model_dir.parent if model_dir.name == RunDir.MODEL else None)
     if run is None or not RunDir(run).config.is_file():
         return None
@@ -64,7 +64,6 @@ def compare(domain: Path, general: Path, data: Path, *, val: Path | None = None,
             seeds: int = 1) -> tuple[dict, list[Path]]:
     """``head``: ``lm`` (instruction fine-tuning, answers scored by the LM) or ``classification`` (a sequence
     classification head, finetune/classify.py: the category task only; written to ``eval/classify.json``)."""
-    from domainlm.finetune import classify
 
     console = console or Console(stderr=True)
     args = args or FinetuneArgs()
