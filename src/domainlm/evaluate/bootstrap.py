@@ -26,6 +26,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import numpy as np
+from scipy.stats import norm, t
 
 BOOTSTRAP = 1000  # resamples (evaluate/tasks.py's)
 
@@ -61,8 +62,6 @@ def seed_inflation(k: int) -> float:
     K seeds with an estimated spread has K−1 degrees of freedom (Student 1908), 4.30 vs 1.96 for K = 3."""
     if k < 2:
         return 1.0
-    from scipy.stats import norm, t
-
     return float(np.sqrt(k / (k - 1)) * t.ppf(0.975, k - 1) / norm.ppf(0.975))
 
 
