@@ -174,9 +174,12 @@ def plan(
     weights_from: Annotated[Path | None, typer.Option("--weights-from", help="the weights `domainlm mix` "
                                                       "recommends: <run>/mix/mix.json")] = None,
     law: Annotated[
-        str | None, typer.Option(help="chinchilla-1|chinchilla-2|chinchilla-3|epoch-2024|kaplan|fitted:PATH")
+        str | None, typer.Option(help="chinchilla-1|chinchilla-2|chinchilla-3|epoch-2024|kaplan|fitted:PATH "
+                                      "[epoch-2024]")
     ] = None,
-    vocab_size: Annotated[str | None, typer.Option(help="vocabulary size for the model shape [32768]")] = None,
+    vocab_size: Annotated[
+        str | None, typer.Option(help="vocabulary size for the model shape [planned: Tao et al. 2024]")
+    ] = None,
     seq_len: Annotated[str | None, typer.Option(help="sequence length for FLOPs and memory [2048]")] = None,
     plot: Annotated[Path | None, typer.Option(help="write the params-vs-tokens chart here (.png/.svg/.pdf; a folder: "
                                                    "FOLDER/plan.png)")] = None,

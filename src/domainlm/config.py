@@ -111,7 +111,7 @@ class BudgetConfig(_Section):
     gpus: int = Field(default=1, ge=1)
     hours: float | None = Field(default=None, gt=0)
     mfu: float | None = Field(default=None, gt=0, le=1)
-    law: str = "chinchilla-3"
+    law: str = "epoch-2024"  # Besiroglu et al. 2024's refit of Chinchilla approach 3 (plan/laws.py)
     buffer: float = Field(default=0.3, ge=0, lt=1, description="compute kept in reserve (BloombergGPT: ~30%)")
 
     @field_validator("law")
@@ -131,7 +131,8 @@ class TokenizerConfig(_Section):
     """`domainlm tokenizer`: byte-level BPE (default) or Unigram (BloombergGPT's choice), digits split."""
 
     kind: Literal["bpe", "unigram"] = "bpe"
-    vocab_size: int = 32768
+    # None: the plan's vocabulary (plan.json model.vocab_size), sized with the model by Tao et al. 2024's law.
+    vocab_size: int | None = None
     domain_terms: list[str] = Field(default_factory=list)
     sample_bytes: int = Field(default=20_000_000, ge=1, description="train text sampled by mixture weight")
     audit_bytes: int = Field(default=1_000_000, ge=1, description="val text per source for the audit")
@@ -142,8 +143,8 @@ class TokenizerConfig(_Section):
 
     @field_validator("vocab_size")
     @classmethod
-    def _fits_bytes(cls, v: int) -> int:
-        if v < MIN_VOCAB_SIZE:
+    def _fits_bytes(cls, v: int | None) -> int | None:
+        if v is not None and v < MIN_VOCAB_SIZE:
             specials = " ".join(SPECIAL_TOKENS)
             raise ValueError(f"must be at least {MIN_VOCAB_SIZE} (256 byte tokens + special tokens {specials})")
         return v

@@ -106,6 +106,8 @@ class Plan(Output):
     alternatives: list[dict[str, Any]]
     notes: list[str]
     data_constrained: dict[str, Any] | None = None
+    vocabulary: dict[str, Any] | None = None  # the planned vocabulary, N_v and N_nv apart (plan/vocab.py)
+    small_scale: dict[str, Any] | None = None  # below the law's fitted range: the law's N, D and the rule used
     config: str | None = None
 
 

@@ -183,7 +183,12 @@ def plan_section(r: Report) -> Section:
                        f"{human(m.params_total)} total)"],
         ["training tokens", f"{human(plan.tokens)} ({plan.tokens_per_param:.1f} tokens/param)"],
         ["effective tokens (repeats discounted)", human(plan.effective_tokens)],
-        ["predicted loss", _num(plan.predicted_loss)],
+        ["vocabulary", "-" if not plan.vocabulary else
+         escape(f"{plan.vocabulary['vocab_size']:,} ({plan.vocabulary['from']}); N_v = V·d "
+                f"{human(plan.vocabulary['params_vocabulary'])}, non-vocabulary "
+                f"{human(plan.vocabulary['params_non_vocabulary'])}")],
+        ["predicted loss", "none: below the range the law was fitted on (the small-scale rule chose the shape)"
+         if plan.small_scale else _num(plan.predicted_loss)],
         ["GPU hours", _num(plan.gpu_hours, "{:,.1f}")],
     ], cls="kv"))
     run = plan.run  # what the run trains: the plan, or each override of it next to its reason
