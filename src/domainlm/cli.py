@@ -64,6 +64,8 @@ DEBUG = False
 
 ConfigArg = Annotated[Path | None, typer.Argument(help="run config YAML (see recipes/legal-demo.yaml)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
+SeedsOpt = Annotated[int | None, typer.Option("--seeds", min=1, help="train each arm K times (seeds +0…+K−1); "
+                                              "intervals over seeds and documents [compare.seeds, 1]")]
 
 
 def _version(value: bool) -> None:
@@ -340,6 +342,8 @@ def finetune(
     restart: Annotated[bool, typer.Option("--restart", help="delete the output folder; start over")] = False,
     head: Annotated[str, typer.Option(help="lm: instruction-tune the LM | classification: a sequence "
                                       "classification head ({text, label} lines or licensedb-category items)")] = "lm",
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="--compare: fine-tune each model K times (--seed "
+                                       "+0…+K−1); intervals over seeds and test items")] = 1,
 ) -> None:
     """Instruction-tune a model (loss on responses only), or --head classification; --compare GENERAL: domain vs
     general downstream."""
@@ -350,14 +354,16 @@ def finetune(
         _writable_folder(Path(out), "--out")
     if not (Path(model_or_run) / "config.json").is_file() and (Path(model_or_run) / "model").is_dir():
         with _locked(model_or_run, "finetune"):  # a run directory: the output goes to <run>/finetune/
-            _finetune(model_or_run, data, val, out, args, compare, test, task, restart, head)
+            _finetune(model_or_run, data, val, out, args, compare, test, task, restart, head, seeds)
     else:
-        _finetune(model_or_run, data, val, out, args, compare, test, task, restart, head)
+        _finetune(model_or_run, data, val, out, args, compare, test, task, restart, head, seeds)
 
 
-def _finetune(model_or_run, data, val, out, args, compare, test, task, restart, head="lm") -> None:
+def _finetune(model_or_run, data, val, out, args, compare, test, task, restart, head="lm", seeds=1) -> None:
     if head not in ("lm", "classification"):
         raise UserError(f"--head: expected lm or classification, got {head!r}")
+    if seeds > 1 and compare is None:
+        raise UserError("--seeds: compares fine-tuned models; give --compare GENERAL_MODEL")
     if compare is None:
 
         fit = finetune_loop.finetune if head == "lm" else finetune_classify.finetune_classifier
@@ -365,7 +371,8 @@ def _finetune(model_or_run, data, val, out, args, compare, test, task, restart, 
         return
 
     result, written = finetune_compare.compare(model_or_run, compare, data, val=val, test=test, out=out, args=args,
-                                               tasks=task, head=head, restart=restart, console=err_console)
+                                               tasks=task, head=head, seeds=seeds, restart=restart,
+                                               console=err_console)
     finetune_compare.print_compare(result, console)
     for p in written:
         _wrote(p)
@@ -523,12 +530,14 @@ def run(
 def ablate(
     config: ConfigArg = None,
     domain_weights: Annotated[str, typer.Option(help="comma-separated domain weights to train")] = "0,0.51,1",
+    seeds: SeedsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train the same model shape on the same token budget per domain weight; bpb of each on every source."""
 
     with _locked(_config_dir(config), "ablate"):
-        result = ablate_.run_ablate(config, domain_weights, console=err_console if as_json else console)
+        result = ablate_.run_ablate(config, domain_weights, console=err_console if as_json else console,
+                                    seeds=seeds)
     print_json(result) if as_json else ablate_.print_ablation(result, console)
 
 
@@ -579,13 +588,14 @@ def decide(
                                                       "(for its compute; a domainlm run records its own)")] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="peak learning rate of the continued arms, re-warmed "
                                              "[train.lr]")] = None,
+    seeds: SeedsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """From scratch or continued? Train both at equal tokens; bpb per source, probes, compute, and a verdict."""
 
     with _locked(_config_dir(config), "decide"):
         result = decide_.run_decide(config, base=base, extend_vocab=extend_vocab, texts=text, base_tokens=base_tokens,
-                            lr=lr, console=err_console if as_json else console)
+                            lr=lr, seeds=seeds, console=err_console if as_json else console)
     print_json(result) if as_json else decide_.print_decide(result, console)
 
 

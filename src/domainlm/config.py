@@ -274,6 +274,15 @@ class DownstreamConfig(_Section):
     seed: int = 0
 
 
+class CompareConfig(_Section):
+    """How comparisons of trained arms are made (`decide`, `ablate`, `finetune --compare`, `domainlm run`'s
+    baseline and downstream stage): each arm is trained ``seeds`` times (seeds train.seed, +1, …; the finetune's
+    seed, +1, …) and intervals come from the hierarchical bootstrap over seeds and documents/items
+    (evaluate/bootstrap.py). 1: one model per arm, intervals over documents/items only. ``--seeds`` overrides it."""
+
+    seeds: int = Field(default=1, ge=1, le=64)
+
+
 class RunConfig(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     run_dir: str | None = None  # default: runs/<name>
@@ -285,6 +294,7 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
+    compare: CompareConfig = Field(default_factory=CompareConfig)
 
     @field_validator("sources")
     @classmethod

@@ -417,3 +417,66 @@ def load_latest(run_dir: Path, model, optimizer, world: Dist) -> tuple[Path, dic
         else:
             offer = "no earlier checkpoint exists; use --restart to start over"
         raise UserError(f"{e.file}: corrupted checkpoint ({e.why}); {offer}") from None
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+
+# Every checkpoint's state.json carries ``inputs``: a flat {key: value} of what determines the weights of the unit
+# that wrote it (config keys, the base model's and the tokenizer's content hashes, the data's counts and hashes,
+# the seed), given by the caller (`train/loop.py`, `finetune/*`). A resume compares it with the current inputs:
+# any difference discards the unit's checkpoints and starts it from scratch, and says which keys changed.
+INPUTS = "inputs"
+STALE = ".stale-checkpoints"
+
+
+def _canonical(inputs: dict) -> dict:
+    """``inputs`` as state.json gives it back (tuples as lists, keys as strings): what a comparison sees."""
+    return json.loads(json.dumps(inputs, sort_keys=True, default=str))
+
+
+def changed_inputs(recorded: dict, current: dict) -> list[str]:
+    """The keys whose values differ between two input records (added or removed keys included), sorted."""
+    a, b = _canonical(recorded), _canonical(current)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k, ...) != b.get(k, ...))
+
+
+def recorded_inputs(path: Path) -> dict | None:
+    """The inputs a checkpoint recorded, or None (written before inputs were recorded, or state.json unreadable:
+    loading it reports that)."""
+    try:
+        state = json.loads((path / "state.json").read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    rec = state.get(INPUTS) if isinstance(state, dict) else None
+    return rec if isinstance(rec, dict) else None
+
+
+def stale_checkpoint(run_dir: Path, inputs: dict) -> tuple[Path, list[str] | None] | None:
+    """(the newest checkpoint, the input keys that changed since it was written) when ``inputs`` differ from what
+    it recorded, or (it, None) when it recorded none (written by an earlier version); None when they match or
+    there is no checkpoint."""
+    ckpts = list_checkpoints(run_dir)
+    if not ckpts:
+        return None
+    rec = recorded_inputs(ckpts[-1])
+    if rec is None:
+        return ckpts[-1], None
+    changed = changed_inputs(rec, inputs)
+    return (ckpts[-1], changed) if changed else None
+
+
+def discard_checkpoints(run_dir: Path) -> None:
+    """Remove every checkpoint of ``run_dir``: the folder is renamed away first (one atomic step, so a kill
+    mid-removal leaves no checkpoint that a resume could pick up), then deleted."""
+    d = checkpoints_dir(run_dir)
+    trash = d.with_name(STALE)
+    shutil.rmtree(trash, ignore_errors=True)  # left by a kill during an earlier discard
+    if d.exists():
+        os.replace(d, trash)
+        fsync(d.parent)
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def describe_changes(changed: list[str], shown: int = 6) -> str:
+    more = f" and {len(changed) - shown} more" if len(changed) > shown else ""
+    return ", ".join(changed[:shown]) + more

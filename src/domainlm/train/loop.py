@@ -62,6 +62,11 @@ from domainlm.train.step import IGNORE, make_optimizer, train_step, validation_n
 STAGE = "train"
 # model section keys a base model (train.init_from) decides instead
 SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings", "max_position_embeddings")
+# train keys that do not change what a step computes, only when it is logged, checkpointed or how it is laid out on
+# devices (rounding aside), and the schedule's length (a changed budget extends or shortens a run: resume says so)
+NOT_WEIGHT_KEYS = {"max_tokens", "eval_every", "eval_tokens", "checkpoint_every", "keep_checkpoints", "max_bad_steps",
+                   "parallel", "compile", "activation_checkpointing", "cpu_offload", "micro_batch", "precision",
+                   "init_from"}
 
 
 def run_training(config: Path | None, *, restart: bool = False, max_steps: int | None = None,
@@ -219,6 +224,18 @@ def setup(cfg: RunConfig, data_dir: Path, world: Dist, max_steps: int | None) ->
                  tokens_per_step, global_batch, max_steps or max(1, math.ceil(budget / tokens_per_step)),
                  t.precision if t.precision != "auto" else ("bf16-mixed" if world.device.type == "cuda" else "fp32"),
                  plan, base, objective)
+
+
+def weight_inputs(cfg: RunConfig, z: Setup, data_dir: Path) -> dict:
+    """What determines a training run's weights, as flat keys (recorded in each checkpoint; train/driver.py): the
+    model and train config (less `NOT_WEIGHT_KEYS`), the resolved shape, the mixture weights, the tokenizer's hash,
+    the token files' counts and the prepared data's fingerprint, and the base model's content hash."""
+    stats = RunDir(data_dir).read_json(RunDir.STATS) or {}
+    return {**{f"model.{k}": v for k, v in cfg.model.model_dump().items()},
+            **{f"train.{k}": v for k, v in cfg.train.model_dump().items() if k not in NOT_WEIGHT_KEYS},
+            "shape": z.shape.as_dict(), "weights": z.weights, "tokenizer": z.counts.get("tokenizer_sha256"),
+            "data.counts": z.counts["sources"], "data.prepared": stats.get("fingerprint"),
+            "base": z.base.fingerprint if z.base else None}
 
 
 def base_shape(base: BaseModel, seq_len: int, token_vocab: int) -> ModelShape:
@@ -390,7 +407,8 @@ def _driver(cfg: RunConfig, run_dir: Path, data_dir: Path, world: Dist, model, o
         STAGE, run_dir, world, model, optimizer, z.total_steps, lr, one_step, run_eval if z.val else None,
         lambda: {"parallel": mode, "world_size": world.world_size, "data": loader.state_dict()},
         t.eval_every, t.checkpoint_every, t.keep_checkpoints, console, max_bad_steps=t.max_bad_steps,
-        tensorboard=True, mfu=lambda tokens_per_s: flops_per_token * tokens_per_s / peak if peak else None)
+        tensorboard=True, mfu=lambda tokens_per_s: flops_per_token * tokens_per_s / peak if peak else None,
+        inputs=weight_inputs(cfg, z, data_dir))
     return driver
 
 
