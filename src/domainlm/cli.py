@@ -238,6 +238,18 @@ def prepare(config: ConfigArg = None, as_json: JsonOpt = False) -> None:
     print_json(result) if as_json else print_prepare(result, console)
 
 
+# ---------------------------------------------------------------------------------------------------- mine
+
+
+@app.command()
+def mine(config: ConfigArg = None, as_json: JsonOpt = False) -> None:
+    """Mine domain documents from general pools with a fastText classifier (after prepare; docs/mine.md)."""
+    from domainlm.mine.command import print_mine, run_mine
+
+    result = run_mine(config, console=err_console if as_json else console)
+    print_json(result) if as_json else print_mine(result, console)
+
+
 # ---------------------------------------------------------------------------------------------------- tokenizer
 
 

@@ -119,6 +119,9 @@ class RunDir:
     DECIDE = "decide/decide.json"  # domainlm decide: scratch vs continued vs the general model, the verdict
     EXTENDED_BASE = "base-extended"  # tokenizer.extend_vocab: the base model + domain tokens (tokenizer_extend.py)
     FINETUNE = "finetune.json"  # in a fine-tuning's --out folder: its summary
+    MINE = "mine/mine.json"  # domainlm mine: the rounds (yield, precision, threshold), written last
+    MINE_DOCS = "mine/docs"  # domainlm mine: the mined source, mine/docs/<pool>/<rank>.jsonl.gz
+    MINE_WORK = ".mine"  # mine's work files (indexes, classifiers, scored candidates per round)
     LAW = "scaling/law.json"  # domainlm scaling
     POINTS = "scaling/points.jsonl"
     REPORT = "report/index.html"  # domainlm report

@@ -112,7 +112,10 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _executor(pcfg: PrepareConfig, pipeline: list, tasks: int, workers: int, logdir: Path, name: str, depends=None):
+def _executor(pcfg: PrepareConfig, pipeline: list, tasks: int, workers: int, logdir: Path, name: str, depends=None,
+              site: str = "prepare.task_done"):
+    """The executor ``prepare.executor`` names for one stage; a local one hits the crash site ``site`` after each
+    task's completion marker (`domainlm mine` runs its steps on the same executors)."""
     if pcfg.executor == "slurm":
         from domainlm.launch.slurm_executor import Executor
 
@@ -135,20 +138,31 @@ def _executor(pcfg: PrepareConfig, pipeline: list, tasks: int, workers: int, log
         return RayPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logdir),
                                    cpus_per_task=pcfg.ray.cpus_per_task, mem_per_cpu_gb=pcfg.ray.mem_per_cpu_gb)
     # fork: a worker starts in milliseconds instead of re-importing datatrove (~2 s per stage with forkserver)
-    return _local_executor()(pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=str(logdir),
+    return _local_executor(site)(pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=str(logdir),
                              start_method="fork")
 
 
-def _local_executor():
-    """datatrove's local executor, with the crash site ``prepare.task_done`` after each completion marker."""
+def _local_executor(site: str):
+    """datatrove's local executor, with the crash site ``site`` after each completion marker."""
     from datatrove.executor import LocalPipelineExecutor
 
     class Executor(LocalPipelineExecutor):
         def mark_rank_as_completed(self, rank: int):
             super().mark_rank_as_completed(rank)
-            faults.hit("prepare.task_done")
+            faults.hit(site)
 
     return Executor
+
+
+def minhash_config(pcfg: PrepareConfig):
+    """The MinHash parameters of prepare's near-duplicate stages (also `domainlm mine`'s, against the domain)."""
+    from datatrove.pipeline.dedup import MinhashConfig
+    from datatrove.utils.hashing import HashConfig
+
+    return MinhashConfig(
+        n_grams=pcfg.minhash_ngrams, num_buckets=pcfg.minhash_buckets,
+        hashes_per_bucket=pcfg.minhash_hashes_per_bucket, hash_config=HashConfig(precision=64, hash_fc="sha1"),
+    )
 
 
 def build_stages(spec: sources.SourceSpec, pcfg: PrepareConfig, run_dir: Path, tasks: int):
@@ -158,23 +172,18 @@ def build_stages(spec: sources.SourceSpec, pcfg: PrepareConfig, run_dir: Path, t
         ExactDedupFilter,
         ExactDedupSignature,
         ExactFindDedups,
-        MinhashConfig,
         MinhashDedupBuckets,
         MinhashDedupCluster,
         MinhashDedupFilter,
     )
     from datatrove.pipeline.writers import JsonlWriter
-    from datatrove.utils.hashing import HashConfig
 
     from domainlm.data import steps
 
     w = RunDir(run_dir) / RunDir.PREPARE / spec.name
     ws = str(w)
     exact_cfg = ExactDedupConfig(content_getter=_text_of)
-    mh_cfg = MinhashConfig(
-        n_grams=pcfg.minhash_ngrams, num_buckets=pcfg.minhash_buckets,
-        hashes_per_bucket=pcfg.minhash_hashes_per_bucket, hash_config=HashConfig(precision=64, hash_fc="sha1"),
-    )
+    mh_cfg = minhash_config(pcfg)
 
     def deduped() -> list:
         out = [steps.CleanReader(str(w / "clean")), ExactDedupFilter(str(w / "exact_dups"), exact_cfg)]
