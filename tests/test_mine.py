@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gzip
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +14,7 @@ import orjson
 import pytest
 import yaml
 
+import crashkit
 from domainlm.config import ClassifierConfig
 from domainlm.data.command import run_prepare
 from domainlm.mine import classifier, index
@@ -81,39 +83,115 @@ def test_ngram_keys_find_a_shared_13_gram_only():
     assert not index.contains(idx, index.ngram_keys(planted.replace("seven", "7"), 13))
 
 
-def make_run(tmp: Path, executor: str = "local", run: str = "run") -> tuple[Path, dict]:
-    """Domain and general seeds; a pool of 30 unseen domain documents among 60 news ones, an exact copy of a domain
-    document, and a domain-like document quoting 20 words of a domain validation document."""
+def make_corpora(tmp: Path) -> None:
+    """Domain and general seeds; a pool of 30 unseen domain documents among 60 news ones and an exact copy of a
+    domain document."""
     rng = random.Random(1)
-    if not (tmp / "legal").exists():
-        write_docs(tmp / "legal", [doc(rng, LEGAL) for _ in range(80)])
-        write_docs(tmp / "news", [doc(rng, NEWS) for _ in range(80)])
-        hidden = [doc(rng, LEGAL) for _ in range(30)]
-        pool = [{"id": f"legal-{i}", "text": t, "truth": "domain"} for i, t in enumerate(hidden)]
-        pool += [{"id": f"news-{i}", "text": doc(rng, NEWS), "truth": "general"} for i in range(60)]
-        pool.append({"id": "copy", "text": (tmp / "legal" / "doc0003.txt").read_text(), "truth": "domain"})
-        rng.shuffle(pool)
-        (tmp / "pool").mkdir()
-        (tmp / "pool" / "pool.jsonl").write_text("".join(orjson.dumps(r).decode() + "\n" for r in pool))
+    write_docs(tmp / "legal", [doc(rng, LEGAL) for _ in range(80)])
+    write_docs(tmp / "news", [doc(rng, NEWS) for _ in range(80)])
+    pool = [{"id": f"legal-{i}", "text": doc(rng, LEGAL), "truth": "domain"} for i in range(30)]
+    pool += [{"id": f"news-{i}", "text": doc(rng, NEWS), "truth": "general"} for i in range(60)]
+    pool.append({"id": "copy", "text": (tmp / "legal" / "doc0003.txt").read_text(), "truth": "domain"})
+    rng.shuffle(pool)
+    write_pool(tmp / "pool.jsonl", pool)
+
+
+def write_pool(path: Path, pool: list[dict]) -> None:
+    path.write_text("".join(orjson.dumps(r).decode() + "\n" for r in pool))
+
+
+def config(tmp: Path, run: str = "run", executor: str = "local", pool: str = "pool.jsonl") -> Path:
+    """Mine ``pool`` into ``run``; the legal source holds doc0007.txt out (exclude_ids), as LicenseDB's test split."""
+    (tmp / "exclude.txt").write_text("doc0007.txt\n")
     cfg = {"name": "t", "run_dir": str(tmp / run),
-           "sources": [{"name": "legal", "role": "domain", "weight": 0.5, "input": str(tmp / "legal")},
+           "sources": [{"name": "legal", "role": "domain", "weight": 0.5, "input": str(tmp / "legal"),
+                        "exclude_ids": str(tmp / "exclude.txt")},
                        {"name": "news", "role": "general", "weight": 0.5, "input": str(tmp / "news")}],
-           "prepare": {"workers": 2, "tasks": 2, "minhash_buckets": 4, "executor": executor, "val_min_docs": 20},
-           "mine": {"pools": [{"name": "web", "input": str(tmp / "pool" / "pool.jsonl")}], "max_rounds": 2,
-                    "holdout_fraction": 0.3, "classifier": TINY}}
+           "prepare": {"workers": 2, "tasks": 2, "minhash_buckets": 4, "executor": executor},
+           "mine": {"pools": [{"name": "web", "input": str(tmp / pool)}], "max_rounds": 2, "holdout_fraction": 0.3,
+                    "classifier": TINY}}
     p = tmp / f"{run}.yaml"
     p.write_text(yaml.safe_dump(cfg))
-    return p, cfg
+    return p
 
 
-def test_mine_finds_the_hidden_domain_documents(tmp_path):
-    cfg_path, _ = make_run(tmp_path)
-    run_prepare(cfg_path, quiet_console())
-    result = run_mine(cfg_path, quiet_console())["mine"]
-    got = records(tmp_path / "run" / "mine" / "docs")
-    truth = {r["id"]: r["truth"] for r in map(orjson.loads, (tmp_path / "pool" / "pool.jsonl").open("rb"))}
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory) -> Path:
+    """The corpora and a prepared run directory ``run`` (configs of other run directories copy it)."""
+    tmp = tmp_path_factory.mktemp("mine")
+    make_corpora(tmp)
+    run_prepare(config(tmp), quiet_console())
+    return tmp
+
+
+def copy_run(tmp: Path, run: str) -> None:
+    shutil.rmtree(tmp / run, ignore_errors=True)
+    shutil.copytree(tmp / "run", tmp / run, ignore=shutil.ignore_patterns("mine", ".mine", ".lock"))
+    (tmp / run / ".stages" / "mine.json").unlink(missing_ok=True)
+
+
+def truth(path: Path) -> dict[str, str]:
+    return {r["id"]: r["truth"] for r in map(orjson.loads, path.open("rb"))}
+
+
+def test_mine_finds_the_hidden_domain_documents(prepared):
+    result = run_mine(config(prepared), quiet_console())["mine"]
+    got = records(prepared / "run" / "mine" / "docs")
     ids = [r["metadata"]["mine"]["id"].removeprefix("web/") for r in got]
-    print(result["rounds"][0]["threshold"], result["stopped"])
+    assert [r["id"] for r in got] == [r["metadata"]["mine"]["id"] for r in got]
     assert "copy" not in ids and result["rounds"][0]["drops"]["exact_duplicate"] == 1
-    tp = sum(truth[i] == "domain" for i in ids)
-    assert tp / len(ids) >= 0.9 and tp >= 0.8 * 30
+    labels = truth(prepared / "pool.jsonl")
+    tp = sum(labels[i] == "domain" for i in ids)
+    assert tp / len(ids) >= 0.9 and tp >= 0.8 * 30, (tp, len(ids))
+    assert result["docs"] == len(got) and result["rounds"][0]["new_docs"] == len(got)
+    r1 = result["rounds"][0]
+    assert sum(r1["histogram"]) == r1["scored"] == 91
+    # round 2 retrains on seeds + round 1's finds and finds nothing new: the rounds stop
+    assert result["rounds"][1]["positives"] == r1["positives"] + r1["new_docs"]
+    assert result["stopped"] == "round 2: nothing new"
+    assert all(r["metadata"]["mine"]["score"] >= r1["threshold"] for r in got)
+
+
+def test_decontamination_drops_planted_overlaps(prepared):
+    """Three domain-like pool documents, quoting 20 words of a validation document, of a file held out of the domain
+    source by exclude_ids, and of a task's test item, are dropped."""
+    from domainlm.data import pipeline
+
+    copy_run(prepared, "run-dc")
+    val = next(pipeline.iter_documents(prepared / "run", "legal", "val"))
+    held = (prepared / "legal" / "doc0007.txt").read_text()
+    rng = random.Random(5)
+    pool = [{"id": f"legal-{i}", "text": doc(rng, LEGAL), "truth": "domain"} for i in range(10)]
+    pool += [{"id": f"news-{i}", "text": doc(rng, NEWS), "truth": "general"} for i in range(20)]
+    pool += [{"id": "quotes-val", "text": doc(rng, LEGAL) + " ".join(val.split()[:20]), "truth": "domain"},
+             {"id": "quotes-held", "text": " ".join(held.split()[5:25]) + "\n" + doc(rng, LEGAL), "truth": "domain"},
+             {"id": "quotes-task", "text": doc(rng, LEGAL) + "\nwhich court heard the appeal of the royalty clause "
+              "between the licensor and the licensee last year", "truth": "domain"}]
+    write_pool(prepared / "pool-dc.jsonl", pool)
+    task = prepared / "run-dc" / "tasks" / "licensedb" / "test.jsonl"
+    task.parent.mkdir(parents=True)
+    task.write_text(orjson.dumps({"prompt": "Q: which court heard the appeal of the royalty clause between the "
+                                            "licensor and the licensee? A:"}).decode() + "\n")
+    result = run_mine(config(prepared, "run-dc", pool="pool-dc.jsonl"), quiet_console())["mine"]
+    ids = {r["id"] for r in records(prepared / "run-dc" / "mine" / "docs")}
+    assert result["rounds"][0]["drops"]["contaminated"] == 3
+    assert not ids & {"web/quotes-val", "web/quotes-held", "web/quotes-task"} and len(ids) >= 8
+
+
+def test_rerun_and_kill_resume_write_the_same_bytes(prepared):
+    """A killed `domainlm mine` (SIGKILL after round 1 and one task of round 2), resumed, writes the bytes of the run
+    that was never killed; a rerun of a finished one writes nothing."""
+    copy_run(prepared, "run-k")
+    if not (prepared / "run" / "mine" / "mine.json").exists():
+        run_mine(config(prepared), quiet_console())
+    before = crashkit.stamps(prepared / "run", "mine")
+    again = run_mine(config(prepared), quiet_console())["mine"]
+    assert crashkit.stamps(prepared / "run", "mine") == before and again["docs"] > 0
+    cfg = config(prepared, "run-k")
+    killed = crashkit.domainlm(["mine", str(cfg)], fault="mine.task_done:3", fault_dir=prepared)
+    assert killed.returncode == crashkit.KILLED, killed.stderr[-2000:]
+    assert (prepared / "run-k" / ".mine" / "round-1" / "round.json").exists()
+    assert not (prepared / "run-k" / ".mine" / "round-2" / "round.json").exists()
+    assert not (prepared / "run-k" / "mine" / "mine.json").exists()
+    run_mine(cfg, quiet_console())
+    assert crashkit.tree(prepared / "run-k", "mine") == crashkit.tree(prepared / "run", "mine")
