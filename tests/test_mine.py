@@ -100,7 +100,7 @@ def write_pool(path: Path, pool: list[dict]) -> None:
     path.write_text("".join(orjson.dumps(r).decode() + "\n" for r in pool))
 
 
-def config(tmp: Path, run: str = "run", executor: str = "local", pool: str = "pool.jsonl") -> Path:
+def config(tmp: Path, run: str = "run", executor: str = "local", pool: str = "pool.jsonl", rounds: int = 2) -> Path:
     """Mine ``pool`` into ``run``; the legal source holds doc0007.txt out (exclude_ids), as LicenseDB's test split."""
     (tmp / "exclude.txt").write_text("doc0007.txt\n")
     cfg = {"name": "t", "run_dir": str(tmp / run),
@@ -108,7 +108,7 @@ def config(tmp: Path, run: str = "run", executor: str = "local", pool: str = "po
                         "exclude_ids": str(tmp / "exclude.txt")},
                        {"name": "news", "role": "general", "weight": 0.5, "input": str(tmp / "news")}],
            "prepare": {"workers": 2, "tasks": 2, "minhash_buckets": 4, "executor": executor},
-           "mine": {"pools": [{"name": "web", "input": str(tmp / pool)}], "max_rounds": 2, "holdout_fraction": 0.3,
+           "mine": {"pools": [{"name": "web", "input": str(tmp / pool)}], "max_rounds": rounds, "holdout_fraction": 0.3,
                     "classifier": TINY}}
     p = tmp / f"{run}.yaml"
     p.write_text(yaml.safe_dump(cfg))
