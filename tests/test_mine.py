@@ -137,8 +137,8 @@ def truth(path: Path) -> dict[str, str]:
 def test_mine_finds_the_hidden_domain_documents(prepared):
     result = run_mine(config(prepared), quiet_console())["mine"]
     got = records(prepared / "run" / "mine" / "docs")
-    ids = [r["metadata"]["mine"]["id"].removeprefix("web/") for r in got]
-    assert [r["id"] for r in got] == [r["metadata"]["mine"]["id"] for r in got]
+    ids = [r["mine"]["id"].removeprefix("web/") for r in got]
+    assert [r["id"] for r in got] == [r["mine"]["id"] for r in got]
     assert "copy" not in ids and result["rounds"][0]["drops"]["exact_duplicate"] == 1
     labels = truth(prepared / "pool.jsonl")
     tp = sum(labels[i] == "domain" for i in ids)
@@ -149,7 +149,7 @@ def test_mine_finds_the_hidden_domain_documents(prepared):
     # round 2 retrains on seeds + round 1's finds and finds nothing new: the rounds stop
     assert result["rounds"][1]["positives"] == r1["positives"] + r1["new_docs"]
     assert result["stopped"] == "round 2: nothing new"
-    assert all(r["metadata"]["mine"]["score"] >= r1["threshold"] for r in got)
+    assert all(r["mine"]["score"] >= r1["threshold"] for r in got)
 
 
 def test_decontamination_drops_planted_overlaps(prepared):
@@ -195,3 +195,29 @@ def test_rerun_and_kill_resume_write_the_same_bytes(prepared):
     assert not (prepared / "run-k" / "mine" / "mine.json").exists()
     run_mine(cfg, quiet_console())
     assert crashkit.tree(prepared / "run-k", "mine") == crashkit.tree(prepared / "run", "mine")
+
+
+def test_mined_source_joins_the_mixture_and_the_plan(prepared):
+    """The mined folder as a domain source: prepare reads it (provenance kept), mining is not redone (the mined
+    source is no seed of its own), and the plan counts mine.json's tokens as its unique tokens."""
+    from domainlm.config import load_config
+    from domainlm.data import pipeline
+    from domainlm.plan.command import request_from
+
+    copy_run(prepared, "run-mix")
+    cfg_path = config(prepared, "run-mix")
+    mined = run_mine(cfg_path, quiet_console())["mine"]
+    data = yaml.safe_load(cfg_path.read_text())
+    data["sources"][0]["weight"] = data["sources"][1]["weight"] = 0.4
+    data["sources"].append({"name": "mined", "role": "domain", "weight": 0.2,
+                            "input": str(prepared / "run-mix" / "mine" / "docs")})
+    cfg_path.write_text(yaml.safe_dump(data))
+    run_prepare(cfg_path, quiet_console())
+    rec = next(pipeline.iter_records(prepared / "run-mix", "mined", "train"))
+    assert rec["metadata"]["mine"]["pool"] == "web" and rec["metadata"]["mine"]["round"] == 1
+    assert rec["metadata"]["truth"] == "domain"  # the pool's own fields come along
+    before = crashkit.stamps(prepared / "run-mix", "mine")
+    assert run_mine(cfg_path, quiet_console())["mine"] == mined
+    assert crashkit.stamps(prepared / "run-mix", "mine") == before
+    req = request_from(load_config(cfg_path))
+    assert req.unique_tokens["mined"] == mined["tokens"] == round(mined["bytes"] / 4.0) > 0

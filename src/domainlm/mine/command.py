@@ -60,7 +60,7 @@ def _excluded_texts(cfg: RunConfig) -> list[str]:
     """Texts held out of the sources by ``exclude_ids`` (LicenseDB's test licenses, a user's held-out files)."""
     out = []
     for i, s in enumerate(cfg.sources):
-        if not s.exclude_ids:
+        if not s.exclude_ids or s.name == cfg.mine.source:
             continue
         where = f"sources[{i}].input"
         kept = set(sources.resolve(s, where, cfg.prepare.max_chars).files)
@@ -78,14 +78,14 @@ def _task_texts(run_dir: Path) -> list[str]:
     return [json.loads(line)["prompt"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
-def build_indexes(cfg: RunConfig, run_dir: Path, stats: Stats, domain: list[str], folder: Path) -> dict:
+def build_indexes(cfg: RunConfig, run_dir: Path, seeds: list[str], domain: list[str], folder: Path) -> dict:
     """The exact, near-duplicate and decontamination indexes (`index`), once; returns what they hold."""
     done = folder / "index.json"
     if done.exists():
         return json.loads(done.read_text())
     near_keys = index.NearKeys(pipeline.minhash_config(cfg.prepare), folder / "minhash")
     domain_texts = _texts(run_dir, domain, "train") + _texts(run_dir, domain, "val")
-    held = _texts(run_dir, list(stats.sources), "val") + _excluded_texts(cfg) + _task_texts(run_dir)
+    held = _texts(run_dir, seeds, "val") + _excluded_texts(cfg) + _task_texts(run_dir)
     n = cfg.mine.decontam_ngrams
     info = {
         "domain_docs": len(domain_texts),
@@ -99,12 +99,17 @@ def build_indexes(cfg: RunConfig, run_dir: Path, stats: Stats, domain: list[str]
     return info
 
 
-def _fingerprint(cfg: RunConfig, stats: Stats, specs: list[sources.SourceSpec], tasks: int, run_dir: Path) -> str:
+def _fingerprint(cfg: RunConfig, seeds: list[str], specs: list[sources.SourceSpec], tasks: int, run_dir: Path) -> str:
+    """Of the config, the prepared files of the seed sources (the mined source itself, once prepared, is not one:
+    adding it to the mixture does not redo the mining), the pools' inputs and the task's test items."""
     task_file = RunDir(run_dir) / RunDir.TASK_DATA / "test.jsonl"
+    data = [(str(f.relative_to(run_dir)), stages.file_fingerprint(f)) for n in seeds for sp in pipeline.SPLITS
+            for f in pipeline.document_files(run_dir, n, sp)]
     return stages.fingerprint(
         PIPELINE_VERSION, metadata.version("fasttext-community") if _has("fasttext-community") else "fasttext",
         cfg.mine.model_dump(mode="json"), cfg.prepare.model_dump(exclude={"executor", "workers", "slurm", "ray"}),
-        [s.model_dump(mode="json") for s in cfg.sources], stats.fingerprint, tasks,
+        [s.model_dump(mode="json", exclude={"weight", "unique_tokens"}) for s in cfg.sources if s.name in seeds],
+        data, tasks,
         [(s.__dict__ | {"files": len(s.files)}, pipeline._inputs_fingerprint(s)) for s in specs],
         stages.file_fingerprint(task_file) if task_file.exists() else None)
 
@@ -233,11 +238,10 @@ def _samples(out: Path, pools: list[str]) -> list[dict]:
             if i >= 2000:
                 break
             recs.append(rec)
-    recs.sort(key=lambda rec: (rec["metadata"]["mine"]["score"], rec["id"]))
+    recs.sort(key=lambda rec: (rec["mine"]["score"], rec["id"]))
     picks = sorted({round(i * (len(recs) - 1) / max(SAMPLES - 1, 1)) for i in range(SAMPLES)}) if recs else []
-    return [{"id": recs[i]["id"], "pool": recs[i]["metadata"]["mine"]["pool"],
-             "round": recs[i]["metadata"]["mine"]["round"], "score": recs[i]["metadata"]["mine"]["score"],
-             "text": recs[i]["text"][:300]} for i in picks]
+    return [{"id": recs[i]["id"], "text": recs[i]["text"][:300],
+             **{k: recs[i]["mine"][k] for k in ("pool", "round", "score")}} for i in picks]
 
 
 def mine(cfg: RunConfig, run_dir: Path, progress) -> dict:
@@ -253,15 +257,17 @@ def mine(cfg: RunConfig, run_dir: Path, progress) -> dict:
     stats = rd.load(RunDir.STATS, Stats)
     if stats is None:
         raise UserError(f"{rd.stats}: no prepared data; run `domainlm prepare CONFIG` first")
-    domain = [s.name for s in cfg.sources if s.role == "domain" and s.name in stats.sources]
-    general = [s.name for s in cfg.sources if s.role == "general" and s.name in stats.sources]
+    # the seeds: every prepared source but the mined one (once it is added to the mixture)
+    seed_sources = [s for s in cfg.sources if s.name in stats.sources and s.name != mcfg.source]
+    domain = [s.name for s in seed_sources if s.role == "domain"]
+    general = [s.name for s in seed_sources if s.role == "general"]
     if not domain or not general:
         raise UserError("config: sources: `domainlm mine` trains on the domain sources against the general ones; "
                         f"prepared: {len(domain)} domain, {len(general)} general")
     specs = [sources.resolve(p, f"mine.pools[{i}].input", pcfg.max_chars) for i, p in enumerate(mcfg.pools)]
     workers = pcfg.workers or pipeline.default_workers()
     tasks = pcfg.tasks or workers
-    fp = _fingerprint(cfg, stats, specs, tasks, run_dir)
+    fp = _fingerprint(cfg, domain + general, specs, tasks, run_dir)
     stage = stages.Stage(run_dir, "mine", rd / RunDir.MINE, (fp,))
     if stage.done():
         return json.loads(stage.output.read_text(encoding="utf-8"))
@@ -275,7 +281,7 @@ def mine(cfg: RunConfig, run_dir: Path, progress) -> dict:
         work.mkdir(parents=True)
         (work / "fingerprint").write_text(fp)
     with pipeline._stderr_to(work / "datatrove.log"):
-        build_indexes(cfg, run_dir, stats, domain, work / "index")
+        build_indexes(cfg, run_dir, domain + general, domain, work / "index")
         pos = _capped(_texts(run_dir, domain, "train"), mcfg.max_seed_docs)
         neg = _capped(_texts(run_dir, general, "train"), mcfg.max_seed_docs)
         seeds = {"pos": [t for t in pos if not _held_out(t, mcfg.holdout_fraction)],

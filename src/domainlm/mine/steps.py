@@ -115,8 +115,8 @@ class ScorePool(PipelineStep):
 
 class WriteMined(PipelineStep):
     """Shard ``rank`` of the mined source: the candidates of every round at or above that round's threshold, each
-    document once (the first round that accepted it), with its provenance under ``metadata.mine`` (pool, round,
-    score, its id in the pool)."""
+    document once (the first round that accepted it), with the pool's metadata and its provenance under ``mine``
+    (pool, round, score, its id in the pool)."""
 
     name = "mine: write"
     type = "domainlm"
@@ -133,9 +133,9 @@ class WriteMined(PipelineStep):
                 if classifier.bin_of(rec["score"]) < threshold or rec["id"] in seen:
                     continue
                 seen.add(rec["id"])
-                meta = {**rec["metadata"], "mine": {"pool": self.pool, "round": r, "score": rec["score"],
-                                                    "id": rec["id"]}}
-                out.write({"id": rec["id"], "text": rec["text"], "metadata": meta})
+                prov = {"pool": self.pool, "round": r, "score": rec["score"], "id": rec["id"]}
+                # flat, as a JSONL source's records are: prepare keeps the keys besides id and text as metadata
+                out.write({"id": rec["id"], "text": rec["text"], **rec["metadata"], "mine": prov})
                 counts["docs"] += 1
                 counts["bytes"] += len(rec["text"].encode("utf-8"))
         out.close()
