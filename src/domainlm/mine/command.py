@@ -14,9 +14,11 @@ a killed run resumes at the task or round where it stopped.
 
 from __future__ import annotations
 
+import itertools
 import json
 import shutil
 from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import replace
 from importlib import metadata
 from pathlib import Path
@@ -42,13 +44,19 @@ DEFAULT_BYTES_PER_TOKEN = 4.0
 SAMPLES = 5
 
 
-def _texts(run_dir: Path, names: list[str], split: str) -> list[str]:
-    return [t for n in names for t in pipeline.iter_documents(run_dir, n, split)]
+def _texts(run_dir: Path, names: list[str], split: str) -> Iterator[str]:
+    for n in names:
+        yield from pipeline.iter_documents(run_dir, n, split)
 
 
-def _capped(texts: list[str], cap: int) -> list[str]:
-    """At most ``cap`` texts: those with the smallest content hashes (a sample that does not depend on order)."""
-    return texts if len(texts) <= cap else sorted(texts, key=split_key)[:cap]
+def _smallest(texts: Callable[[], Iterable[str]], cap: int) -> list[str]:
+    """At most ``cap`` of the texts ``texts()`` streams: those with the smallest content hashes (a sample that does
+    not depend on their order). Two passes, so that only the sample is held in memory."""
+    keys = np.fromiter((split_key(t) for t in texts()), np.uint64)
+    if len(keys) <= cap:
+        return list(texts())
+    cutoff = np.partition(keys, cap - 1)[cap - 1]
+    return [t for t in texts() if split_key(t) <= cutoff][:cap]
 
 
 def _held_out(text: str, fraction: float) -> bool:
@@ -84,13 +92,16 @@ def build_indexes(cfg: RunConfig, run_dir: Path, seeds: list[str], domain: list[
     if done.exists():
         return json.loads(done.read_text())
     near_keys = index.NearKeys(pipeline.minhash_config(cfg.prepare), folder / "minhash")
-    domain_texts = _texts(run_dir, domain, "train") + _texts(run_dir, domain, "val")
-    held = _texts(run_dir, seeds, "val") + _excluded_texts(cfg) + _task_texts(run_dir)
+    exact, near = [], []
+    for t in itertools.chain(_texts(run_dir, domain, "train"), _texts(run_dir, domain, "val")):
+        exact.append(index.exact_key(t))
+        near.append(near_keys(t))
+    held = [*_texts(run_dir, seeds, "val"), *_excluded_texts(cfg), *_task_texts(run_dir)]
     n = cfg.mine.decontam_ngrams
     info = {
-        "domain_docs": len(domain_texts),
-        "exact_keys": index.save(folder / index.EXACT, [index.exact_key(t) for t in domain_texts]),
-        "near_keys": index.save(folder / index.NEAR, [near_keys(t) for t in domain_texts]),
+        "domain_docs": len(exact),
+        "exact_keys": index.save(folder / index.EXACT, exact),
+        "near_keys": index.save(folder / index.NEAR, near),
         "heldout_docs": len(held),
         "heldout_too_short": sum(len(index.ngram_keys(t, n)) == 0 for t in held),
         "decontam_keys": index.save(folder / index.DECONTAM, [index.ngram_keys(t, n) for t in held]),
@@ -149,12 +160,12 @@ def _run_steps(cfg: RunConfig, steps: list, logdir: Path, tasks: int, workers: i
     pipeline._run_stage(ex, logdir, tasks, progress, label)
 
 
-def _round(cfg: RunConfig, r: int, work: Path, specs, seeds: dict, mined: list[str], seen: set[str], tasks: int,
-           workers: int, progress) -> dict:
+def _round(cfg: RunConfig, r: int, work: Path, specs, seeds: dict, mined: Callable[[], Iterable[str]],
+           seen: set[str], tasks: int, workers: int, progress) -> dict:
     """Train round ``r``'s classifier, score the pools, choose the threshold; returns the round's record."""
     mcfg = cfg.mine
     rd = work / f"round-{r}"
-    positives = _capped(seeds["pos"] + mined, mcfg.max_seed_docs)
+    positives = _smallest(lambda: itertools.chain(seeds["pos"], mined()), mcfg.max_seed_docs)
     model = classifier.train(positives, seeds["neg"], mcfg.classifier, rd / "classifier.bin")
     mw = mcfg.classifier.max_words
     pos_hist = classifier.histogram(classifier.scores(model, seeds["pos_heldout"], mw))
@@ -282,14 +293,24 @@ def mine(cfg: RunConfig, run_dir: Path, progress) -> dict:
         (work / "fingerprint").write_text(fp)
     with pipeline._stderr_to(work / "datatrove.log"):
         build_indexes(cfg, run_dir, domain + general, domain, work / "index")
-        pos = _capped(_texts(run_dir, domain, "train"), mcfg.max_seed_docs)
-        neg = _capped(_texts(run_dir, general, "train"), mcfg.max_seed_docs)
+        pos = _smallest(lambda: _texts(run_dir, domain, "train"), mcfg.max_seed_docs)
+        neg = _smallest(lambda: _texts(run_dir, general, "train"), mcfg.max_seed_docs)
         seeds = {"pos": [t for t in pos if not _held_out(t, mcfg.holdout_fraction)],
                  "neg": [t for t in neg if not _held_out(t, mcfg.holdout_fraction)],
                  "pos_heldout": [t for t in pos if _held_out(t, mcfg.holdout_fraction)],
                  "neg_heldout": [t for t in neg if _held_out(t, mcfg.holdout_fraction)]}
-        rounds, mined, seen, stopped = [], [], set(), None
+        rounds, kept, seen, stopped = [], [], set(), None
         pools = [s.name for s in specs]
+
+        def mined() -> Iterator[str]:
+            """The documents the rounds so far accepted, each once (read back: they need not fit in memory)."""
+            ids = set()
+            for r_, t_ in kept:
+                for doc in _accepted(work / f"round-{r_}", pools, t_):
+                    if doc["id"] not in ids:
+                        ids.add(doc["id"])
+                        yield doc["text"]
+
         for r in range(1, mcfg.max_rounds + 1):
             done = work / f"round-{r}" / "round.json"
             rec = load_output(done, MineRound)
@@ -300,15 +321,12 @@ def mine(cfg: RunConfig, run_dir: Path, progress) -> dict:
             else:
                 rec = rec.model_dump()
             rounds.append(rec)
-            threshold = None if rec["threshold"] is None else classifier.threshold_bin(rec["threshold"])
-            for doc in _accepted(work / f"round-{r}", pools, threshold):
-                if doc["id"] not in seen:
-                    seen.add(doc["id"])
-                    mined.append(doc["text"])
+            if rec["threshold"] is not None:
+                kept.append((r, classifier.threshold_bin(rec["threshold"])))
+                seen.update(doc["id"] for doc in _accepted(work / f"round-{r}", pools, kept[-1][1]))
             stopped = _stop(rec, mcfg)
             if stopped:
                 break
-        kept = [(x["round"], classifier.threshold_bin(x["threshold"])) for x in rounds if x["threshold"] is not None]
         for spec in specs:
             _run_steps(cfg, [WriteMined(spec.name, str(work), kept, str(out))], work / "write" / spec.name, tasks,
                        workers, progress, f"write: {spec.name}")
