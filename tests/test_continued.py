@@ -230,12 +230,13 @@ def test_rerun_skips_and_another_base_retrains(prepared, tmp_path):
 
 def test_report_shows_the_base_tokenizers_tokens(prepared):
     from domainlm.data.tokens import load_counts
+    from domainlm.pipeline import catalog
     from domainlm.report.html import Report, data_section
     from domainlm.rundir import RunDir
     from domainlm.units import human
 
     counts = load_counts(RunDir(prepared["run"]).tokens_for(prepared["base"]))
-    s = data_section(Report(prepared["run"]))
+    s = data_section(Report(prepared["run"], catalog()))
     html = "".join(s.body)
     assert "<h3>Tokens</h3>" in html and not any("tokens/counts.json" in h for h in s.hints), s.hints
     assert human(counts["sources"]["legal"]["train_tokens"]) in html  # the base tokenizer's count, not the run's

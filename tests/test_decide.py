@@ -199,10 +199,11 @@ def test_bad_inputs(decided, tmp_path):
 
 
 def test_report_section(decided):
+    from domainlm.pipeline import catalog
     from domainlm.report.html import Report, decide_section
 
     run = Path(decided["result"]["run_dir"])
-    sec = decide_section(Report(run))
+    sec = decide_section(Report(run, catalog()))
     assert sec.title == "From scratch or continued?" and sec.complete and sec.images == ["decide.png"]
     page = "".join(sec.body)
     for arm in decided["result"]["arms"]:

@@ -202,22 +202,28 @@ def test_rerun_and_kill_resume_write_the_same_bytes(prepared):
 
 
 def test_mined_source_joins_the_mixture_and_the_plan(prepared):
-    """The mined folder as a domain source: prepare reads it (provenance kept), mining is not redone (the mined
-    source is no seed of its own), and the plan counts mine.json's tokens as its unique tokens."""
+    """The mined folder listed as a domain source from the start: prepare leaves it for later, mine writes it (it is
+    no seed of its own), prepare again reads it (provenance kept), mining is not redone, and the plan counts
+    mine.json's tokens as its unique tokens — the order `domainlm run` follows."""
     from domainlm.config import load_config
-    from domainlm.data import pipeline
+    from domainlm.data import pipeline as data_pipeline
+    from domainlm.pipeline import run_order
     from domainlm.plan.command import request_from
 
     copy_run(prepared, "run-mix")
     cfg_path = config(prepared, "run-mix")
-    mined = run_mine(cfg_path, quiet_console())["mine"]
     data = yaml.safe_load(cfg_path.read_text())
     data["sources"][0]["weight"] = data["sources"][1]["weight"] = 0.4
     data["sources"].append({"name": "mined", "role": "domain", "weight": 0.2,
                             "input": str(prepared / "run-mix" / "mine" / "docs")})
     cfg_path.write_text(yaml.safe_dump(data))
-    run_prepare(cfg_path, quiet_console())
-    rec = next(pipeline.iter_records(prepared / "run-mix", "mined", "train"))
+    order = [d.name for d in run_order(load_config(cfg_path))]
+    assert order[:5] == ["plan", "prepare", "mine", "prepare", "tokenizer"]
+    first = run_prepare(cfg_path, quiet_console())
+    assert first["pending"] == ["mined"] and "mined" not in first["stats"]["sources"]
+    mined = run_mine(cfg_path, quiet_console())["mine"]
+    assert "mined" in run_prepare(cfg_path, quiet_console())["stats"]["sources"]
+    rec = next(data_pipeline.iter_records(prepared / "run-mix", "mined", "train"))
     assert rec["metadata"]["mine"]["pool"] == "web" and rec["metadata"]["mine"]["round"] == 1
     assert rec["metadata"]["truth"] == "domain"  # the pool's own fields come along
     before = crashkit.stamps(prepared / "run-mix", "mine")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from domainlm.plan.planner import PlanRequest, make_plan
-from domainlm.report import build_report
+from domainlm.pipeline import build_report
 
 SOURCES = {"legal": "domain", "news": "general"}
 

@@ -81,7 +81,7 @@ def _locked(run_dir: Path, command: str):
 
 def _is_run(folder: Path) -> bool:
     """A folder some stage of domainlm wrote into (its resolved config, stage markers or a stage's output)."""
-    from domainlm.report.html import PRODUCERS
+    from domainlm.pipeline import PRODUCERS
 
     folder = Path(folder)
     return folder.is_dir() and any((folder / rel).exists()
@@ -461,7 +461,8 @@ def report(
     as_json: JsonOpt = False,
 ) -> None:
     """One self-contained HTML page (plus PNGs) in RUN_DIR/report/: plan, data, tokenizer, loss curves, eval."""
-    from domainlm.report import build_report, print_report
+    from domainlm.pipeline import build_report
+    from domainlm.report import print_report
 
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir}: a file, not a run directory; give the folder of a run, e.g. runs/<name>")

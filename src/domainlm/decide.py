@@ -178,12 +178,12 @@ def evaluate_arm(model_dir: Path, run_dir: Path, out: Path, texts: list[str] | N
     stage = f"decide-eval-{out.parent.name}"
     text_files = [(n, {str(f): stages.file_fingerprint(f) for f in inputs.text_files(p)})
                   for n, p in inputs.parse_text_args(texts)]
-    fp = stages.fingerprint(DECIDE_VERSION, eval_fingerprint(target.model_dir, target.cfg.eval,
-                                                             _probe_file(None, target), texts), text_files)
-    if out.exists() and stages.is_done(run_dir, stage, fp):
-        return json.loads(out.read_text(encoding="utf-8"))
-    result, _ = run_eval(model_dir, run=run_dir, texts=texts, out=out, per_doc=True, console=console)
-    stages.mark_done(run_dir, stage, fp)
+    s = stages.Stage(run_dir, stage, out, (DECIDE_VERSION, eval_fingerprint(target.model_dir, target.cfg.eval,
+                                                                          _probe_file(None, target), texts),
+                                           text_files))
+    result, _ = s.run(lambda: run_eval(model_dir, run=run_dir, texts=texts, out=out, per_doc=True,
+                                       console=console)[0],
+                      lambda: json.loads(out.read_text(encoding="utf-8")))
     return result
 
 

@@ -196,11 +196,12 @@ def build_extended(cfg, run_dir: Path, base_path: Path, n: int, out: Path, *, ke
     if not run_tok.is_file():
         raise UserError(f"{run_tok}: no domain tokenizer to take tokens from; run `domainlm tokenizer CONFIG` first")
     stage = f"extend-{out.parent.name}-{out.name}" if out.parent != Path(run_dir) else f"extend-{out.name}"
-    fp = stages.fingerprint("extend-v1", n, resolve_base(base_path, key).fingerprint, stages.file_fingerprint(run_tok),
-                            cfg.tokenizer.sample_bytes, cfg.tokenizer.seed, cfg.tokenizer.audit_bytes,
-                            cfg.tokenizer.domain_terms)
     audit_file = out / Path(RunDir.AUDIT).name  # the extended tokenizer's audit, beside it as the run's is
-    if (out / "config.json").is_file() and audit_file.is_file() and stages.is_done(run_dir, stage, fp):
+    s = stages.Stage(run_dir, stage, audit_file, (
+        "extend-v1", n, resolve_base(base_path, key).fingerprint, stages.file_fingerprint(run_tok),
+        cfg.tokenizer.sample_bytes, cfg.tokenizer.seed, cfg.tokenizer.audit_bytes, cfg.tokenizer.domain_terms),
+        intact=lambda: (out / "config.json").is_file())
+    if s.done():
         return stages.recorded(run_dir, stage)["extension"]
     if console is not None:
         console.print(f"extending {base_path}'s tokenizer with up to {n} domain tokens ...", highlight=False)
@@ -211,7 +212,7 @@ def build_extended(cfg, run_dir: Path, base_path: Path, n: int, out: Path, *, ke
     after = AutoTokenizer.from_pretrained(out, local_files_only=True)
     info["audit"] = audit(_backend(after), _backend(before), cfg, run_dir)  # "baseline" = the base, before
     write_json(audit_file, info["audit"])
-    stages.mark_done(run_dir, stage, fp, {"extension": info})
+    s.finish({"extension": info})
     return info
 
 

@@ -330,6 +330,13 @@ def source_stats(spec: sources.SourceSpec, pcfg: PrepareConfig, run_dir: Path) -
 # ------------------------------------------------------------------------------------------- the command
 
 
+def mined_pending(cfg: RunConfig) -> list[str]:
+    """The mined source (``mine.source``, listed in ``sources``) while `domainlm mine` has not written its folder:
+    prepared without it, then again once it is there (`domainlm mine` needs the other sources prepared first)."""
+    return [s.name for s in cfg.sources if cfg.mine.pools and s.name == cfg.mine.source
+            and not s.input.startswith(("hf:", "package:")) and not Path(s.input).exists()]
+
+
 def prepare_sources(cfg: RunConfig, run_dir: Path, progress) -> dict:
     """Clean, dedup and split every source; return (and write) ``data/stats.json``."""
     pcfg = cfg.prepare
@@ -337,7 +344,9 @@ def prepare_sources(cfg: RunConfig, run_dir: Path, progress) -> dict:
         raise UserError("config: sources: no sources to prepare")
     workers = pcfg.workers or default_workers()
     tasks = pcfg.tasks or workers
-    specs = [sources.resolve(s, f"sources[{i}].input", pcfg.max_chars) for i, s in enumerate(cfg.sources)]
+    pending = mined_pending(cfg)
+    specs = [sources.resolve(s, f"sources[{i}].input", pcfg.max_chars) for i, s in enumerate(cfg.sources)
+             if s.name not in pending]
     fps = {s.name: source_fingerprint(s, pcfg, tasks) for s in specs}
     stage = stages.Stage(run_dir, "prepare", RunDir(run_dir).stats, (fps,))
     if stage.done():

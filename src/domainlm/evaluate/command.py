@@ -19,7 +19,7 @@ from domainlm.evaluate import objective as objective_eval
 from domainlm.evaluate.probes import load_probes, packaged_probes, score_probes, summarise
 from domainlm.outputs import AnyEval, EvalOutput, ObjectiveEvalOutput
 from domainlm.rundir import RunDir, load_output, write_json
-from domainlm.stages import file_fingerprint, fingerprint, is_done, mark_done
+from domainlm.stages import Stage, file_fingerprint, fingerprint
 
 EVAL_VERSION = 1
 
@@ -145,7 +145,7 @@ def _write(result: dict, schema, out: Path | None, target, world, fingerprint) -
     if dest is not None and world.is_main:
         write_json(Path(dest), schema.checked(result))
         if target.is_run:
-            mark_done(target.run_dir, "eval", fingerprint())
+            Stage(target.run_dir, "eval", dest, (fingerprint(),)).finish()
     return dest
 
 
@@ -157,14 +157,14 @@ def run_eval_cached(model_or_run: Path, *, stage: str = "eval", run: Path | None
     target = inputs.resolve(model_or_run, run)
     ecfg = target.cfg.eval if target.cfg is not None else EvalConfig()
     dest = Path(out) if out is not None else RunDir(target.run_dir).eval
-    fp = eval_fingerprint(target.model_dir, ecfg, _probe_file(None, target), None)
-    if is_done(target.run_dir, stage, fp):
+    s = Stage(target.run_dir, stage, dest, (eval_fingerprint(target.model_dir, ecfg, _probe_file(None, target), None),))
+    if s.done():
         with contextlib.suppress(UserError):  # one this version cannot read is scored again
             done = load_output(dest, AnyEval)
             if done is not None:
                 return done.model_dump(exclude_unset=True), False
     result, _ = run_eval(model_or_run, run=run, out=out, console=console)
-    mark_done(target.run_dir, stage, fp)
+    s.finish()
     return result, True
 
 

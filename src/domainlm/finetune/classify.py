@@ -254,7 +254,7 @@ def finetune_classifier(model_or_run: Path, data: Path, *, val: Path | None = No
 
     fp = stages.fingerprint("classification", labels, asdict(args), *inputs_fingerprint(model_dir, data, val))
     summary_path = out / RunDir.FINETUNE
-    done = finished_or_start(out, fp, restart, console)
+    done, stage = finished_or_start(out, fp, restart, console)
     if done is not None:
         return done
 
@@ -312,6 +312,7 @@ def finetune_classifier(model_or_run: Path, data: Path, *, val: Path | None = No
                "val_accuracy": (driver.last_eval or {}).get("val_accuracy"), "examples": len(enc), "truncated": cut,
                "tokens_per_s": driver.tokens_per_s, "args": asdict(args), "fingerprint": fp}
     write_json(summary_path, summary, indent=1)
+    stage.finish()
     console.print(f"wrote [bold]{escape(str(out / RunDir.MODEL))}[/] (AutoModelForSequenceClassification); final "
                   f"loss {driver.last_loss:.4f}" + (f", val loss {last_val:.4f}" if last_val is not None else ""))
     return summary

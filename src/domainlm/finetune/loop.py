@@ -122,21 +122,22 @@ def inputs_fingerprint(model_dir: Path, data: Path, val: Path | None) -> tuple:
             stages.file_fingerprint(Path(data)), stages.file_fingerprint(Path(val)) if val else None)
 
 
-def finished_or_start(out: Path, fp: str, restart: bool, console: Console) -> dict | None:
-    """The summary of a finished fine-tuning into ``out`` with fingerprint ``fp`` (nothing to do), else None with
-    ``out`` ready to train into (emptied on ``restart``; a half-written checkpoint removed, finished ones kept)."""
-    summary_path = out / RunDir.FINETUNE
+def finished_or_start(out: Path, fp: str, restart: bool, console: Console) -> tuple[dict | None, stages.Stage]:
+    """The fine-tuning into ``out`` as a `stages.Stage` (its marker in ``<out>/.stages/``, its summary written
+    last): (the summary of a finished one with fingerprint ``fp``: nothing to do, the stage), else (None, the stage)
+    with ``out`` ready to train into (emptied on ``restart``; a half-written checkpoint removed, finished ones
+    kept). The caller writes the summary, then ``stage.finish()``."""
+    stage = stages.Stage(out, "finetune", out / RunDir.FINETUNE, (fp,),
+                         intact=lambda: (out / RunDir.MODEL / "config.json").is_file())
     if restart:
         shutil.rmtree(out, ignore_errors=True)
-    elif summary_path.is_file() and (out / RunDir.MODEL / "config.json").is_file():
-        done = json.loads(summary_path.read_text(encoding="utf-8"))
-        if done.get("fingerprint") == fp:
-            console.print(f"finetune: done already ({out / RunDir.MODEL}); --restart to fine-tune again",
-                          markup=False)
-            return done
+    elif stage.done():
+        console.print(f"finetune: done already ({out / RunDir.MODEL}); --restart to fine-tune again", markup=False)
+        return json.loads(stage.output.read_text(encoding="utf-8")), stage
     out.mkdir(parents=True, exist_ok=True)
+    stage.start()
     ckpt.remove_partial(out)
-    return None
+    return None, stage
 
 
 def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Path | None = None,
@@ -167,7 +168,7 @@ def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Pa
 
     fp = stages.fingerprint(asdict(args), *inputs_fingerprint(model_dir, data, val))
     summary_path = out / RunDir.FINETUNE
-    done = finished_or_start(out, fp, restart, console)
+    done, stage = finished_or_start(out, fp, restart, console)
     if done is not None:
         return done
 
@@ -227,6 +228,7 @@ def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Pa
                "tokens_per_s": driver.tokens_per_s, "args": asdict(args), "fingerprint": fp,
                "chat_template": "added" if added else "model's"}
     write_json(summary_path, summary, indent=1)
+    stage.finish()
     console.print(f"wrote [bold]{escape(str(out / RunDir.MODEL))}[/] (Hugging Face format, chat template in its "
                   "tokenizer); "
                   f"final loss {last_loss:.4f}" + (f", val loss {last_val:.4f}" if last_val is not None else ""))

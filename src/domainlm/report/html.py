@@ -14,12 +14,13 @@ import math
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from domainlm import __version__, faults
 from domainlm.errors import UserError
-from domainlm.outputs import SCHEMAS, AnyEval, ObjectiveEvalOutput
+from domainlm.outputs import AnyEval, ObjectiveEvalOutput
 from domainlm.report import plots
 from domainlm.rundir import RunDir, atomic_write, load_output, publish, temp_path
 from domainlm.units import human
@@ -29,22 +30,28 @@ REPORT_DIR = str(Path(RunDir.REPORT).parent)
 PNGS = ("plan.png", "drops.png", "tokens.png", "epochs.png", "bytes_per_token.png", "loss.png", "eval_bpb.png",
         "probes.png", "ablation.png", "decide.png", "mine.png")
 
-# run file -> the command that writes it (shown when the file is missing)
-PRODUCERS = {
-    RunDir.PLAN: "domainlm plan CONFIG",
-    RunDir.STATS: "domainlm prepare CONFIG",
-    RunDir.COUNTS: "domainlm tokenize CONFIG",
-    RunDir.AUDIT: "domainlm tokenizer CONFIG",
-    RunDir.METRICS: "domainlm train CONFIG",
-    RunDir.TRAIN: "domainlm train CONFIG",
-    RunDir.EVAL: "domainlm eval {run}",
-    RunDir.BASELINE_EVAL: "domainlm run CONFIG",
-    RunDir.MINE: "domainlm mine CONFIG",
-    RunDir.ABLATE: "domainlm ablate CONFIG --domain-weights 0,0.51,1",
-    RunDir.DECIDE: "domainlm decide CONFIG --base GENERAL_MODEL",
-    RunDir.FINETUNE_COMPARE: "domainlm finetune {run} --compare GENERAL_MODEL --data TRAIN.jsonl",
-    RunDir.CLASSIFY_COMPARE: "domainlm finetune {run} --head classification --compare GENERAL_MODEL --data TRAIN.jsonl",
-}
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """What the report knows of the run directory's files, from the stage registry (pipeline.py): each output's
+    model and the command that writes it (shown when the file is missing)."""
+
+    schemas: dict[str, Any]
+    producers: dict[str, str]
+
+    def command(self, rel: str) -> str:
+        # a token folder of another tokenizer (continued pretraining's base): written by the same command
+        if rel not in self.producers and rel.endswith(RunDir.COUNTS_FILE):
+            rel = RunDir.COUNTS
+        return self.producers[rel]
+
+    def schema(self, rel: str):
+        if rel not in self.schemas and rel.endswith(RunDir.COUNTS_FILE):
+            rel = RunDir.COUNTS
+        return self.schemas[rel]
+
+
 BASELINE = "general-only baseline (domain weight 0)"
 
 
@@ -64,8 +71,9 @@ class Section:
 class Report:
     """The state one report build shares between sections: where to read, where to write, what was drawn."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, catalog: Catalog):
         self.run_dir = run_dir
+        self.catalog = catalog
         self.out = run_dir / REPORT_DIR
         self.cache: dict[str, tuple[object, str | None]] = {}
 
@@ -89,15 +97,13 @@ class Report:
 
     def _read(self, rel: str):
         path = self.run_dir / rel
-        # a token folder of another tokenizer (continued pretraining's base): written by the same command
-        cmd = (PRODUCERS.get(rel) or PRODUCERS[RunDir.COUNTS] if rel.endswith(RunDir.COUNTS_FILE) else
-               PRODUCERS[rel]).format(run=self.run_dir)
+        cmd = self.catalog.command(rel).format(run=self.run_dir)
         if not path.exists():
             return None, f"no {rel} yet: run `{cmd}`"
         try:
             if rel == RunDir.METRICS:
                 return _jsonl(path.read_text(encoding="utf-8")), None
-            return load_output(path, SCHEMAS[RunDir.COUNTS if rel.endswith(RunDir.COUNTS_FILE) else rel]), None
+            return load_output(path, self.catalog.schema(rel)), None
         except (OSError, UnicodeDecodeError, UserError) as e:
             return None, f"{e} (`{cmd}`)"
 
@@ -615,17 +621,17 @@ def render(r: Report, sections: list[Section], now: str) -> str:
     )
 
 
-def build_report(run_dir: Path | str) -> dict:
-    """Write ``<run>/report/index.html`` and its PNGs; return what was written and what is missing."""
+def build_report(run_dir: Path | str, makers: list, catalog: Catalog) -> dict:
+    """Write ``<run>/report/index.html`` and its PNGs from the sections ``makers`` make (page order; one that
+    returns None is left out); return what was written and what is missing. The stage registry
+    (`pipeline.build_report`) passes every stage's sections and the catalog of outputs."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory (make one with `domainlm plan CONFIG`)")
-    r = Report(run_dir)
+    r = Report(run_dir, catalog)
     r.out.mkdir(exist_ok=True)
     sections = []
-    # page order
-    for make in (plan_section, data_section, mine_section, tokenizer_section, training_section, eval_section,
-                 probes_section, ablation_section, finetune_section, classify_section):
+    for make in makers:
         s = make(r)
         if s is not None:
             sections.append(s)

@@ -244,11 +244,12 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
     data_dir = Path(data_dir) if data_dir is not None else run_dir
     z = setup(cfg, data_dir, world, max_steps)
     counts = z.counts
-    fp = stages.fingerprint(cfg.model.model_dump(), t.model_dump(exclude={"init_from"}), z.shape.as_dict(),
-                            z.total_steps, counts.get("tokenizer_sha256"), counts["sources"],
-                            *([str(z.base.path), z.base.fingerprint] if z.base else []))  # another base retrains
+    stage = stages.Stage(run_dir, STAGE, RunDir(run_dir) / RunDir.TRAIN, (
+        cfg.model.model_dump(), t.model_dump(exclude={"init_from"}), z.shape.as_dict(), z.total_steps,
+        counts.get("tokenizer_sha256"), counts["sources"],
+        *([str(z.base.path), z.base.fingerprint] if z.base else [])))  # another base retrains
     done = None
-    if not restart and stages.is_done(run_dir, STAGE, fp):
+    if not restart and stage.done():
         with contextlib.suppress(UserError):  # a summary that does not parse: resume, export and write it again
             done = RunDir(run_dir).load(RunDir.TRAIN, TrainSummary)
     if done is not None:
@@ -260,7 +261,7 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
         if restart:
             for p in (ckpt.checkpoints_dir(run_dir), RunDir(run_dir).metrics.parent, run_dir / MODEL_DIR):
                 shutil.rmtree(p, ignore_errors=True)
-            stages.clear(run_dir, STAGE)
+            stage.start()
         ckpt.remove_partial(run_dir)
     barrier()
 
@@ -323,7 +324,7 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
         finished=time.time()).model_dump()
     if world.is_main:
         write_json(RunDir(run_dir) / RunDir.TRAIN, summary)
-        stages.mark_done(run_dir, STAGE, fp)
+        stage.finish()
         console.print(f"wrote [bold]{escape(str(run_dir / MODEL_DIR))}[/] (Hugging Face format); final loss "
                       f"{driver.last_loss:.4f}")
     barrier()
