@@ -154,6 +154,13 @@ def test_mine_finds_the_hidden_domain_documents(prepared):
     assert result["rounds"][1]["positives"] == r1["positives"] + r1["new_docs"]
     assert result["stopped"] == "round 2: nothing new"
     assert all(r["mine"]["score"] >= r1["threshold"] for r in got)
+    # the report's section: complete, with its chart and the samples
+    from domainlm.pipeline import build_report
+
+    section = build_report(prepared / "run")["sections"]["mine"]
+    assert section["complete"] and section["images"] == ["mine.png"]
+    page = (prepared / "run" / "report" / "index.html").read_text()
+    assert "Mined domain documents" in page and result["samples"][0]["id"] in page
 
 
 def test_decontamination_drops_planted_overlaps(prepared):
