@@ -34,7 +34,7 @@ from domainlm.errors import UserError
 from domainlm.mine import classifier, index
 from domainlm.mine.steps import ScorePool, WriteMined, read_jsonl_gz
 from domainlm.outputs import Counts, Mine, MineRound, Stats
-from domainlm.rundir import RunDir, load_output, write_json
+from domainlm.rundir import RunDir, atomic_write, load_output, write_json
 
 MINE_VERSION = 1
 PIPELINE_VERSION = "mine-1"  # bump when a change here changes what mine writes
@@ -279,18 +279,17 @@ def mine(cfg: RunConfig, run_dir: Path, progress) -> dict:
     workers = pcfg.workers or pipeline.default_workers()
     tasks = pcfg.tasks or workers
     fp = _fingerprint(cfg, domain + general, specs, tasks, run_dir)
-    stage = stages.Stage(run_dir, "mine", rd / RunDir.MINE, (fp,))
+    work = rd / RunDir.MINE_WORK
+    out = rd / RunDir.MINE_DOCS
+    stage = stages.Stage(run_dir, "mine", rd / RunDir.MINE, (fp,), intact=out.is_dir)
     if stage.done():
         return json.loads(stage.output.read_text(encoding="utf-8"))
     stage.start()
     stage.output.unlink(missing_ok=True)
-    work = rd / RunDir.MINE_WORK
-    out = rd / RunDir.MINE_DOCS
     if not (work / "fingerprint").exists() or (work / "fingerprint").read_text() != fp:
         shutil.rmtree(work, ignore_errors=True)  # another config or other data: start over
         shutil.rmtree(out, ignore_errors=True)
-        work.mkdir(parents=True)
-        (work / "fingerprint").write_text(fp)
+        atomic_write(work / "fingerprint", fp)
     with pipeline._stderr_to(work / "datatrove.log"):
         build_indexes(cfg, run_dir, domain + general, domain, work / "index")
         pos = _smallest(lambda: _texts(run_dir, domain, "train"), mcfg.max_seed_docs)
