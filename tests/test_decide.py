@@ -218,8 +218,8 @@ def test_extend_vocab_in_the_config(decided, tmp_path):
     from rich.console import Console
     from transformers import AutoTokenizer
 
-    from domainlm.basemodel import base_of
-    from domainlm.data.command import run_tokenize
+    from domainlm.model.base import base_of
+    from domainlm.tokenize import run_tokenize
 
     shutil.copytree(decided["tmp"] / "pristine", tmp_path / "c")
     data = yaml.safe_load(decided["pristine"].read_text().replace(str(decided["tmp"] / "pristine"),

@@ -12,7 +12,7 @@ import yaml
 from crashkit import KILLED, domainlm
 from domainlm.errors import UserError
 from domainlm.model import build_model
-from domainlm.plan.shape import ModelShape, objective_flops_per_token, objective_params
+from domainlm.shape import ModelShape, objective_flops_per_token, objective_params
 from domainlm.train.objectives import (
     IGNORE,
     Masking,

@@ -28,13 +28,13 @@ from typing import Any
 from rich.console import Console
 
 from domainlm import __version__, stages
-from domainlm.basemodel import base_of
 from domainlm.config import RunConfig, dump_config
-from domainlm.data.command import run_prepare, run_tokenize
+from domainlm.data.command import run_prepare
 from domainlm.data.tokens import counts_path
 from domainlm.evaluate.command import evaluate_variant, print_eval, run_eval_cached
 from domainlm.finetune.downstream import run_downstream
 from domainlm.mine.command import print_mine, run_mine
+from domainlm.model.base import base_of
 from domainlm.outputs import (
     Ablation,
     AnyEval,
@@ -53,6 +53,7 @@ from domainlm.plan.command import run_plan
 from domainlm.plan.report import print_plan
 from domainlm.report import html
 from domainlm.rundir import RunDir, load_output
+from domainlm.tokenize import run_tokenize
 from domainlm.tokenizer import run_tokenizer
 from domainlm.train.loop import train
 from domainlm.train.parallel import distributed
@@ -168,7 +169,7 @@ REGISTRY: list[StageDecl] = [
     StageDecl(
         "plan", "domainlm plan CONFIG",
         "`plan/` — `laws.py` (Chinchilla, Kaplan, Muennighoff, fitted), `planner.py`, `memory.py`, `hardware.py`, "
-        "`chart.py`",
+        "`chart.py`; the shape from `shape.py`",
         (Output(RunDir.CONFIG, what="the resolved config (`config.RunConfig`)",
                 readers="eval, generate, report, finetune"),
          Output(RunDir.PLAN_CHART, what="PNG", readers="you"),
@@ -202,8 +203,8 @@ REGISTRY: list[StageDecl] = [
         run=lambda c: run_tokenizer(c.config_path, console=c.console), sections=(html.tokenizer_section,)),
     StageDecl(
         "tokenize", "domainlm tokenize CONFIG",
-        "`data/tokenize.py` → `data/tokens.py` (the token-file format; one folder per tokenizer, "
-        "`RunDir.tokens_for`)",
+        "`tokenize.py` (the command: vocabulary extension first, `tokenizer_extend.py`) → `data/tokenize.py` → "
+        "`data/tokens.py` (the token-file format; one folder per tokenizer, `RunDir.tokens_for`)",
         (Output(RunDir.TOKENS, what="`tokens/<source>/{train,val}.bin` (`tokens-<sha>/` for another tokenizer)",
                 readers="train, plan (real counts), report"),
          Output(RunDir.COUNTS, Counts, readers="train, plan, report")),
@@ -212,7 +213,8 @@ REGISTRY: list[StageDecl] = [
         "train", "domainlm train CONFIG",
         "`train/` — `loop.py` (pretraining setup, eval, export), `driver.py` (the one loop), `step.py` (the one "
         "step), `data.py` (mixture loader), `parallel.py`, `checkpoint.py`, `schedule.py`, `objectives.py`; "
-        "`model.py`; `basemodel.py`",
+        "`shape.py` (the shape rule, its parameter and FLOP counts); `model/` (`__init__.py`: the single-device "
+        "model and the HF export; `base.py`: continued pretraining's base model)",
         (Output(RunDir.CHECKPOINTS, what="`step-N/`: weights, optimizer, RNG, loader state, manifest (last)",
                 readers="train (resume)"),
          Output(RunDir.METRICS, what="one JSON row per step / eval", readers="report, scaling"),

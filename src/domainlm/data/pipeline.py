@@ -31,10 +31,23 @@ from importlib import metadata
 from pathlib import Path
 
 import orjson
+from datatrove.executor import LocalPipelineExecutor, RayPipelineExecutor
+from datatrove.pipeline.dedup import (
+    ExactDedupConfig,
+    ExactDedupFilter,
+    ExactDedupSignature,
+    ExactFindDedups,
+    MinhashConfig,
+    MinhashDedupBuckets,
+    MinhashDedupCluster,
+    MinhashDedupFilter,
+)
+from datatrove.pipeline.writers import JsonlWriter
+from datatrove.utils.hashing import HashConfig
 
 from domainlm import faults, stages
 from domainlm.config import PrepareConfig, RunConfig
-from domainlm.data import sources
+from domainlm.data import sources, steps
 from domainlm.errors import UserError
 from domainlm.outputs import Stats
 from domainlm.rundir import RunDir, atomic_write, write_json
@@ -130,7 +143,6 @@ def _executor(pcfg: PrepareConfig, pipeline: list, tasks: int, workers: int, log
             import ray  # datatrove expects ray.init() done by the caller
         except ImportError:
             raise UserError("prepare.executor: ray needs the ray package: pip install 'domainlm[ray]'") from None
-        from datatrove.executor import RayPipelineExecutor
 
         if not ray.is_initialized():
             ray.init()  # joins the cluster named by RAY_ADDRESS, else starts a local one
@@ -144,7 +156,6 @@ def _executor(pcfg: PrepareConfig, pipeline: list, tasks: int, workers: int, log
 
 def _local_executor(site: str):
     """datatrove's local executor, with the crash site ``site`` after each completion marker."""
-    from datatrove.executor import LocalPipelineExecutor
 
     class Executor(LocalPipelineExecutor):
         def mark_rank_as_completed(self, rank: int):
@@ -156,9 +167,6 @@ def _local_executor(site: str):
 
 def minhash_config(pcfg: PrepareConfig):
     """The MinHash parameters of prepare's near-duplicate stages (also `domainlm mine`'s, against the domain)."""
-    from datatrove.pipeline.dedup import MinhashConfig
-    from datatrove.utils.hashing import HashConfig
-
     return MinhashConfig(
         n_grams=pcfg.minhash_ngrams, num_buckets=pcfg.minhash_buckets,
         hashes_per_bucket=pcfg.minhash_hashes_per_bucket, hash_config=HashConfig(precision=64, hash_fc="sha1"),
@@ -167,19 +175,6 @@ def minhash_config(pcfg: PrepareConfig):
 
 def build_stages(spec: sources.SourceSpec, pcfg: PrepareConfig, run_dir: Path, tasks: int):
     """The (name, pipeline, tasks) list of one source's datatrove stages."""
-    from datatrove.pipeline.dedup import (
-        ExactDedupConfig,
-        ExactDedupFilter,
-        ExactDedupSignature,
-        ExactFindDedups,
-        MinhashDedupBuckets,
-        MinhashDedupCluster,
-        MinhashDedupFilter,
-    )
-    from datatrove.pipeline.writers import JsonlWriter
-
-    from domainlm.data import steps
-
     w = RunDir(run_dir) / RunDir.PREPARE / spec.name
     ws = str(w)
     exact_cfg = ExactDedupConfig(content_getter=_text_of)

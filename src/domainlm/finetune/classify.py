@@ -33,8 +33,11 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.markup import escape
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from domainlm import stages
+from domainlm.chat import pad_id_of
 from domainlm.errors import UserError
 from domainlm.evaluate import tasks as downstream
 from domainlm.finetune.loop import (
@@ -168,8 +171,6 @@ def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.T
 def load_classifier(model_dir: Path, labels: list[str] | None, pad_id: int, seed: int):
     """AutoModelForSequenceClassification from a local folder: a pretrained export (``labels`` given: a new
     head, initialised from ``seed``) or a fine-tuned classifier (``labels`` None: its own head and labels)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
 
     kw = {} if labels is None else {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
                                     "label2id": {c: i for i, c in enumerate(labels)}}
@@ -240,9 +241,7 @@ def finetune_classifier(model_or_run: Path, data: Path, *, val: Path | None = No
     out = Path(out) if out is not None else base.with_name(base.name + "-classify")
     labels = label_list(train_rows)
 
-    from transformers import AutoConfig, AutoTokenizer
 
-    from domainlm.chat import pad_id_of
 
     context = int(getattr(AutoConfig.from_pretrained(model_dir, local_files_only=True), "max_position_embeddings",
                           0) or 512)
@@ -324,9 +323,7 @@ def finetune_classifier(model_or_run: Path, data: Path, *, val: Path | None = No
 def score_items(model_dir: Path, items: list[dict], task: str = TASK) -> dict:
     """A fine-tuned classifier's predictions on task items, in the shape of `evaluate.tasks.score_task` (metrics
     with bootstrap CIs, chance and majority-class accuracy, predictions)."""
-    from transformers import AutoTokenizer
 
-    from domainlm.chat import pad_id_of
 
     model_dir = Path(model_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

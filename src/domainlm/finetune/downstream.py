@@ -15,8 +15,12 @@ from rich.console import Console
 
 from domainlm import stages
 from domainlm.config import LICENSEDB_TEST, RunConfig
+from domainlm.evaluate import tasks
+from domainlm.finetune.compare import compare
+from domainlm.finetune.loop import FinetuneArgs
 from domainlm.outputs import ClassifyComparison
 from domainlm.rundir import RunDir
+from domainlm.train.variants import variant_config
 
 STAGE = "downstream"
 
@@ -30,10 +34,6 @@ def _held_out(cfg: RunConfig) -> bool:
 def run_downstream(cfg: RunConfig, run_dir: Path, console: Console) -> dict | None:
     """The comparison (as `compare.compare` returns it), or None when the config has no downstream task or
     the run has no general-only baseline."""
-    from domainlm.evaluate import tasks
-    from domainlm.finetune.compare import compare
-    from domainlm.finetune.loop import FinetuneArgs
-    from domainlm.train.variants import variant_config
 
     d = cfg.downstream
     if d.task is None:

@@ -25,10 +25,13 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.markup import escape
+from transformers import AutoConfig, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from domainlm import stages
 from domainlm.chat import ensure_chat_template, pad_id_of
 from domainlm.errors import UserError
+from domainlm.evaluate.inputs import check_tokenizer_files, load_model
 from domainlm.finetune.data import collate, encode_all, read_jsonl
 from domainlm.rundir import RunDir, swap_dir, write_json
 from domainlm.train import checkpoint as ckpt
@@ -59,7 +62,6 @@ class FinetuneArgs:
 
 def resolve_model(model_or_run: Path) -> tuple[Path, Path | None]:
     """(model folder, run directory or None). A run directory means its ``model/``."""
-    from domainlm.evaluate.inputs import check_tokenizer_files
 
     p = Path(model_or_run)
     if (p / "config.json").is_file():
@@ -101,7 +103,6 @@ def apply_lora(model, rank: int):
 
 def _save_hf(model, tok, out: Path) -> None:
     """Model + tokenizer (with its chat template) through ``<out>.tmp`` and a rename."""
-    from transformers.utils import logging as hf_logging
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -153,9 +154,7 @@ def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Pa
     val_convs = read_jsonl(val) if val is not None else []
     out = Path(out) if out is not None else default_out(model_dir, run_dir, data)
 
-    from transformers import AutoConfig, AutoTokenizer
 
-    from domainlm.evaluate.inputs import load_model
 
     context = int(getattr(AutoConfig.from_pretrained(model_dir, local_files_only=True), "max_position_embeddings",
                           0) or 2048)

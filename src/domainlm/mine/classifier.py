@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
 from domainlm.config import ClassifierConfig
 from domainlm.errors import UserError
@@ -44,8 +45,6 @@ def train(positives: list[str], negatives: list[str], ccfg: ClassifierConfig, ou
 
     Examples are written in the order of a content hash of their line (a fixed shuffle: SGD must not see all
     of one class first), and with ``threads: 1`` the saved model is byte-identical run to run."""
-    import xxhash
-
     if not positives or not negatives:
         raise UserError(f"the classifier needs both classes: {len(positives)} domain and {len(negatives)} general "
                         "training documents")

@@ -25,16 +25,20 @@ from pathlib import Path
 
 import numpy as np
 import xxhash
+from rich.markup import escape
+from rich.table import Table
 
 from domainlm import faults, stages
-from domainlm.config import RunConfig
+from domainlm.config import RunConfig, load_config
 from domainlm.data import pipeline, sources
+from domainlm.data.command import progress_bar
 from domainlm.data.steps import split_key
 from domainlm.errors import UserError
 from domainlm.mine import classifier, index
 from domainlm.mine.steps import ScorePool, WriteMined, read_jsonl_gz
 from domainlm.outputs import Counts, Mine, MineRound, Stats
 from domainlm.rundir import RunDir, atomic_write, load_output, write_json
+from domainlm.units import human
 
 MINE_VERSION = 1
 PIPELINE_VERSION = "mine-1"  # bump when a change here changes what mine writes
@@ -349,22 +353,14 @@ def mine(cfg: RunConfig, run_dir: Path, progress) -> dict:
 
 
 def run_mine(config: Path | None, console) -> dict:
-    from domainlm.config import load_config
-    from domainlm.data.command import _progress
-
     cfg = load_config(config)
     run_dir = cfg.directory()
-    with stages.locked(run_dir, "mine"), _progress(console) as progress:
+    with stages.locked(run_dir, "mine"), progress_bar(console) as progress:
         result = mine(cfg, run_dir, progress)
     return {"run_dir": str(run_dir), "docs_dir": str(RunDir(run_dir) / RunDir.MINE_DOCS), "mine": result}
 
 
 def print_mine(result: dict, console) -> None:
-    from rich.markup import escape
-    from rich.table import Table
-
-    from domainlm.units import human
-
     m = result["mine"]
     t = Table(title=f"mined source {m['source']!r} → {escape(result['docs_dir'])} (pools: {', '.join(m['pools'])})")
     for col in ("round", "threshold", "held-out P / R", "est. pool precision", "scored", "accepted", "new", "yield"):

@@ -17,10 +17,14 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from rich.markup import escape as rich_escape
 
 from domainlm import __version__, faults
-from domainlm.errors import UserError
+from domainlm.config import validate
+from domainlm.errors import ConfigError, UserError
+from domainlm.model.base import base_of
 from domainlm.outputs import AnyEval, ObjectiveEvalOutput
+from domainlm.plan.chart import plot_plan
 from domainlm.report import plots
 from domainlm.rundir import RunDir, atomic_write, load_output, publish, temp_path
 from domainlm.units import human
@@ -165,7 +169,6 @@ def plan_section(r: Report) -> Section:
     if plan is None:
         s.hints.append(why)
         return s
-    from domainlm.plan.chart import plot_plan
 
     def draw(p, path: Path) -> Path:
         tmp = temp_path(path)  # ends in .png: plot_plan picks the format by suffix
@@ -210,13 +213,10 @@ def plan_section(r: Report) -> Section:
 def _counts_rel(run_dir: Path) -> str:
     """tokens/counts.json, or with ``train.init_from`` (continued pretraining) the counts of the base tokenizer's
     token folder (`RunDir.tokens_for`), the files that run trained on."""
-    from domainlm.config import validate
-    from domainlm.errors import ConfigError
 
     try:
         data = yaml.safe_load((run_dir / RunDir.CONFIG).read_text(encoding="utf-8"))
         if isinstance(data, dict) and (data.get("train") or {}).get("init_from"):
-            from domainlm.basemodel import base_of
 
             folder = RunDir(run_dir).tokens_for(base_of(validate(data)).path)
             return str(folder.relative_to(run_dir) / RunDir.COUNTS_FILE)
@@ -657,6 +657,5 @@ def print_report(result: dict, console) -> None:
         console.print(f"{mark} {s['title']}", highlight=False)
         for h in s["hints"]:
             console.print(f"    {h}", style="yellow", highlight=False, markup=False, soft_wrap=True)
-    from rich.markup import escape
 
-    console.print(f"wrote [bold]{escape(result['path'])}[/]")
+    console.print(f"wrote [bold]{rich_escape(result['path'])}[/]")

@@ -23,17 +23,19 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 from rich.markup import escape
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from transformers import AutoTokenizer
 
 from domainlm import faults, stages
-from domainlm.basemodel import BaseModel, base_of
 from domainlm.config import RunConfig, load_config
 from domainlm.data.tokens import counts_path, load_counts, open_tokens
 from domainlm.errors import UserError
+from domainlm.hardware import ACCELERATORS
 from domainlm.model import MODEL_DIR, TOKENIZER_DIR, build_model, export_hf, load_base_model, resolve_shape
+from domainlm.model.base import BaseModel, base_of
 from domainlm.outputs import TrainSummary
-from domainlm.plan.hardware import ACCELERATORS
-from domainlm.plan.shape import ModelShape, objective_flops_per_token, objective_params
 from domainlm.rundir import RunDir, write_json
+from domainlm.shape import ModelShape, objective_flops_per_token, objective_params
 from domainlm.train import checkpoint as ckpt
 from domainlm.train.data import MixtureLoader, val_windows
 from domainlm.train.driver import Driver, Eval
@@ -265,7 +267,6 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
         ckpt.remove_partial(run_dir)
     barrier()
 
-    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(z.tokenizer)
     objective = objective_from_config(cfg.model, add_objective_tokens(tok, z.objective), t.seed)  # None: causal
@@ -424,7 +425,6 @@ def params_of(z: Setup) -> int:
 def export(model, hf_config, tokenizer_dir: Path, out: Path, world: Dist, **kw) -> None:
     """The Hugging Face export: gather the full weights (a collective under FSDP), rank 0 writes. ``kw``:
     `export_hf`'s (the architecture to save, a base model's generation config)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     if dist.is_initialized():
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
