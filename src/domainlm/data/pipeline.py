@@ -130,6 +130,7 @@ def _executor(pcfg: PrepareConfig, pipeline: list, tasks: int, workers: int, log
     """The executor ``prepare.executor`` names for one stage; a local one hits the crash site ``site`` after each
     task's completion marker (`domainlm mine` runs its steps on the same executors)."""
     if pcfg.executor == "slurm":
+        # optional: datatrove's Slurm executor, only for prepare.executor: slurm
         from domainlm.launch.slurm_executor import Executor
 
         s = pcfg.slurm
