@@ -18,6 +18,7 @@ import shutil
 import subprocess
 import sys
 import time
+import unicodedata
 from pathlib import Path
 
 from domainlm.errors import UserError
@@ -26,6 +27,7 @@ from domainlm.rundir import atomic_write
 # Slurm's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (sbatch(1)), or UNLIMITED
 TIME_RE = re.compile(r"^(\d+(:\d{1,2}){0,2}|\d+-\d+(:\d{1,2}){0,2}|unlimited|infinite)$", re.IGNORECASE)
 PARTITION_RE = re.compile(r"^[A-Za-z0-9_.,-]+$")
+SBATCH_SAFE = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")  # an #SBATCH value that needs no quotes
 RDZV_PORT_BASE = 20000  # + job id mod 20000: two jobs sharing a head node get different ports
 POLL_S = 2.0  # between two queue queries while waiting on jobs
 DONE_POLL_S = 0.25  # between two looks at a stage's completion markers
@@ -37,28 +39,55 @@ def script_path(run_dir: Path) -> Path:
     return Path(run_dir) / "launch" / "train.sbatch"
 
 
+def no_control(value: str, what: str) -> str:
+    """``value`` unchanged, or a one-line UserError when it holds a control character: a newline in a path or
+    name would end the line of the script it is written into and start a command of its own."""
+    bad = next((c for c in value if unicodedata.category(c) == "Cc"), None)
+    if bad is not None:
+        raise UserError(f"{what} {value!r}: contains the control character {bad!r}, which a Slurm script cannot "
+                        "hold safely; rename it")
+    return value
+
+
+def sbatch_quote(value: str) -> str:
+    """``value`` as one argument of an ``#SBATCH`` line. sbatch splits these lines itself, not bash: it groups
+    characters between quotes and takes the character after a backslash literally (``_get_argument`` in Slurm's
+    src/sbatch/opt.c), so a double-quoted value with ``\\`` and ``"`` escaped reads back unchanged."""
+    if SBATCH_SAFE.match(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def train_script(*, config: Path, workdir: Path, run_dir: Path, job_name: str, nodes: int, gpus_per_node: int,
                  procs_per_node: int, cpus_per_task: int, partition: str | None, time_limit: str | None,
                  python: str) -> str:
-    """The sbatch script: ``srun`` starts one torchrun agent per node, which starts ``procs_per_node`` ranks."""
-    q = shlex.quote
+    """The sbatch script: ``srun`` starts one torchrun agent per node, which starts ``procs_per_node`` ranks.
+    Every path and name in it is free of control characters (`no_control`) and quoted: for bash with
+    shlex.quote, on ``#SBATCH`` lines for sbatch's own parser (`sbatch_quote`)."""
+    q, sq = shlex.quote, sbatch_quote
+    for value, what in ((str(config), "the config path"), (str(workdir), "the working directory"),
+                        (str(run_dir), "run_dir"), (job_name, "the job name"), (python, "the Python executable"),
+                        (partition or "", "--partition"), (time_limit or "", "--time")):
+        no_control(value, what)
+    # --output is a filename pattern: %j is the job id, %% a literal % (sbatch(1), "filename pattern")
+    log = str(run_dir / "launch").replace("%", "%%") + "/slurm-%j.out"
     directives = [
-        f"--job-name={job_name}",
+        f"--job-name={sq(job_name)}",
         f"--nodes={nodes}",
         "--ntasks-per-node=1",  # one torchrun agent per node; it forks the ranks
         f"--cpus-per-task={cpus_per_task}",
         *([f"--gpus-per-node={gpus_per_node}"] if gpus_per_node else []),
-        *([f"--partition={partition}"] if partition else []),
-        *([f"--time={time_limit}"] if time_limit else []),
-        f"--chdir={workdir}",  # the config's relative run_dir resolves as it did at submission
-        f"--output={run_dir / 'launch' / 'slurm-%j.out'}",
+        *([f"--partition={sq(partition)}"] if partition else []),
+        *([f"--time={sq(time_limit)}"] if time_limit else []),
+        f"--chdir={sq(str(workdir))}",  # the config's relative run_dir resolves as it did at submission
+        f"--output={sq(log)}",
         "--open-mode=append",  # a requeued run appends to the same log
         "--requeue",
     ]
     train = f"{q(python)} -m torch.distributed.run"
     return "\n".join([
         "#!/bin/bash",
-        f"# written by `domainlm launch slurm`: `domainlm train {config}` on {nodes} node(s) x {procs_per_node} "
+        f"# written by `domainlm launch slurm`: `domainlm train {q(str(config))}` on {nodes} node(s) x {procs_per_node} "
         f"process(es) ({'nccl' if gpus_per_node else 'gloo'})",
         *(f"#SBATCH {d}" for d in directives),
         "set -euo pipefail",
@@ -94,13 +123,13 @@ def launch_train(config: Path | None, *, nodes: int, gpus_per_node: int, procs_p
         raise UserError(f"--procs-per-node: {procs} processes on {gpus_per_node} GPUs per node; at most one per GPU")
     workdir = Path.cwd()
     run_dir = cfg.directory(workdir).resolve()
-    if not counts_path(run_dir).exists():  # else the job would fail on the cluster, after waiting in the queue
-        raise UserError(f"{counts_path(run_dir)}: no token files to train on; run `domainlm prepare`, "
-                        f"`domainlm tokenizer` and `domainlm tokenize` before `domainlm launch slurm`")
     text = train_script(config=path, workdir=workdir, run_dir=run_dir, job_name=f"domainlm-train-{cfg.name}",
                         nodes=nodes, gpus_per_node=gpus_per_node, procs_per_node=procs,
                         cpus_per_task=cpus_per_task or procs, partition=partition, time_limit=time_limit,
-                        python=sys.executable)
+                        python=sys.executable)  # refuses a control character in any path or name first
+    if not counts_path(run_dir).exists():  # else the job would fail on the cluster, after waiting in the queue
+        raise UserError(f"{counts_path(run_dir)}: no token files to train on; run `domainlm prepare`, "
+                        f"`domainlm tokenizer` and `domainlm tokenize` before `domainlm launch slurm`")
     script = script_path(run_dir)
     atomic_write(script, text)
     out = {"script": str(script), "nodes": nodes, "gpus_per_node": gpus_per_node, "procs_per_node": procs,
