@@ -19,7 +19,7 @@ import torch
 from domainlm.config import RunConfig
 from domainlm.errors import UserError
 from domainlm.plan.shape import ModelShape, ffn_for, make_shape
-from domainlm.rundir import RunDir, swap_dir
+from domainlm.rundir import RunDir, clear_temp, swap_dir
 
 TOKENIZER_DIR = RunDir.TOKENIZER
 MODEL_DIR = RunDir.MODEL
@@ -188,8 +188,7 @@ def export_hf(state_dict: dict[str, torch.Tensor], config, tokenizer_dir: Path, 
     from domainlm.basemodel import tokenizer_files
 
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = clear_temp(out_dir.with_name(out_dir.name + ".tmp"))
     from transformers.utils import logging as hf_logging
 
     model = (model_class or LlamaForCausalLM)(config)

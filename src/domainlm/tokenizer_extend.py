@@ -146,7 +146,7 @@ def extend(base_dir: Path, domain_tokenizer: Path, texts: Iterable[str], n: int,
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from domainlm.rundir import swap_dir
+    from domainlm.rundir import clear_temp, swap_dir
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     base_tok = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
@@ -155,10 +155,7 @@ def extend(base_dir: Path, domain_tokenizer: Path, texts: Iterable[str], n: int,
     tok, ids = extend_tokenizer(base_tok, tokens)
     model = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True, dtype=torch.float32)
     extend_model(model, tokens, ids)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    import shutil
-
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = clear_temp(out_dir.with_name(f".{out_dir.name}.tmp"))
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     swap_dir(tmp, out_dir)

@@ -30,7 +30,7 @@ from domainlm import stages
 from domainlm.chat import ensure_chat_template, pad_id_of
 from domainlm.errors import UserError
 from domainlm.finetune.data import collate, encode_all, read_jsonl
-from domainlm.rundir import RunDir, swap_dir, write_json
+from domainlm.rundir import RunDir, clear_temp, swap_dir, write_json
 from domainlm.train import checkpoint as ckpt
 from domainlm.train.driver import Driver, Eval
 from domainlm.train.parallel import Dist
@@ -103,8 +103,7 @@ def _save_hf(model, tok, out: Path) -> None:
     """Model + tokenizer (with its chat template) through ``<out>.tmp`` and a rename."""
     from transformers.utils import logging as hf_logging
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = clear_temp(out.with_name(out.name + ".tmp"))
     hf_logging.disable_progress_bar()
     try:
         model.save_pretrained(tmp, safe_serialization=True)

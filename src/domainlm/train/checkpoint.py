@@ -33,7 +33,7 @@ from safetensors.torch import load_model, save_model
 
 from domainlm import faults
 from domainlm.errors import UserError
-from domainlm.rundir import RunDir, fsync
+from domainlm.rundir import RunDir, clear_temp, fsync
 from domainlm.train.parallel import Dist, barrier, is_fsdp, unwrap
 
 CHECKPOINTS = RunDir.CHECKPOINTS
@@ -57,7 +57,7 @@ def remove_partial(run_dir: Path) -> None:
     d = checkpoints_dir(run_dir)
     if d.exists():
         for p in d.glob(".tmp-*"):
-            shutil.rmtree(p, ignore_errors=True)
+            clear_temp(p)
 
 
 def _sha256(path: Path) -> str:
@@ -73,7 +73,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, wor
     final = ck / f"{PREFIX}{step:08d}"
     tmp = ck / f".tmp-{final.name}"
     if world.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
+        clear_temp(tmp)  # a link planted there is removed, never written through
         tmp.mkdir(parents=True)
     barrier()
     try:

@@ -27,7 +27,7 @@ from rich.console import Console
 
 from domainlm import faults
 from domainlm.errors import UserError
-from domainlm.rundir import RunDir, atomic_write
+from domainlm.rundir import RunDir, atomic_write, open_append
 from domainlm.train import checkpoint as ckpt
 from domainlm.train.parallel import Dist
 from domainlm.train.step import StepResult
@@ -113,7 +113,7 @@ class Driver:
             from torch.utils.tensorboard import SummaryWriter
 
             tb = SummaryWriter(str(path.parent / "tensorboard"), purge_step=self.step + 1 if self.step else None)
-        metrics = open(path, "a", encoding="utf-8") if main else None  # noqa: SIM115
+        metrics = open_append(path) if main else None
 
         def log(row: dict, scalars: dict) -> None:
             if metrics is not None:
