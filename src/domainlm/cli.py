@@ -7,6 +7,7 @@ command line shows the traceback instead.
 from __future__ import annotations
 
 import json
+import math
 import os
 import sys
 from pathlib import Path
@@ -14,9 +15,11 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.errors import MarkupError
 from rich.markup import escape
 
 from domainlm import __version__
+from domainlm.config import MAX_TOKENS
 from domainlm.errors import ConfigError, UserError
 from domainlm.rundir import RunDir
 
@@ -28,14 +31,46 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-console = Console()
-err_console = Console(stderr=True)
+
+
+class SafeConsole(Console):
+    """A console for text that mixes our markup with user strings (paths, names, prompts): emoji codes are
+    never replaced (``--prompt 'a:thumbs_up:b'``, an ``H:M:S`` in a message), and a line whose markup does not
+    parse — a user string with a stray ``[/x]`` that no call site escaped — is printed as plain text instead of
+    ending the command in a MarkupError after its work is done."""
+
+    def __init__(self, **kw):
+        super().__init__(emoji=False, **kw)
+
+    def render_str(self, text: str, **kw):
+        try:
+            return super().render_str(text, **kw)
+        except MarkupError:
+            return super().render_str(text, **{**kw, "markup": False})
+
+
+console = SafeConsole()
+err_console = SafeConsole(stderr=True)
 # The exception classes of the click that typer runs on (typer ≥ 0.2x vendors its own copy, typer._click).
 CLICK = sys.modules[typer.BadParameter.__module__]
 DEBUG = False
 
 ConfigArg = Annotated[Path | None, typer.Argument(help="run config YAML (see recipes/legal-demo.yaml)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
+
+
+def _finite(lo: float, *, above: bool = False, hi: float | None = None):
+    """A callback for a float flag: a finite number ≥ ``lo`` (> ``lo`` when ``above``) and ≤ ``hi``. click's
+    FloatRange lets ``nan`` through (every comparison with it is false), and ``inf`` passes a lower bound."""
+    def check(value: float | None) -> float | None:
+        if value is None:
+            return value
+        ok = math.isfinite(value) and (value > lo if above else value >= lo) and (hi is None or value <= hi)
+        if not ok:
+            bound = f"{'>' if above else '≥'} {lo:g}" + (f" and ≤ {hi:g}" if hi is not None else "")
+            raise typer.BadParameter(f"expected a finite number {bound}, got {value:g}")
+        return value
+    return check
 
 
 def _version(value: bool) -> None:
@@ -289,7 +324,7 @@ def generate(
     model_dir: Annotated[Path, typer.Argument(help="a model folder, e.g. runs/<name>/model")],
     prompt: Annotated[str, typer.Option(help="text to continue")] = "",
     max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens to sample")] = 50,
-    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.8,
+    temperature: Annotated[float, typer.Option(callback=_finite(0, hi=100), help="0 = greedy")] = 0.8,
     top_k: Annotated[int, typer.Option(min=0, help="sample from the k most likely tokens (0 = all)")] = 50,
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
 ) -> None:
@@ -313,7 +348,8 @@ def finetune(
     steps: Annotated[int, typer.Option(min=1, help="optimizer steps")] = 300,
     batch_size: Annotated[int, typer.Option(min=1, help="conversations per step")] = 16,
     micro_batch: Annotated[int, typer.Option(min=1, help="conversations per forward pass")] = 16,
-    lr: Annotated[float, typer.Option(min=0.0, help="peak learning rate (cosine, 5% warmup)")] = 3e-4,
+    lr: Annotated[float, typer.Option(callback=_finite(0, above=True, hi=10),
+                                      help="peak learning rate (cosine, 5% warmup)")] = 3e-4,
     seed: Annotated[int, typer.Option(help="example order seed")] = 0,
     lora: Annotated[bool, typer.Option("--lora", help="LoRA adapters (needs peft: domainlm[lora]), merged")] = False,
     too_long: Annotated[str, typer.Option(help="longer than the context: truncate (left) | reject")] = "truncate",
@@ -365,7 +401,8 @@ def _finetune(model_or_run, data, val, out, args, compare, test, task, restart, 
 def tasks(
     name: Annotated[str, typer.Argument(help="licensedb (the packaged ScanCode LicenseDB)")],
     out: Annotated[Path, typer.Option(help="folder for the JSONL splits, exclude_ids.txt")] = Path("tasks/licensedb"),
-    test_fraction: Annotated[float, typer.Option(min=0.01, max=0.9, help="licenses held out for test")] = 0.2,
+    test_fraction: Annotated[float, typer.Option(callback=_finite(0.01, hi=0.9), help="licenses held out for "
+                                                 "test")] = 0.2,
     seed: Annotated[int, typer.Option(help="split seed")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
@@ -544,9 +581,11 @@ def decide(
     text: Annotated[
         list[str] | None, typer.Option("--text", help="extra text to score, NAME=PATH (file or folder; repeatable)")
     ] = None,
-    base_tokens: Annotated[float | None, typer.Option("--base-tokens", help="tokens the base was pretrained on "
-                                                      "(for its compute; a domainlm run records its own)")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="peak learning rate of the continued arms, re-warmed "
+    base_tokens: Annotated[float | None, typer.Option(
+        "--base-tokens", callback=_finite(0, above=True, hi=MAX_TOKENS),
+        help="tokens the base was pretrained on (for its compute; a domainlm run records its own)")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", callback=_finite(0, above=True, hi=10),
+                                             help="peak learning rate of the continued arms, re-warmed "
                                              "[train.lr]")] = None,
     as_json: JsonOpt = False,
 ) -> None:

@@ -283,7 +283,7 @@ def run_decide(config: Path | None, *, base: Path | None = None, extend_vocab: i
                 if not ext["added"]:
                     skipped[arm] = ("the base tokenizer already has every domain token the run's tokenizer uses "
                                     "(no candidate to add)")
-                    console.print(f"{arm}: skipped — {skipped[arm]}", highlight=False)
+                    console.print(f"{arm}: skipped — {skipped[arm]}", highlight=False, markup=False)
                     continue
             vcfg = continued_config(cfg, run_dir, arm, init_from, tokens, lr)
             model_dir = _train_continued(vcfg, run_dir, console)
@@ -344,7 +344,7 @@ def print_decide(d: dict, console: Console) -> None:
                   _flops(r["flops_run"]), _flops(r["flops_total"]))
     console.print(t)
     for arm, why in d["skipped"].items():
-        console.print(f"{arm}: skipped — {why}", highlight=False)
+        console.print(f"{arm}: skipped — {why}", highlight=False, markup=False)
     pre = d["base"]
     if pre["flops"] is None:
         console.print("[dim]the base model's own pretraining is unknown: pass --base-tokens D for its total[/]")

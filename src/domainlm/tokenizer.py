@@ -261,7 +261,7 @@ def run_tokenizer(config: Path | str | None, *, console: Console | None = None) 
                    cfg.tokenizer.model_dump(mode="json"), [(s.name, s.role, s.weight) for s in cfg.sources],
                    _data_fingerprint(cfg, run_dir)), intact=(out / "tokenizer.json").exists)
     if stage.done():
-        _say(console, f"[dim]tokenizer: up to date ({out}); nothing to do[/]")
+        _say(console, f"[dim]tokenizer: up to date ({escape(str(out))}); nothing to do[/]")
         return {**json.loads((out / AUDIT_FILE).read_text(encoding="utf-8")), "skipped": True}
     stage.start()
 

@@ -200,7 +200,8 @@ def build_extended(cfg, run_dir: Path, base_path: Path, n: int, out: Path, *, ke
     if (out / "config.json").is_file() and audit_file.is_file() and stages.is_done(run_dir, stage, fp):
         return stages.recorded(run_dir, stage)["extension"]
     if console is not None:
-        console.print(f"extending {base_path}'s tokenizer with up to {n} domain tokens ...", highlight=False)
+        console.print(f"extending {base_path}'s tokenizer with up to {n} domain tokens ...", highlight=False,
+                      markup=False)
     info = extend(base_path, RunDir(run_dir).tokenizer, domain_sample(cfg, run_dir), n, out)
     from transformers import AutoTokenizer
 

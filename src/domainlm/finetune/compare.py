@@ -72,7 +72,7 @@ def compare(domain: Path, general: Path, data: Path, *, val: Path | None = None,
         items = test_items[task]
         scored = {}
         for label in models:
-            console.print(f"scoring {label} on {task} ({len(items)} items)")
+            console.print(f"scoring {label} on {task} ({len(items)} items)", markup=False)
             scored[label] = (downstream.score_task(Path(runs[label]["out"]), task, items=items) if head == "lm"
                              else classify.score_items(Path(runs[label]["out"]), items, task))
         gold = [it["response"] for it in items]

@@ -129,6 +129,8 @@ def estimate(
         raise UserError(f"--gpus: expected an integer ≥ 1, got {gpus}")
     if (seq_len is None) != (micro_batch is None):
         raise UserError("--seq-len and --micro-batch: give both (activations need both) or neither")
+    if d_model is not None and d_model < 8:  # the config's bound (model.d_model): fewer than one head
+        raise UserError(f"--d-model: expected a hidden size ≥ 8, got {d_model}")
     if n_layers is None or d_model is None:
         from domainlm.plan.shape import shape_for_params
 
@@ -138,7 +140,7 @@ def estimate(
     from domainlm.plan.shape import ffn_for, head_dim_for
 
     ffn_dim = ffn_dim or ffn_for(d_model)
-    n_heads = n_heads or d_model // head_dim_for(d_model)  # the shape rule's heads (plan/shape.py)
+    n_heads = n_heads or max(1, d_model // head_dim_for(d_model))  # the shape rule's heads (plan/shape.py)
     kv_dim = d_model // n_heads * (n_kv_heads or n_heads)
     frac = adafactor_fraction(n_layers, d_model, ffn_dim, vocab_size)
     w, g, o = state_bytes(precision, optimizer, frac)
