@@ -29,6 +29,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors.torch import load_model, save_model
 
 from domainlm import faults
@@ -212,10 +213,52 @@ def _shape_mismatch(path: Path, model) -> str | None:
     return None
 
 
+class _Counts(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class _SourceState(_Counts):  # train/data.SourceState
+    position: int = Field(ge=0)
+    epoch: int = Field(ge=0)
+    sequences: int = Field(ge=0)
+
+
+class _LoaderState(_Counts):  # train/data.MixtureLoader.state_dict
+    step: int = Field(ge=0)
+    seed: int
+    seq_len: int = Field(ge=1)
+    sources: dict[str, _SourceState]
+
+
+class State(_Counts):
+    """What `Driver.checkpoint` writes into state.json (plus its caller's own keys): checked before use, so a
+    damaged or hand-edited file is a corrupted checkpoint, not a KeyError deep in the resume."""
+
+    step: int = Field(ge=1)
+    total_steps: int = Field(ge=1)
+    skipped_steps: int = Field(default=0, ge=0)
+    bad_in_row: int = Field(default=0, ge=0)
+    data: _LoaderState | None = None  # pretraining's loader; fine-tuning's order is a function of (seed, step)
+
+
+def read_state(path: Path) -> dict:
+    """``<checkpoint>/state.json`` as a dict, checked against `State`; CorruptCheckpoint if it is not one."""
+    f = path / "state.json"
+    try:
+        return State.model_validate_json(f.read_bytes()).model_dump(exclude_none=True)
+    except OSError as e:
+        raise CorruptCheckpoint(f, f"unreadable: {e.strerror}") from None
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "the file"
+        raise CorruptCheckpoint(f, f"{where}: {err['msg']}") from None
+
+
 def load_checkpoint(path: Path, model, optimizer, world: Dist) -> dict:
     """Restore model, optimizer and RNG in place; return state.json. Raises CorruptCheckpoint, or UserError
     when the checkpoint is intact but of another model shape (the config changed)."""
     _verify(path)
+    state = read_state(path)
     if (path / "model.safetensors").exists():
         mismatch = _shape_mismatch(path, model)
         if mismatch:
@@ -244,7 +287,7 @@ def load_checkpoint(path: Path, model, optimizer, world: Dist) -> dict:
             torch.set_rng_state(rng["cpu"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
-        return json.loads((path / "state.json").read_text(encoding="utf-8"))
+        return state
     except (UserError, CorruptCheckpoint):
         raise
     except Exception as e:  # verified files that still fail to load: a format problem, name the folder
