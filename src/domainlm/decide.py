@@ -53,7 +53,7 @@ def vocab_arm(n: int) -> str:
 
 def label(arm: str) -> str:
     if arm.startswith(f"{CONTINUED}-vocab"):
-        return f"general model + {arm.removeprefix(CONTINUED + '-vocab')} domain tokens, continued"
+        return f"general model + up to {arm.removeprefix(CONTINUED + '-vocab')} domain tokens, continued"
     return LABELS.get(arm, arm)
 
 
@@ -280,6 +280,8 @@ def run_decide(config: Path | None, *, base: Path | None = None, extend_vocab: i
                     k: {"before": v["baseline_bytes_per_token"], "after": v["bytes_per_token"]}
                     for k, v in ext["audit"]["bytes_per_token"].items()}
                 row["extension"]["terms"] = ext["audit"]["summary"].get("terms")
+                asked = "" if ext["added"] == ext["requested"] else f" of {ext['requested']:,} requested"
+                row["label"] = f"general model + {ext['added']:,} domain tokens{asked}, continued"  # what was added
                 if not ext["added"]:
                     skipped[arm] = ("the base tokenizer already has every domain token the run's tokenizer uses "
                                     "(no candidate to add)")

@@ -35,6 +35,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from domainlm import stages
+from domainlm.data.sources import jsonl_lines
 from domainlm.errors import UserError
 from domainlm.evaluate import tasks as downstream
 from domainlm.finetune.loop import (
@@ -96,22 +97,26 @@ def read_labelled(path: Path) -> list[Labelled]:
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     out = []
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
-    for lineno, line in enumerate(lines, 1):
-        if line.strip():
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: not JSON ({e.msg})") from None
-            if (ex := _record(rec, where)) is not None:
-                out.append(ex)
+    for lineno, line in jsonl_lines(path):
+        where = f"{path}:{lineno}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not JSON ({e.msg})") from None
+        if (ex := _record(rec, where)) is not None:
+            out.append(ex)
     if not out:
         raise UserError(f"{path}: no classification examples ({{\"text\", \"label\"}} lines or {TASK} items)")
     return out
+
+
+def check_classes(path: Path, train: list[Labelled]) -> None:
+    """At least two classes among the training labels: with one, cross-entropy reaches 0 by predicting it
+    everywhere, and the "classifier" has learned nothing."""
+    seen = sorted({ex.label for ex in train})
+    if len(seen) < 2:
+        raise UserError(f"{path}: every example has the label {seen[0]!r}; a classifier needs examples of at "
+                        "least two classes")
 
 
 def label_list(train: list[Labelled]) -> list[str]:
@@ -235,6 +240,7 @@ def finetune_classifier(model_or_run: Path, data: Path, *, val: Path | None = No
         raise UserError(f"--micro-batch: {args.micro_batch} does not divide --batch-size {args.batch_size}")
     model_dir, run_dir = resolve_model(model_or_run)
     train_rows = read_labelled(data)
+    check_classes(data, train_rows)
     val_rows = read_labelled(val) if val is not None else []
     base = default_out(model_dir, run_dir, data)
     out = Path(out) if out is not None else base.with_name(base.name + "-classify")
