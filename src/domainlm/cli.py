@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -634,6 +635,36 @@ def launch_slurm(
 # ---------------------------------------------------------------------------------------------------- entry
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM reached the command (a BaseException: neither click nor an ``except Exception`` on the
+    way up catches it, and every ``with`` — the run lock, a temp file — is unwound)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_MAIN_PID: list[int] = []  # the process whose `main` installed the handlers
+
+
+def _on_signal(signum, frame) -> None:
+    if not _MAIN_PID or os.getpid() != _MAIN_PID[-1]:  # a worker forked by the command: what it did before
+        if signum == signal.SIGINT:
+            signal.default_int_handler(signum, frame)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    raise Interrupted(signum)
+
+
+def _interrupted(signum: int, args: list[str]) -> None:
+    command = next((a for a in args if not a.startswith("-")), None)
+    what = f"`domainlm {command}`" if command else "domainlm"
+    err_console.print(f"interrupted ({signal.Signals(signum).name}): {what} stopped; finished work is kept: rerun "
+                      "the same command to resume", markup=False, highlight=False, soft_wrap=True)
+    sys.exit(128 + signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
 def _one_line(msg: str) -> str:
     return " ".join(msg.split())
 
@@ -654,6 +685,19 @@ def _cause(e: BaseException, kinds) -> BaseException | None:
     return None
 
 
+def _quiet_third_party() -> None:
+    """transformers' load reports and warnings (27 lines with ANSI codes before our one-line error) and the
+    progress bars of transformers / huggingface_hub (tqdm on stderr) stay off unless --debug: the commands
+    print their own progress and their own errors."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if "transformers" in sys.modules:  # already imported (a test, an embedding program)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> None:
     global DEBUG
     args = list(sys.argv[1:] if argv is None else argv)
@@ -661,9 +705,20 @@ def main(argv: list[str] | None = None) -> None:
         DEBUG = True
         args = [a for a in args if a != "--debug"]
     DEBUG = DEBUG or os.environ.get("DOMAINLM_DEBUG") == "1"
+    if not DEBUG:
+        _quiet_third_party()
     command = typer.main.get_command(app)
+    previous = {}
+    try:  # SIGINT/SIGTERM end the command with one line and 130/143, not a traceback or a silent death
+        for s in (signal.SIGINT, signal.SIGTERM):
+            previous[s] = signal.signal(s, _on_signal)
+        _MAIN_PID.append(os.getpid())
+    except ValueError:  # not the main thread (an embedding program): leave its handlers alone
+        pass
     try:
         rc = command.main(args=args, prog_name="domainlm", standalone_mode=False)
+    except Interrupted as e:
+        _interrupted(e.signum, args)
     except ConfigError as e:
         if DEBUG:
             raise
@@ -676,8 +731,7 @@ def main(argv: list[str] | None = None) -> None:
         _error(str(e))
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        err_console.print("interrupted; rerun the same command to resume")
-        sys.exit(130)
+        _interrupted(signal.SIGINT, args)
     except CLICK.UsageError as e:  # bad flags or arguments (BadParameter, NoSuchOption, MissingParameter, …)
         if isinstance(e, getattr(CLICK, "NoArgsIsHelpError", ())):  # click ≥ 8.2: the command without arguments
             command.main(args=["--help"], prog_name="domainlm", standalone_mode=False)
@@ -697,6 +751,8 @@ def main(argv: list[str] | None = None) -> None:
             _error(describe_environment_error(env))
             sys.exit(2)
         if isinstance(e, typer.Abort):  # click turns EOFError (stdin closed at a prompt) into an Abort
+            if _cause(e, KeyboardInterrupt) is not None:  # … and KeyboardInterrupt
+                _interrupted(signal.SIGINT, args)
             eof = _cause(e, EOFError)
             _error(f"unexpected end of input ({eof})" if eof is not None and str(eof) else "aborted")
             sys.exit(1)
@@ -705,4 +761,9 @@ def main(argv: list[str] | None = None) -> None:
                f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}; "
                "rerun with --debug for the traceback and report it")
         sys.exit(1)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if previous:
+            _MAIN_PID.pop()
     sys.exit(rc if isinstance(rc, int) else 0)

@@ -8,6 +8,10 @@ task" means the same thing whichever worker completes it. (torchrun starts each 
 there each rank counts its own hits, the fault kills that rank, and its agent then stops the job.) A crash test therefore picks its
 kill point by *what has been done*, never by how long it has run: it passes at any machine speed.
 
+``DOMAINLM_FAULT_SIGNAL=INT`` (or ``TERM``) sends that signal to the process that reaches the site instead,
+as Ctrl-C or a scheduler's SIGTERM would: for tests of how a command stops when asked to (in-process too: no
+other process is signalled).
+
 Start the command in a new session (``subprocess.Popen(..., start_new_session=True)``) so the group it kills is
 its own. In production the variable is unset: ``hit`` is one dict lookup.
 
@@ -80,4 +84,8 @@ def hit(site: str) -> None:
         f.flush()
     if count == n:
         path.unlink(missing_ok=True)
+        polite = os.environ.get(f"{ENV}_SIGNAL")
+        if polite:
+            os.kill(os.getpid(), getattr(signal, f"SIG{polite.upper().removeprefix('SIG')}"))
+            return
         os.killpg(os.getpgid(0), signal.SIGKILL)

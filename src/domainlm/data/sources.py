@@ -204,7 +204,7 @@ def _check_jsonl_key(path: str, key: str, where: str) -> None:
     """The first parsable record must have ``key``; later records without it are counted, not fatal."""
     with _open_binary(path) as f:
         for lineno, line in enumerate(_lines(f, path, line_limit(5_000_000)), 1):
-            if line is None or not line.strip():
+            if isinstance(line, int) or not line.strip():
                 continue
             try:
                 rec = orjson.loads(line)
@@ -389,7 +389,8 @@ def _read_text_file(path: str, rel: str, spec: SourceSpec, counts: Counter) -> D
 def line_limit(max_chars: int) -> int:
     """Bytes of the longest JSONL line worth parsing: a document of ``max_chars`` characters, each escaped as
     ``\\uXXXX`` (6 bytes, the most JSON spends on one), plus its other keys. A longer line's text is over
-    ``max_chars`` whatever it holds — dropped as too long anyway — so it is skipped unread."""
+    ``max_chars`` whatever it holds — dropped as too long anyway (drop reason ``too_long``) — so it is skipped
+    unread."""
     return 6 * max_chars + 65536
 
 
@@ -401,7 +402,7 @@ def jsonl_lines(path: Path | str, limit: int = MAX_ITEM_BYTES) -> Iterator[tuple
     a bound: one over ``limit`` bytes is a one-line error, found without holding it in memory."""
     with open(path, "rb") as f:
         for lineno, raw in enumerate(_lines(f, str(path), limit), 1):
-            if raw is None:
+            if isinstance(raw, int):
                 raise UserError(f"{path}:{lineno}: a line of more than {limit:,} bytes; an example or item is at "
                                 "most that (its text is cut to the model's context anyway): shorten or remove it")
             try:
@@ -412,9 +413,9 @@ def jsonl_lines(path: Path | str, limit: int = MAX_ITEM_BYTES) -> Iterator[tuple
                 yield lineno, text
 
 
-def _lines(f, path: str, limit: int | None = None) -> Iterator[bytes | None]:
+def _lines(f, path: str, limit: int | None = None) -> Iterator[bytes | int]:
     """Lines of an (optionally compressed) input file, each read with a bound: a line over ``limit`` bytes is
-    skipped in chunks and yielded as None, never held in memory (a 100 MB line took 15.8 GB to parse).
+    skipped in chunks and yielded as its length in bytes (an int), never held in memory (a 100 MB line took 15.8 GB to parse).
     A truncated or corrupt .gz/.zst is one clear error instead of EOFError (which click would turn into a
     silent Abort) in a worker process."""
     chunk = 1 << 20
@@ -424,9 +425,10 @@ def _lines(f, path: str, limit: int | None = None) -> Iterator[bytes | None]:
             if not line:
                 return
             if limit is not None and len(line) > limit and not line.endswith(b"\n"):
+                n = len(line)
                 while (rest := f.readline(chunk)) and not rest.endswith(b"\n"):
-                    pass
-                line = None
+                    n += len(rest)
+                line = n + len(rest)
         except Exception as e:  # EOFError, gzip.BadGzipFile (OSError), zlib.error, zstandard.ZstdError
             if not isinstance(e, EOFError | OSError | zlib.error) and type(e).__name__ != "ZstdError":
                 raise
@@ -439,10 +441,11 @@ def _read_jsonl(path: str, rel: str, spec: SourceSpec, counts: Counter, errors: 
     counts["files"] += 1
     with _open_binary(path) as f:
         for lineno, line in enumerate(_lines(f, path, line_limit(spec.max_chars)), 1):
-            if line is None:  # over the limit: skipped unread
+            if isinstance(line, int):  # a line over the limit, skipped unread: its text is over max_chars
                 counts["json_lines"] += 1
                 counts["docs_in"] += 1
-                counts["drop/line_too_long"] += 1
+                counts["bytes_in"] += line
+                counts["drop/too_long"] += 1
                 continue
             if not line.strip():
                 continue

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import yaml
 
+from domainlm.basemodel import check_loaded
 from domainlm.config import RunConfig, validate
 from domainlm.errors import ConfigError, UserError
 from domainlm.rundir import RunDir
@@ -97,9 +98,11 @@ def load_model(model_dir: Path, device: str):
     except Exception as e:  # transformers raises OSError/ValueError/KeyError depending on what is broken
         raise UserError(f"{model_dir}: cannot load the tokenizer ({type(e).__name__}: {_first_line(e)})") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+        model, info = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32,
+                                                           output_loading_info=True)
     except Exception as e:
         raise UserError(f"{model_dir}: cannot load the model ({type(e).__name__}: {_first_line(e)})") from None
+    check_loaded(model_dir, info)
     model.to(device).eval()
     return model, tok
 

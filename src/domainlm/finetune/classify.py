@@ -182,6 +182,7 @@ def load_classifier(model_dir: Path, labels: list[str] | None, pad_id: int, seed
         kw["classifier_pooling"] = "mean"  # see the module docstring
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized: score.weight" is the point of this call
+    bars = hf_logging.is_progress_bar_enabled()  # off under the CLI unless --debug
     hf_logging.disable_progress_bar()
     try:
         torch.manual_seed(seed)
@@ -193,7 +194,8 @@ def load_classifier(model_dir: Path, labels: list[str] | None, pad_id: int, seed
                         f"{lines[0] if lines else 'no message'})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
+        if bars:
+            hf_logging.enable_progress_bar()
     if model.config.pad_token_id is None:  # the decoder head finds the last real token by the pad id
         model.config.pad_token_id = pad_id
     return model

@@ -104,11 +104,13 @@ def _save_hf(model, tok, out: Path) -> None:
     from transformers.utils import logging as hf_logging
 
     tmp = clear_temp(out.with_name(out.name + ".tmp"))
+    bars = hf_logging.is_progress_bar_enabled()  # off under the CLI unless --debug
     hf_logging.disable_progress_bar()
     try:
         model.save_pretrained(tmp, safe_serialization=True)
     finally:
-        hf_logging.enable_progress_bar()
+        if bars:
+            hf_logging.enable_progress_bar()
     # In tokenizer_config.json ("chat_template"), where every transformers version and vLLM look; newer
     # versions would otherwise write chat_template.jinja, which older ones ignore.
     tok.save_pretrained(tmp, save_jinja_files=False)
