@@ -9,6 +9,7 @@ Temporary names start with ``.`` or end in ``.tmp`` so listings and globs of out
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import json
@@ -46,6 +47,18 @@ def clear_temp(path: Path | str) -> Path:
     else:
         path.unlink()
     return path
+
+
+@contextlib.contextmanager
+def naming(path: Path | str):
+    """An OSError raised without a file name inside the block (a write to an open file: disk full, quota, I/O
+    error) gets ``path``'s, so its one-line error says which file could not be written."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise type(e)(e.errno, e.strerror, str(path)) from e
+        raise
 
 
 def _link_refused(path: Path) -> UserError:
@@ -86,7 +99,7 @@ def atomic_write(path: Path | str, data: str | bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open_new(tmp) as f:
+        with naming(path), open_new(tmp) as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())

@@ -415,7 +415,8 @@ def jsonl_lines(path: Path | str, limit: int = MAX_ITEM_BYTES) -> Iterator[tuple
 
 def _lines(f, path: str, limit: int | None = None) -> Iterator[bytes | int]:
     """Lines of an (optionally compressed) input file, each read with a bound: a line over ``limit`` bytes is
-    skipped in chunks and yielded as its length in bytes (an int), never held in memory (a 100 MB line took 15.8 GB to parse).
+    skipped in chunks and yielded as its length in bytes (an int), never held in memory (a 100 MB line took
+    15.8 GB to parse).
     A truncated or corrupt .gz/.zst is one clear error instead of EOFError (which click would turn into a
     silent Abort) in a worker process."""
     chunk = 1 << 20

@@ -144,7 +144,7 @@ def _write(result: dict, schema, out: Path | None, target, world, fingerprint) -
     dest = out if out is not None else (RunDir(target.run_dir).eval if target.is_run else None)
     if dest is not None and world.is_main:
         write_json(Path(dest), schema.checked(result))
-        if target.is_run:
+        if target.is_run and out is None:  # --out elsewhere: the run's eval stage is not done, nor written into
             mark_done(target.run_dir, "eval", fingerprint())
     return dest
 

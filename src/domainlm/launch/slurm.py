@@ -87,8 +87,8 @@ def train_script(*, config: Path, workdir: Path, run_dir: Path, job_name: str, n
     train = f"{q(python)} -m torch.distributed.run"
     return "\n".join([
         "#!/bin/bash",
-        f"# written by `domainlm launch slurm`: `domainlm train {q(str(config))}` on {nodes} node(s) x {procs_per_node} "
-        f"process(es) ({'nccl' if gpus_per_node else 'gloo'})",
+        f"# written by `domainlm launch slurm`: `domainlm train {q(str(config))}` on {nodes} node(s) x "
+        f"{procs_per_node} process(es) ({'nccl' if gpus_per_node else 'gloo'})",
         *(f"#SBATCH {d}" for d in directives),
         "set -euo pipefail",
         "# rendezvous: torchrun's c10d store on the first node of the allocation",
