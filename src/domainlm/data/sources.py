@@ -249,16 +249,32 @@ def _column_names(ds) -> list[str]:
     return list(first)
 
 
+HUB_TIMEOUT_S = 10.0  # the hub probe's read timeout: an endpoint that accepted TCP and never answered cost 402 s
+# of datasets' retries before its error (issue 23); one unanswered request within this is enough to know
+
+
 def _hub_unreachable() -> str | None:
-    """Why the Hugging Face Hub cannot be reached (one DNS lookup and TCP connect, ≤ 3 s), or None."""
+    """Why the Hugging Face Hub cannot be reached (one DNS lookup and TCP connect, ≤ 3 s) or does not answer
+    (one HTTP request, ≤ HUB_TIMEOUT_S), or None."""
     import socket
+    import urllib.error
+    import urllib.request
     from urllib.parse import urlparse
 
-    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    url = urlparse(endpoint)
+    host = url.hostname or "huggingface.co"
     try:
-        socket.create_connection((host, 443), timeout=3).close()
+        socket.create_connection((host, url.port or (80 if url.scheme == "http" else 443)), timeout=3).close()
     except OSError as e:
         return f"{host}: {e.strerror or e}"
+    try:
+        urllib.request.urlopen(f"{endpoint}/api/datasets?limit=1", timeout=HUB_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return None  # it answers (an error status is for datasets to explain)
+    except OSError as e:  # URLError, a timeout, a reset connection
+        why = getattr(e, "reason", None) or e
+        return f"{endpoint}: no answer within {HUB_TIMEOUT_S:g} s ({why})"
     return None
 
 
