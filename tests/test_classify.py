@@ -158,7 +158,7 @@ def test_compare_classifiers_majority_and_report(decoder, task_files, tmp_path, 
     assert r["majority_macro_f1"] == pytest.approx(T.macro_f1(gold, [r["majority_class"]] * len(gold)))
     assert "majori" in out  # the table row (rich may wrap the cell)
 
-    from domainlm.report import build_report
+    from domainlm.pipeline import build_report
 
     page = build_report(run)
     assert page["sections"]["classify"]["complete"]

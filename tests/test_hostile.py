@@ -5,6 +5,7 @@ planted in a run directory, SIGINT/SIGTERM end with one line and 130/143."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -22,8 +23,10 @@ import yaml
 
 from domainlm import faults, stages
 from domainlm.data import sources
+from domainlm.data.tokens import TokenWriter
 from domainlm.launch import slurm
 from domainlm.rundir import atomic_write, open_append, publish, temp_path, write_json
+from domainlm.train.checkpoint import remove_partial
 from test_train_fixtures import LEGAL, NEWS, make_run, make_tiny_model, one_thread  # noqa: F401 (autouse)
 
 VICTIM = "precious: outside the run\n"
@@ -132,8 +135,6 @@ def _state(base, tmp):
     ck = tmp / "run" / "checkpoints" / "step-00000010"
     ck.mkdir(parents=True)
     (ck / "state.json").write_text('{"step": "x"}')
-    import hashlib
-
     (ck / "manifest.json").write_text(json.dumps({"state.json": hashlib.sha256(b'{"step": "x"}').hexdigest()}))
     return ["train", str(cfg)]
 
@@ -391,21 +392,21 @@ def test_writes_never_follow_a_planted_link(tmp_path, cli):
     for rel in ("eval/.eval.json.tmp", "report/.index.html.tmp", ".stages/.train.json.tmp", "plan.json"):
         plant(run / rel, victim)
     write_json(run / "eval" / "eval.json", {"ok": 1})
-    stages.mark_done(run, "train", "fp")
+    train = stages.Stage(run, "train", run / "eval" / "eval.json", ("fp",))
+    train.finish()
     atomic_write(run / "plan.json", "{}")
-    assert stages.is_done(run, "train", "fp") and not (run / "plan.json").is_symlink()
+    assert train.done() and not (run / "plan.json").is_symlink()
     # a marker that is a link: written by a rename over it
     plant(run / ".stages" / "tokenize.json", victim)
-    stages.mark_done(run, "tokenize", "fp")
-    assert not (run / ".stages" / "tokenize.json").is_symlink()
+    tokenize = stages.Stage(run, "tokenize", run / "eval" / "eval.json", ("fp",))
+    tokenize.finish()
+    assert tokenize.done() and not (run / ".stages" / "tokenize.json").is_symlink()
     # temp files of writers that need a name (savefig, TokenWriter): what was there is removed first
     plant(run / "report" / ".loss.tmp.png", victim)
     tmp = temp_path(run / "report" / "loss.png")
     assert not os.path.lexists(tmp)
     tmp.write_bytes(b"png")
     publish(tmp, run / "report" / "loss.png")
-    from domainlm.data.tokens import TokenWriter
-
     plant(run / "tokens" / "a" / "train.bin.tmp", victim)
     with TokenWriter(run / "tokens" / "a" / "train.bin", "uint16") as w:
         w.write([1, 2, 3])
@@ -413,8 +414,6 @@ def test_writes_never_follow_a_planted_link(tmp_path, cli):
     outside = tmp_path / "outside"
     outside.mkdir()
     plant(run / "checkpoints" / ".tmp-step-00000010", outside)
-    from domainlm.train.checkpoint import remove_partial
-
     remove_partial(run)
     assert not os.path.lexists(run / "checkpoints" / ".tmp-step-00000010") and outside.is_dir()
     # appended files (metrics.jsonl, logs) and the lock: refused

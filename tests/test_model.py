@@ -10,7 +10,7 @@ import torch
 from domainlm.config import validate
 from domainlm.errors import UserError
 from domainlm.model import build_model, export_hf, resolve_shape
-from domainlm.plan.shape import ModelShape
+from domainlm.shape import ModelShape
 from test_train_fixtures import make_tokenizer
 
 

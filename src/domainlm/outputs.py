@@ -1,12 +1,12 @@
 """What each stage writes into a run directory, as typed models: one class per output file.
 
-``SCHEMAS`` maps each file of `rundir.RunDir` to its model. Writers build their result as before and pass it
-through the model on the way out (``Model.checked(data)``, then ``rundir.write_json``), so a field added to a
-writer but not here fails the writer's tests at once; readers load a file with ``RunDir(run).load(rel, SCHEMAS[rel])``
+The stage registry (pipeline.py) declares which file each model describes (``pipeline.SCHEMAS``). Writers
+build their result and pass it through the model on the way out (``Model.checked(data)``, then ``rundir.write_json``), so a field added to a
+writer but not here fails the writer's tests at once; readers load a file with ``RunDir(run).load(rel, Model)``
 (None while the stage has not run, a one-line `UserError` naming the file when it does not match). Models
 forbid unknown fields, and keep the writer's numbers as written (``Num``: an int stays an int).
 
-To add an output: a constant in `RunDir`, a model here, an entry in ``SCHEMAS``, a row in docs/architecture.md.
+To add an output: a constant in `RunDir`, a model here, an `Output` in its stage's declaration (pipeline.py).
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
-
-from domainlm.rundir import RunDir
 
 Num = int | float  # a number as the writer computed it: an int stays an int in the file
 
@@ -485,21 +483,3 @@ class Decision(Output):
     skipped: dict[str, str]
     texts: dict[str, DecideText]
     verdict: str
-
-
-# ------------------------------------------------------------------------------------------------ the table
-
-SCHEMAS: dict[str, Any] = {  # a model, or a union of models
-    RunDir.PLAN: Plan,
-    RunDir.STATS: Stats,
-    RunDir.COUNTS: Counts,
-    RunDir.AUDIT: Audit,
-    RunDir.TRAIN: TrainSummary,
-    RunDir.EVAL: AnyEval,
-    RunDir.BASELINE_EVAL: AnyEval,
-    RunDir.ABLATE: Ablation,
-    RunDir.DECIDE: Decision,
-    RunDir.LAW: Law,
-    RunDir.FINETUNE_COMPARE: FinetuneComparison,
-    RunDir.CLASSIFY_COMPARE: ClassifyComparison,
-}

@@ -25,10 +25,13 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.markup import escape
+from transformers import AutoConfig, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from domainlm import stages
 from domainlm.chat import ensure_chat_template, pad_id_of
 from domainlm.errors import UserError
+from domainlm.evaluate.inputs import check_tokenizer_files, load_model
 from domainlm.finetune.data import collate, encode_all, read_jsonl
 from domainlm.rundir import RunDir, clear_temp, swap_dir, write_json
 from domainlm.train import checkpoint as ckpt
@@ -59,7 +62,6 @@ class FinetuneArgs:
 
 def resolve_model(model_or_run: Path) -> tuple[Path, Path | None]:
     """(model folder, run directory or None). A run directory means its ``model/``."""
-    from domainlm.evaluate.inputs import check_tokenizer_files
 
     p = Path(model_or_run)
     if (p / "config.json").is_file():
@@ -101,7 +103,6 @@ def apply_lora(model, rank: int):
 
 def _save_hf(model, tok, out: Path) -> None:
     """Model + tokenizer (with its chat template) through ``<out>.tmp`` and a rename."""
-    from transformers.utils import logging as hf_logging
 
     tmp = clear_temp(out.with_name(out.name + ".tmp"))
     bars = hf_logging.is_progress_bar_enabled()  # off under the CLI unless --debug
@@ -123,21 +124,22 @@ def inputs_fingerprint(model_dir: Path, data: Path, val: Path | None) -> tuple:
             stages.file_fingerprint(Path(data)), stages.file_fingerprint(Path(val)) if val else None)
 
 
-def finished_or_start(out: Path, fp: str, restart: bool, console: Console) -> dict | None:
-    """The summary of a finished fine-tuning into ``out`` with fingerprint ``fp`` (nothing to do), else None with
-    ``out`` ready to train into (emptied on ``restart``; a half-written checkpoint removed, finished ones kept)."""
-    summary_path = out / RunDir.FINETUNE
+def finished_or_start(out: Path, fp: str, restart: bool, console: Console) -> tuple[dict | None, stages.Stage]:
+    """The fine-tuning into ``out`` as a `stages.Stage` (its marker in ``<out>/.stages/``, its summary written
+    last): (the summary of a finished one with fingerprint ``fp``: nothing to do, the stage), else (None, the stage)
+    with ``out`` ready to train into (emptied on ``restart``; a half-written checkpoint removed, finished ones
+    kept). The caller writes the summary, then ``stage.finish()``."""
+    stage = stages.Stage(out, "finetune", out / RunDir.FINETUNE, (fp,),
+                         intact=lambda: (out / RunDir.MODEL / "config.json").is_file())
     if restart:
         shutil.rmtree(out, ignore_errors=True)
-    elif summary_path.is_file() and (out / RunDir.MODEL / "config.json").is_file():
-        done = json.loads(summary_path.read_text(encoding="utf-8"))
-        if done.get("fingerprint") == fp:
-            console.print(f"finetune: done already ({out / RunDir.MODEL}); --restart to fine-tune again",
-                          markup=False)
-            return done
+    elif stage.done():
+        console.print(f"finetune: done already ({out / RunDir.MODEL}); --restart to fine-tune again", markup=False)
+        return json.loads(stage.output.read_text(encoding="utf-8")), stage
     out.mkdir(parents=True, exist_ok=True)
+    stage.start()
     ckpt.remove_partial(out)
-    return None
+    return None, stage
 
 
 def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Path | None = None,
@@ -153,9 +155,7 @@ def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Pa
     val_convs = read_jsonl(val) if val is not None else []
     out = Path(out) if out is not None else default_out(model_dir, run_dir, data)
 
-    from transformers import AutoConfig, AutoTokenizer
 
-    from domainlm.evaluate.inputs import load_model
 
     context = int(getattr(AutoConfig.from_pretrained(model_dir, local_files_only=True), "max_position_embeddings",
                           0) or 2048)
@@ -168,7 +168,7 @@ def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Pa
 
     fp = stages.fingerprint(asdict(args), *inputs_fingerprint(model_dir, data, val))
     summary_path = out / RunDir.FINETUNE
-    done = finished_or_start(out, fp, restart, console)
+    done, stage = finished_or_start(out, fp, restart, console)
     if done is not None:
         return done
 
@@ -228,6 +228,7 @@ def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Pa
                "tokens_per_s": driver.tokens_per_s, "args": asdict(args), "fingerprint": fp,
                "chat_template": "added" if added else "model's"}
     write_json(summary_path, summary, indent=1)
+    stage.finish()
     console.print(f"wrote [bold]{escape(str(out / RunDir.MODEL))}[/] (Hugging Face format, chat template in its "
                   "tokenizer); "
                   f"final loss {last_loss:.4f}" + (f", val loss {last_val:.4f}" if last_val is not None else ""))

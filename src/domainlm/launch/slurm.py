@@ -21,8 +21,9 @@ import time
 import unicodedata
 from pathlib import Path
 
+from domainlm.config import demo_recipe_path, load_config
 from domainlm.errors import UserError
-from domainlm.rundir import atomic_write
+from domainlm.rundir import RunDir, atomic_write
 
 # Slurm's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (sbatch(1)), or UNLIMITED
 TIME_RE = re.compile(r"^(\d+(:\d{1,2}){0,2}|\d+-\d+(:\d{1,2}){0,2}|unlimited|infinite)$", re.IGNORECASE)
@@ -109,8 +110,6 @@ def launch_train(config: Path | None, *, nodes: int, gpus_per_node: int, procs_p
                  cpus_per_task: int | None = None, partition: str | None = None, time_limit: str | None = None,
                  dry_run: bool = False) -> dict:
     """Write ``<run>/launch/train.sbatch`` (atomically) and, unless ``dry_run``, submit it with sbatch."""
-    from domainlm.config import demo_recipe_path, load_config
-    from domainlm.data.tokens import counts_path
 
     if time_limit is not None and not TIME_RE.match(time_limit):
         raise UserError(f"--time: expected a Slurm time limit (MINUTES, H:M:S or D-H:M:S), got {time_limit!r}")
@@ -127,8 +126,8 @@ def launch_train(config: Path | None, *, nodes: int, gpus_per_node: int, procs_p
                         nodes=nodes, gpus_per_node=gpus_per_node, procs_per_node=procs,
                         cpus_per_task=cpus_per_task or procs, partition=partition, time_limit=time_limit,
                         python=sys.executable)  # refuses a control character in any path or name first
-    if not counts_path(run_dir).exists():  # else the job would fail on the cluster, after waiting in the queue
-        raise UserError(f"{counts_path(run_dir)}: no token files to train on; run `domainlm prepare`, "
+    if not RunDir(run_dir).counts.exists():  # else the job would fail on the cluster, after waiting in the queue
+        raise UserError(f"{RunDir(run_dir).counts}: no token files to train on; run `domainlm prepare`, "
                         f"`domainlm tokenizer` and `domainlm tokenize` before `domainlm launch slurm`")
     script = script_path(run_dir)
     atomic_write(script, text)

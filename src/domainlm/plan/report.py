@@ -6,7 +6,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from domainlm.plan.memory import SHARDING_NAMES
+from domainlm.memory import SHARDING_NAMES
 from domainlm.units import human
 
 
