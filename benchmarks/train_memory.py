@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
+from domainlm import memory as M
 from domainlm.config import TrainConfig
 from domainlm.model import build_model
-from domainlm import memory as M
 from domainlm.shape import make_shape
 from domainlm.train.loop import peak_flops
 from domainlm.train.memory_probe import measure_cpu

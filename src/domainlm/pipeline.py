@@ -193,7 +193,8 @@ REGISTRY: list[StageDecl] = [
     StageDecl(
         "train", "domainlm train CONFIG",
         "`train/` — `loop.py` (pretraining setup, eval, export), `driver.py` (the one loop), `step.py` (the one "
-        "step), `data.py` (mixture loader), `parallel.py`, `checkpoint.py`, `schedule.py`, `objectives.py`; "
+        "step), `data.py` (mixture loader), `parallel.py`, `checkpoint.py`, `schedule.py`; `objectives/` (causal, masked, span behind one `Objective` "
+        "interface); "
         "`shape.py` (the shape rule, its parameter and FLOP counts); `model/` (`__init__.py`: the single-device "
         "model and the HF export; `base.py`: continued pretraining's base model)",
         (Output(RunDir.CHECKPOINTS, what="`step-N/`: weights, optimizer, RNG, loader state, manifest (last)",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from domainlm import objectives
 from domainlm.config import RunConfig, load_config, write_resolved
 from domainlm.errors import UserError
 from domainlm.hardware import GPU_KINDS, get_accelerator
@@ -79,9 +80,7 @@ def request_from(cfg: RunConfig | None, **flags) -> PlanRequest:
         req.fixed_model = {k: v for k, v in (("d_model", m.d_model), ("n_layers", m.n_layers), ("n_heads", m.n_heads),
                                              ("n_kv_heads", m.n_kv_heads), ("ffn_dim", m.ffn_dim)) if v}
         req.fixed_tokens = cfg.train.max_tokens
-        req.objective = m.objective
-        if m.objective == "span":
-            req.objective_args = {"noise_density": m.noise_density, "mean_span_length": m.mean_span_length}
+        req.objective = objectives.from_config(m)
         if cfg.train.init_from:  # continued pretraining: N is the base model's, the plan sizes the tokens
 
             base = resolve_base(cfg.train.init_from)

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from rich.markup import escape as rich_escape
 
-from domainlm import __version__, faults
+from domainlm import __version__, faults, objectives
 from domainlm.config import validate
 from domainlm.errors import ConfigError, UserError
 from domainlm.model.base import base_of
@@ -374,7 +374,7 @@ def eval_section(r: Report) -> Section:
 
 def _objective_eval(s: Section, ev: ObjectiveEvalOutput, baselines: list[tuple[str, AnyEval]]) -> Section:
     """eval.json of a masked / span model: its loss and accuracy on fixed masks (no bpb), next to the baseline's."""
-    what = "masked tokens" if ev.objective == "masked" else "span-corruption targets"
+    what = objectives.get(ev.objective).targets_title
     s.title = f"Evaluation: {what} ({ev.objective} model)"
     header = ["text", "role", "loss (nats/target)", "accuracy"]
     for label, _ in baselines:
