@@ -102,7 +102,7 @@ def _cfg(**changes):
 
 def _big_config(base, tmp):
     path = variant(base, tmp)
-    path.write_text(path.read_text() + "tokenizer:\n  domain_terms:\n" + "".join(f"  - term{i}\n" for i in range(90_000)))
+    path.write_text(path.read_text() + "".join(f"# padding line {i}\n" for i in range(70_000)))  # > 1 MiB
     return ["plan", str(path)]
 
 
@@ -301,7 +301,8 @@ def fake_cluster(bin_dir: Path, log: Path) -> None:
     parse = (f"import shlex,sys\n"
              f"for line in open(sys.argv[1]):\n"
              f"    if line.startswith('#SBATCH '):\n"
-             f"        print(*shlex.split(line[8:], posix=True), sep='\\0', end='\\0', file=open({str(log)!r} + '.sbatch', 'a'))\n")
+             f"        print(*shlex.split(line[8:], posix=True), sep='\\0', end='\\0',\n"
+             f"              file=open({str(log)!r} + '.sbatch', 'a'))\n")
     (bin_dir / "sbatch").write_text(
         "#!/bin/bash\n"
         "script=\"${@: -1}\"\n"
