@@ -5,6 +5,7 @@ planted in a run directory, SIGINT/SIGTERM end with one line and 130/143."""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import math
@@ -20,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from matplotlib.figure import Figure
 
 from domainlm import faults, stages
 from domainlm.data import sources
@@ -443,3 +445,26 @@ def test_sbatch_script_check_uses_bash(tmp_path):
     assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
     path.write_text(text + "if\n")
     assert subprocess.run(["bash", "-n", str(path)], capture_output=True).returncode != 0
+
+
+@pytest.mark.parametrize("target", ["plot", "json"])
+def test_disk_full_names_the_file(tmp_path, monkeypatch, cli, target):
+    """A write that fails with ENOSPC on an open file (no file name in the OSError) is one line naming the
+    file: the chart of `plan --plot` (matplotlib's savefig), and any atomic_write (eval --out, law.json, …)."""
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if target == "plot":
+        monkeypatch.setattr(Figure, "savefig", full)
+        rc, out, err = cli("plan", "--flops", "1e20", "--plot", str(tmp_path / "chart.png"))
+        shown = tmp_path / "chart.png"
+    else:
+        monkeypatch.setattr(os, "fsync", full)
+        with pytest.raises(OSError) as e:
+            atomic_write(tmp_path / "law.json", "{}")
+        assert e.value.filename == str(tmp_path / "law.json") and e.value.errno == errno.ENOSPC
+        assert sorted(p.name for p in tmp_path.iterdir()) == []  # the temp file is gone too
+        return
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert rc == 2 and len(lines) == 1 and f"disk full writing {shown}" in lines[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == []
