@@ -22,7 +22,7 @@ from rich.errors import MarkupError
 from rich.markup import escape
 
 from domainlm import __version__, stages
-from domainlm.errors import ConfigError, UserError
+from domainlm.errors import ConfigError, Preempted, UserError
 from domainlm.lazy import lazy
 from domainlm.rundir import RunDir
 from domainlm.stages import describe_environment_error, environment_error
@@ -38,6 +38,7 @@ finetune_classify = lazy("domainlm.finetune.classify")
 finetune_compare = lazy("domainlm.finetune.compare")
 finetune_loop = lazy("domainlm.finetune.loop")
 generate_ = lazy("domainlm.generate")
+mix_stage = lazy("domainlm.mix.stage")
 slurm_launcher = lazy("domainlm.launch.slurm")
 pipeline_ = lazy("domainlm.pipeline")
 plan_command = lazy("domainlm.plan.command")
@@ -84,6 +85,8 @@ DEBUG = False
 
 ConfigArg = Annotated[Path | None, typer.Argument(help="run config YAML (see recipes/legal-demo.yaml)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
+SeedsOpt = Annotated[int | None, typer.Option("--seeds", min=1, help="train each arm K times (seeds +0…+K−1); "
+                                              "intervals over seeds and documents [compare.seeds, 1]")]
 
 
 def _finite(lo: float, *, above: bool = False, hi=None):
@@ -205,10 +208,15 @@ def plan(
         list[str] | None, typer.Option("--unique-tokens", help="data limit per source, NAME=TOKENS (repeatable)")
     ] = None,
     weight: Annotated[list[str] | None, typer.Option("--weight", help="mixture weight, NAME=W (repeatable)")] = None,
+    weights_from: Annotated[Path | None, typer.Option("--weights-from", help="the weights `domainlm mix` "
+                                                      "recommends: <run>/mix/mix.json")] = None,
     law: Annotated[
-        str | None, typer.Option(help="chinchilla-1|chinchilla-2|chinchilla-3|epoch-2024|kaplan|fitted:PATH")
+        str | None, typer.Option(help="chinchilla-1|chinchilla-2|chinchilla-3|epoch-2024|kaplan|fitted:PATH "
+                                      "[epoch-2024]")
     ] = None,
-    vocab_size: Annotated[str | None, typer.Option(help="vocabulary size for the model shape [32768]")] = None,
+    vocab_size: Annotated[
+        str | None, typer.Option(help="vocabulary size for the model shape [planned: Tao et al. 2024]")
+    ] = None,
     seq_len: Annotated[str | None, typer.Option(help="sequence length for FLOPs and memory [2048]")] = None,
     plot: Annotated[Path | None, typer.Option(help="write the params-vs-tokens chart here (.png/.svg/.pdf; a folder: "
                                                    "FOLDER/plan.png)")] = None,
@@ -220,8 +228,8 @@ def plan(
     plot = _plot_path(plot) if plot is not None else None
     with _locked(_config_dir(config), "plan") if config is not None else contextlib.nullcontext():
         result, written = plan_command.run_plan(config, flops=flops, gpu=gpu, gpus=gpus, hours=hours, mfu=mfu,
-                                   unique_tokens=unique_tokens, weight=weight, law=law, vocab_size=vocab_size,
-                                   seq_len=seq_len, plot=plot)
+                                                unique_tokens=unique_tokens, weight=weight, weights_from=weights_from,
+                                                law=law, vocab_size=vocab_size, seq_len=seq_len, plot=plot)
     if as_json:
         print_json(result)
         return
@@ -372,6 +380,8 @@ def finetune(
     restart: Annotated[bool, typer.Option("--restart", help="delete the output folder; start over")] = False,
     head: Annotated[str, typer.Option(help="lm: instruction-tune the LM | classification: a sequence "
                                       "classification head ({text, label} lines or licensedb-category items)")] = "lm",
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="--compare: fine-tune each model K times (--seed "
+                                       "+0…+K−1); intervals over seeds and test items")] = 1,
 ) -> None:
     """Instruction-tune a model (loss on responses only), or --head classification; --compare GENERAL: domain vs
     general downstream."""
@@ -382,14 +392,16 @@ def finetune(
         _writable_folder(Path(out), "--out")
     if not (Path(model_or_run) / "config.json").is_file() and (Path(model_or_run) / "model").is_dir():
         with _locked(model_or_run, "finetune"):  # a run directory: the output goes to <run>/finetune/
-            _finetune(model_or_run, data, val, out, args, compare, test, task, restart, head)
+            _finetune(model_or_run, data, val, out, args, compare, test, task, restart, head, seeds)
     else:
-        _finetune(model_or_run, data, val, out, args, compare, test, task, restart, head)
+        _finetune(model_or_run, data, val, out, args, compare, test, task, restart, head, seeds)
 
 
-def _finetune(model_or_run, data, val, out, args, compare, test, task, restart, head="lm") -> None:
+def _finetune(model_or_run, data, val, out, args, compare, test, task, restart, head="lm", seeds=1) -> None:
     if head not in ("lm", "classification"):
         raise UserError(f"--head: expected lm or classification, got {head!r}")
+    if seeds > 1 and compare is None:
+        raise UserError("--seeds: compares fine-tuned models; give --compare GENERAL_MODEL")
     if compare is None:
 
         fit = finetune_loop.finetune if head == "lm" else finetune_classify.finetune_classifier
@@ -397,7 +409,8 @@ def _finetune(model_or_run, data, val, out, args, compare, test, task, restart, 
         return
 
     result, written = finetune_compare.compare(model_or_run, compare, data, val=val, test=test, out=out, args=args,
-                                               tasks=task, head=head, restart=restart, console=err_console)
+                                               tasks=task, head=head, seeds=seeds, restart=restart,
+                                               console=err_console)
     finetune_compare.print_compare(result, console)
     for p in written:
         _wrote(p)
@@ -556,13 +569,45 @@ def run(
 def ablate(
     config: ConfigArg = None,
     domain_weights: Annotated[str, typer.Option(help="comma-separated domain weights to train")] = "0,0.51,1",
+    seeds: SeedsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train the same model shape on the same token budget per domain weight; bpb of each on every source."""
 
     with _locked(_config_dir(config), "ablate"):
-        result = ablate_.run_ablate(config, domain_weights, console=err_console if as_json else console)
+        result = ablate_.run_ablate(config, domain_weights, console=err_console if as_json else console,
+                                    seeds=seeds)
     print_json(result) if as_json else ablate_.print_ablation(result, console)
+
+
+# ---------------------------------------------------------------------------------------------------- mix
+
+
+@app.command()
+def mix(
+    config: ConfigArg = None,
+    weights: Annotated[str | None, typer.Option(help="domain weights to train, ≥ 5 with both ends "
+                                                "[0,0.25,0.5,0.75,1]")] = None,
+    seeds: Annotated[int, typer.Option(help="training seeds per weight and budget (≥ 2)")] = 2,
+    budgets: Annotated[str | None, typer.Option(help="token budgets of the small runs, ≥ 2, e.g. 3e4,6e4 "
+                                                "[¼ and ½ of the run's]")] = None,
+    target_tokens: Annotated[str | None, typer.Option("--target-tokens", help="the budget to recommend a weight "
+                                                      "for [the run's: train.max_tokens or the plan's]")] = None,
+    held_out: Annotated[float | None, typer.Option("--held-out", help="interior weight left out of the check's "
+                                                   "fit [the one nearest the configured weight]")] = None,
+    max_general_cost: Annotated[str | None, typer.Option("--max-general-cost", help="objective: lowest domain bpb "
+                                                         "with general bpb at most X worse than general-only "
+                                                         "[2%]")] = None,
+    objective_weights: Annotated[str | None, typer.Option("--objective-weights", help="objective: lowest weighted "
+                                                          "sum of bpb, e.g. legal=1,news=1")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The domain weight chosen by a mixing law fitted on small runs (Ye et al. 2024 + Muennighoff's repetition)."""
+    with _locked(_config_dir(config), "mix"):
+        result = mix_stage.run_mix(config, weights=weights, seeds=seeds, budgets=budgets, target_tokens=target_tokens,
+                         held_out=held_out, max_general_cost=max_general_cost, objective_weights=objective_weights,
+                         console=err_console if as_json else console)
+    print_json(result) if as_json else mix_stage.print_mix(result, console)
 
 
 # ---------------------------------------------------------------------------------------------------- decide
@@ -584,13 +629,14 @@ def decide(
     lr: Annotated[float | None, typer.Option("--lr", callback=_finite(0, above=True, hi=10),
                                              help="peak learning rate of the continued arms, re-warmed "
                                              "[train.lr]")] = None,
+    seeds: SeedsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """From scratch or continued? Train both at equal tokens; bpb per source, probes, compute, and a verdict."""
 
     with _locked(_config_dir(config), "decide"):
         result = decide_.run_decide(config, base=base, extend_vocab=extend_vocab, texts=text, base_tokens=base_tokens,
-                            lr=lr, console=err_console if as_json else console)
+                            lr=lr, seeds=seeds, console=err_console if as_json else console)
     print_json(result) if as_json else decide_.print_decide(result, console)
 
 
@@ -609,18 +655,31 @@ def launch_slurm(
     cpus_per_task: Annotated[int | None, typer.Option(min=1, help="CPUs per node's torchrun [processes per node]")] = None,
     partition: Annotated[str | None, typer.Option(help="Slurm partition [the cluster's default]")] = None,
     time: Annotated[str | None, typer.Option(help="time limit, e.g. 2-00:00:00 [the partition's]")] = None,
+    account: Annotated[str | None, typer.Option(help="Slurm account to charge [your default]")] = None,
+    qos: Annotated[str | None, typer.Option(help="quality of service [the account's default]")] = None,
+    mem: Annotated[str | None, typer.Option(help="memory per node, e.g. 512G; 0: all of it [the cluster's]")] = None,
+    exclusive: Annotated[bool, typer.Option("--exclusive", help="whole nodes, shared with no other job")] = False,
+    constraint: Annotated[str | None, typer.Option(help="node features, e.g. h100&ib")] = None,
+    gres: Annotated[str | None, typer.Option(help="GPUs as generic resources, e.g. gpu:8 (no cons_tres)")] = None,
+    signal_seconds: Annotated[int, typer.Option(help="USR1 this long before the time limit: checkpoint, requeue "
+                                                     "(0: none)")] = 300,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="write the sbatch script, do not submit it")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Write <run>/launch/train.sbatch (srun + torchrun -m domainlm train, requeue-safe) and submit it."""
 
-    res = slurm_launcher.launch_train(config, nodes=nodes, gpus_per_node=gpus_per_node, procs_per_node=procs_per_node,
-                       cpus_per_task=cpus_per_task, partition=partition, time_limit=time, dry_run=dry_run)
+    res = slurm_launcher.launch_train(
+        config, nodes=nodes, gpus_per_node=gpus_per_node, procs_per_node=procs_per_node, cpus_per_task=cpus_per_task,
+        partition=partition, time_limit=time, account=account, qos=qos, mem=mem, exclusive=exclusive,
+        constraint=constraint, gres=gres, signal_s=signal_seconds, dry_run=dry_run)
     if as_json:
         print_json(res)
         return
     console.print(f"wrote {res['script']} ({res['nodes']} node(s) × {res['procs_per_node']} process(es))",
                   markup=False, highlight=False)
+    if not res["data_ready"]:
+        console.print("note: no token files yet: run `domainlm prepare`, `domainlm tokenizer` and `domainlm "
+                      "tokenize` before submitting it", markup=False, highlight=False)
     if res["job_id"]:
         console.print(f"submitted job {res['job_id']}: `squeue -j {res['job_id']}`, log {res['log']}",
                       markup=False, highlight=False)
@@ -722,6 +781,9 @@ def main(argv: list[str] | None = None) -> None:
         if DEBUG:
             raise
         _error(str(e))
+        sys.exit(e.exit_code)
+    except Preempted as e:  # a checkpoint is written; the requeued job (or a rerun) resumes from it
+        err_console.print(_one_line(str(e)), markup=False, highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         _interrupted(signal.SIGINT, args)

@@ -106,6 +106,8 @@ class Plan(Output):
     alternatives: list[dict[str, Any]]
     notes: list[str]
     data_constrained: dict[str, Any] | None = None
+    vocabulary: dict[str, Any] | None = None  # the planned vocabulary, N_v and N_nv apart (plan/vocab.py)
+    small_scale: dict[str, Any] | None = None  # below the law's fitted range: the law's N, D and the rule used
     config: str | None = None
 
 
@@ -329,10 +331,13 @@ class AblationResult(Part):
     bpb: dict[str, float]
     roles: dict[str, str]
     model: str
+    ci95: dict[str, list[float]] | None = None  # per source: over seeds and val documents (one seed: documents)
+    seeds: list[dict[str, Any]] | None = None  # --seeds K > 1: each seed's model and bpb (``bpb`` is their mean)
 
-    def role_bpb(self, role: str) -> float | None:
-        """Mean bpb over the sources of ``role`` (with one source per role, the usual case, that source's)."""
-        vals = [v for k, v in self.bpb.items() if self.roles.get(k) == role]
+    def role_bpb(self, role: str, bpb: dict[str, float] | None = None) -> float | None:
+        """Mean bpb over the sources of ``role`` (with one source per role, the usual case, that source's); of
+        ``bpb`` (one seed's) instead of the mean over seeds when given."""
+        vals = [v for k, v in (self.bpb if bpb is None else bpb).items() if self.roles.get(k) == role]
         return sum(vals) / len(vals) if vals else None
 
 
@@ -399,8 +404,9 @@ class Interval(Part):
 
 
 class ModelTaskScores(Part):
-    metrics: dict[str, Interval]
-    predictions: list[dict[str, Any]]
+    metrics: dict[str, Interval]  # the mean over fine-tuning seeds, interval over seeds and items
+    predictions: list[dict[str, Any]]  # the first seed's
+    seeds: list[dict[str, Any]] | None = None  # --seeds K > 1: each seed's metric values
 
 
 class TaskComparison(Part):
@@ -423,6 +429,7 @@ class FinetuneComparison(Output):
     models: dict[str, str]
     finetune: dict[str, dict[str, Any]]  # domain | general -> final_loss, val_loss, steps, truncated
     tasks: dict[str, TaskComparison]
+    seeds: list[int] | None = None  # --seeds K > 1: the fine-tuning seeds of both models
     verdict: str
 
 
@@ -458,6 +465,7 @@ class DecideArm(Part):
     bytes_per_token: dict[str, float]
     probes: dict[str, Num] | None
     extension: dict[str, Any] | None = None  # continued-vocab<N>: the tokens added (tokenizer_extend.extend)
+    seeds: list[dict[str, Any]] | None = None  # --seeds K > 1: each seed's model and bpb (``bpb`` is their mean)
 
 
 class DecideText(Part):
@@ -466,7 +474,8 @@ class DecideText(Part):
     winner: str
     runner_up: str | None
     bpb: dict[str, float]  # arm -> bpb, best first
-    margin: Interval | None = None  # runner-up − winner, paired bootstrap over documents
+    margin: Interval | None = None  # runner-up − winner, paired bootstrap over documents (and seeds)
+    compute_ratio: float | None = None  # winner's total training FLOPs ÷ the runner-up's (None: unknown)
     verdict: str
 
 
@@ -478,8 +487,114 @@ class Decision(Output):
     run_dir: str
     tokens: Num
     extend_vocab: int
+    seeds: list[int] | None = None  # --seeds K > 1: the training seeds of every trained arm
     base: DecideBase
     arms: dict[str, DecideArm]
     skipped: dict[str, str]
     texts: dict[str, DecideText]
     verdict: str
+
+
+# ------------------------------------------------------------------------------------------------ mix/mix.json
+
+
+class MixSource(Part):
+    role: str
+    within_role: float  # share of its role's tokens (the configured proportions, kept as the domain weight moves)
+    unique_tokens: Num | None  # train tokens of its corpus (tokens/counts.json); None: never repeated
+
+
+class MixRun(Part):
+    """One trained variant of the design."""
+
+    domain_weight: float
+    seed: int
+    tokens: Num
+    bpb: dict[str, float]
+    epochs: dict[str, float | None]  # over each source's unique tokens
+    held_out: bool  # left out of the held-out check's fit
+    dir: str
+
+
+class MixConstant(Part):
+    value: float
+    ci95: list[float]
+
+
+class MixLaw(Part):
+    """One source's law: bpb = c + exp(a + t·ρ − β·ln(D′/D_ref)), k = e^a (mix/law.py)."""
+
+    c: MixConstant
+    a: MixConstant
+    t: MixConstant
+    beta: MixConstant
+    k: MixConstant
+    rmse: float  # root mean square residual over the runs (bpb)
+
+
+class MixCheckRow(Part):
+    source: str
+    tokens: Num
+    seeds: int
+    measured: float  # mean over seeds
+    measured_runs: list[float]
+    predicted: float
+    ci95: list[float]  # the mean curve's bootstrap interval
+    pi95: list[float]  # for the mean of this many seeds: the curve's interval plus the runs' scatter
+    inside: bool  # measured within pi95
+    error: float  # predicted − measured
+
+
+class MixCheck(Part):
+    weight: float
+    runs_fitted: int
+    rows: list[MixCheckRow]
+
+
+class MixPrediction(Part):
+    bpb: float
+    ci95: list[float]
+    general_only_bpb: float  # the same law at domain weight 0
+
+
+class MixRecommendation(Part):
+    domain_weight: float
+    ci95: list[float]  # the same choice on every bootstrap resample: percentile 95%
+    feasible: bool  # False: no weight meets the cost cap; general-only (w = 0) is returned
+    tokens: Num
+    objective: str
+    predicted: dict[str, MixPrediction]
+    in_fitted_range: bool  # the target budget lies within the budgets the law was fitted on
+
+
+class MixCurve(Part):
+    """Each source's predicted bpb over domain weights at one budget (the chart and the report draw these)."""
+
+    tokens: Num
+    weights: list[float]
+    bpb: dict[str, list[float]]
+    lo: dict[str, list[float]]
+    hi: dict[str, list[float]]
+
+
+class Mix(Output):
+    """``mix/mix.json`` — `domainlm mix` (mix/stage.py): the mixing law fitted on small runs, its held-out check,
+    and the recommended weights; read by `domainlm plan --weights-from`."""
+
+    version: int
+    config: str | None
+    model: dict[str, Any]  # the variants' model section
+    params: int | None  # the variants' parameter count (the law's N)
+    sources: dict[str, MixSource]
+    r_star_d: float  # Muennighoff's R*_D used for D′
+    design: dict[str, Any]  # weights, seeds, budgets, held_out
+    runs: list[MixRun]
+    d_ref: float  # the law's reference budget (geometric mean of the runs' tokens)
+    law: dict[str, MixLaw]
+    held_out: MixCheck
+    target_tokens: Num
+    recommended: MixRecommendation
+    weights: dict[str, float]  # the recommended weight of every source: `domainlm plan --weights-from`
+    curves: list[MixCurve]  # at the target budget, then at each fitted budget
+    notes: list[str]
+    plot: str | None = None

@@ -43,6 +43,7 @@ from domainlm.outputs import (
     Decision,
     FinetuneComparison,
     Law,
+    Mix,
     Plan,
     Stats,
     TrainSummary,
@@ -221,6 +222,14 @@ REGISTRY: list[StageDecl] = [
     StageDecl(
         "decide", "domainlm decide CONFIG --base GENERAL_MODEL", "`decide.py`",
         (Output(RunDir.DECIDE, Decision, readers="report"),), sections=(html.decide_section,)),
+    StageDecl(
+        "mix", "domainlm mix CONFIG", "`mix/` — `law.py` (the mixing law, its fit and bootstrap, objectives), "
+        "`stage.py` (the design of variants, the held-out check); `train/variants.py`",
+        (Output(RunDir.MIX_DIR, what="`mix/D<tokens>-w<weight>-s<seed>/`: one variant's training run and `eval.json`",
+                readers="mix (resume)"),
+         Output(RunDir.MIX_CHART, what="PNG", readers="you"),
+         Output(RunDir.MIX, Mix, readers="report, plan (`--weights-from`)")),
+        sections=(html.mix_section,)),
     StageDecl(
         "scaling", "domainlm scaling CONFIG --budgets ...", "`scaling/` (sweep, fit, points)",
         (Output(RunDir.POINTS, what="one `ScalingPoint` per line", readers="scaling --points"),

@@ -183,6 +183,9 @@ class RunDir:
     DECIDE = "decide/decide.json"  # domainlm decide: scratch vs continued vs the general model, the verdict
     EXTENDED_BASE = "base-extended"  # tokenizer.extend_vocab: the base model + domain tokens (tokenizer_extend.py)
     FINETUNE = "finetune.json"  # in a fine-tuning's --out folder: its summary
+    MIX_DIR = "mix"  # domainlm mix: mix/D<tokens>-w<weight>-s<seed>/ (one variant's training run and eval.json)
+    MIX = "mix/mix.json"  # domainlm mix: the mixing law, its held-out check, the recommended weights
+    MIX_CHART = "mix/frontier.png"
     LAW = "scaling/law.json"  # domainlm scaling
     POINTS = "scaling/points.jsonl"
     REPORT = "report/index.html"  # domainlm report

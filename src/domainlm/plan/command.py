@@ -10,11 +10,11 @@ from domainlm.errors import UserError
 from domainlm.hardware import GPU_KINDS, get_accelerator
 from domainlm.memory import estimate, recommend
 from domainlm.model.base import resolve_base
-from domainlm.outputs import Counts, Plan
+from domainlm.outputs import Counts, Mix, Plan
 from domainlm.plan.chart import plot_plan
 from domainlm.plan.laws import load_fitted
 from domainlm.plan.planner import PlanRequest, machine_id, make_plan
-from domainlm.rundir import RunDir, write_json
+from domainlm.rundir import RunDir, load_output, write_json
 from domainlm.units import parse_assignments, parse_number
 
 MAX_PARAMS = 1e16  # ~10^4× the largest dense models trained so far: beyond it the byte counts are not numbers
@@ -126,8 +126,21 @@ def request_from(cfg: RunConfig | None, **flags) -> PlanRequest:
     return req
 
 
+def weights_from(path: Path) -> list[str]:
+    """``--weights-from <run>/mix/mix.json``: the weights `domainlm mix` recommends, as ``--weight`` flags."""
+    mix = load_output(path, Mix)
+    if mix is None:
+        raise UserError(f"--weights-from {path}: no such file; run `domainlm mix CONFIG` (it writes "
+                        f"<run>/{RunDir.MIX})")
+    return [f"{k}={v!r}" for k, v in mix.weights.items()]
+
+
 def run_plan(config: Path | None, plot: Path | None = None, **flags) -> tuple[dict, list[Path]]:
     cfg = load_config(config) if config is not None else None
+    if flags.get("weights_from") is not None:
+        if flags.get("weight"):
+            raise UserError("--weights-from and --weight: give the mixture one way, not both")
+        flags["weight"] = weights_from(Path(flags["weights_from"]))
     req = request_from(cfg, **flags)
     result = make_plan(req)
     written: list[Path] = []

@@ -32,7 +32,7 @@ from domainlm.units import human
 REPORT_DIR = str(Path(RunDir.REPORT).parent)
 # Every PNG this module may write; ones not made this time are deleted, so the folder never shows a stale chart.
 PNGS = ("plan.png", "drops.png", "tokens.png", "epochs.png", "bytes_per_token.png", "loss.png", "eval_bpb.png",
-        "probes.png", "ablation.png", "decide.png")
+        "probes.png", "ablation.png", "decide.png", "mix.png")
 
 
 
@@ -183,7 +183,12 @@ def plan_section(r: Report) -> Section:
                        f"{human(m.params_total)} total)"],
         ["training tokens", f"{human(plan.tokens)} ({plan.tokens_per_param:.1f} tokens/param)"],
         ["effective tokens (repeats discounted)", human(plan.effective_tokens)],
-        ["predicted loss", _num(plan.predicted_loss)],
+        ["vocabulary", "-" if not plan.vocabulary else
+         escape(f"{plan.vocabulary['vocab_size']:,} ({plan.vocabulary['from']}); N_v = V·d "
+                f"{human(plan.vocabulary['params_vocabulary'])}, non-vocabulary "
+                f"{human(plan.vocabulary['params_non_vocabulary'])}")],
+        ["predicted loss", "none: below the range the law was fitted on (the small-scale rule chose the shape)"
+         if plan.small_scale else _num(plan.predicted_loss)],
         ["GPU hours", _num(plan.gpu_hours, "{:,.1f}")],
     ], cls="kv"))
     run = plan.run  # what the run trains: the plan, or each override of it next to its reason
@@ -426,11 +431,64 @@ def ablation_section(r: Report) -> Section | None:
     if ab is None:
         return s
     sources = list(dict.fromkeys(k for x in ab.results for k in x.bpb))
-    rows = [[_num(x.domain_weight, "{:.0%}"), *(_num(x.bpb.get(k), "{:.4f}") for k in sources),
+
+    def cell(x, k: str) -> str:
+        ci = (x.ci95 or {}).get(k)
+        pts = " ".join(f"{p['bpb'][k]:.4f}" for p in x.seeds or [] if k in p["bpb"])
+        return (_num(x.bpb.get(k), "{:.4f}") + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+                + (f"<br><span class=note>seeds: {pts}</span>" if pts else ""))
+
+    rows = [[_num(x.domain_weight, "{:.0%}"), *(cell(x, k) for k in sources),
              _num(x.role_bpb("domain"), "{:.4f}"), _num(x.role_bpb("general"), "{:.4f}")]
             for x in sorted(ab.results, key=lambda x: x.domain_weight)]
     s.body.append(_table(["domain weight", *(f"{k} bpb" for k in sources), "domain (mean)", "general (mean)"], rows))
+    seeds = len(ab.results[0].seeds or [1]) if ab.results else 1
+    s.body.append("<p class=note>95% intervals: hierarchical bootstrap over "
+                  + (f"{seeds} training seeds and " if seeds > 1 else "") + "val documents"
+                  + ("" if seeds > 1 else " (one training seed: `domainlm ablate --seeds K` adds training variance)")
+                  + ".</p>")
     r.figure(s, plots.ablation_chart, "ablation.png", ab)
+    return s
+
+
+def mix_section(r: Report) -> Section | None:
+    """Only when `domainlm mix` has run (mix/stage.py): the fitted law per source, the held-out weight's prediction
+    beside its measured bpb, the recommended weight with its interval, and the frontier."""
+    opened = r.optional(RunDir.MIX, "mix", "The mixture, chosen by a law")
+    if opened is None:
+        return None
+    m, s = opened
+    if m is None:
+        return s
+    rec = m.recommended
+    d = m.design
+    s.body.append(f"<p>{len(m.runs)} runs ({len(d['weights'])} domain weights × {d['seeds']} seeds × "
+                  f"{len(d['budgets'])} budgets: {', '.join(human(b) for b in d['budgets'])} tokens) of the run's "
+                  "model fitted per source to bpb = c + k·exp(t·ρ)·(D′/D_ref)^−β (Ye et al. 2024's mixing law, "
+                  "with Muennighoff et al. 2023's effective data D′ for a repeated corpus; ρ is the domain share "
+                  "of D′). 95% bootstrap intervals over runs.</p>")
+
+    def ci(x, fmt="{:.3f}"):
+        return f"{fmt.format(x.value)} [{fmt.format(x.ci95[0])}, {fmt.format(x.ci95[1])}]"
+
+    rows = [[escape(k), escape(m.sources[k].role), ci(v.c), ci(v.k), ci(v.t), ci(v.beta), _num(v.rmse, "{:.4f}")]
+            for k, v in m.law.items()]
+    s.body.append(_table(["source", "role", "c", "k", "t", "β", "rmse"], rows))
+    h = m.held_out
+    rows = [[escape(x.source), human(x.tokens), f"{x.measured:.4f}", f"{x.predicted:.4f}",
+             f"[{x.pi95[0]:.4f}, {x.pi95[1]:.4f}]", "yes" if x.inside else "<b>no</b>"] for x in h.rows]
+    s.body.append(f"<p>Held-out check: the law fitted without domain weight {h.weight:g} ({h.runs_fitted} runs) "
+                  "predicts it:</p>")
+    s.body.append(_table(["source", "tokens", "measured (mean of seeds)", "predicted",
+                          "95% interval for that mean", "inside"], rows))
+    preds = "; ".join(f"{escape(k)} {p.bpb:.4f} [{p.ci95[0]:.4f}, {p.ci95[1]:.4f}] (general-only "
+                      f"{p.general_only_bpb:.4f})" for k, p in rec.predicted.items())
+    s.body.append(f"<p><b>Recommended domain weight at {human(rec.tokens)} tokens: {rec.domain_weight:.3f} "
+                  f"(95% CI {rec.ci95[0]:.3f}–{rec.ci95[1]:.3f})</b> — {escape(rec.objective)}. Predicted bpb: "
+                  f"{preds}.</p>")
+    for note in m.notes:
+        s.body.append(f"<p class=note>{escape(note)}</p>")
+    r.figure(s, plots.mix_chart, "mix.png", m)
     return s
 
 
@@ -443,8 +501,12 @@ def decide_section(r: Report) -> Section | None:
     d, s = opened
     if d is None:
         return s
+    def bpb_cell(a, n: str) -> str:  # the mean, and each seed's point under it
+        pts = " ".join(f"{p['bpb'][n]:.4f}" for p in a.seeds or [] if n in p["bpb"])
+        return _num(a.bpb.get(n), "{:.4f}") + (f"<br><span class=note>seeds: {pts}</span>" if pts else "")
+
     rows = [[f"<b>{escape(arm)}</b><br><span class=note>{escape(a.label)}</span>",
-             *(_num(a.bpb.get(n), "{:.4f}") for n in d.texts), _num(a.probes and a.probes.get("acc"), "{:.1%}"),
+             *(bpb_cell(a, n) for n in d.texts), _num(a.probes and a.probes.get("acc"), "{:.1%}"),
              human(a.trained_tokens), _num(a.flops_run, "{:.3g}"), _num(a.flops_total, "{:.3g}")]
             for arm, a in d.arms.items()]
     s.body.append(f"<p>Every arm trains on the same {human(d.tokens)} tokens of the run's mixture; "
@@ -468,7 +530,10 @@ def decide_section(r: Report) -> Section | None:
     if d.base.flops is None:
         notes.append("the general model's own pretraining compute is unknown (pass --base-tokens): its arms' "
                      "totals are left out")
-    s.body.append("<p class=note>Margins: winner vs runner-up, 95% paired bootstrap interval over documents. "
+    over = (f"hierarchical bootstrap over {len(d.seeds)} training seeds (seeds {', '.join(map(str, d.seeds))}) and "
+            "documents" if d.seeds else "paired bootstrap over documents (one training seed per arm: --seeds K "
+            "adds training variance)")
+    s.body.append(f"<p class=note>Margins: winner vs runner-up, 95% {over}. "
                   "FLOPs ≈ 6·N·D (total: with the general model's own pretraining). " + " ".join(notes) + "</p>")
     r.figure(s, plots.decide_chart, "decide.png", d)
     return s

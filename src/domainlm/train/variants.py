@@ -37,16 +37,22 @@ def reweighted(cfg: RunConfig, domain_weight: float) -> dict[str, float]:
     return out
 
 
-def variant_config(cfg: RunConfig, run_dir: Path, domain_weight: float) -> RunConfig:
+def variant_config(cfg: RunConfig, run_dir: Path, domain_weight: float, *, tokens: float | None = None,
+                   seed: int | None = None, folder: Path | None = None) -> RunConfig:
     """The run's config with new weights, the run's shape and budget fixed, and its own directory. A continued
-    run's variants (``train.init_from``) continue the same base: its shape, its tokenizer's token files."""
+    run's variants (``train.init_from``) continue the same base: its shape, its tokenizer's token files.
+    `domainlm mix` gives each variant its own ``tokens`` budget, training ``seed`` and ``folder``; without a
+    ``folder``, a ``seed`` other than train.seed trains in ``w<weight>-seed<S>/`` (`domainlm ablate --seeds`)."""
     base = base_of(cfg)
     shape = base.shape if base else resolve_shape(cfg, run_dir, int(load_counts(run_dir)["vocab_size"]))
-    budget = cfg.train.max_tokens or planned_tokens(plan_of(run_dir))
+    budget = tokens or cfg.train.max_tokens or planned_tokens(plan_of(run_dir))
     if budget is None:
         raise UserError("train.max_tokens: no token budget; set it or run `domainlm plan CONFIG` first")
-    return fixed_config(cfg, shape, float(budget), name=f"{cfg.name}-w{domain_weight:g}",
-                        run_dir=variant_dir(run_dir, domain_weight), weights=reweighted(cfg, domain_weight))
+    other = seed is not None and seed != cfg.train.seed
+    folder = Path(folder) if folder is not None else variant_dir(run_dir, domain_weight, seed if other else None)
+    train = {} if seed is None else {"seed": seed}
+    return fixed_config(cfg, shape, float(budget), name=f"{cfg.name}-{folder.name}", run_dir=folder,
+                        weights=reweighted(cfg, domain_weight), **train)
 
 
 def fixed_config(cfg: RunConfig, shape: ModelShape, max_tokens: float, *, name: str, run_dir: Path,
@@ -66,8 +72,9 @@ def fixed_config(cfg: RunConfig, shape: ModelShape, max_tokens: float, *, name: 
     return RunConfig.model_validate(data)
 
 
-def variant_dir(run_dir: Path, domain_weight: float) -> Path:
-    return Path(run_dir) / "ablate" / f"w{domain_weight:g}"
+def variant_dir(run_dir: Path, domain_weight: float, seed: int | None = None) -> Path:
+    """``<run>/ablate/w<weight>/``; trained with another seed than the run's: ``w<weight>-seed<S>/``."""
+    return Path(run_dir) / "ablate" / (f"w{domain_weight:g}" + (f"-seed{seed}" if seed is not None else ""))
 
 
 def train_variant(vcfg: RunConfig, run_dir: Path, console: Console) -> Path:
