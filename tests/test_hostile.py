@@ -12,6 +12,7 @@ import math
 import os
 import shlex
 import shutil
+import signal
 import socket
 import stat
 import subprocess
@@ -275,9 +276,8 @@ def test_sigint_sigterm_one_line_then_rerun_finishes(tmp_path, monkeypatch, cli,
     run = tmp_path / "run"
     run.mkdir()
     (run / "config.yaml").write_text("name: r\n")
-    monkeypatch.setenv("DOMAINLM_FAULT_SIGNAL", sig)
     monkeypatch.setenv("DOMAINLM_FAULT_DIR", str(tmp_path))
-    monkeypatch.setitem(faults._ARMED, "report.mid_write", 1)
+    monkeypatch.setitem(faults._ARMED, "report.mid_write", (1, getattr(signal, f"SIG{sig}")))
     rc, out, err = cli("report", str(run))
     lines = [ln for ln in err.splitlines() if ln.strip()]
     assert rc == code and len(lines) == 1, (rc, err[-2000:])

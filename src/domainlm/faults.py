@@ -8,15 +8,12 @@ task" means the same thing whichever worker completes it. (torchrun starts each 
 there each rank counts its own hits, the fault kills that rank, and its agent then stops the job.) A crash test
 therefore picks its kill point by *what has been done*, never by how long it has run: it passes at any machine speed.
 
-``DOMAINLM_FAULT_SIGNAL=INT`` (or ``TERM``) sends that signal to the process that reaches the site instead,
-as Ctrl-C or a scheduler's SIGTERM would: for tests of how a command stops when asked to (in-process too: no
-other process is signalled).
-
 Start the command in a new session (``subprocess.Popen(..., start_new_session=True)``) so the group it kills is
 its own. In production the variable is unset: ``hit`` is one dict lookup.
 
 ``<site>:<n>:<SIGNAL>`` (e.g. ``train.step:3:USR1``) sends that signal to this process alone instead — what Slurm
-does ahead of a time limit or a preemption (``#SBATCH --signal``) — and returns once Python has run its handler,
+does ahead of a time limit or a preemption (``#SBATCH --signal``), or INT/TERM as Ctrl-C or a scheduler would
+— and returns once Python has run its handler,
 so the process sees it at a known point. ``DOMAINLM_FAULT_RANK=<r>`` arms only the process whose ``RANK`` is r
 (one rank of a torchrun job).
 
