@@ -32,7 +32,8 @@ from domainlm.rundir import RunDir, atomic_write
 # Slurm's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (sbatch(1)), or UNLIMITED
 TIME_RE = re.compile(r"^(\d+(:\d{1,2}){0,2}|\d+-\d+(:\d{1,2}){0,2}|unlimited|infinite)$", re.IGNORECASE)
 PARTITION_RE = re.compile(r"^[A-Za-z0-9_.,-]+$")
-SBATCH_SAFE = re.compile(r"^[A-Za-z0-9_@%+=:,./-]+$")  # an #SBATCH value that needs no quotes
+# an #SBATCH value that needs no quotes: sbatch's parser treats only space, quotes, backslash and # specially
+SBATCH_SAFE = re.compile(r"^[A-Za-z0-9_@%+=:,./&|()\[\]*-]+$")
 # + job id mod 10000: two jobs sharing a head node get different ports, all of them below Linux's ephemeral range
 # (net.ipv4.ip_local_port_range starts at 32768), where an outgoing connection (NCCL's, gloo's) could hold one
 RDZV_PORT_BASE, RDZV_PORTS = 20000, 10000
