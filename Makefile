@@ -6,8 +6,9 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TEST_STAMP := $(VENV)/.installed-test
-# the extras the real-part tests run for real: lm-evaluation-harness (+ accelerate, which its HF backend imports)
-TEST_EXTRAS := dev,harness,ray
+# the extras the real-part tests run for real: lm-evaluation-harness (+ accelerate, which its HF backend imports),
+# Ray, fastText (domainlm mine)
+TEST_EXTRAS := dev,harness,ray,mine
 
 .PHONY: demo test lint install clean
 

@@ -17,7 +17,7 @@ SRC = Path(__file__).parents[1] / "src"
 # Imports allowed inside a function body: optional extras (ray, lm-eval, peft: `pip install domainlm[...]`), the
 # Slurm executor (datatrove's, only with prepare.executor: slurm), matplotlib (charts only), and the hub readers
 # (datasets/pyarrow, only for `hf:` sources). Each such import says why in a comment on its line or the one above.
-OPTIONAL = ("ray", "lm_eval", "peft", "matplotlib", "datasets", "pyarrow", "datatrove.executor.slurm",
+OPTIONAL = ("ray", "lm_eval", "peft", "matplotlib", "datasets", "pyarrow", "fasttext", "datatrove.executor.slurm",
             "domainlm.launch.slurm_executor")
 
 

@@ -44,3 +44,20 @@ def test_prepare_on_ray_matches_local(local_ray, tmp_path):
     # the tasks ran in Ray workers: datatrove's Ray executor marked every task of every stage complete
     clean = tmp_path / "run-ray" / ".prepare" / "a" / "stages" / "clean"
     assert len(list((clean / "completions").iterdir())) == 2 and ray.is_initialized()
+
+
+def test_mine_on_ray_matches_local(local_ray, tmp_path):
+    """`domainlm mine` with ``executor: ray``: the same mined source and mine.json as the local executor."""
+    import crashkit
+    from domainlm.mine.command import run_mine
+    from test_mine import config, copy_run, make_corpora
+
+    make_corpora(tmp_path)
+    run_prepare(config(tmp_path, rounds=1), quiet_console())
+    copy_run(tmp_path, "run-ray")
+    want = run_mine(config(tmp_path, rounds=1), quiet_console())["mine"]  # one round: two Ray stages, not three
+    got = run_mine(config(tmp_path, "run-ray", executor="ray", rounds=1), quiet_console())["mine"]
+    assert got == want and got["docs"] > 0
+    assert crashkit.tree(tmp_path / "run-ray", "mine") == crashkit.tree(tmp_path / "run", "mine")
+    scored = tmp_path / "run-ray" / ".mine" / "round-1" / "stages" / "web" / "completions"
+    assert len(list(scored.iterdir())) == 2 and ray.is_initialized()

@@ -39,6 +39,7 @@ finetune_compare = lazy("domainlm.finetune.compare")
 finetune_loop = lazy("domainlm.finetune.loop")
 generate_ = lazy("domainlm.generate")
 mix_stage = lazy("domainlm.mix.stage")
+mine_command = lazy("domainlm.mine.command")
 slurm_launcher = lazy("domainlm.launch.slurm")
 pipeline_ = lazy("domainlm.pipeline")
 plan_command = lazy("domainlm.plan.command")
@@ -295,6 +296,16 @@ def prepare(config: ConfigArg = None, as_json: JsonOpt = False) -> None:
 
     result = data_command.run_prepare(config, console=err_console if as_json else console)
     print_json(result) if as_json else data_command.print_prepare(result, console)
+
+
+# ---------------------------------------------------------------------------------------------------- mine
+
+
+@app.command()
+def mine(config: ConfigArg = None, as_json: JsonOpt = False) -> None:
+    """Mine domain documents from general pools with a fastText classifier (after prepare; docs/mine.md)."""
+    result = mine_command.run_mine(config, console=err_console if as_json else console)
+    print_json(result) if as_json else mine_command.print_mine(result, console)
 
 
 # ---------------------------------------------------------------------------------------------------- tokenizer

@@ -68,17 +68,14 @@ class _Section(BaseModel):
         return v
 
 
-class SourceConfig(_Section):
-    """One text source of the mixture."""
+class InputConfig(_Section):
+    """Where a corpus's documents are read from: a source of the mixture, or a pool `domainlm mine` scores."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$", description="folder-safe name")
-    role: Literal["domain", "general"]
-    weight: float = Field(ge=0.0, le=1.0, description="share of training sequences drawn from this source")
     input: str = Field(min_length=1, description="path/glob, hf:<dataset>, or package:licensedcode|bbc-news")
     text_key: str = "text"  # .jsonl inputs
     text_column: str = "text"  # .parquet and hf: inputs
     split: str = "train"  # hf: inputs
-    unique_tokens: float | None = Field(default=None, gt=0, description="known unique tokens (plan limits)")
     max_files: int | None = Field(default=None, ge=1, description="use at most this many input files (evenly spaced)")
     # A slice of a corpus-scale source ("50B tokens of a 15T-token corpus": max_bytes: 2e11 at ~4 bytes/token):
     # at most this many documents / UTF-8 bytes are read, spread evenly over prepare's tasks (each task reads
@@ -100,6 +97,14 @@ class SourceConfig(_Section):
             except UserError:
                 raise ValueError("expected a whole number like 200000, 2e11 or 200G") from None
         return v
+
+
+class SourceConfig(InputConfig):
+    """One text source of the mixture."""
+
+    role: Literal["domain", "general"]
+    weight: float = Field(ge=0.0, le=1.0, description="share of training sequences drawn from this source")
+    unique_tokens: float | None = Field(default=None, gt=0, description="known unique tokens (plan limits)")
 
 
 class SlurmConfig(_Section):
@@ -326,6 +331,53 @@ class CompareConfig(_Section):
     seeds: int = Field(default=1, ge=1, le=64)
 
 
+class ClassifierConfig(_Section):
+    """The fastText classifier of `domainlm mine` (Joulin et al. 2017). Defaults: DeepSeekMath's (Shao et al. 2024,
+    §2.1: vector dimension 256, learning rate 0.1, word n-grams up to 3, minimum word count 3, 3 epochs), except
+    ``bucket``: fastText's 2M hashed n-gram rows × 256 floats is a 2 GB model that every scoring worker loads."""
+
+    dim: int = Field(default=256, ge=1)
+    lr: float = Field(default=0.1, gt=0)
+    word_ngrams: int = Field(default=3, ge=1)
+    min_count: int = Field(default=3, ge=1)
+    epoch: int = Field(default=3, ge=1)
+    bucket: int = Field(default=200_000, ge=0, description="hashed n-gram rows (fastText's default: 2,000,000)")
+    max_words: int = Field(default=1000, ge=1, description="words of a document the classifier reads (its head)")
+    # one thread: fastText's Hogwild updates make multi-threaded training depend on thread timing
+    threads: int = Field(default=1, ge=1)
+    seed: int = 0
+
+
+class MineConfig(_Section):
+    """`domainlm mine` (docs/mine.md): domain documents mined from general pools with a classifier trained on the
+    run's domain sources (positives) against its general sources (negatives), DeepSeekMath-style rounds."""
+
+    source: str = Field(default="mined", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$",
+                        description="name of the mined source (mine/docs/)")
+    pools: list[InputConfig] = Field(default_factory=list)
+    target_precision: float = Field(default=0.9, gt=0, lt=1, description="estimated precision of what a round keeps")
+    max_rounds: int = Field(default=4, ge=1, description="DeepSeekMath: four rounds")
+    # DeepSeekMath stopped after round 4, when ~98% of the final data had been collected by round 3: a round that
+    # adds less than 2% to what is already mined is not worth another classifier.
+    min_round_yield: float = Field(default=0.02, ge=0, le=1, description="stop below this many new docs per mined")
+    max_seed_docs: int = Field(default=500_000, ge=2, description="per class (DeepSeekMath: 500K each)")
+    holdout_fraction: float = Field(default=0.2, gt=0, lt=1, description="seeds held out for the PR curve")
+    candidate_floor: float = Field(default=0.5, ge=0, lt=1, description="lowest score kept for the threshold choice")
+    # GPT-3 (Brown et al. 2020, App. C) dropped training documents sharing a 13-gram with a test set; DeepSeekMath
+    # used 10-grams against its math benchmarks.
+    decontam_ngrams: int = Field(default=13, ge=1)
+    classifier: ClassifierConfig = Field(default_factory=ClassifierConfig)
+
+    @field_validator("pools")
+    @classmethod
+    def _unique_pools(cls, pools: list[InputConfig]) -> list[InputConfig]:
+        names = [p.name for p in pools]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"two pools named {dupes[0]!r}; names must be unique")
+        return pools
+
+
 class RunConfig(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     run_dir: str | None = None  # default: runs/<name>
@@ -338,6 +390,7 @@ class RunConfig(_Section):
     eval: EvalConfig = Field(default_factory=EvalConfig)
     downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
     compare: CompareConfig = Field(default_factory=CompareConfig)
+    mine: MineConfig = Field(default_factory=MineConfig)
 
     @field_validator("sources")
     @classmethod
@@ -475,7 +528,7 @@ def load_config(path: str | Path | None) -> RunConfig:
     cfg = validate(data, str(p))
     # Relative paths in a config are relative to the config file, not to the caller's cwd.
     base = p.parent.resolve()
-    for s in cfg.sources:
+    for s in [*cfg.sources, *cfg.mine.pools]:
         if not (s.input.startswith(("hf:", "package:")) or Path(s.input).is_absolute()):
             s.input = str(base / s.input)
         if s.exclude_ids and not Path(s.exclude_ids).is_absolute() and s.exclude_ids != LICENSEDB_TEST:

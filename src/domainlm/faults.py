@@ -35,6 +35,8 @@ ablate.variant_done                    one variant of an ablation is trained and
 decide.arm_done                        one arm of `domainlm decide` is trained and evaluated
 eval.source_done                       bits per byte of one source are computed
 report.mid_write                       the report's figures are written, its page is not
+mine.task_done                         a datatrove task of `domainlm mine` has written its completion marker
+mine.round_done                        a mining round's ``round.json`` is written
 =====================================  =====================================================================
 """
 

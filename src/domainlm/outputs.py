@@ -598,3 +598,66 @@ class Mix(Output):
     curves: list[MixCurve]  # at the target budget, then at each fitted budget
     notes: list[str]
     plot: str | None = None
+
+
+# ------------------------------------------------------------------------------------------------ mine/mine.json
+
+
+class MineCurvePoint(Part):
+    """One threshold of a round's classifier: held-out precision/recall (balanced seeds) and, in the pool, the share
+    of documents at or above it and the precision estimated there."""
+
+    threshold: Num
+    heldout_precision: Num | None
+    heldout_recall: Num
+    fpr: Num
+    pool_share: Num
+    pool_precision: Num | None
+
+
+class MineRound(Part):
+    round: int
+    positives: int  # training documents: seeds + earlier rounds' finds
+    negatives: int
+    heldout_positives: int
+    heldout_negatives: int
+    threshold: Num | None  # None: no threshold reached mine.target_precision
+    heldout_precision: Num | None  # at the threshold
+    heldout_recall: Num | None
+    prevalence: Num  # estimated share of domain documents in the pool (Forman 2008)
+    est_precision: Num | None  # estimated precision in the pool at the threshold
+    scored: int  # pool documents scored (after prepare's filters)
+    accepted: int  # at or above the threshold, not duplicates of the domain, not contaminated
+    new_docs: int  # accepted and not accepted by an earlier round
+    new_bytes: int
+    total_docs: int  # mined so far
+    yield_fraction: Num  # new_docs / total_docs: this round's share of everything mined so far
+    drops: dict[str, int]  # reason -> candidate documents (score ≥ the floor) dropped
+    histogram: list[int]  # pool documents per score bin (100 bins of width 0.01)
+    curve: list[MineCurvePoint]
+
+
+class MineSample(Part):
+    id: str
+    pool: str
+    round: int
+    score: Num
+    text: str  # the first characters
+
+
+class Mine(Output):
+    """``mine/mine.json`` — `domainlm mine` (mine/command.py), written last."""
+
+    version: int
+    fingerprint: str
+    source: str  # the mined source's name; its documents are in mine/docs/
+    pools: list[str]
+    target_precision: Num
+    stopped: str  # why the rounds ended
+    rounds: list[MineRound]
+    docs: int
+    bytes: int
+    tokens: int  # estimated: bytes / bytes_per_token
+    bytes_per_token: Num
+    bytes_per_token_from: str
+    samples: list[MineSample]

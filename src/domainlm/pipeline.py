@@ -33,6 +33,7 @@ from domainlm.data.command import run_prepare
 from domainlm.data.tokens import counts_path
 from domainlm.evaluate.command import evaluate_variant, print_eval, run_eval_cached
 from domainlm.finetune.downstream import run_downstream
+from domainlm.mine.command import print_mine, run_mine
 from domainlm.model.base import base_of
 from domainlm.outputs import (
     Ablation,
@@ -43,6 +44,7 @@ from domainlm.outputs import (
     Decision,
     FinetuneComparison,
     Law,
+    Mine,
     Mix,
     Plan,
     Stats,
@@ -118,6 +120,12 @@ def _plan(c: Ctx) -> dict:
     return result
 
 
+def _mine(c: Ctx) -> dict:
+    result = run_mine(c.config_path, c.console)
+    print_mine(result, c.console)
+    return result
+
+
 def _train(c: Ctx) -> dict:
     with distributed() as world:
         return train(c.cfg, c.run_dir, world, console=c.console)
@@ -176,7 +184,18 @@ REGISTRY: list[StageDecl] = [
         (Output(RunDir.DATA, what="`data/<source>/{train,val}/*.jsonl.gz`: `{id, text, metadata}` lines",
                 readers="tokenizer, tokenize, eval"),
          Output(RunDir.STATS, Stats, readers="report, tokenizer (fingerprint)")),
-        run=lambda c: run_prepare(c.config_path, c.console), sections=(html.data_section,)),
+        run=lambda c: run_prepare(c.config_path, c.console), sections=(html.data_section,),
+        again_after="mine", again_title="prepare (the mined source)"),
+    StageDecl(
+        "mine", "domainlm mine CONFIG",
+        "`mine/` — `classifier.py` (fastText; the held-out curve; the threshold by estimated precision in the pool), "
+        "`index.py` (exact, MinHash and n-gram indexes), `steps.py` (datatrove steps: score a pool's shard, write the "
+        "mined source), `command.py` (the rounds; docs/mine.md)",
+        (Output(RunDir.MINE_DOCS, what="`mine/docs/<pool>/<rank>.jsonl.gz`: `{id, text, …, mine: {pool, round, "
+                "score, id}}` lines", readers="prepare (the input of a source named `mine.source`)"),
+         Output(RunDir.MINE, Mine, readers="plan (the mined tokens), report")),
+        run=_mine, title="mine (domain documents from the pools)", when=lambda cfg: bool(cfg.mine.pools),
+        sections=(html.mine_section,)),
     StageDecl(
         "tokenizer", "domainlm tokenizer CONFIG",
         "`tokenizer.py` (train, audit); `tokenizer_extend.py` (a base model's tokenizer + domain tokens)",

@@ -186,6 +186,9 @@ class RunDir:
     MIX_DIR = "mix"  # domainlm mix: mix/D<tokens>-w<weight>-s<seed>/ (one variant's training run and eval.json)
     MIX = "mix/mix.json"  # domainlm mix: the mixing law, its held-out check, the recommended weights
     MIX_CHART = "mix/frontier.png"
+    MINE = "mine/mine.json"  # domainlm mine: the rounds (yield, precision, threshold), written last
+    MINE_DOCS = "mine/docs"  # domainlm mine: the mined source, mine/docs/<pool>/<rank>.jsonl.gz
+    MINE_WORK = ".mine"  # mine's work files (indexes, classifiers, scored candidates per round)
     LAW = "scaling/law.json"  # domainlm scaling
     POINTS = "scaling/points.jsonl"
     REPORT = "report/index.html"  # domainlm report

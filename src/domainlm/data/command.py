@@ -35,7 +35,8 @@ def run_prepare(config: Path | None, console: Console) -> dict:
         stats = pipeline.prepare_sources(cfg, run_dir, progress)
     has_tokenizer = (RunDir(run_dir).tokenizer / "tokenizer.json").exists()
     return {"run_dir": str(run_dir), "stats": stats, "seconds": round(time.perf_counter() - t0, 2),
-            "next": "domainlm tokenize" if has_tokenizer else "domainlm tokenizer"}
+            "next": "domainlm tokenize" if has_tokenizer else "domainlm tokenizer",
+            "pending": pipeline.mined_pending(cfg)}
 
 
 def print_prepare(result: dict, console: Console) -> None:
@@ -62,6 +63,9 @@ def print_prepare(result: dict, console: Console) -> None:
         if s.get("malformed_at"):
             console.print(f"[yellow]{name}: {s['malformed_lines']} malformed lines skipped, first at "
                           f"{escape(', '.join(s['malformed_at'][:3]))}[/]", highlight=False)
+    for name in result.get("pending", []):
+        console.print(f"[yellow]{name}: not prepared yet — the mined source; run `domainlm mine CONFIG`, then "
+                      "`domainlm prepare CONFIG` again[/]")
     if result["next"] == "domainlm tokenize":
         console.print("[dim]next: `domainlm tokenize CONFIG` (token files are no longer written by prepare)[/]")
     else:

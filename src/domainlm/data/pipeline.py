@@ -125,7 +125,10 @@ def default_workers() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _executor(pcfg: PrepareConfig, pipeline: list, tasks: int, workers: int, logdir: Path, name: str, depends=None):
+def _executor(pcfg: PrepareConfig, pipeline: list, tasks: int, workers: int, logdir: Path, name: str, depends=None,
+              site: str = "prepare.task_done"):
+    """The executor ``prepare.executor`` names for one stage; a local one hits the crash site ``site`` after each
+    task's completion marker (`domainlm mine` runs its steps on the same executors)."""
     if pcfg.executor == "slurm":
         # optional: datatrove's Slurm executor, only for prepare.executor: slurm
         from domainlm.launch.slurm_executor import Executor
@@ -148,32 +151,35 @@ def _executor(pcfg: PrepareConfig, pipeline: list, tasks: int, workers: int, log
         return RayPipelineExecutor(pipeline, tasks=tasks, workers=workers, logging_dir=str(logdir),
                                    cpus_per_task=pcfg.ray.cpus_per_task, mem_per_cpu_gb=pcfg.ray.mem_per_cpu_gb)
     # fork: a worker starts in milliseconds instead of re-importing datatrove (~2 s per stage with forkserver)
-    return _local_executor()(pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=str(logdir),
+    return _local_executor(site)(pipeline, tasks=tasks, workers=min(workers, tasks), logging_dir=str(logdir),
                              start_method="fork")
 
 
-def _local_executor():
-    """datatrove's local executor, with the crash site ``prepare.task_done`` after each completion marker."""
+def _local_executor(site: str):
+    """datatrove's local executor, with the crash site ``site`` after each completion marker."""
 
     class Executor(LocalPipelineExecutor):
         def mark_rank_as_completed(self, rank: int):
             super().mark_rank_as_completed(rank)
-            faults.hit("prepare.task_done")
+            faults.hit(site)
 
     return Executor
 
 
-def build_stages(spec: sources.SourceSpec, pcfg: PrepareConfig, run_dir: Path, tasks: int):
-    """The (name, pipeline, tasks) list of one source's datatrove stages."""
-
-
-    w = RunDir(run_dir) / RunDir.PREPARE / spec.name
-    ws = str(w)
-    exact_cfg = ExactDedupConfig(content_getter=_text_of)
-    mh_cfg = MinhashConfig(
+def minhash_config(pcfg: PrepareConfig):
+    """The MinHash parameters of prepare's near-duplicate stages (also `domainlm mine`'s, against the domain)."""
+    return MinhashConfig(
         n_grams=pcfg.minhash_ngrams, num_buckets=pcfg.minhash_buckets,
         hashes_per_bucket=pcfg.minhash_hashes_per_bucket, hash_config=HashConfig(precision=64, hash_fc="sha1"),
     )
+
+
+def build_stages(spec: sources.SourceSpec, pcfg: PrepareConfig, run_dir: Path, tasks: int):
+    """The (name, pipeline, tasks) list of one source's datatrove stages."""
+    w = RunDir(run_dir) / RunDir.PREPARE / spec.name
+    ws = str(w)
+    exact_cfg = ExactDedupConfig(content_getter=_text_of)
+    mh_cfg = minhash_config(pcfg)
 
     def deduped() -> list:
         out = [steps.CleanReader(str(w / "clean")), ExactDedupFilter(str(w / "exact_dups"), exact_cfg)]
@@ -320,6 +326,13 @@ def source_stats(spec: sources.SourceSpec, pcfg: PrepareConfig, run_dir: Path) -
 # ------------------------------------------------------------------------------------------- the command
 
 
+def mined_pending(cfg: RunConfig) -> list[str]:
+    """The mined source (``mine.source``, listed in ``sources``) while `domainlm mine` has not written its folder:
+    prepared without it, then again once it is there (`domainlm mine` needs the other sources prepared first)."""
+    return [s.name for s in cfg.sources if cfg.mine.pools and s.name == cfg.mine.source
+            and not s.input.startswith(("hf:", "package:")) and not Path(s.input).exists()]
+
+
 def prepare_sources(cfg: RunConfig, run_dir: Path, progress) -> dict:
     """Clean, dedup and split every source; return (and write) ``data/stats.json``."""
     pcfg = cfg.prepare
@@ -327,7 +340,9 @@ def prepare_sources(cfg: RunConfig, run_dir: Path, progress) -> dict:
         raise UserError("config: sources: no sources to prepare")
     workers = pcfg.workers or default_workers()
     tasks = pcfg.tasks or workers
-    specs = [sources.resolve(s, f"sources[{i}].input", pcfg.max_chars) for i, s in enumerate(cfg.sources)]
+    pending = mined_pending(cfg)
+    specs = [sources.resolve(s, f"sources[{i}].input", pcfg.max_chars) for i, s in enumerate(cfg.sources)
+             if s.name not in pending]
     fps = {s.name: source_fingerprint(s, pcfg, tasks) for s in specs}
     stage = stages.Stage(run_dir, "prepare", RunDir(run_dir).stats, (fps,))
     if stage.done():

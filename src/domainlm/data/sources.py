@@ -30,7 +30,7 @@ from urllib.parse import urlparse
 import orjson
 import zstandard
 
-from domainlm.config import LICENSEDB_TEST, SourceConfig
+from domainlm.config import LICENSEDB_TEST, InputConfig
 from domainlm.data.packaged import default_test_exclusions, package_dir, split_front_matter
 from domainlm.errors import UserError
 
@@ -76,7 +76,7 @@ def _kind_of(path: str) -> str:
     return "text"
 
 
-def resolve(src: SourceConfig, where: str, max_chars: int = 5_000_000) -> SourceSpec:
+def resolve(src: InputConfig, where: str, max_chars: int = 5_000_000) -> SourceSpec:
     """Check ``src`` and list its inputs; ``where`` names the config key in errors (``sources[0].input``)."""
     inp = src.input
     common = dict(name=src.name, text_key=src.text_key, text_column=src.text_column, max_chars=max_chars,
@@ -296,7 +296,7 @@ def _go_offline() -> None:
             setattr(sys.modules[mod], attr, True)
 
 
-def _resolve_hf(src: SourceConfig, where: str, common: dict) -> SourceSpec:
+def _resolve_hf(src: InputConfig, where: str, common: dict) -> SourceSpec:
     dataset = src.input.removeprefix("hf:")
     if dataset.startswith(("/", "./", "../", "~")) and not Path(dataset).expanduser().exists():
         raise UserError(f"{where}: dataset folder {dataset!r} does not exist")  # not a hub name: don't ask the hub

@@ -10,7 +10,7 @@ from domainlm.errors import UserError
 from domainlm.hardware import GPU_KINDS, get_accelerator
 from domainlm.memory import estimate, recommend
 from domainlm.model.base import resolve_base
-from domainlm.outputs import Counts, Mix, Plan
+from domainlm.outputs import Counts, Mine, Mix, Plan
 from domainlm.plan.chart import plot_plan
 from domainlm.plan.laws import load_fitted
 from domainlm.plan.planner import PlanRequest, machine_id, make_plan
@@ -36,6 +36,23 @@ def measured_unique_tokens(run_dir: Path) -> dict[str, float]:
     """Unique train tokens per source measured by `domainlm tokenize`, if it has run."""
     counts = RunDir(run_dir).load(RunDir.COUNTS, Counts)
     return {k: float(v.train_tokens) for k, v in counts.sources.items()} if counts else {}
+
+
+def _mined(cfg: RunConfig) -> Mine | None:
+    try:
+        return RunDir(cfg.directory()).load(RunDir.MINE, Mine)
+    except UserError:
+        return None
+
+
+def mined_unique_tokens(cfg: RunConfig) -> dict[str, float]:
+    """The mined source's tokens as `domainlm mine` estimated them (mine/mine.json), when the config trains on it
+    (a source named ``mine.source``): the domain's unique tokens grow by what was mined, until `domainlm tokenize`
+    measures them."""
+    m = _mined(cfg)
+    if m is None or m.source not in {s.name for s in cfg.sources}:
+        return {}
+    return {m.source: float(m.tokens)}
 
 
 def _earlier_compute(run_dir: Path) -> dict:
@@ -68,7 +85,7 @@ def request_from(cfg: RunConfig | None, **flags) -> PlanRequest:
         req.roles = {s.name: s.role for s in cfg.sources}
         req.unique_tokens = {s.name: s.unique_tokens for s in cfg.sources if s.unique_tokens}
         measured = measured_unique_tokens(cfg.directory())
-        for k, v in measured.items():
+        for k, v in (measured | {k: v for k, v in mined_unique_tokens(cfg).items() if k not in measured}).items():
             req.unique_tokens.setdefault(k, v)
         req.vocab_size = cfg.tokenizer.vocab_size
         req.seq_len = cfg.train.seq_len
@@ -90,6 +107,8 @@ def request_from(cfg: RunConfig | None, **flags) -> PlanRequest:
             base_counts = measured_unique_tokens(RunDir(cfg.directory()).tokens_for(base.path))
             req.unique_tokens = {s.name: s.unique_tokens for s in cfg.sources if s.unique_tokens}
             for k, v in base_counts.items():  # the data limits in the base tokenizer's tokens, once tokenized
+                req.unique_tokens.setdefault(k, v)
+            for k, v in mined_unique_tokens(cfg).items():
                 req.unique_tokens.setdefault(k, v)
     if flags.get("flops") is not None:
         req.flops = parse_number(flags["flops"], "--flops")
@@ -144,6 +163,11 @@ def run_plan(config: Path | None, plot: Path | None = None, **flags) -> tuple[di
     req = request_from(cfg, **flags)
     result = make_plan(req)
     written: list[Path] = []
+    m = _mined(cfg) if cfg is not None else None
+    if m is not None and m.source not in req.weights:
+        result["notes"].append(f"`domainlm mine` found ≈{m.tokens:,.0f} domain tokens ({m.docs:,} documents in "
+                               f"{cfg.directory() / RunDir.MINE_DOCS}) that the mixture does not use: add a source "
+                               f"named {m.source!r} with role: domain and that folder as its input")
     if cfg is not None:
         run_dir = cfg.directory()
         written.append(write_resolved(cfg, run_dir))

@@ -32,7 +32,7 @@ from domainlm.units import human
 REPORT_DIR = str(Path(RunDir.REPORT).parent)
 # Every PNG this module may write; ones not made this time are deleted, so the folder never shows a stale chart.
 PNGS = ("plan.png", "drops.png", "tokens.png", "epochs.png", "bytes_per_token.png", "loss.png", "eval_bpb.png",
-        "probes.png", "ablation.png", "decide.png", "mix.png")
+        "probes.png", "ablation.png", "decide.png", "mix.png", "mine.png")
 
 
 
@@ -419,6 +419,38 @@ def probes_section(r: Report) -> Section:
                  escape(", ".join(f"{v:.2f}" for v in x.logprobs))] for x in p.results]
         s.body.append(f"<details><summary>all {len(p.results)} items (log-probabilities: right answer first)"
                       "</summary>" + _table(["term", "right", "right (per byte)", "log-probs"], rows) + "</details>")
+    return s
+
+
+def mine_section(r: Report) -> Section | None:
+    """Only when `domainlm mine` has run: yield and precision per round, the score histogram, a few samples."""
+    opened = r.optional(RunDir.MINE, "mine", "Mined domain documents")
+    if opened is None:
+        return None
+    m, s = opened
+    if m is None:
+        return s
+    rows = [[str(x.round), _num(x.threshold, "{:.2f}"), _num(x.heldout_precision), _num(x.heldout_recall),
+             _num(x.prevalence, "{:.1%}"), _num(x.est_precision), f"{x.scored:,}", f"{x.accepted:,}",
+             f"{x.new_docs:,}", human(x.new_bytes, "B"), _num(x.yield_fraction, "{:.1%}"),
+             escape(", ".join(f"{k} {v:,}" for k, v in x.drops.items()) or "-")] for x in m.rounds]
+    s.body.append(f"<p>{m.docs:,} documents ({human(m.bytes, 'B')}, ≈{human(m.tokens)} tokens at "
+                  f"{m.bytes_per_token:g} bytes per token: {escape(m.bytes_per_token_from)}) mined from "
+                  f"{escape(', '.join(m.pools))} into the source <code>{escape(m.source)}</code> "
+                  f"(<code>{RunDir.MINE_DOCS}/</code>); target precision {m.target_precision:g}; stopped: "
+                  f"{escape(m.stopped)}.</p>")
+    s.body.append(_table(["round", "threshold", "held-out precision", "held-out recall", "est. domain share of pool",
+                          "est. precision in pool", "scored", "accepted", "new", "new bytes", "yield",
+                          "dropped (score ≥ floor)"], rows))
+    s.body.append("<p class=note>Held-out: seeds kept out of the classifier's training (balanced classes). The "
+                  "precision in the pool is estimated from the held-out rates and the pool's score distribution "
+                  "(adjusted classify-and-count, Forman 2008). Yield: the round's new documents as a share of all "
+                  "mined so far (DeepSeekMath stopped when a round added ~2%).</p>")
+    r.figure(s, plots.mine_chart, "mine.png", m)
+    if m.samples:
+        s.body.append("<details><summary>samples across the range of scores</summary>" + _table(
+            ["score", "round", "id", "text (start)"],
+            [[f"{x.score:.3f}", str(x.round), escape(x.id), escape(x.text)] for x in m.samples]) + "</details>")
     return s
 
 

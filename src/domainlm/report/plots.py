@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-from domainlm.outputs import Ablation, Audit, Counts, Decision, EvalOutput, Mix, ProbeScores, Stats  # noqa: E402
+from domainlm.outputs import Ablation, Audit, Counts, Decision, EvalOutput, Mine, Mix, ProbeScores, Stats  # noqa: E402
 from domainlm.plan.laws import MAX_USEFUL_EPOCHS  # noqa: E402
 from domainlm.rundir import publish, temp_path  # noqa: E402
 from domainlm.units import human  # noqa: E402
@@ -317,4 +317,35 @@ def mix_chart(m: Mix, path: Path) -> Path:
     fx.set_title(f"Frontier at {human(target.tokens)} tokens (the law)")
     fx.legend(fontsize=7)
     fx.grid(alpha=0.3)
+
+
+def mine_chart(m: Mine, path: Path) -> Path:
+    """`domainlm mine`: each round's score histogram over the pool with its threshold (left), and its held-out
+    precision-recall curve with the estimated precision in the pool (right)."""
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
+    cycle = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    edges = np.arange(len(m.rounds[0].histogram) + 1) / len(m.rounds[0].histogram) if m.rounds else []
+    for i, r in enumerate(m.rounds):
+        c = cycle[i % len(cycle)]
+        ax.stairs(np.maximum(r.histogram, 0.5), edges, color=c, label=f"round {r.round}")
+        if r.threshold is not None:
+            ax.axvline(r.threshold, color=c, ls="--", lw=1)
+        pts = [(p.heldout_recall, p.heldout_precision) for p in r.curve if p.heldout_precision is not None]
+        ax2.plot([p[0] for p in pts], [p[1] for p in pts], color=c, label=f"round {r.round}: held-out")
+        est = [(p.heldout_recall, p.pool_precision) for p in r.curve if p.pool_precision is not None]
+        ax2.plot([p[0] for p in est], [p[1] for p in est], color=c, ls=":", label=f"round {r.round}: est. in pool")
+        if r.threshold is not None:
+            ax2.plot([r.heldout_recall], [r.est_precision], "o", color=c)
+    ax.set_yscale("log")
+    ax.set_ylim(bottom=0.8)  # empty bins are drawn at 0.5, below the axis
+    ax.set_xlabel("classifier score P(domain)")
+    ax.set_ylabel("pool documents")
+    ax.set_title("Pool scores (dashed: threshold)")
+    ax.legend(fontsize=8)
+    ax2.axhline(m.target_precision, color="0.5", lw=1, ls="--")
+    ax2.set_xlabel("recall (held-out domain seeds)")
+    ax2.set_ylabel("precision")
+    ax2.set_title("Precision-recall (dot: the chosen threshold)")
+    ax2.set_ylim(0, 1.02)
+    ax2.legend(fontsize=7, loc="lower left")
     return save(fig, path)

@@ -1,0 +1,1 @@
+"""`domainlm mine`: domain documents mined from general corpora with a classifier (docs/mine.md)."""
