@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
+import signal
 import sys
 import tempfile
 from pathlib import Path
@@ -16,6 +18,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.errors import MarkupError
 from rich.markup import escape
 
 from domainlm import __version__, stages
@@ -57,8 +60,26 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
-console = Console()
-err_console = Console(stderr=True)
+
+
+class SafeConsole(Console):
+    """A console for text that mixes our markup with user strings (paths, names, prompts): emoji codes are
+    never replaced (``--prompt 'a:thumbs_up:b'``, an ``H:M:S`` in a message), and a line whose markup does not
+    parse — a user string with a stray ``[/x]`` that no call site escaped — is printed as plain text instead of
+    ending the command in a MarkupError after its work is done."""
+
+    def __init__(self, **kw):
+        super().__init__(emoji=False, **kw)
+
+    def render_str(self, text: str, **kw):
+        try:
+            return super().render_str(text, **kw)
+        except MarkupError:
+            return super().render_str(text, **{**kw, "markup": False})
+
+
+console = SafeConsole()
+err_console = SafeConsole(stderr=True)
 # The exception classes of the click that typer runs on (typer ≥ 0.2x vendors its own copy, typer._click).
 CLICK = sys.modules[typer.BadParameter.__module__]
 DEBUG = False
@@ -67,6 +88,22 @@ ConfigArg = Annotated[Path | None, typer.Argument(help="run config YAML (see rec
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
 SeedsOpt = Annotated[int | None, typer.Option("--seeds", min=1, help="train each arm K times (seeds +0…+K−1); "
                                               "intervals over seeds and documents [compare.seeds, 1]")]
+
+
+def _finite(lo: float, *, above: bool = False, hi=None):
+    """A callback for a float flag: a finite number ≥ ``lo`` (> ``lo`` when ``above``) and ≤ ``hi``. click's
+    FloatRange lets ``nan`` through (every comparison with it is false), and ``inf`` passes a lower bound.
+    ``hi`` may be a function (a bound from a lazily loaded module)."""
+    def check(value: float | None) -> float | None:
+        if value is None:
+            return value
+        top = hi() if callable(hi) else hi
+        ok = math.isfinite(value) and (value > lo if above else value >= lo) and (top is None or value <= top)
+        if not ok:
+            bound = f"{'>' if above else '≥'} {lo:g}" + (f" and ≤ {top:g}" if top is not None else "")
+            raise typer.BadParameter(f"expected a finite number {bound}, got {value:g}")
+        return value
+    return check
 
 
 def _version(value: bool) -> None:
@@ -319,7 +356,7 @@ def generate(
     model_dir: Annotated[Path, typer.Argument(help="a model folder, e.g. runs/<name>/model")],
     prompt: Annotated[str, typer.Option(help="text to continue")] = "",
     max_new_tokens: Annotated[int, typer.Option(min=1, help="tokens to sample")] = 50,
-    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.8,
+    temperature: Annotated[float, typer.Option(callback=_finite(0, hi=100), help="0 = greedy")] = 0.8,
     top_k: Annotated[int, typer.Option(min=0, help="sample from the k most likely tokens (0 = all)")] = 50,
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
 ) -> None:
@@ -342,7 +379,8 @@ def finetune(
     steps: Annotated[int, typer.Option(min=1, help="optimizer steps")] = 300,
     batch_size: Annotated[int, typer.Option(min=1, help="conversations per step")] = 16,
     micro_batch: Annotated[int, typer.Option(min=1, help="conversations per forward pass")] = 16,
-    lr: Annotated[float, typer.Option(min=0.0, help="peak learning rate (cosine, 5% warmup)")] = 3e-4,
+    lr: Annotated[float, typer.Option(callback=_finite(0, above=True, hi=10),
+                                      help="peak learning rate (cosine, 5% warmup)")] = 3e-4,
     seed: Annotated[int, typer.Option(help="example order seed")] = 0,
     lora: Annotated[bool, typer.Option("--lora", help="LoRA adapters (needs peft: domainlm[lora]), merged")] = False,
     too_long: Annotated[str, typer.Option(help="longer than the context: truncate (left) | reject")] = "truncate",
@@ -393,7 +431,8 @@ def _finetune(model_or_run, data, val, out, args, compare, test, task, restart, 
 def tasks(
     name: Annotated[str, typer.Argument(help="licensedb (the packaged ScanCode LicenseDB)")],
     out: Annotated[Path, typer.Option(help="folder for the JSONL splits, exclude_ids.txt")] = Path("tasks/licensedb"),
-    test_fraction: Annotated[float, typer.Option(min=0.01, max=0.9, help="licenses held out for test")] = 0.2,
+    test_fraction: Annotated[float, typer.Option(callback=_finite(0.01, hi=0.9), help="licenses held out for "
+                                                 "test")] = 0.2,
     seed: Annotated[int, typer.Option(help="split seed")] = 0,
     as_json: JsonOpt = False,
 ) -> None:
@@ -595,9 +634,11 @@ def decide(
     text: Annotated[
         list[str] | None, typer.Option("--text", help="extra text to score, NAME=PATH (file or folder; repeatable)")
     ] = None,
-    base_tokens: Annotated[float | None, typer.Option("--base-tokens", help="tokens the base was pretrained on "
-                                                      "(for its compute; a domainlm run records its own)")] = None,
-    lr: Annotated[float | None, typer.Option("--lr", help="peak learning rate of the continued arms, re-warmed "
+    base_tokens: Annotated[float | None, typer.Option(
+        "--base-tokens", callback=_finite(0, above=True, hi=lambda: config_.MAX_TOKENS),
+        help="tokens the base was pretrained on (for its compute; a domainlm run records its own)")] = None,
+    lr: Annotated[float | None, typer.Option("--lr", callback=_finite(0, above=True, hi=10),
+                                             help="peak learning rate of the continued arms, re-warmed "
                                              "[train.lr]")] = None,
     seeds: SeedsOpt = None,
     as_json: JsonOpt = False,
@@ -658,6 +699,36 @@ def launch_slurm(
 # ---------------------------------------------------------------------------------------------------- entry
 
 
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM reached the command (a BaseException: neither click nor an ``except Exception`` on the
+    way up catches it, and every ``with`` — the run lock, a temp file — is unwound)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+_MAIN_PID: list[int] = []  # the process whose `main` installed the handlers
+
+
+def _on_signal(signum, frame) -> None:
+    if not _MAIN_PID or os.getpid() != _MAIN_PID[-1]:  # a worker forked by the command: what it did before
+        if signum == signal.SIGINT:
+            signal.default_int_handler(signum, frame)
+        signal.signal(signum, signal.SIG_DFL)
+        os.kill(os.getpid(), signum)
+        return
+    raise Interrupted(signum)
+
+
+def _interrupted(signum: int, args: list[str]) -> None:
+    command = next((a for a in args if not a.startswith("-")), None)
+    what = f"`domainlm {command}`" if command else "domainlm"
+    err_console.print(f"interrupted ({signal.Signals(signum).name}): {what} stopped; finished work is kept: rerun "
+                      "the same command to resume", markup=False, highlight=False, soft_wrap=True)
+    sys.exit(128 + signum)  # the shell's convention: 130 for SIGINT, 143 for SIGTERM
+
+
 def _one_line(msg: str) -> str:
     return " ".join(msg.split())
 
@@ -678,6 +749,18 @@ def _cause(e: BaseException, kinds) -> BaseException | None:
     return None
 
 
+def _quiet_third_party() -> None:
+    """transformers' load reports and warnings (27 lines with ANSI codes before our one-line error) and the
+    progress bars of transformers / huggingface_hub (tqdm on stderr) stay off unless --debug: the commands
+    print their own progress and their own errors."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")  # read when transformers is imported
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    hf_logging = sys.modules.get("transformers.utils.logging")
+    if hf_logging is not None:  # transformers is imported already (a test, an embedding program)
+        hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+
+
 def main(argv: list[str] | None = None) -> None:
     global DEBUG
     args = list(sys.argv[1:] if argv is None else argv)
@@ -685,9 +768,20 @@ def main(argv: list[str] | None = None) -> None:
         DEBUG = True
         args = [a for a in args if a != "--debug"]
     DEBUG = DEBUG or os.environ.get("DOMAINLM_DEBUG") == "1"
+    if not DEBUG:
+        _quiet_third_party()
     command = typer.main.get_command(app)
+    previous = {}
+    try:  # SIGINT/SIGTERM end the command with one line and 130/143, not a traceback or a silent death
+        for s in (signal.SIGINT, signal.SIGTERM):
+            previous[s] = signal.signal(s, _on_signal)
+        _MAIN_PID.append(os.getpid())
+    except ValueError:  # not the main thread (an embedding program): leave its handlers alone
+        pass
     try:
         rc = command.main(args=args, prog_name="domainlm", standalone_mode=False)
+    except Interrupted as e:
+        _interrupted(e.signum, args)
     except ConfigError as e:
         if DEBUG:
             raise
@@ -703,8 +797,7 @@ def main(argv: list[str] | None = None) -> None:
         err_console.print(_one_line(str(e)), markup=False, highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
-        err_console.print("interrupted; rerun the same command to resume")
-        sys.exit(130)
+        _interrupted(signal.SIGINT, args)
     except CLICK.UsageError as e:  # bad flags or arguments (BadParameter, NoSuchOption, MissingParameter, …)
         if isinstance(e, getattr(CLICK, "NoArgsIsHelpError", ())):  # click ≥ 8.2: the command without arguments
             command.main(args=["--help"], prog_name="domainlm", standalone_mode=False)
@@ -723,6 +816,8 @@ def main(argv: list[str] | None = None) -> None:
             _error(describe_environment_error(env))
             sys.exit(2)
         if isinstance(e, typer.Abort):  # click turns EOFError (stdin closed at a prompt) into an Abort
+            if _cause(e, KeyboardInterrupt) is not None:  # … and KeyboardInterrupt
+                _interrupted(signal.SIGINT, args)
             eof = _cause(e, EOFError)
             _error(f"unexpected end of input ({eof})" if eof is not None and str(eof) else "aborted")
             sys.exit(1)
@@ -731,4 +826,9 @@ def main(argv: list[str] | None = None) -> None:
                f"{str(e).strip().splitlines()[0] if str(e).strip() else 'no message'}; "
                "rerun with --debug for the traceback and report it")
         sys.exit(1)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if previous:
+            _MAIN_PID.pop()
     sys.exit(rc if isinstance(rc, int) else 0)

@@ -7,12 +7,14 @@ line per problem, each naming the file, the key path (``sources[0].weight``) and
 from __future__ import annotations
 
 import math
+import unicodedata
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from domainlm import objectives
 from domainlm.errors import ConfigError, UserError
@@ -24,8 +26,46 @@ DEMO_RECIPE = "legal-demo.yaml"
 LICENSEDB_TEST = "licensedb:test"  # sources[].exclude_ids: the default split's test licenses (domainlm tasks)
 
 
+INT64_MAX = 2**63 - 1  # numpy/torch integers: a larger count overflows them (OverflowError) instead of failing here
+# Upper bounds on the numbers that multiply into tensor shapes and token counts: far above any model trained so
+# far (Llama 3 405B: 126 layers, d_model 16384, 128k context, 15.6T tokens, ~16M tokens per step; Dubey et al.
+# 2024, Table 3), low enough that their products stay finite integers.
+MAX_SEQ = 2**20  # tokens of context
+MAX_WIDTH = 2**18  # d_model, ffn_dim
+MAX_BATCH = 2**16  # sequences per micro-batch
+MAX_TOKENS = 1e15  # a token budget (≈ 64× Llama 3's)
+MAX_FLOPS = 1e30  # a compute budget (≈ 10^4× the largest reported training runs, ~4e25)
+
+
+def _no_control(v: Any, where: str = "") -> None:
+    """Refuse control characters (newline, tab, NUL, ESC, …) in every string of the config: paths and names
+    reach file names, terminals and generated scripts (`domainlm launch slurm`), where a newline starts a new
+    line — or a new command."""
+    if isinstance(v, str):
+        bad = next((c for c in v if unicodedata.category(c) == "Cc"), None)
+        if bad is not None:
+            raise PydanticCustomError("control_character", f"contains the control character {bad!r}{where}; remove it")
+    elif isinstance(v, list | tuple):
+        for i, x in enumerate(v):
+            _no_control(x, f" (item {i})")
+    elif isinstance(v, dict):
+        for k, x in v.items():
+            _no_control(k, " (a key)")
+            _no_control(x, f" (at {k})")
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # allow_inf_nan=False: `.inf` / `.nan` in YAML are floats, and no field means them (a budget of Infinity
+    # tokens ends in OverflowError, far from the config)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _sane(cls, v: Any) -> Any:
+        if isinstance(v, int) and not isinstance(v, bool) and abs(v) > INT64_MAX:
+            raise ValueError(f"expected a whole number of at most {INT64_MAX}")
+        _no_control(v)
+        return v
 
 
 class InputConfig(_Section):
@@ -111,10 +151,10 @@ class PrepareConfig(_Section):
 class BudgetConfig(_Section):
     """Compute budget for `domainlm plan`: either ``flops`` or ``gpu`` + ``gpus`` + ``hours``."""
 
-    flops: float | None = Field(default=None, gt=0)
+    flops: float | None = Field(default=None, gt=0, le=MAX_FLOPS)
     gpu: str | None = None
-    gpus: int = Field(default=1, ge=1)
-    hours: float | None = Field(default=None, gt=0)
+    gpus: int = Field(default=1, ge=1, le=10**7)
+    hours: float | None = Field(default=None, gt=0, le=10**6)
     mfu: float | None = Field(default=None, gt=0, le=1)
     law: str = "epoch-2024"  # Besiroglu et al. 2024's refit of Chinchilla approach 3 (plan/laws.py)
     buffer: float = Field(default=0.3, ge=0, lt=1, description="compute kept in reserve (BloombergGPT: ~30%)")
@@ -137,7 +177,7 @@ class TokenizerConfig(_Section):
 
     kind: Literal["bpe", "unigram"] = "bpe"
     # None: the plan's vocabulary (plan.json model.vocab_size), sized with the model by Tao et al. 2024's law.
-    vocab_size: int | None = None
+    vocab_size: int | None = Field(default=None, le=2**24)
     domain_terms: list[str] = Field(default_factory=list)
     sample_bytes: int = Field(default=20_000_000, ge=1, description="train text sampled by mixture weight")
     audit_bytes: int = Field(default=1_000_000, ge=1, description="val text per source for the audit")
@@ -158,13 +198,13 @@ class TokenizerConfig(_Section):
 class ModelConfig(_Section):
     """Model shape. Unset fields come from the plan (`domainlm plan`'s ``model``)."""
 
-    n_layers: int | None = Field(default=None, ge=1)
-    d_model: int | None = Field(default=None, ge=8)
-    n_heads: int | None = Field(default=None, ge=1)
-    n_kv_heads: int | None = Field(default=None, ge=1)
-    ffn_dim: int | None = Field(default=None, ge=8)
+    n_layers: int | None = Field(default=None, ge=1, le=4096)
+    d_model: int | None = Field(default=None, ge=8, le=MAX_WIDTH)
+    n_heads: int | None = Field(default=None, ge=1, le=MAX_WIDTH)
+    n_kv_heads: int | None = Field(default=None, ge=1, le=MAX_WIDTH)
+    ffn_dim: int | None = Field(default=None, ge=8, le=4 * MAX_WIDTH)
     tie_embeddings: bool = False
-    max_position_embeddings: int | None = Field(default=None, ge=8)
+    max_position_embeddings: int | None = Field(default=None, ge=8, le=MAX_SEQ)
     # The pretraining objective, a name in the registry (docs/objectives.md, objectives/): causal = a Llama decoder,
     # next-token prediction; masked = a ModernBERT encoder, masked LM (Devlin et al. 2019; Warner et al. 2024); span =
     # a T5 encoder-decoder, span corruption (Raffel et al. 2020). The keys below are the objectives' settings.
@@ -205,10 +245,11 @@ class ModelConfig(_Section):
 
 
 class TrainConfig(_Section):
-    seq_len: int = Field(default=512, ge=8)
-    micro_batch: int = Field(default=8, ge=1)
-    tokens_per_step: int | None = Field(default=None, ge=8)
-    max_tokens: float | None = Field(default=None, gt=0, description="token budget; default from the plan")
+    seq_len: int = Field(default=512, ge=8, le=MAX_SEQ)
+    micro_batch: int = Field(default=8, ge=1, le=MAX_BATCH)
+    tokens_per_step: int | None = Field(default=None, ge=8, le=MAX_SEQ * MAX_BATCH)
+    max_tokens: float | None = Field(default=None, gt=0, le=MAX_TOKENS, description="token budget; default from "
+                                     "the plan")
     lr: float = Field(default=3e-3, gt=0)
     min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
     warmup_steps: int = Field(default=20, ge=0)
@@ -258,7 +299,8 @@ class TrainConfig(_Section):
 class EvalConfig(_Section):
     probes: str | None = None  # path to a probe file; None = the packaged set for the demo
     max_bytes_per_source: int = Field(default=200_000, ge=1)
-    context: int | None = Field(default=None, ge=2, description="window in tokens; default: the model's context")
+    context: int | None = Field(default=None, ge=2, le=MAX_SEQ, description="window in tokens; default: the "
+                                "model's context")
     stride: int | None = Field(default=None, ge=1, description="new tokens per window; default: context // 2")
     batch_tokens: int = Field(default=8192, ge=64, description="tokens per forward pass (memory vs speed)")
 
@@ -272,10 +314,11 @@ class DownstreamConfig(_Section):
     task: Literal["licensedb-category"] | None = None
     head: Literal["classification"] = "classification"  # a sequence-classification head (finetune/classify.py)
     steps: int = Field(default=200, ge=1)
-    batch_size: int = Field(default=16, ge=1)
-    micro_batch: int = Field(default=16, ge=1)
+    batch_size: int = Field(default=16, ge=1, le=MAX_BATCH)
+    micro_batch: int = Field(default=16, ge=1, le=MAX_BATCH)
     lr: float = Field(default=1e-3, gt=0)
-    max_len: int | None = Field(default=None, ge=8, description="tokens per example; default: the model's context")
+    max_len: int | None = Field(default=None, ge=8, le=MAX_SEQ, description="tokens per example; default: the "
+                                "model's context")
     seed: int = 0
 
 
@@ -429,6 +472,25 @@ def validate(data: Any, origin: str = "config") -> RunConfig:
         raise ConfigError(problems) from None
 
 
+MAX_CONFIG_BYTES = 2**20  # a hand-written config is a few KB; a 51 MB one took minutes to validate (issue 23)
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.safe_load, except that a key given twice in one mapping is an error: YAML says keys are unique,
+    and PyYAML silently keeps the last one (``lr: 1e-3`` … ``lr: 3e-3`` further down)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: its keys may be overridden
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if isinstance(key, str | int | float | bool) and key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def demo_recipe_path() -> Path:
     return Path(str(resources.files("domainlm") / "recipes" / DEMO_RECIPE))
 
@@ -451,8 +513,11 @@ def load_config(path: str | Path | None) -> RunConfig:
         raise UserError(f"{p}: config file not found")
     if p.is_dir():
         raise UserError(f"{p}: expected a YAML config file, got a directory")
+    size = p.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise UserError(f"{p}: {size:,} bytes; a config is at most {MAX_CONFIG_BYTES:,} bytes; is it the right file?")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+        data = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except UnicodeDecodeError:
         raise UserError(f"{p}: expected a UTF-8 YAML file") from None
     except yaml.YAMLError as e:

@@ -68,7 +68,7 @@ def vocab_arm(n: int) -> str:
 
 def label(arm: str) -> str:
     if arm.startswith(f"{CONTINUED}-vocab"):
-        return f"general model + {arm.removeprefix(CONTINUED + '-vocab')} domain tokens, continued"
+        return f"general model + up to {arm.removeprefix(CONTINUED + '-vocab')} domain tokens, continued"
     return LABELS.get(arm, arm)
 
 
@@ -328,10 +328,12 @@ def run_decide(config: Path | None, *, base: Path | None = None, extend_vocab: i
                     k: {"before": v["baseline_bytes_per_token"], "after": v["bytes_per_token"]}
                     for k, v in ext["audit"]["bytes_per_token"].items()}
                 row["extension"]["terms"] = ext["audit"]["summary"].get("terms")
+                asked = "" if ext["added"] == ext["requested"] else f" of {ext['requested']:,} requested"
+                row["label"] = f"general model + {ext['added']:,} domain tokens{asked}, continued"  # what was added
                 if not ext["added"]:
                     skipped[arm] = ("the base tokenizer already has every domain token the run's tokenizer uses "
                                     "(no candidate to add)")
-                    console.print(f"{arm}: skipped — {skipped[arm]}", highlight=False)
+                    console.print(f"{arm}: skipped — {skipped[arm]}", highlight=False, markup=False)
                     continue
             for s in seed_list:
                 vcfg = continued_config(cfg, run_dir, seed_arm(arm, s, first), init_from, tokens, lr, seed=s)
@@ -403,7 +405,7 @@ def print_decide(d: dict, console: Console) -> None:
             console.print(f"  {arm} seed {p['seed']}: " + ", ".join(f"{n} {v:.4f}" for n, v in p["bpb"].items()),
                           highlight=False, markup=False)
     for arm, why in d["skipped"].items():
-        console.print(f"{arm}: skipped — {why}", highlight=False)
+        console.print(f"{arm}: skipped — {why}", highlight=False, markup=False)
     pre = d["base"]
     if pre["flops"] is None:
         console.print("[dim]the base model's own pretraining is unknown: pass --base-tokens D for its total[/]")

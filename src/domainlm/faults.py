@@ -12,7 +12,8 @@ Start the command in a new session (``subprocess.Popen(..., start_new_session=Tr
 its own. In production the variable is unset: ``hit`` is one dict lookup.
 
 ``<site>:<n>:<SIGNAL>`` (e.g. ``train.step:3:USR1``) sends that signal to this process alone instead — what Slurm
-does ahead of a time limit or a preemption (``#SBATCH --signal``) — and returns once Python has run its handler,
+does ahead of a time limit or a preemption (``#SBATCH --signal``), or INT/TERM as Ctrl-C or a scheduler would
+— and returns once Python has run its handler,
 so the process sees it at a known point. ``DOMAINLM_FAULT_RANK=<r>`` arms only the process whose ``RANK`` is r
 (one rank of a torchrun job).
 

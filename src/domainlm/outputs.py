@@ -11,9 +11,9 @@ To add an output: a constant in `RunDir`, a model here, an `Output` in its stage
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 Num = int | float  # a number as the writer computed it: an int stays an int in the file
 
@@ -144,21 +144,21 @@ class Stats(Output):
 
 
 class SourceCounts(Part):
-    train_tokens: int  # unique training tokens: the data limit the planner uses
-    train_docs: int
-    train_bytes: int
-    val_tokens: int
-    val_docs: int
-    val_bytes: int
+    train_tokens: int = Field(ge=0)  # unique training tokens: the data limit the planner uses
+    train_docs: int = Field(ge=0)
+    train_bytes: int = Field(ge=0)
+    val_tokens: int = Field(ge=0)
+    val_docs: int = Field(ge=0)
+    val_bytes: int = Field(ge=0)
 
 
 class Counts(Output):
     """``tokens/counts.json`` — the tokenize stage (data/tokens.write_counts), written last."""
 
     version: int
-    dtype: str
-    vocab_size: int
-    eos_id: int | None
+    dtype: Literal["uint16", "uint32"]  # data/tokens.dtype_for
+    vocab_size: int = Field(ge=1)
+    eos_id: int | None = Field(ge=0)
     tokenizer_sha256: str
     sources: dict[str, SourceCounts]
 

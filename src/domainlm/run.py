@@ -15,6 +15,7 @@ from pathlib import Path
 
 import yaml
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from domainlm import pipeline
@@ -94,7 +95,7 @@ def print_summary(s: dict, console: Console) -> None:
         console.print(f"training: {tr['train_seconds']:.0f} s{planned}{budget}", highlight=False)
     if s.get("downstream"):
         print_downstream(s["downstream"], console)
-    console.print(f"report: [bold]{s['report']}[/]  ({s['seconds']:.0f} s)")
+    console.print(f"report: [bold]{escape(str(s['report']))}[/]  ({s['seconds']:.0f} s)")
 
 
 def run_all(config: Path | None, *, console: Console, quick: bool = False) -> dict:

@@ -9,10 +9,13 @@ Temporary names start with ``.`` or end in ``.tmp`` so listings and globs of out
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
 import shutil
+import stat
 import typing
 from pathlib import Path
 
@@ -30,19 +33,79 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
+def clear_temp(path: Path | str) -> Path:
+    """Remove whatever is at a temporary name (left by a killed writer, or planted) without following a link:
+    a symbolic link is removed itself, never its target; a folder with its files (rmtree does not follow links
+    either). Returns ``path``, now absent."""
+    path = Path(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return path
+    if stat.S_ISDIR(st.st_mode):
+        shutil.rmtree(path)
+    else:
+        path.unlink()
+    return path
+
+
+@contextlib.contextmanager
+def naming(path: Path | str):
+    """An OSError raised without a file name inside the block (a write to an open file: disk full, quota, I/O
+    error) gets ``path``'s, so its one-line error says which file could not be written."""
+    try:
+        yield
+    except OSError as e:
+        if e.filename is None and e.errno is not None:
+            raise type(e)(e.errno, e.strerror, str(path)) from e
+        raise
+
+
+def _link_refused(path: Path) -> UserError:
+    return UserError(f"{path}: a symbolic link where domainlm writes a file of its own; domainlm never writes "
+                     "through a link in a run directory: remove the link, then rerun")
+
+
+def open_new(path: Path | str):
+    """A new file at the temporary name ``path``, open for writing in binary: what was there is removed first
+    (`clear_temp`), then the file is created with O_EXCL|O_NOFOLLOW — a link planted at the name, even in
+    between, is refused, never followed (a run directory may be shared or downloaded)."""
+    path = clear_temp(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except FileExistsError:
+        raise _link_refused(path) from None
+    return os.fdopen(fd, "wb")
+
+
+def open_append(path: Path | str, mode: str = "a"):
+    """``path`` opened for appending (created if absent), refused if it is a symbolic link (logs, metrics)."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o666)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise _link_refused(path) from None
+        raise
+    return os.fdopen(fd, mode, **({} if "b" in mode else {"encoding": "utf-8"}))
+
+
 def atomic_write(path: Path | str, data: str | bytes) -> Path:
     """Write ``data`` to ``path`` through ``.<name>.tmp`` + fsync + rename; create the parent folder. (One fixed
-    temporary name: a write killed midway leaves it, and the next write of the same file reuses it; two writers of
-    one run directory are excluded by its lock.)"""
+    temporary name: a write killed midway leaves it, and the next write of the same file removes it and starts
+    afresh, never writing through a link planted there (`open_new`); two writers of one run directory are
+    excluded by its lock. The rename replaces a link at ``path`` itself, never its target.)"""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     try:
-        with open(tmp, "wb") as f:
+        with naming(path), open_new(tmp) as f:
             f.write(data.encode("utf-8") if isinstance(data, str) else data)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except UserError:
+        raise  # a link at tmp: not ours to remove
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
@@ -57,9 +120,10 @@ def write_json(path: Path | str, obj, *, indent: int | None = 2, sort_keys: bool
 
 def temp_path(path: Path | str, suffix: str = "") -> Path:
     """A temporary sibling of ``path`` for writers that need a file name (savefig, np.save, save_pretrained):
-    write it, then ``publish`` it."""
+    write it, then ``publish`` it. Whatever is at that name is removed first (`clear_temp`): the writer creates
+    a new file, not one through a planted link."""
     path = Path(path)
-    return path.with_name(f".{path.stem}.tmp{suffix or path.suffix}")
+    return clear_temp(path.with_name(f".{path.stem}.tmp{suffix or path.suffix}"))
 
 
 def publish(tmp: Path, path: Path | str) -> Path:
@@ -76,9 +140,9 @@ def swap_dir(tmp: Path, out: Path) -> Path:
     call if a crash came in between)."""
     tmp, out = Path(tmp), Path(out)
     old = out.with_name(out.name + ".old")
-    if old.exists() and not out.exists():
+    if old.is_dir() and not old.is_symlink() and not out.exists():
         os.replace(old, out)  # a crash between the two renames below: the old folder is still whole
-    shutil.rmtree(old, ignore_errors=True)
+    clear_temp(old)
     if out.exists():
         os.replace(out, old)
     os.replace(tmp, out)

@@ -10,6 +10,7 @@ import fcntl
 import hashlib
 import json
 import os
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -142,11 +143,18 @@ def locked(run_dir: Path, command: str):
             if not _held[key]:
                 del _held[key]
         return
-    try:
-        f = open(path, "a+", encoding="utf-8")  # noqa: SIM115 - closed by the with below
+    try:  # O_NOFOLLOW: a link planted at .lock is refused, never followed (it would truncate its target)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UserError(f"{path}: a symbolic link, not domainlm's lock file; domainlm never writes through a "
+                            "link in a run directory: remove it, then rerun") from None
         raise UserError(f"{run_dir}: the run directory is not writable ({e.strerror}); make it writable or set "
                         "run_dir in the config to another folder") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"{path}: not a plain file (a folder, a FIFO or a device); remove it, then rerun")
+    f = os.fdopen(fd, "r+", encoding="utf-8")
     with f:
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -32,7 +31,7 @@ from domainlm.config import SPECIAL_TOKENS, RunConfig, SourceConfig, load_config
 from domainlm.data.pipeline import document_files, iter_documents
 from domainlm.errors import UserError
 from domainlm.outputs import Audit, Plan
-from domainlm.rundir import RunDir, swap_dir, write_json
+from domainlm.rundir import RunDir, clear_temp, swap_dir, write_json
 from domainlm.stages import Stage, file_fingerprint
 
 STAGE = "tokenizer"
@@ -275,12 +274,12 @@ def run_tokenizer(config: Path | str | None, *, console: Console | None = None) 
                    tc.model_dump(mode="json"), [(s.name, s.role, s.weight) for s in cfg.sources],
                    _data_fingerprint(cfg, run_dir)), intact=(out / "tokenizer.json").exists)
     if stage.done():
-        _say(console, f"[dim]tokenizer: up to date ({out}); nothing to do[/]")
+        _say(console, f"[dim]tokenizer: up to date ({escape(str(out))}); nothing to do[/]")
         return {**json.loads((out / AUDIT_FILE).read_text(encoding="utf-8")), "skipped": True}
     stage.start()
 
     for stale in run_dir.glob(".tokenizer.tmp-*"):  # left by a killed run
-        shutil.rmtree(stale, ignore_errors=True)
+        clear_temp(stale)
     totals = {s.name: train_bytes(run_dir, s.name) for s in cfg.sources}
 
     t0 = time.perf_counter()
@@ -315,8 +314,7 @@ def run_tokenizer(config: Path | str | None, *, console: Console | None = None) 
     }
 
     faults.hit("tokenizer.before_save")
-    tmp = run_dir / f".tokenizer.tmp-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = clear_temp(run_dir / f".tokenizer.tmp-{os.getpid()}")
     save_hf(tok, tmp)
     if baseline is not None:
         baseline.save(str(tmp / BASELINE_FILE))

@@ -42,7 +42,6 @@ vocabulary are exactly the base model's.
 from __future__ import annotations
 
 import copy
-import shutil
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -55,7 +54,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from domainlm import stages
 from domainlm.errors import UserError
 from domainlm.model.base import model_folder, resolve_base
-from domainlm.rundir import RunDir, swap_dir, write_json
+from domainlm.rundir import RunDir, clear_temp, swap_dir, write_json
 from domainlm.tokenizer import _normalised, audit, sample_texts, train_bytes
 
 ENCODE_BATCH_DOCS = 256
@@ -176,9 +175,7 @@ def extend(base_dir: Path, domain_tokenizer: Path, texts: Iterable[str], n: int,
     tok, ids = extend_tokenizer(base_tok, tokens)
     model = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True, dtype=torch.float32)
     resized = extend_model(model, tokens, ids)
-    tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = clear_temp(out_dir.with_name(f".{out_dir.name}.tmp"))
     model.save_pretrained(tmp, safe_serialization=True)
     tok.save_pretrained(tmp)
     swap_dir(tmp, out_dir)
@@ -219,7 +216,8 @@ def build_extended(cfg, run_dir: Path, base_path: Path, n: int, out: Path, *, ke
     if s.done():
         return stages.recorded(run_dir, stage)["extension"]
     if console is not None:
-        console.print(f"extending {base_path}'s tokenizer with up to {n} domain tokens ...", highlight=False)
+        console.print(f"extending {base_path}'s tokenizer with up to {n} domain tokens ...", highlight=False,
+                      markup=False)
     info = extend(base_path, RunDir(run_dir).tokenizer, domain_sample(cfg, run_dir), n, out)
 
     before = AutoTokenizer.from_pretrained(base_path, local_files_only=True)

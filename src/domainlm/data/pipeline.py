@@ -50,7 +50,7 @@ from domainlm.config import PrepareConfig, RunConfig
 from domainlm.data import sources, steps
 from domainlm.errors import UserError
 from domainlm.outputs import Stats
-from domainlm.rundir import RunDir, atomic_write, write_json
+from domainlm.rundir import RunDir, atomic_write, open_append, write_json
 
 STATS_VERSION = 1
 # Part of every fingerprint: bump it when a change to this package changes what prepare writes, so runs
@@ -229,7 +229,7 @@ def _stderr_to(path: Path):
     shows our progress bars; errors are in the log, and datatrove keeps per-task logs in each stage folder."""
     path.parent.mkdir(parents=True, exist_ok=True)
     saved = os.dup(2)
-    with open(path, "ab") as log:
+    with open_append(path, "ab") as log:
         os.dup2(log.fileno(), 2)
         try:
             yield

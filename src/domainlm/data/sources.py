@@ -18,6 +18,8 @@ import io
 import os
 import socket
 import sys
+import urllib.error
+import urllib.request
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -205,8 +207,8 @@ class _ZstdRaw(io.RawIOBase):
 def _check_jsonl_key(path: str, key: str, where: str) -> None:
     """The first parsable record must have ``key``; later records without it are counted, not fatal."""
     with _open_binary(path) as f:
-        for lineno, line in enumerate(_lines(f, path), 1):
-            if not line.strip():
+        for lineno, line in enumerate(_lines(f, path, line_limit(5_000_000)), 1):
+            if isinstance(line, int) or not line.strip():
                 continue
             try:
                 rec = orjson.loads(line)
@@ -251,11 +253,17 @@ def _column_names(ds) -> list[str]:
     return list(first)
 
 
-def _hub_unreachable() -> str | None:
-    """Why the Hugging Face Hub cannot be reached (one DNS lookup and TCP connect, ≤ 3 s), or None. The Hub is
-    ``HF_ENDPOINT`` when set (a mirror: its scheme's port, or the one it names), as huggingface_hub reads it."""
+HUB_TIMEOUT_S = 10.0  # the hub probe's read timeout: an endpoint that accepted TCP and never answered cost 402 s
+# of datasets' retries before its error (issue 23); one unanswered request within this is enough to know
 
-    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+
+def _hub_unreachable() -> str | None:
+    """Why the Hugging Face Hub cannot be reached (one DNS lookup and TCP connect, ≤ 3 s) or does not answer
+    (one HTTP request, ≤ HUB_TIMEOUT_S), or None. The Hub is ``HF_ENDPOINT`` when set (a mirror: its scheme's
+    port, or the one it names), as huggingface_hub reads it."""
+
+    endpoint = (os.environ.get("HF_ENDPOINT") or "https://huggingface.co").rstrip("/")
+    url = urlparse(endpoint)
     host = url.hostname or "huggingface.co"
     try:
         port = url.port or (80 if url.scheme == "http" else 443)
@@ -266,6 +274,13 @@ def _hub_unreachable() -> str | None:
         socket.create_connection((host, port), timeout=3).close()
     except OSError as e:
         return f"{where}: {e.strerror or e}"
+    try:
+        urllib.request.urlopen(f"{endpoint}/api/datasets?limit=1", timeout=HUB_TIMEOUT_S).close()
+    except urllib.error.HTTPError:
+        return None  # it answers (an error status is for datasets to explain)
+    except OSError as e:  # URLError, a timeout, a reset connection
+        why = getattr(e, "reason", None) or e
+        return f"{endpoint}: no answer within {HUB_TIMEOUT_S:g} s ({why})"
     return None
 
 
@@ -392,15 +407,50 @@ def _read_text_file(path: str, rel: str, spec: SourceSpec, counts: Counter) -> D
     return Doc(id=f"{spec.name}/{rel}", text=text, metadata=meta, raw_bytes=len(raw))
 
 
-def _lines(f, path: str) -> Iterator[bytes]:
-    """Lines of an (optionally compressed) input file; a truncated or corrupt .gz/.zst is one clear error
-    instead of EOFError (which click would turn into a silent Abort) in a worker process."""
-    it = iter(f)
+def line_limit(max_chars: int) -> int:
+    """Bytes of the longest JSONL line worth parsing: a document of ``max_chars`` characters, each escaped as
+    ``\\uXXXX`` (6 bytes, the most JSON spends on one), plus its other keys. A longer line's text is over
+    ``max_chars`` whatever it holds — dropped as too long anyway (drop reason ``too_long``) — so it is skipped
+    unread."""
+    return 6 * max_chars + 65536
+
+
+MAX_ITEM_BYTES = 4 * 2**20  # a fine-tuning example, test item or probe: ≫ any context (128k tokens ≈ 512 KB)
+
+
+def jsonl_lines(path: Path | str, limit: int = MAX_ITEM_BYTES) -> Iterator[tuple[int, str]]:
+    """(line number, text) of each non-blank line of a UTF-8 JSONL file of examples or items, each line read with
+    a bound: one over ``limit`` bytes is a one-line error, found without holding it in memory."""
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(_lines(f, str(path), limit), 1):
+            if isinstance(raw, int):
+                raise UserError(f"{path}:{lineno}: a line of more than {limit:,} bytes; an example or item is at "
+                                "most that (its text is cut to the model's context anyway): shorten or remove it")
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{path}:{lineno}: not UTF-8 text") from None
+            if text.strip():
+                yield lineno, text
+
+
+def _lines(f, path: str, limit: int | None = None) -> Iterator[bytes | int]:
+    """Lines of an (optionally compressed) input file, each read with a bound: a line over ``limit`` bytes is
+    skipped in chunks and yielded as its length in bytes (an int), never held in memory (a 100 MB line took
+    15.8 GB to parse).
+    A truncated or corrupt .gz/.zst is one clear error instead of EOFError (which click would turn into a
+    silent Abort) in a worker process."""
+    chunk = 1 << 20
     while True:
         try:
-            line = next(it)
-        except StopIteration:
-            return
+            line = f.readline() if limit is None else f.readline(limit + 1)
+            if not line:
+                return
+            if limit is not None and len(line) > limit and not line.endswith(b"\n"):
+                n = len(line)
+                while (rest := f.readline(chunk)) and not rest.endswith(b"\n"):
+                    n += len(rest)
+                line = n + len(rest)
         except Exception as e:  # EOFError, gzip.BadGzipFile (OSError), zlib.error, zstandard.ZstdError
             if not isinstance(e, EOFError | OSError | zlib.error) and type(e).__name__ != "ZstdError":
                 raise
@@ -412,7 +462,13 @@ def _lines(f, path: str) -> Iterator[bytes]:
 def _read_jsonl(path: str, rel: str, spec: SourceSpec, counts: Counter, errors: list[str]) -> Iterator[Doc]:
     counts["files"] += 1
     with _open_binary(path) as f:
-        for lineno, line in enumerate(_lines(f, path), 1):
+        for lineno, line in enumerate(_lines(f, path, line_limit(spec.max_chars)), 1):
+            if isinstance(line, int):  # a line over the limit, skipped unread: its text is over max_chars
+                counts["json_lines"] += 1
+                counts["docs_in"] += 1
+                counts["bytes_in"] += line
+                counts["drop/too_long"] += 1
+                continue
             if not line.strip():
                 continue
             counts["json_lines"] += 1

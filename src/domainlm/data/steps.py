@@ -25,7 +25,7 @@ from datatrove.utils.word_tokenizers import WordTokenizer
 
 from domainlm import faults
 from domainlm.data import clean, sources
-from domainlm.rundir import atomic_write, publish, write_json
+from domainlm.rundir import atomic_write, open_new, publish, write_json
 
 
 def _save_counts(work: str, step: str, rank: int, counts: Counter, **extra) -> None:
@@ -242,7 +242,7 @@ class SplitWriter(PipelineStep):
         for split in ("train", "val"):
             path = Path(self.out) / split / f"{rank:05d}.jsonl.gz"
             path.parent.mkdir(parents=True, exist_ok=True)
-            raw = open(path.with_name(path.name + ".tmp"), "wb")  # noqa: SIM115 - closed below
+            raw = open_new(path.with_name(path.name + ".tmp"))  # closed below
             handles[split] = (path, raw, gzip.GzipFile(filename="", fileobj=raw, mode="wb", compresslevel=6, mtime=0))
         for doc in data:
             split = "val" if split_key(doc.text) <= max_key else "train"

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from domainlm.errors import UserError
 from domainlm.outputs import Counts
-from domainlm.rundir import RunDir, publish, write_json
+from domainlm.rundir import RunDir, open_new, publish, write_json
 
 COUNTS_VERSION = 1
 REDO = "rerun `domainlm tokenize CONFIG` (it rewrites the token files)"
@@ -58,7 +58,7 @@ class TokenWriter:
         self.tmp = self.path.with_name(self.path.name + ".tmp")
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.dtype = np.dtype(dtype)
-        self._f = open(self.tmp, "wb")  # noqa: SIM115 - closed in close()
+        self._f = open_new(self.tmp)  # closed in close()
         self.n_tokens = 0
 
     def write(self, ids) -> None:

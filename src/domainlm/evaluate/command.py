@@ -146,7 +146,7 @@ def _write(result: dict, schema, out: Path | None, target, world, fingerprint) -
     dest = out if out is not None else (RunDir(target.run_dir).eval if target.is_run else None)
     if dest is not None and world.is_main:
         write_json(Path(dest), schema.checked(result))
-        if target.is_run:
+        if target.is_run and out is None:  # --out elsewhere: the run's eval stage is not done, nor written into
             Stage(target.run_dir, "eval", dest, (fingerprint(),)).finish()
     return dest
 
@@ -195,7 +195,7 @@ def _progress(console: Console | None, label: str):
             bar.update(task, advance=done, total=total)
 
         yield tick
-    console.print(f"[dim]scored {label}[/]", highlight=False)
+    console.print(f"[dim]scored {escape(str(label))}[/]", highlight=False)
 
 
 def eval_fingerprint(model_dir: Path, ecfg: EvalConfig, probe_path: Path | None, texts: list[str] | None) -> str:
@@ -217,7 +217,7 @@ def print_eval(result: dict, console: Console) -> None:
     for col in ("text", "role", "bits/byte", "nats/tok", "ppl", "tokens", "bytes", "bytes/tok"):
         table.add_column(col, justify="left" if col in ("text", "role") else "right", no_wrap=True)
     for name, s in result["sources"].items():
-        table.add_row(name, s["role"], f"{s['bpb']:.4f}", f"{s['loss_per_token']:.4f}", f"{s['ppl']:.2f}",
+        table.add_row(escape(name), s["role"], f"{s['bpb']:.4f}", f"{s['loss_per_token']:.4f}", f"{s['ppl']:.2f}",
                       f"{s['tokens']:,}", f"{s['bytes']:,}", f"{s['bytes_per_token']:.2f}")
     if result["sources"]:
         console.print(table)

@@ -17,6 +17,7 @@ from transformers.utils import logging as hf_logging
 from domainlm.config import RunConfig, validate
 from domainlm.data.tokens import load_counts
 from domainlm.errors import ConfigError, UserError
+from domainlm.model.base import check_loaded
 from domainlm.rundir import RunDir
 
 # Any one of these makes a folder loadable by AutoTokenizer (fast, sentencepiece or GPT-2-style slow tokenizers).
@@ -111,9 +112,11 @@ def load_model(model_dir: Path, device: str):
     except Exception as e:  # transformers raises OSError/ValueError/KeyError depending on what is broken
         raise UserError(f"{model_dir}: cannot load the tokenizer ({type(e).__name__}: {_first_line(e)})") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
+        model, info = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32,
+                                                           output_loading_info=True)
     except Exception as e:
         raise UserError(f"{model_dir}: cannot load the model ({type(e).__name__}: {_first_line(e)})") from None
+    check_loaded(model_dir, info)
     model.to(device).eval()
     return model, tok
 

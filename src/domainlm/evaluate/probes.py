@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 
+from domainlm.data.sources import jsonl_lines
 from domainlm.errors import UserError
 from domainlm.evaluate.bpb import doc_start_ids, score_sequences
 
@@ -59,11 +60,7 @@ def load_probes(path: Path) -> list[Probe]:
     path = Path(path)
     if not path.is_file():
         raise UserError(f"{path}: probe file not found")
-    probes = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                probes.append(_parse(line, f"{path}:{lineno}"))
+    probes = [_parse(line, f"{path}:{lineno}") for lineno, line in jsonl_lines(path)]
     if not probes:
         raise UserError(f"{path}: no probes in the file")
     return probes

@@ -34,6 +34,7 @@ from domainlm.data.packaged import (  # noqa: F401 (License, load_licenses, spli
     load_licenses,
     split_licenses,
 )
+from domainlm.data.sources import jsonl_lines
 from domainlm.errors import UserError
 from domainlm.evaluate.inputs import load_model
 from domainlm.rundir import atomic_write
@@ -113,12 +114,11 @@ def load_test(task: str, path: Path | None = None) -> list[dict]:
         items = build()["test"]
     else:
         items = []
-        for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").split("\n"), 1):
-            if line.strip():
-                try:
-                    items.append(json.loads(line))
-                except json.JSONDecodeError:
-                    raise UserError(f"{path}:{lineno}: not JSON") from None
+        for lineno, line in jsonl_lines(path):
+            try:
+                items.append(json.loads(line))
+            except json.JSONDecodeError:
+                raise UserError(f"{path}:{lineno}: not JSON") from None
     items = [it for it in items if it.get("task") == task]
     if not items:
         raise UserError(f"{path or 'the built test split'}: no {task} items")

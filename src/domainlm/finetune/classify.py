@@ -38,6 +38,7 @@ from transformers.utils import logging as hf_logging
 
 from domainlm import stages
 from domainlm.chat import pad_id_of
+from domainlm.data.sources import jsonl_lines
 from domainlm.errors import UserError
 from domainlm.evaluate import tasks as downstream
 from domainlm.finetune.loop import (
@@ -100,22 +101,26 @@ def read_labelled(path: Path) -> list[Labelled]:
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     out = []
-    try:
-        lines = path.read_text(encoding="utf-8").split("\n")
-    except UnicodeDecodeError:
-        raise UserError(f"{path}: not UTF-8 text") from None
-    for lineno, line in enumerate(lines, 1):
-        if line.strip():
-            where = f"{path}:{lineno}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{where}: not JSON ({e.msg})") from None
-            if (ex := _record(rec, where)) is not None:
-                out.append(ex)
+    for lineno, line in jsonl_lines(path):
+        where = f"{path}:{lineno}"
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(f"{where}: not JSON ({e.msg})") from None
+        if (ex := _record(rec, where)) is not None:
+            out.append(ex)
     if not out:
         raise UserError(f"{path}: no classification examples ({{\"text\", \"label\"}} lines or {TASK} items)")
     return out
+
+
+def check_classes(path: Path, train: list[Labelled]) -> None:
+    """At least two classes among the training labels: with one, cross-entropy reaches 0 by predicting it
+    everywhere, and the "classifier" has learned nothing."""
+    seen = sorted({ex.label for ex in train})
+    if len(seen) < 2:
+        raise UserError(f"{path}: every example has the label {seen[0]!r}; a classifier needs examples of at "
+                        "least two classes")
 
 
 def label_list(train: list[Labelled]) -> list[str]:
@@ -179,6 +184,7 @@ def load_classifier(model_dir: Path, labels: list[str] | None, pad_id: int, seed
         kw["classifier_pooling"] = "mean"  # see the module docstring
     verbosity = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # "newly initialized: score.weight" is the point of this call
+    bars = hf_logging.is_progress_bar_enabled()  # off under the CLI unless --debug
     hf_logging.disable_progress_bar()
     try:
         torch.manual_seed(seed)
@@ -190,7 +196,8 @@ def load_classifier(model_dir: Path, labels: list[str] | None, pad_id: int, seed
                         f"{lines[0] if lines else 'no message'})") from None
     finally:
         hf_logging.set_verbosity(verbosity)
-        hf_logging.enable_progress_bar()
+        if bars:
+            hf_logging.enable_progress_bar()
     if model.config.pad_token_id is None:  # the decoder head finds the last real token by the pad id
         model.config.pad_token_id = pad_id
     return model
@@ -237,6 +244,7 @@ def finetune_classifier(model_or_run: Path, data: Path, *, val: Path | None = No
         raise UserError(f"--micro-batch: {args.micro_batch} does not divide --batch-size {args.batch_size}")
     model_dir, run_dir = resolve_model(model_or_run)
     train_rows = read_labelled(data)
+    check_classes(data, train_rows)
     val_rows = read_labelled(val) if val is not None else []
     base = default_out(model_dir, run_dir, data)
     out = Path(out) if out is not None else base.with_name(base.name + "-classify")

@@ -112,7 +112,7 @@ def compare(domain: Path, general: Path, data: Path, *, val: Path | None = None,
         scored: dict[str, list[dict]] = {}
         for label in models:
             console.print(f"scoring {label} on {task} ({len(items)} items"
-                          + (f", {seeds} seeds)" if seeds > 1 else ")"))
+                          + (f", {seeds} seeds)" if seeds > 1 else ")"), markup=False)
             scored[label] = [downstream.score_task(Path(r["out"]), task, items=items) if head == "lm"
                              else classify.score_items(Path(r["out"]), items, task) for r in runs[label]]
         gold = [it["response"] for it in items]

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from domainlm.chat import segments
+from domainlm.data.sources import jsonl_lines
 from domainlm.errors import UserError
 from domainlm.train.step import IGNORE
 
@@ -78,19 +79,13 @@ def read_jsonl(path: Path) -> list[tuple[str, list[dict]]]:
     if not path.is_file():
         raise UserError(f"{path}: no such file")
     out = []
-    with open(path, encoding="utf-8") as f:
+    for lineno, line in jsonl_lines(path):
+        where = f"{path}:{lineno}"
         try:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                where = f"{path}:{lineno}"
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise _bad(where, f"not JSON ({e.msg})") from None
-                out.append((where, to_messages(rec, where)))
-        except UnicodeDecodeError:
-            raise UserError(f"{path}: not UTF-8 text") from None
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise _bad(where, f"not JSON ({e.msg})") from None
+        out.append((where, to_messages(rec, where)))
     if not out:
         raise UserError(f"{path}: no examples (the file is empty)")
     return out

@@ -33,7 +33,7 @@ from domainlm.chat import ensure_chat_template, pad_id_of
 from domainlm.errors import UserError
 from domainlm.evaluate.inputs import check_tokenizer_files, load_model
 from domainlm.finetune.data import collate, encode_all, read_jsonl
-from domainlm.rundir import RunDir, swap_dir, write_json
+from domainlm.rundir import RunDir, clear_temp, swap_dir, write_json
 from domainlm.train import checkpoint as ckpt
 from domainlm.train.driver import Driver, Eval
 from domainlm.train.parallel import Dist
@@ -104,13 +104,14 @@ def apply_lora(model, rank: int):
 def _save_hf(model, tok, out: Path) -> None:
     """Model + tokenizer (with its chat template) through ``<out>.tmp`` and a rename."""
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = clear_temp(out.with_name(out.name + ".tmp"))
+    bars = hf_logging.is_progress_bar_enabled()  # off under the CLI unless --debug
     hf_logging.disable_progress_bar()
     try:
         model.save_pretrained(tmp, safe_serialization=True)
     finally:
-        hf_logging.enable_progress_bar()
+        if bars:
+            hf_logging.enable_progress_bar()
     # In tokenizer_config.json ("chat_template"), where every transformers version and vLLM look; newer
     # versions would otherwise write chat_template.jinja, which older ones ignore.
     tok.save_pretrained(tmp, save_jinja_files=False)

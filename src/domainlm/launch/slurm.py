@@ -22,6 +22,7 @@ import shutil
 import subprocess
 import sys
 import time
+import unicodedata
 from pathlib import Path
 
 from domainlm.config import config_path, demo_recipe_path, load_config
@@ -31,6 +32,8 @@ from domainlm.rundir import RunDir, atomic_write
 # Slurm's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (sbatch(1)), or UNLIMITED
 TIME_RE = re.compile(r"^(\d+(:\d{1,2}){0,2}|\d+-\d+(:\d{1,2}){0,2}|unlimited|infinite)$", re.IGNORECASE)
 PARTITION_RE = re.compile(r"^[A-Za-z0-9_.,-]+$")
+# an #SBATCH value that needs no quotes: sbatch's parser treats only space, quotes, backslash and # specially
+SBATCH_SAFE = re.compile(r"^[A-Za-z0-9_@%+=:,./&|()\[\]*-]+$")
 # + job id mod 10000: two jobs sharing a head node get different ports, all of them below Linux's ephemeral range
 # (net.ipv4.ip_local_port_range starts at 32768), where an outgoing connection (NCCL's, gloo's) could hold one
 RDZV_PORT_BASE, RDZV_PORTS = 20000, 10000
@@ -49,6 +52,25 @@ def script_path(run_dir: Path) -> Path:
     return Path(run_dir) / "launch" / "train.sbatch"
 
 
+def no_control(value: str, what: str) -> str:
+    """``value`` unchanged, or a one-line UserError when it holds a control character: a newline in a path or
+    name would end the line of the script it is written into and start a command of its own."""
+    bad = next((c for c in value if unicodedata.category(c) == "Cc"), None)
+    if bad is not None:
+        raise UserError(f"{what} {value!r}: contains the control character {bad!r}, which a Slurm script cannot "
+                        "hold safely; rename it")
+    return value
+
+
+def sbatch_quote(value: str) -> str:
+    """``value`` as one argument of an ``#SBATCH`` line. sbatch splits these lines itself, not bash: it groups
+    characters between quotes and takes the character after a backslash literally (``_get_argument`` in Slurm's
+    src/sbatch/opt.c), so a double-quoted value with ``\\`` and ``"`` escaped reads back unchanged."""
+    if SBATCH_SAFE.match(value):
+        return value
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
 def train_script(*, config: Path, workdir: Path, run_dir: Path, job_name: str, nodes: int, gpus_per_node: int,
                  procs_per_node: int, cpus_per_task: int, partition: str | None, time_limit: str | None,
                  python: str, account: str | None = None, qos: str | None = None, mem: str | None = None,
@@ -56,24 +78,34 @@ def train_script(*, config: Path, workdir: Path, run_dir: Path, job_name: str, n
                  signal_s: int | None = SIGNAL_S) -> str:
     """The sbatch script: ``srun`` starts one torchrun agent per node, which starts ``procs_per_node`` ranks.
     ``gres`` (``gpu:8``, ``gpu:h100:8``) requests the GPUs as generic resources instead of ``--gpus-per-node``,
-    which needs Slurm's cons_tres plugin."""
-    q = shlex.quote
-    gpus = [f"--gres={gres}"] if gres else [f"--gpus-per-node={gpus_per_node}"] if gpus_per_node else []
+    which needs Slurm's cons_tres plugin. Every path and name in it is free of control characters
+    (`no_control`) and quoted: for bash with shlex.quote, on ``#SBATCH`` lines for sbatch's own parser
+    (`sbatch_quote`)."""
+    q, sq = shlex.quote, sbatch_quote
+    for value, what in ((str(config), "the config path"), (str(workdir), "the working directory"),
+                        (str(run_dir), "run_dir"), (job_name, "the job name"), (python, "the Python executable"),
+                        (partition or "", "--partition"), (time_limit or "", "--time"), (account or "", "--account"),
+                        (qos or "", "--qos"), (mem or "", "--mem"), (constraint or "", "--constraint"),
+                        (gres or "", "--gres")):
+        no_control(value, what)
+    # --output is a filename pattern: %j is the job id, %% a literal % (sbatch(1), "filename pattern")
+    log = str(run_dir / "launch").replace("%", "%%") + "/slurm-%j.out"
+    gpus = [f"--gres={sq(gres)}"] if gres else [f"--gpus-per-node={gpus_per_node}"] if gpus_per_node else []
     directives = [
-        f"--job-name={job_name}",
+        f"--job-name={sq(job_name)}",
         f"--nodes={nodes}",
         "--ntasks-per-node=1",  # one torchrun agent per node; it forks the ranks
         f"--cpus-per-task={cpus_per_task}",
         *gpus,
-        *([f"--mem={mem}"] if mem else []),
+        *([f"--mem={sq(mem)}"] if mem else []),
         *(["--exclusive"] if exclusive else []),
-        *([f"--constraint={constraint}"] if constraint else []),
-        *([f"--partition={partition}"] if partition else []),
-        *([f"--account={account}"] if account else []),
-        *([f"--qos={qos}"] if qos else []),
-        *([f"--time={time_limit}"] if time_limit else []),
-        f"--chdir={workdir}",  # the config's relative run_dir resolves as it did at submission
-        f"--output={run_dir / 'launch' / 'slurm-%j.out'}",
+        *([f"--constraint={sq(constraint)}"] if constraint else []),
+        *([f"--partition={sq(partition)}"] if partition else []),
+        *([f"--account={sq(account)}"] if account else []),
+        *([f"--qos={sq(qos)}"] if qos else []),
+        *([f"--time={sq(time_limit)}"] if time_limit else []),
+        f"--chdir={sq(str(workdir))}",  # the config's relative run_dir resolves as it did at submission
+        f"--output={sq(log)}",
         "--open-mode=append",  # a requeued run appends to the same log
         "--requeue",
         # SIGUSR1 ahead of the time limit: checkpoint at the next step, requeue, exit (train/preempt.py)
@@ -87,8 +119,8 @@ def train_script(*, config: Path, workdir: Path, run_dir: Path, job_name: str, n
     ] if gpus_per_node or gres else []
     return "\n".join([
         "#!/bin/bash",
-        f"# written by `domainlm launch slurm`: `domainlm train {config}` on {nodes} node(s) x {procs_per_node} "
-        f"process(es) ({'nccl' if gpus_per_node or gres else 'gloo'})",
+        f"# written by `domainlm launch slurm`: `domainlm train {q(str(config))}` on {nodes} node(s) x "
+        f"{procs_per_node} process(es) ({'nccl' if gpus_per_node or gres else 'gloo'})",
         *(f"#SBATCH {d}" for d in directives),
         "set -euo pipefail",
         *nccl,
@@ -140,16 +172,16 @@ def launch_train(config: Path | None, *, nodes: int, gpus_per_node: int, procs_p
         raise UserError(f"--procs-per-node: {procs} processes on {gpus_per_node} GPUs per node; at most one per GPU")
     workdir = Path.cwd()
     run_dir = cfg.directory(workdir).resolve()
+    text = train_script(config=path, workdir=workdir, run_dir=run_dir, job_name=f"domainlm-train-{cfg.name}",
+                        nodes=nodes, gpus_per_node=gpus_per_node, procs_per_node=procs,
+                        cpus_per_task=cpus_per_task or procs, partition=partition, time_limit=time_limit,
+                        python=sys.executable, account=account, qos=qos, mem=mem, exclusive=exclusive,
+                        constraint=constraint, gres=gres, signal_s=signal_s or None)  # refuses control characters
     counts = RunDir(run_dir).counts
     if not dry_run and not counts.exists():  # else the job would fail on the cluster, after waiting in the queue
         raise UserError(f"{counts}: no token files to train on; run `domainlm prepare`, `domainlm tokenizer` and "
                         "`domainlm tokenize` before `domainlm launch slurm` (`--dry-run` writes the script without "
                         "them)")
-    text = train_script(config=path, workdir=workdir, run_dir=run_dir, job_name=f"domainlm-train-{cfg.name}",
-                        nodes=nodes, gpus_per_node=gpus_per_node, procs_per_node=procs,
-                        cpus_per_task=cpus_per_task or procs, partition=partition, time_limit=time_limit,
-                        python=sys.executable, account=account, qos=qos, mem=mem, exclusive=exclusive,
-                        constraint=constraint, gres=gres, signal_s=signal_s or None)
     script = script_path(run_dir)
     atomic_write(script, text)
     out = {"script": str(script), "nodes": nodes, "gpus_per_node": gpus_per_node, "procs_per_node": procs,

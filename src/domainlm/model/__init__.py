@@ -24,9 +24,9 @@ from transformers.utils import logging as hf_logging
 
 from domainlm.config import RunConfig
 from domainlm.errors import UserError
-from domainlm.model.base import tokenizer_files
+from domainlm.model.base import check_loaded, tokenizer_files
 from domainlm.objectives import Causal, Objective
-from domainlm.rundir import RunDir, swap_dir
+from domainlm.rundir import RunDir, clear_temp, swap_dir
 from domainlm.shape import ModelShape, ffn_for, make_shape
 
 TOKENIZER_DIR = RunDir.TOKENIZER
@@ -139,20 +139,24 @@ def load_base_model(base) -> torch.nn.Module:
     it — its own architecture (GPT2LMHeadModel, LlamaForCausalLM, …), fp32 on the CPU, local files only, no
     remote code; SDPA attention where the architecture has it."""
 
+    bars = hf_logging.is_progress_bar_enabled()  # off under the CLI unless --debug
     hf_logging.disable_progress_bar()
     try:
-        kw = {"local_files_only": True, "trust_remote_code": False, "dtype": torch.float32}
+        kw = {"local_files_only": True, "trust_remote_code": False, "dtype": torch.float32,
+              "output_loading_info": True}
         try:
-            model = AutoModelForCausalLM.from_pretrained(base.path, attn_implementation="sdpa", **kw)
+            model, info = AutoModelForCausalLM.from_pretrained(base.path, attn_implementation="sdpa", **kw)
         except ValueError as e:  # an architecture without SDPA: its default attention
             if "sdpa" not in str(e).lower():
                 raise
-            model = AutoModelForCausalLM.from_pretrained(base.path, **kw)
+            model, info = AutoModelForCausalLM.from_pretrained(base.path, **kw)
     except Exception as e:  # noqa: BLE001 - truncated weights, missing shards, … : one line naming the key
         why = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"train.init_from: {base.path}: cannot load the model ({type(e).__name__}: {why})") from None
     finally:
-        hf_logging.enable_progress_bar()
+        if bars:
+            hf_logging.enable_progress_bar()
+    check_loaded(base.path, info)
     model.train()  # from_pretrained returns eval mode; training uses the base's own dropout settings
     return model
 
@@ -168,8 +172,7 @@ def export_hf(state_dict: dict[str, torch.Tensor], config, tokenizer_dir: Path, 
 
 
     out_dir = Path(out_dir)
-    tmp = out_dir.with_name(out_dir.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = clear_temp(out_dir.with_name(out_dir.name + ".tmp"))
 
     model = (model_class or LlamaForCausalLM)(config)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)  # a tied head may be absent
@@ -181,11 +184,13 @@ def export_hf(state_dict: dict[str, torch.Tensor], config, tokenizer_dir: Path, 
                            f"{sorted(set(missing) - tied)[:3]}, unexpected {sorted(unexpected)[:3]})")
     if generation_config is not None:
         model.generation_config = generation_config
+    bars = hf_logging.is_progress_bar_enabled()  # off under the CLI unless --debug
     hf_logging.disable_progress_bar()  # one shard; its bar would only break our own progress output
     try:
         model.save_pretrained(tmp, safe_serialization=True)
     finally:
-        hf_logging.enable_progress_bar()
+        if bars:
+            hf_logging.enable_progress_bar()
     for f in tokenizer_files(Path(tokenizer_dir)):
         shutil.copy2(f, tmp / f.name)
     return swap_dir(tmp, out_dir)

@@ -167,3 +167,17 @@ def tokenizer_files(folder: Path) -> list[Path]:
     generation config, weights, and the tokenizer audit."""
     return [f for f in sorted(Path(folder).iterdir())
             if f.is_file() and f.name not in NOT_TOKENIZER_NAMES and not f.name.endswith(NOT_TOKENIZER_SUFFIXES)]
+
+
+def check_loaded(model_dir: Path | str, info: dict) -> None:
+    """``from_pretrained(..., output_loading_info=True)``'s report as one line: weights that config.json
+    describes but the files lack (transformers would initialise them at random — with its report, 27 lines
+    with ANSI codes, kept off the terminal) or of another shape. Unexpected extra weights are ignored, as
+    transformers does (a head the task does not use)."""
+    missing, mismatched = sorted(info.get("missing_keys") or []), list(info.get("mismatched_keys") or [])
+    if missing or mismatched:
+        what = (f"{len(missing)} weights of its config.json are missing (e.g. {missing[0]})" if missing
+                else f"{len(mismatched)} weights have another shape than its config.json says "
+                     f"(e.g. {mismatched[0][0] if isinstance(mismatched[0], tuple) else mismatched[0]})")
+        raise UserError(f"{model_dir}: the weights do not match the model's config.json: {what}; the folder is "
+                        "damaged or its config.json was edited — restore it")

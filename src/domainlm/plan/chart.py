@@ -8,6 +8,7 @@ import numpy as np
 from matplotlib.transforms import Bbox
 
 from domainlm.plan.laws import LAWS, get_law
+from domainlm.rundir import naming, publish, temp_path
 
 # (name, params, training tokens) — ANCHORS.md "Known models".
 KNOWN_MODELS = [
@@ -55,9 +56,13 @@ def plot_plan(plan: dict, path: str | Path) -> Path:
     fig = plan_figure(plan)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    tmp = temp_path(out)  # through a temp file and a rename: never a torn chart, never through a planted link
+    try:
+        with naming(out):
+            fig.savefig(tmp)
+    finally:
+        plt.close(fig)
+    return publish(tmp, out)
 
 
 def plan_figure(plan: dict):

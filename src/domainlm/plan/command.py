@@ -17,6 +17,9 @@ from domainlm.plan.planner import PlanRequest, machine_id, make_plan
 from domainlm.rundir import RunDir, load_output, write_json
 from domainlm.units import parse_assignments, parse_number
 
+MAX_PARAMS = 1e16  # ~10^4× the largest dense models trained so far: beyond it the byte counts are not numbers
+MAX_COUNT = 2**31  # a layer count, a hidden size, GPUs, a sequence length, a vocabulary: far beyond any real one
+
 
 def _int(text: str | None, flag: str) -> int | None:
     if text is None:
@@ -24,6 +27,8 @@ def _int(text: str | None, flag: str) -> int | None:
     v = parse_number(text, flag)
     if v != int(v):
         raise UserError(f"{flag}: expected a whole number, got {text!r}")
+    if v > MAX_COUNT:
+        raise UserError(f"{flag}: expected a whole number ≤ {MAX_COUNT:,}, got {text!r}")
     return int(v)
 
 
@@ -184,9 +189,15 @@ def run_memory(**flags) -> dict:
         s = base.shape
         shape = {"params": base.params, "n_layers": s.n_layers, "d_model": s.d_model, "vocab_size": s.vocab_size,
                  "n_heads": s.n_heads, "n_kv_heads": s.n_kv_heads, "ffn_dim": s.ffn_dim}
+        for flag in ("params", "n_layers", "d_model"):  # the model's own, not another one's
+            if flags.get(flag) is not None:
+                raise UserError(f"--{flag.replace('_', '-')}: --model {flags['model']} has its own; give one or "
+                                "the other")
     elif flags.get("params") is None:
         raise UserError("--params: give the parameter count (or --model FOLDER to read a model's shape)")
     params = parse_number(flags["params"], "--params") if flags.get("params") is not None else shape["params"]
+    if params > MAX_PARAMS:
+        raise UserError(f"--params: expected at most {MAX_PARAMS:.0e} parameters, got {flags['params']}")
     gpus = _int(flags["gpus"], "--gpus")
     capacity = None
     if flags.get("gpu_memory_gb") is not None:

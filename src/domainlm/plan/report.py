@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from domainlm.memory import SHARDING_NAMES
@@ -35,7 +36,7 @@ def print_plan(p: dict, console: Console) -> None:
     shown = (f"{p['compute_flops']:.3g} FLOPs as 6·N·D ({hw:.3g} hardware FLOPs: {how})" if how != "given" and hw
              else f"{p['compute_flops']:.3g} FLOPs ({how})")
     t.add_row("compute", shown)
-    t.add_row("law", f"{p['law']['source']}; counts {p['law']['params_counted']} params; "
+    t.add_row("law", f"{escape(str(p['law']['source']))}; counts {p['law']['params_counted']} params; "
               f"N ∝ C^{p['law']['a']}, D ∝ C^{p['law']['b']}")
     if p["law"].get("E") is not None:
         lc = p["law"]
@@ -43,7 +44,7 @@ def print_plan(p: dict, console: Console) -> None:
                   f"α={lc['alpha']:.4g}, β={lc['beta']:.4g}")
     cont = p.get("continued")
     if cont:  # train.init_from: N is the base's, the budget buys tokens only
-        t.add_row("continued", f"from {cont['init_from']}: {cont['how']}")
+        t.add_row("continued", escape(f"from {cont['init_from']}: {cont['how']}"))
     t.add_row("params", f"{_f(p['params'])}  ({'the base model' if cont else p['law']['params_counted']})")
     t.add_row("tokens", f"{_f(p['tokens'])}  ({p['tokens_per_param']:.1f} tokens/param)")
     if p["predicted_loss"] is not None:
@@ -122,9 +123,9 @@ def print_plan(p: dict, console: Console) -> None:
         for alt in p["alternatives"]:
             console.print(f"  [bold]{alt['name']}[/]: {alt['description']}", highlight=False)
     for n in p.get("notes", []):
-        console.print(f"[dim]note:[/] {n}", highlight=False)
+        console.print(f"[dim]note:[/] {escape(n)}", highlight=False)
     for w in p["warnings"]:
-        console.print(f"[yellow]warning:[/] {w}", highlight=False)
+        console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
 
 
 def print_memory(r: dict, console: Console) -> None:

@@ -52,6 +52,9 @@ class Points:
             )
         if len(self.loss) < 5:
             raise UserError(f"scaling: {len(self.loss)} points are too few for a fit (need ≥ 5: ≥ 3 per budget)")
+        if np.ptp(np.log(self.loss)) < 1e-9:
+            raise UserError(f"scaling: every point has the loss {self.loss[0]:g}: a law of how the loss falls "
+                            "with N and D cannot be fitted to points where it does not change")
 
 
 def _huber(r: np.ndarray, delta: float) -> tuple[np.ndarray, np.ndarray]:
@@ -244,6 +247,11 @@ def fit_law(rows: list[dict], n_boot: int = 100, seed: int = 0) -> dict:
     except NoMinimum as e:
         # Small budgets often favour the smallest model everywhere; approach 3 still uses every point.
         approach2 = {"error": str(e), "a": None, "b": None, "g": None, "h": None, "minima": e.minima}
+    degenerate = [k for k in ("E", "A", "B", "alpha", "beta") if not math.isfinite(f3[k])]
+    if f3["alpha"] + f3["beta"] <= 0 or degenerate:
+        what = f"{degenerate[0]} = {f3[degenerate[0]]}" if degenerate else "α = β = 0 (the loss depends on neither)"
+        raise UserError(f"scaling: the fit of L = E + A/N^α + B/D^β is degenerate ({what}): these points do not "
+                        "determine the law; use budgets and sizes where the loss falls with N and D")
     ci = bootstrap(pts, n_boot=n_boot, seed=seed, fit3=f3)
     a3 = f3["beta"] / (f3["alpha"] + f3["beta"])
     return {

@@ -14,6 +14,7 @@ import numpy as np
 
 from domainlm.errors import UserError
 from domainlm.plan.laws import LAWS, Law, get_law
+from domainlm.rundir import naming, publish, temp_path
 
 
 def usable_law(law_path: Path) -> Law | None:
@@ -99,6 +100,10 @@ def plot_scaling(rows: list[dict], law: dict, fitted: Law | None, path: Path) ->
 
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    tmp = temp_path(path)  # through a temp file and a rename: never a torn plot, never through a planted link
+    try:
+        with naming(path):
+            fig.savefig(tmp)
+    finally:
+        plt.close(fig)
+    return publish(tmp, path)

@@ -20,6 +20,10 @@ from domainlm.scaling.plot import plot_scaling, usable_law
 
 REQUIRED = ("params", "tokens", "loss")
 SAME_BUDGET = 1.10  # 6·N·D within 10% of the previous point: the same IsoFLOP curve
+# What a measured point can be: far beyond any trained model (≤ 1e18 parameters or tokens, ≤ 1e40 FLOPs) and a
+# loss in nats per token between 1e-6 and 1000 (ln of a vocabulary is ~10); outside, 6·N·D and the logs of the
+# fit overflow or underflow (a point at 1e156 wrote "flops": Infinity into law.json).
+LIMITS = {"params": (0.0, 1e18), "tokens": (0.0, 1e18), "flops": (0.0, 1e40), "loss": (1e-6, 1e3)}
 
 
 def read_points(path: Path) -> list[dict]:
@@ -58,6 +62,10 @@ def read_points(path: Path) -> list[dict]:
                 v = math.nan
             if not (math.isfinite(v) and v > 0):
                 raise UserError(f"{path}:{line_no}: column {c!r}: expected a positive number, got {raw!r}")
+            lo, hi = LIMITS[c]
+            if not lo <= v <= hi:
+                raise UserError(f"{path}:{line_no}: column {c!r}: {raw} is outside [{lo:g}, {hi:g}], the range of "
+                                "a measured point")
             row[c] = v
         row["line"] = line_no
         rows.append(row)

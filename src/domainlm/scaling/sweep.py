@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from domainlm import faults, objectives
@@ -271,6 +272,7 @@ def print_scaling(res: dict, console: Console) -> None:
             "no minimum (loss does not curve up on both sides: widen the sizes)"
         console.print(f"C={m['flops']:.3g}: {where}")
     took = "" if res["minutes"] is None else f"sweep time: {res['minutes']:.1f} min; "
-    console.print(f"{took}points: {res['points_path']}; plot: {res['plot']}")
-    console.print(f"wrote [bold]{res['law_path']}[/]; plan with it: "
-                  f"[bold]domainlm plan {res['config'] or 'CONFIG'} --law fitted:{res['law_path']}[/]")
+    console.print(f"{took}points: {escape(str(res['points_path']))}; plot: {escape(str(res['plot']))}")
+    law = escape(str(res["law_path"]))
+    console.print(f"wrote [bold]{law}[/]; plan with it: "
+                  f"[bold]domainlm plan {escape(str(res['config'] or 'CONFIG'))} --law fitted:{law}[/]")

@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import safe_open
 from safetensors.torch import load_model, save_model
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
@@ -51,7 +52,7 @@ from torch.distributed.tensor import DTensor
 
 from domainlm import faults
 from domainlm.errors import UserError
-from domainlm.rundir import RunDir, fsync
+from domainlm.rundir import RunDir, clear_temp, fsync
 from domainlm.train.parallel import Dist, barrier, is_fsdp, unwrap
 
 CHECKPOINTS = RunDir.CHECKPOINTS
@@ -75,7 +76,7 @@ def remove_partial(run_dir: Path) -> None:
     d = checkpoints_dir(run_dir)
     if d.exists():
         for p in d.glob(".tmp-*"):
-            shutil.rmtree(p, ignore_errors=True)
+            clear_temp(p)
 
 
 def _sha256(path: Path) -> str:
@@ -180,7 +181,7 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, wor
     final = ck / f"{PREFIX}{step:08d}"
     tmp = ck / f".tmp-{final.name}"
     if world.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
+        clear_temp(tmp)  # a link planted there is removed, never written through
         tmp.mkdir(parents=True)
     barrier()
     digest: list[str] = []
@@ -357,10 +358,52 @@ def _shape_mismatch(path: Path, model) -> str | None:
     return None
 
 
+class _Counts(BaseModel):
+    model_config = ConfigDict(extra="allow", strict=True)
+
+
+class _SourceState(_Counts):  # train/data.SourceState
+    position: int = Field(ge=0)
+    epoch: int = Field(ge=0)
+    sequences: int = Field(ge=0)
+
+
+class _LoaderState(_Counts):  # train/data.MixtureLoader.state_dict
+    step: int = Field(ge=0)
+    seed: int
+    seq_len: int = Field(ge=1)
+    sources: dict[str, _SourceState]
+
+
+class State(_Counts):
+    """What `Driver.checkpoint` writes into state.json (plus its caller's own keys): checked before use, so a
+    damaged or hand-edited file is a corrupted checkpoint, not a KeyError deep in the resume."""
+
+    step: int = Field(ge=1)
+    total_steps: int = Field(ge=1)
+    skipped_steps: int = Field(default=0, ge=0)
+    bad_in_row: int = Field(default=0, ge=0)
+    data: _LoaderState | None = None  # pretraining's loader; fine-tuning's order is a function of (seed, step)
+
+
+def read_state(path: Path) -> dict:
+    """``<checkpoint>/state.json`` as a dict, checked against `State`; CorruptCheckpoint if it is not one."""
+    f = path / "state.json"
+    try:
+        return State.model_validate_json(f.read_bytes()).model_dump(exclude_none=True)
+    except OSError as e:
+        raise CorruptCheckpoint(f, f"unreadable: {e.strerror}") from None
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"]) or "the file"
+        raise CorruptCheckpoint(f, f"{where}: {err['msg']}") from None
+
+
 def load_checkpoint(path: Path, model, optimizer, world: Dist) -> dict:
     """Restore model, optimizer and RNG in place; return state.json. Raises CorruptCheckpoint, or UserError
     when the checkpoint is intact but of another model shape (the config changed)."""
     _verify(path, world)
+    state = read_state(path)
     if (path / "model.safetensors").exists():
         mismatch = _shape_mismatch(path, model)
         if mismatch:
@@ -392,7 +435,7 @@ def load_checkpoint(path: Path, model, optimizer, world: Dist) -> dict:
             torch.set_rng_state(rng["cpu"])
             if "cuda" in rng and torch.cuda.is_available():
                 torch.cuda.set_rng_state(rng["cuda"])
-        return json.loads((path / "state.json").read_text(encoding="utf-8"))
+        return state
     except (UserError, CorruptCheckpoint):
         raise
     except Exception as e:  # verified files that still fail to load: a format problem, name the folder

@@ -31,7 +31,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from domainlm import faults
 from domainlm.errors import Preempted, UserError
-from domainlm.rundir import RunDir, atomic_write
+from domainlm.rundir import RunDir, atomic_write, open_append
 from domainlm.train import checkpoint as ckpt
 from domainlm.train.parallel import Dist, barrier
 from domainlm.train.preempt import Preemption, requeue
@@ -145,7 +145,7 @@ class Driver:
         if main and self.tensorboard:
 
             tb = SummaryWriter(str(path.parent / "tensorboard"), purge_step=self.step + 1 if self.step else None)
-        metrics = open(path, "a", encoding="utf-8") if main else None  # noqa: SIM115
+        metrics = open_append(path) if main else None
 
         def log(row: dict, scalars: dict) -> None:
             if metrics is not None:

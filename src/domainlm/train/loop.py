@@ -316,6 +316,9 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
     resumed = driver.resume()
     if resumed:
         path, state = resumed
+        if "data" not in state:  # a fine-tuning's checkpoint in a pretraining run
+            raise UserError(f"{path / 'state.json'}: no data loader state: not a pretraining checkpoint; use "
+                            "--restart to start over")
         loader.load_state_dict(state["data"])
         if world.is_main:
             note = "" if state["total_steps"] == z.total_steps else (

@@ -81,6 +81,12 @@ def train_variant(vcfg: RunConfig, run_dir: Path, console: Console) -> Path:
     """Train one variant in-process (one process; use the config's parallel settings on a cluster)."""
     vdir = vcfg.directory()
     write_resolved(vcfg, vdir)
-    with distributed() as world:
-        train(vcfg, vdir, world, console=console, data_dir=run_dir)
+    try:
+        with distributed() as world:
+            train(vcfg, vdir, world, console=console, data_dir=run_dir)
+    except UserError as e:  # `train`'s advice names its --restart flag, which `ablate` and `decide` lack
+        if "--restart" not in str(e):
+            raise
+        raise UserError(str(e).replace("use --restart", f"delete {vdir}").replace("--restart", f"delete {vdir}"),
+                        exit_code=e.exit_code) from None
     return vdir / MODEL_DIR
