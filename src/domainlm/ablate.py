@@ -73,7 +73,7 @@ def run_ablate(config: Path | None, domain_weights: str, *, console: Console) ->
     write_json(RunDir(run_dir).ablate, ab.model_dump())
     from domainlm.report.plots import ablation_chart
 
-    return {**ab.model_dump(), "plot": str(ablation_chart(ab, RunDir(run_dir).ablate.with_suffix(".png")))}
+    return {**ab.model_dump(), "plot": str(ablation_chart(ab, RunDir(run_dir) / RunDir.ABLATE_CHART))}
 
 
 def print_ablation(ab: dict, console: Console) -> None:

@@ -18,14 +18,14 @@ from pathlib import Path
 
 from domainlm.errors import UserError
 from domainlm.plan.shape import ModelShape
-from domainlm.rundir import RunDir
+from domainlm.rundir import HF_CONFIG, RunDir, resolve_model_ref
 
 KEY = "train.init_from"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
                 "pytorch_model.bin.index.json")
 # Files of a model folder that are not its tokenizer (the export copies the rest of a base folder's files).
 NOT_TOKENIZER_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".gguf", ".index.json")
-NOT_TOKENIZER_NAMES = ("config.json", "generation_config.json", Path(RunDir.AUDIT).name)
+NOT_TOKENIZER_NAMES = (HF_CONFIG, "generation_config.json", RunDir.AUDIT_FILE, RunDir.EXTENSION_FILE)
 
 
 @dataclass(frozen=True)
@@ -59,21 +59,7 @@ def _fail(path: Path, what: str, key: str = KEY) -> UserError:
 
 def model_folder(init_from: str | Path, key: str = KEY) -> Path:
     """The HF model folder ``init_from`` names: itself, or a run directory's ``model/``."""
-    p = Path(init_from).expanduser()
-    if not p.exists():
-        raise _fail(p, "no such folder; expected a Hugging Face model folder (config.json, weights, tokenizer) or "
-                    "a domainlm run directory", key)
-    if not p.is_dir():
-        raise _fail(p, "is a file; expected a Hugging Face model folder or a domainlm run directory", key)
-    if (p / "config.json").is_file():
-        return p
-    if (p / RunDir.CONFIG).is_file() or (p / RunDir.MODEL).is_dir():
-        model = RunDir(p).model
-        if not (model / "config.json").is_file():
-            raise _fail(p, "a run directory without a trained model/; run `domainlm train` on it first", key)
-        return model
-    raise _fail(p, "not a Hugging Face model folder (no config.json) nor a domainlm run directory (no config.yaml)",
-                key)
+    return resolve_model_ref(init_from, key=key).model_dir
 
 
 def _shape(cfg) -> ModelShape:

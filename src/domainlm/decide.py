@@ -28,7 +28,7 @@ with per-document bits). A finished arm is never redone: killed between arms, a 
 
 from __future__ import annotations
 
-import json
+import contextlib
 from pathlib import Path
 
 from rich.console import Console
@@ -37,8 +37,8 @@ from rich.table import Table
 from domainlm import faults, stages
 from domainlm.config import RunConfig, load_config
 from domainlm.errors import UserError
-from domainlm.outputs import TrainSummary
-from domainlm.rundir import RunDir, write_json
+from domainlm.outputs import AnyEval, TrainSummary
+from domainlm.rundir import HF_CONFIG, RunDir, load_output, write_json
 
 DECIDE_VERSION = 1
 SCRATCH, CONTINUED, BASE = "scratch", "continued", "base"
@@ -67,9 +67,7 @@ def training_flops(params: float | None, tokens: float | None) -> float | None:
 
 def default_base(run_dir: Path) -> Path:
     """The offline demo's general model: the run's general-only baseline (same shape, trained on news)."""
-    from domainlm.train.variants import variant_dir
-
-    return RunDir(variant_dir(run_dir, 0.0)).model
+    return RunDir(RunDir(run_dir).variant(0.0)).model
 
 
 def budget_tokens(cfg: RunConfig, run_dir: Path) -> float:
@@ -81,20 +79,22 @@ def budget_tokens(cfg: RunConfig, run_dir: Path) -> float:
     return float(budget)
 
 
-def train_record(folder: Path) -> dict:
-    """What a finished training run recorded: ``logs/train.json``, else its stage marker (a run directory from
-    before that file; a rerun that finds the training done does not write it)."""
+def train_record(folder: Path) -> TrainSummary:
+    """What a finished training run recorded: its ``logs/train.json`` (one-line error when there is none)."""
     rec = RunDir(folder).load(RunDir.TRAIN, TrainSummary)
-    return rec.model_dump() if rec is not None else stages.recorded(folder, "train")
+    if rec is None:
+        raise UserError(f"{RunDir(folder) / RunDir.TRAIN}: no training summary; run `domainlm train` on this run "
+                        "(a finished training writes it again without retraining)")
+    return rec
 
 
 def trained_tokens(folder: Path, cfg: RunConfig) -> float | None:
     """Tokens a domainlm training run trained on: its summary's steps × tokens per step."""
     rec = train_record(folder)
-    if not rec.get("steps"):
+    if not rec.steps:
         return None
     t = cfg.train
-    return float(rec["steps"] * (t.tokens_per_step or t.micro_batch * t.seq_len * (rec.get("world_size") or 1)))
+    return float(rec.steps * (t.tokens_per_step or t.micro_batch * t.seq_len * (rec.world_size or 1)))
 
 
 def base_pretraining(base_path: Path, base_params: int, base_tokens: float | None) -> dict:
@@ -106,10 +106,10 @@ def base_pretraining(base_path: Path, base_params: int, base_tokens: float | Non
         source, tokens = "--base-tokens", float(base_tokens)
     else:
         run = base_path.parent
-        if base_path.name == RunDir.MODEL and RunDir(run).config.is_file() and train_record(run):
+        record = RunDir(run) / RunDir.TRAIN
+        if base_path.name == RunDir.MODEL and RunDir(run).config.is_file() and record.is_file():
             tokens = trained_tokens(run, load_run_config(run))
-            rec = RunDir.TRAIN if (RunDir(run) / RunDir.TRAIN).is_file() else f"{RunDir.STAGES}/train.json"
-            source = str(RunDir(run) / rec) if tokens else None
+            source = str(record) if tokens else None
     return {"params": base_params, "tokens": tokens, "flops": training_flops(base_params, tokens),
             "tokens_from": source}
 
@@ -122,12 +122,8 @@ def continued_config(cfg: RunConfig, run_dir: Path, arm: str, init_from: Path, t
     data["train"].update(init_from=str(init_from), max_tokens=float(tokens), lr=lr or cfg.train.lr)
     data["tokenizer"]["extend_vocab"] = 0  # the arm's base is already extended
     data["name"] = f"{cfg.name}-{arm}"
-    data["run_dir"] = str(arm_dir(run_dir, arm))
+    data["run_dir"] = str(RunDir(run_dir).arm(arm))
     return RunConfig.model_validate(data)
-
-
-def arm_dir(run_dir: Path, arm: str) -> Path:
-    return RunDir(run_dir) / RunDir.DECIDE_DIR / arm
 
 
 # ------------------------------------------------------------------------------------------------ arms
@@ -149,7 +145,7 @@ def extended_base(cfg: RunConfig, run_dir: Path, base_path: Path, n: int, consol
     ``<run>/decide/continued-vocab<N>/base/``; returns the folder and what was added (with the audit)."""
     from domainlm import tokenizer_extend
 
-    out = arm_dir(run_dir, vocab_arm(n)) / "base"
+    out = RunDir(run_dir).arm(vocab_arm(n)) / RunDir.ARM_BASE
     return out, tokenizer_extend.build_extended(cfg, run_dir, base_path, n, out, key="--base", console=console)
 
 
@@ -180,8 +176,11 @@ def evaluate_arm(model_dir: Path, run_dir: Path, out: Path, texts: list[str] | N
                   for n, p in inputs.parse_text_args(texts)]
     fp = stages.fingerprint(DECIDE_VERSION, eval_fingerprint(target.model_dir, target.cfg.eval,
                                                              _probe_file(None, target), texts), text_files)
-    if out.exists() and stages.is_done(run_dir, stage, fp):
-        return json.loads(out.read_text(encoding="utf-8"))
+    if stages.is_done(run_dir, stage, fp):
+        with contextlib.suppress(UserError):  # one this version cannot read is scored again
+            done = load_output(out, AnyEval)
+            if done is not None:
+                return done.model_dump(exclude_unset=True)
     result, _ = run_eval(model_dir, run=run_dir, texts=texts, out=out, per_doc=True, console=console)
     stages.mark_done(run_dir, stage, fp)
     return result
@@ -214,7 +213,7 @@ def verdicts(evals: dict[str, dict]) -> dict[str, dict]:
             s = evals[second]["sources"][name]
             if s["doc_bytes"] != w["doc_bytes"]:
                 raise UserError(f"{name}: the arms were scored on different documents; delete "
-                                f"{RunDir.DECIDE_DIR}/*/eval.json and rerun")
+                                f"{RunDir.DECIDE_DIR}/*/{RunDir.VARIANT_EVAL} and rerun")
             m = paired_margin(s["doc_bits"], w["doc_bits"], w["doc_bytes"])
             row["margin"] = m
             lo, hi = m["ci95"]
@@ -249,7 +248,7 @@ def run_decide(config: Path | None, *, base: Path | None = None, extend_vocab: i
     for _, p in inputs.parse_text_args(texts):  # bad --text fails before any training
         inputs.text_files(p)
     base_path = Path(base) if base is not None else default_base(run_dir)
-    if base is None and not (base_path / "config.json").is_file():
+    if base is None and not (base_path / HF_CONFIG).is_file():
         raise UserError(f"--base: no general model given and no general-only baseline in {base_path}; run "
                         "`domainlm run CONFIG` (it trains one) or pass --base MODEL_DIR (any Hugging Face causal LM)")
     b = resolve_base(base_path, "--base")
@@ -265,7 +264,7 @@ def run_decide(config: Path | None, *, base: Path | None = None, extend_vocab: i
         row: dict = {"label": label(arm)}
         if arm == SCRATCH:
             model_dir = _train_scratch(cfg, run_dir, console)
-            n_params = train_record(run_dir).get("params")
+            n_params = train_record(run_dir).params
             row.update(trained_tokens=trained_tokens(run_dir, cfg), params=n_params, base_flops=None)
         elif arm == BASE:
             model_dir = b.path
@@ -289,7 +288,7 @@ def run_decide(config: Path | None, *, base: Path | None = None, extend_vocab: i
             model_dir = _train_continued(vcfg, run_dir, console)
             row.update(trained_tokens=trained_tokens(vcfg.directory(), vcfg),
                        params=resolve_base(init_from, "--base").params, base_flops=pre["flops"])
-        ev = evaluate_arm(model_dir, run_dir, arm_dir(run_dir, arm) / RunDir.VARIANT_EVAL, texts, console)
+        ev = evaluate_arm(model_dir, run_dir, RunDir(run_dir).arm(arm) / RunDir.VARIANT_EVAL, texts, console)
         evals[arm] = ev
         run_flops = training_flops(row["params"], row["trained_tokens"])
         base_flops = row.pop("base_flops")

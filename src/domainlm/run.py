@@ -54,7 +54,7 @@ def _plan(config_path: Path, run_dir: Path, cfg: RunConfig, console: Console) ->
     counts = counts_path(RunDir(run_dir).tokens_for(base.path) if base else run_dir)
     stage = stages.Stage(run_dir, "plan", RunDir(run_dir).plan,
                          (dump_config(cfg), counts.read_text() if counts.exists() else None))
-    result, ran = stage.run(work, lambda: RunDir(run_dir).read_json(RunDir.PLAN))
+    result, ran = stage.run(work, lambda: RunDir(run_dir).load(RunDir.PLAN, Plan).model_dump(exclude_unset=True))
     if not ran:
         console.print("plan: unchanged, skipped")
     return result

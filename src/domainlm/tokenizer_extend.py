@@ -33,6 +33,7 @@ sequence of old tokens the extended model's logits over the old vocabulary are e
 
 from __future__ import annotations
 
+import contextlib
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -189,7 +190,8 @@ def build_extended(cfg, run_dir: Path, base_path: Path, n: int, out: Path, *, ke
     (a stage marker ``extend-<folder>``); returns what was added and the audit."""
     from domainlm import stages
     from domainlm.basemodel import resolve_base
-    from domainlm.rundir import RunDir, write_json
+    from domainlm.outputs import Extension, ExtensionAudit
+    from domainlm.rundir import HF_CONFIG, RunDir, load_output, write_json
     from domainlm.tokenizer import audit
 
     run_tok = RunDir(run_dir).tokenizer / "tokenizer.json"
@@ -199,9 +201,13 @@ def build_extended(cfg, run_dir: Path, base_path: Path, n: int, out: Path, *, ke
     fp = stages.fingerprint("extend-v1", n, resolve_base(base_path, key).fingerprint, stages.file_fingerprint(run_tok),
                             cfg.tokenizer.sample_bytes, cfg.tokenizer.seed, cfg.tokenizer.audit_bytes,
                             cfg.tokenizer.domain_terms)
-    audit_file = out / Path(RunDir.AUDIT).name  # the extended tokenizer's audit, beside it as the run's is
-    if (out / "config.json").is_file() and audit_file.is_file() and stages.is_done(run_dir, stage, fp):
-        return stages.recorded(run_dir, stage)["extension"]
+    audit_file = out / RunDir.AUDIT_FILE  # the extended tokenizer's audit, beside it as the run's is
+    info_file = out / RunDir.EXTENSION_FILE  # what was added
+    if (out / HF_CONFIG).is_file() and stages.is_done(run_dir, stage, fp):
+        with contextlib.suppress(UserError):  # files this version cannot read: extend again
+            added, checked = load_output(info_file, Extension), load_output(audit_file, ExtensionAudit)
+            if added is not None and checked is not None:
+                return {**added.model_dump(), "audit": checked.model_dump(exclude_unset=True)}
     if console is not None:
         console.print(f"extending {base_path}'s tokenizer with up to {n} domain tokens ...", highlight=False)
     info = extend(base_path, RunDir(run_dir).tokenizer, domain_sample(cfg, run_dir), n, out)
@@ -210,8 +216,9 @@ def build_extended(cfg, run_dir: Path, base_path: Path, n: int, out: Path, *, ke
     before = AutoTokenizer.from_pretrained(base_path, local_files_only=True)
     after = AutoTokenizer.from_pretrained(out, local_files_only=True)
     info["audit"] = audit(_backend(after), _backend(before), cfg, run_dir)  # "baseline" = the base, before
-    write_json(audit_file, info["audit"])
-    stages.mark_done(run_dir, stage, fp, {"extension": info})
+    write_json(info_file, Extension.checked({k: v for k, v in info.items() if k != "audit"}))
+    write_json(audit_file, ExtensionAudit.checked(info["audit"]))
+    stages.mark_done(run_dir, stage, fp)
     return info
 
 

@@ -48,7 +48,7 @@ def run_downstream(cfg: RunConfig, run_dir: Path, console: Console) -> dict | No
         console.print(f"[yellow]downstream: the LicenseDB source does not exclude the test licenses "
                       f"(sources[].exclude_ids: {LICENSEDB_TEST}); the domain model has seen them[/]")
     task_dir = rd / RunDir.TASK_DATA
-    if not (task_dir / "balance.json").is_file():  # written last
+    if not (task_dir / RunDir.TASK_BALANCE).is_file():  # written last
         tasks.print_balance(tasks.write_task_data(task_dir), console)
     data, val, test = (task_dir / f"{s}.jsonl" for s in ("train", "val", "test"))
     args = FinetuneArgs(steps=d.steps, batch_size=d.batch_size, micro_batch=min(d.micro_batch, d.batch_size),
@@ -60,7 +60,7 @@ def run_downstream(cfg: RunConfig, run_dir: Path, console: Console) -> dict | No
     result_path = rd / RunDir.CLASSIFY_COMPARE
     if result_path.is_file() and stages.is_done(run_dir, STAGE, fp):
         console.print("downstream: done already, skipped")
-        return rd.read_json(RunDir.CLASSIFY_COMPARE)
+        return rd.load(RunDir.CLASSIFY_COMPARE, ClassifyComparison).model_dump(exclude_unset=True)
     result, _ = compare(run_dir, baseline, data, val=val, test=test, out=rd / RunDir.DOWNSTREAM, args=args,
                         tasks=[d.task], console=console, head=d.head)
     stages.mark_done(run_dir, STAGE, fp)

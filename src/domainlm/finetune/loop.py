@@ -15,7 +15,7 @@ One process (CPU or one GPU): fine-tuning sets are small; multi-GPU would need a
 
 from __future__ import annotations
 
-import json
+import contextlib
 import shutil
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -30,7 +30,8 @@ from domainlm import stages
 from domainlm.chat import ensure_chat_template, pad_id_of
 from domainlm.errors import UserError
 from domainlm.finetune.data import collate, encode_all, read_jsonl
-from domainlm.rundir import RunDir, swap_dir, write_json
+from domainlm.outputs import AnyFinetune, FinetuneSummary
+from domainlm.rundir import HF_CONFIG, ModelRef, RunDir, load_output, resolve_model_ref, swap_dir, write_json
 from domainlm.train import checkpoint as ckpt
 from domainlm.train.driver import Driver, Eval
 from domainlm.train.parallel import Dist
@@ -57,25 +58,18 @@ class FinetuneArgs:
     keep_checkpoints: int = 1
 
 
-def resolve_model(model_or_run: Path) -> tuple[Path, Path | None]:
-    """(model folder, run directory or None). A run directory means its ``model/``."""
+def resolve_model(model_or_run: Path) -> ModelRef:
+    """The model to fine-tune (a run directory means its trained ``model/``), with its tokenizer checked."""
     from domainlm.evaluate.inputs import check_tokenizer_files
 
-    p = Path(model_or_run)
-    if (p / "config.json").is_file():
-        check_tokenizer_files(p)
-        return p, None
-    if (p / RunDir.MODEL / "config.json").is_file():
-        check_tokenizer_files(p / RunDir.MODEL)
-        return p / RunDir.MODEL, p
-    if not p.exists():
-        raise UserError(f"{p}: no such model folder or run directory")
-    raise UserError(f"{p}: neither an HF model folder (config.json) nor a run directory with a trained model/")
+    ref = resolve_model_ref(model_or_run)
+    check_tokenizer_files(ref.model_dir)
+    return ref
 
 
-def default_out(model_dir: Path, run_dir: Path | None, data: Path) -> Path:
-    stem = Path(data).name.split(".")[0]
-    return (run_dir / "finetune" / stem) if run_dir else model_dir.with_name(f"{model_dir.name}-ft-{stem}")
+def data_name(data: Path) -> str:
+    """A fine-tuning's default folder name: its data file's name without suffixes (``sft.jsonl.gz`` → ``sft``)."""
+    return Path(data).name.split(".")[0]
 
 
 @lru_cache(maxsize=4)
@@ -125,15 +119,16 @@ def inputs_fingerprint(model_dir: Path, data: Path, val: Path | None) -> tuple:
 def finished_or_start(out: Path, fp: str, restart: bool, console: Console) -> dict | None:
     """The summary of a finished fine-tuning into ``out`` with fingerprint ``fp`` (nothing to do), else None with
     ``out`` ready to train into (emptied on ``restart``; a half-written checkpoint removed, finished ones kept)."""
-    summary_path = out / RunDir.FINETUNE
     if restart:
         shutil.rmtree(out, ignore_errors=True)
-    elif summary_path.is_file() and (out / RunDir.MODEL / "config.json").is_file():
-        done = json.loads(summary_path.read_text(encoding="utf-8"))
-        if done.get("fingerprint") == fp:
+    elif (out / RunDir.MODEL / HF_CONFIG).is_file():
+        done = None
+        with contextlib.suppress(UserError):  # a summary this version cannot read: fine-tune again
+            done = load_output(out / RunDir.FINETUNE, AnyFinetune)
+        if done is not None and done.fingerprint == fp:
             console.print(f"finetune: done already ({out / RunDir.MODEL}); --restart to fine-tune again",
                           markup=False)
-            return done
+            return done.model_dump()
     out.mkdir(parents=True, exist_ok=True)
     ckpt.remove_partial(out)
     return None
@@ -147,10 +142,11 @@ def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Pa
         raise UserError(f"--too-long: expected truncate or reject, got {args.too_long!r}")
     if args.batch_size % args.micro_batch:
         raise UserError(f"--micro-batch: {args.micro_batch} does not divide --batch-size {args.batch_size}")
-    model_dir, run_dir = resolve_model(model_or_run)
+    ref = resolve_model(model_or_run)
+    model_dir, run_dir = ref.model_dir, ref.run_dir
     train_convs = read_jsonl(data)  # bad input fails before any model is loaded
     val_convs = read_jsonl(val) if val is not None else []
-    out = Path(out) if out is not None else default_out(model_dir, run_dir, data)
+    out = Path(out) if out is not None else ref.finetune_out(data_name(data))
 
     from transformers import AutoConfig, AutoTokenizer
 
@@ -226,7 +222,7 @@ def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Pa
                "truncated": enc.truncated, "response_tokens": enc.trained_tokens, "tokens": enc.tokens,
                "tokens_per_s": driver.tokens_per_s, "args": asdict(args), "fingerprint": fp,
                "chat_template": "added" if added else "model's"}
-    write_json(summary_path, summary, indent=1)
+    write_json(summary_path, FinetuneSummary.checked(summary), indent=1)
     console.print(f"wrote [bold]{escape(str(out / RunDir.MODEL))}[/] (Hugging Face format, chat template in its "
                   "tokenizer); "
                   f"final loss {last_loss:.4f}" + (f", val loss {last_val:.4f}" if last_val is not None else ""))

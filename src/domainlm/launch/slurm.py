@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from domainlm.errors import UserError
-from domainlm.rundir import atomic_write
+from domainlm.rundir import RunDir, atomic_write
 
 # Slurm's --time formats: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S (sbatch(1)), or UNLIMITED
 TIME_RE = re.compile(r"^(\d+(:\d{1,2}){0,2}|\d+-\d+(:\d{1,2}){0,2}|unlimited|infinite)$", re.IGNORECASE)
@@ -34,7 +34,12 @@ ENDED = {"COMPLETING", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL
 
 
 def script_path(run_dir: Path) -> Path:
-    return Path(run_dir) / "launch" / "train.sbatch"
+    return RunDir(run_dir) / RunDir.SBATCH
+
+
+def job_log(run_dir: Path, job_id: str) -> Path:
+    """The log of a Slurm job of this run (``%j``: sbatch puts the job id in)."""
+    return RunDir(run_dir) / RunDir.LAUNCH_DIR / f"slurm-{job_id}.out"
 
 
 def train_script(*, config: Path, workdir: Path, run_dir: Path, job_name: str, nodes: int, gpus_per_node: int,
@@ -51,7 +56,7 @@ def train_script(*, config: Path, workdir: Path, run_dir: Path, job_name: str, n
         *([f"--partition={partition}"] if partition else []),
         *([f"--time={time_limit}"] if time_limit else []),
         f"--chdir={workdir}",  # the config's relative run_dir resolves as it did at submission
-        f"--output={run_dir / 'launch' / 'slurm-%j.out'}",
+        f"--output={job_log(run_dir, '%j')}",
         "--open-mode=append",  # a requeued run appends to the same log
         "--requeue",
     ]
@@ -107,7 +112,7 @@ def launch_train(config: Path | None, *, nodes: int, gpus_per_node: int, procs_p
            "job_id": None, "log": None}
     if not dry_run:
         out["job_id"] = sbatch(script)
-        out["log"] = str(run_dir / "launch" / f"slurm-{out['job_id']}.out")
+        out["log"] = str(job_log(run_dir, out["job_id"]))
     return out
 
 

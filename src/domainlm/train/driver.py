@@ -112,7 +112,8 @@ class Driver:
         if main and self.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            tb = SummaryWriter(str(path.parent / "tensorboard"), purge_step=self.step + 1 if self.step else None)
+            tb = SummaryWriter(str(RunDir(self.out) / RunDir.TENSORBOARD),
+                               purge_step=self.step + 1 if self.step else None)
         metrics = open(path, "a", encoding="utf-8") if main else None  # noqa: SIM115
 
         def log(row: dict, scalars: dict) -> None:

@@ -30,7 +30,7 @@ from domainlm.config import RunConfig, load_config
 from domainlm.data.tokens import counts_path, load_counts, open_tokens
 from domainlm.errors import UserError
 from domainlm.model import MODEL_DIR, TOKENIZER_DIR, build_model, export_hf, load_base_model, resolve_shape
-from domainlm.outputs import TrainSummary
+from domainlm.outputs import Plan, TrainSummary
 from domainlm.plan.hardware import ACCELERATORS
 from domainlm.plan.shape import ModelShape, objective_flops_per_token, objective_params
 from domainlm.rundir import RunDir, write_json
@@ -66,13 +66,14 @@ def run_training(config: Path | None, *, restart: bool = False, max_steps: int |
 # ------------------------------------------------------------------------------------------------ setup
 
 
-def plan_of(run_dir: Path) -> dict:
-    return RunDir(run_dir).read_json(RunDir.PLAN) or {}
+def plan_of(run_dir: Path) -> Plan | None:
+    """The run's plan (`domainlm plan`), or None when there is none."""
+    return RunDir(run_dir).load(RunDir.PLAN, Plan)
 
 
-def planned_tokens(plan: dict) -> float | None:
+def planned_tokens(plan: Plan | None) -> float | None:
     """The tokens the plan says this run trains ("run": the law's tokens, or the budget on the config's shape)."""
-    return (plan.get("run") or {}).get("tokens") or plan.get("tokens")
+    return (plan.run.tokens or plan.tokens) if plan is not None else None
 
 
 def peak_flops(device: torch.device, precision: str, run_dir: Path, world_size: int) -> float | None:
@@ -87,7 +88,8 @@ def peak_flops(device: torch.device, precision: str, run_dir: Path, world_size: 
             if re.search(rf"\b{kind}\b", name) and size_ok:
                 return (acc.bf16_flops if precision == "bf16-mixed" else acc.fp32_flops) * world_size
         return None
-    return plan_of(run_dir).get("compute", {}).get("measured_flops_per_s")
+    plan = plan_of(run_dir)
+    return plan.compute.get("measured_flops_per_s") if plan is not None else None
 
 
 def _check_batch(cfg: RunConfig, world: Dist) -> tuple[int, int]:
@@ -165,7 +167,7 @@ class Setup:
     global_batch: int
     total_steps: int
     precision: str
-    plan: dict
+    plan: Plan | None
     base: BaseModel | None = None  # continued pretraining (train.init_from): the model, shape and tokenizer's source
     objective: str = CAUSAL  # model.objective (train/objectives.py)
 
@@ -318,7 +320,7 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
         skipped_steps=driver.skipped,
         # planned vs actual training time: only when this invocation ran every step
         train_seconds=round(driver.seconds, 1) if driver.first_step == 0 else None,
-        planned_seconds=(z.plan.get("run") or {}).get("planned_seconds"), tokens_per_s=driver.tokens_per_s,
+        planned_seconds=z.plan.run.planned_seconds if z.plan else None, tokens_per_s=driver.tokens_per_s,
         params=params_of(z), model_dir=str(run_dir / MODEL_DIR), parallel=mode, world_size=world.world_size,
         finished=time.time()).model_dump()
     if world.is_main:

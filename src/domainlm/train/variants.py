@@ -16,6 +16,7 @@ from domainlm.data.tokens import load_counts
 from domainlm.errors import UserError
 from domainlm.model import MODEL_DIR, resolve_shape
 from domainlm.plan.shape import ModelShape
+from domainlm.rundir import RunDir
 from domainlm.train.loop import plan_of, planned_tokens, train
 from domainlm.train.parallel import distributed
 
@@ -46,7 +47,7 @@ def variant_config(cfg: RunConfig, run_dir: Path, domain_weight: float) -> RunCo
     if budget is None:
         raise UserError("train.max_tokens: no token budget; set it or run `domainlm plan CONFIG` first")
     return fixed_config(cfg, shape, float(budget), name=f"{cfg.name}-w{domain_weight:g}",
-                        run_dir=variant_dir(run_dir, domain_weight), weights=reweighted(cfg, domain_weight))
+                        run_dir=RunDir(run_dir).variant(domain_weight), weights=reweighted(cfg, domain_weight))
 
 
 def fixed_config(cfg: RunConfig, shape: ModelShape, max_tokens: float, *, name: str, run_dir: Path,
@@ -64,10 +65,6 @@ def fixed_config(cfg: RunConfig, shape: ModelShape, max_tokens: float, *, name: 
     data["name"] = name
     data["run_dir"] = str(run_dir)
     return RunConfig.model_validate(data)
-
-
-def variant_dir(run_dir: Path, domain_weight: float) -> Path:
-    return Path(run_dir) / "ablate" / f"w{domain_weight:g}"
 
 
 def train_variant(vcfg: RunConfig, run_dir: Path, console: Console) -> Path:
