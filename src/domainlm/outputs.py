@@ -646,6 +646,7 @@ FOLDER_SCHEMAS: dict[str, Any] = {
     RunDir.FINETUNE: AnyFinetune,
     RunDir.COMPARISON: AnyComparison,
     RunDir.TASK_BALANCE: TaskData,
+    RunDir.COUNTS_FILE: Counts,  # in another tokenizer's token folder (tokens-<sha>/)
 }
 
 

@@ -132,7 +132,7 @@ def tokenize(run_dir: Path, tokenizer_dir: Path | None = None, progress=None) ->
         return not any(tokens.file_problem(out, n, sp, counts) for n in names for sp in pipeline.SPLITS)
 
     stage = stages.Stage(run_dir, "tokenize" + out.name.removeprefix(RunDir.TOKENS),  # tokenize, tokenize-<sha>
-                         tokens.counts_path(out), ("tokenize-v1", stats["fingerprint"], tok_sha, names), intact)
+                         tokens.counts_path(out), ("tokenize-v1", stats.fingerprint, tok_sha, names), intact)
     if stage.done():
         return tokens.load_counts(out)
     stage.start()
