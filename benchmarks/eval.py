@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 from domainlm.evaluate import bpb
 from domainlm.model import build_model
-from domainlm.plan.shape import make_shape
+from domainlm.shape import make_shape
 
 # (d_model, n_layers, vocab, context): "demo" is ANCHORS.md's CPU measurement shape; 125m/350m/1b as in
 # benchmarks/train_step.py and benchmarks/gpu.sh.

@@ -4,7 +4,7 @@ checkpointing and torch.compile off/on — through the trainer's own code (`para
 
 On CUDA each configuration is FSDP2 on one GPU as the trainer sets it up (bf16 parameters, fp32 reduction,
 fused AdamW); peak memory is ``torch.cuda.max_memory_allocated`` over the timed steps, predicted by
-`plan/memory.py` as ZeRO-3 on 1 GPU in bf16-mixed (16 B/param of states + activations). Goals (issue 14):
+`memory.py` as ZeRO-3 on 1 GPU in bf16-mixed (16 B/param of states + activations). Goals (issue 14):
 MFU ≥ 45% at 350M on an H100/H200-class GPU; predicted memory within 15% of measured.
 
 On CPU (fp32, one process) it is activation checkpointing's trade-off: step time and activation memory
@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
+from domainlm import memory as M
 from domainlm.config import TrainConfig
 from domainlm.model import build_model
-from domainlm.plan import memory as M
-from domainlm.plan.shape import make_shape
+from domainlm.shape import make_shape
 from domainlm.train.loop import peak_flops
 from domainlm.train.memory_probe import measure_cpu
 from domainlm.train.parallel import Dist, parallelize, shutdown, step_precision

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from domainlm.model import build_model
-from domainlm.plan.shape import ModelShape, make_shape
+from domainlm.shape import ModelShape, make_shape
 from domainlm.train.loop import peak_flops
 from domainlm.train.step import autocast_for, train_step
 

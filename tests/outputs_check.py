@@ -1,4 +1,4 @@
-"""Check that every JSON file a stage wrote under a folder has a typed model (outputs.schema_for) and matches it.
+"""Check that every JSON file a stage wrote under a folder has a typed model (pipeline.schema_for) and matches it.
 
 The writers' own tests call `check_outputs` on what they produced, so a new JSON output without a model, or a
 writer that drifts from its model, fails the test of that writer. Not outputs of domainlm's stages, so not
@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from domainlm.errors import UserError
-from domainlm.outputs import schema_for
+from domainlm.pipeline import schema_for
 from domainlm.rundir import HF_CONFIG, RunDir, load_jsonl, load_output
 
 # Files of the Hugging Face formats (transformers / tokenizers), in model and tokenizer folders.

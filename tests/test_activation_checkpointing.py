@@ -1,5 +1,5 @@
 """Activation checkpointing (`train.activation_checkpointing`): the same gradients as without it, the memory it
-saves measured tensor by tensor and compared with `domainlm memory`'s model (plan/memory.py), and training with
+saves measured tensor by tensor and compared with `domainlm memory`'s model (memory.py), and training with
 it follows the same loss curve and resumes from its checkpoints."""
 
 from __future__ import annotations
@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from domainlm import memory as M
 from domainlm.model import build_model
-from domainlm.plan import memory as M
-from domainlm.plan.shape import ModelShape
+from domainlm.shape import ModelShape
 from domainlm.train.memory_probe import measure_cpu
 from domainlm.train.parallel import checkpoint_layers
 from domainlm.train.step import next_token_loss
@@ -77,7 +77,7 @@ def test_memory_saved_matches_memory_model(dtype, precision):
     width = 4 if dtype == torch.float32 else 2
     tokens = B * T
     held = {(n, ac): measure(n, dtype, ac) for n in (2, 3) for ac in (False, True)}
-    # What one more layer adds, byte for byte: the Llama layer count of plan/memory.py ...
+    # What one more layer adds, byte for byte: the Llama layer count of memory.py ...
     per_layer = held[3, False][0] - held[2, False][0]
     assert per_layer == M.layer_activation_bytes(D, D // HEADS * KV_HEADS, FFN, HEADS, width) * tokens
     # ... and with checkpointing only the layer's input, w·h bytes per token.

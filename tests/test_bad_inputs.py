@@ -20,7 +20,8 @@ import yaml
 from crashkit import KILLED, domainlm, python
 from domainlm import stages
 from domainlm.data import pipeline, sources, tokens
-from domainlm.data.command import run_prepare, run_tokenize
+from domainlm.data.command import run_prepare
+from domainlm.tokenize import run_tokenize
 from test_prepare import quiet_console, train_tokenizer, two_sources, write_config, write_texts
 from test_train_fixtures import (  # noqa: F401 (one_thread: autouse fixture)
     LEGAL,

@@ -163,7 +163,7 @@ def test_compare_classifiers_majority_and_report(decoder, task_files, tmp_path, 
             "finetune/classify/general/finetune.json"} <= set(found)
     assert found["finetune/classify/domain/finetune.json"].head == "classification"
 
-    from domainlm.report import build_report
+    from domainlm.pipeline import build_report
 
     page = build_report(run)
     assert page["sections"]["classify"]["complete"]

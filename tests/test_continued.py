@@ -61,9 +61,10 @@ def prepared(tmp_path_factory):
     GPT-2 base outside the run, the base tokenizer's token files, and a config continuing the base."""
     from domainlm.config import load_config
     from domainlm.data import pipeline
-    from domainlm.data.command import run_prepare, run_tokenize
+    from domainlm.data.command import run_prepare
     from domainlm.data.tokenize import tokenize
     from domainlm.rundir import RunDir
+    from domainlm.tokenize import run_tokenize
 
     tmp = tmp_path_factory.mktemp("continued")
     run = tmp / "run"
@@ -134,7 +135,7 @@ def test_model_comes_from_the_base(prepared):
     state = model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in saved.items())
     assert z.base.params == sum(p.numel() for p in model.parameters())  # tied head counted once
-    from domainlm.basemodel import resolve_base
+    from domainlm.model.base import resolve_base
 
     again = resolve_base(prepared["run"])  # a run directory: its export, here a continued GPT-2
     assert again.path == prepared["run"] / "model" and again.architecture == "GPT2LMHeadModel"
@@ -230,12 +231,13 @@ def test_rerun_skips_and_another_base_retrains(prepared, tmp_path):
 
 def test_report_shows_the_base_tokenizers_tokens(prepared):
     from domainlm.data.tokens import load_counts
+    from domainlm.pipeline import catalog
     from domainlm.report.html import Report, data_section
     from domainlm.rundir import RunDir
     from domainlm.units import human
 
     counts = load_counts(RunDir(prepared["run"]).tokens_for(prepared["base"]))
-    s = data_section(Report(prepared["run"]))
+    s = data_section(Report(prepared["run"], catalog()))
     html = "".join(s.body)
     assert "<h3>Tokens</h3>" in html and not any("tokens/counts.json" in h for h in s.hints), s.hints
     assert human(counts["sources"]["legal"]["train_tokens"]) in html  # the base tokenizer's count, not the run's
@@ -284,7 +286,7 @@ def test_plan_fixes_n_to_the_base(prepared, tmp_path, cli):
     # a CPU budget: the base's own speed on this machine (measured once; here read back from the plan it wrote)
     from transformers import AutoModelForCausalLM
 
-    from domainlm.basemodel import resolve_base
+    from domainlm.model.base import resolve_base
     from domainlm.plan.hardware import measure_shape_throughput
     from domainlm.plan.planner import machine_id
 
@@ -340,7 +342,7 @@ def test_bad_bases_are_one_line(prepared, tmp_path, cli):
     code, _, err = cli("train", str(_with(prepared, tmp_path, seq_len=128, tokens_per_step=512)))
     assert code == 2 and "train.seq_len: 128 is longer than the base model's context 64" in err
     with pytest.raises(UserError, match="train.init_from: .*: no such model folder or run directory"):
-        from domainlm.basemodel import resolve_base
+        from domainlm.model.base import resolve_base
 
         resolve_base(tmp_path / "missing")
 
@@ -351,7 +353,7 @@ def test_decoder_layers_of_any_architecture(prepared):
     from transformers import AutoModelForCausalLM
 
     from domainlm.model import build_model
-    from domainlm.plan.shape import make_shape
+    from domainlm.shape import make_shape
     from domainlm.train.parallel import Dist, decoder_layers, parallelize
 
     gpt2 = AutoModelForCausalLM.from_pretrained(prepared["base"])

@@ -13,7 +13,8 @@ import pytest
 
 from crashkit import KILLED, assert_no_torn_files, domainlm, stamps, tree
 from domainlm.data import pipeline
-from domainlm.data.command import run_prepare, run_tokenize
+from domainlm.data.command import run_prepare
+from domainlm.tokenize import run_tokenize
 from test_prepare import quiet_console, train_tokenizer, two_sources
 
 DOCS = 100  # per source: 19 datatrove tasks per source with 2 tasks per stage, 4 token parts per source

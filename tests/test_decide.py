@@ -214,10 +214,11 @@ def test_bad_inputs(decided, tmp_path):
 
 
 def test_report_section(decided):
+    from domainlm.pipeline import catalog
     from domainlm.report.html import Report, decide_section
 
     run = Path(decided["result"]["run_dir"])
-    sec = decide_section(Report(run))
+    sec = decide_section(Report(run, catalog()))
     assert sec.title == "From scratch or continued?" and sec.complete and sec.images == ["decide.png"]
     page = "".join(sec.body)
     for arm in decided["result"]["arms"]:
@@ -232,8 +233,8 @@ def test_extend_vocab_in_the_config(decided, tmp_path):
     from rich.console import Console
     from transformers import AutoTokenizer
 
-    from domainlm.basemodel import base_of
-    from domainlm.data.command import run_tokenize
+    from domainlm.model.base import base_of
+    from domainlm.tokenize import run_tokenize
 
     shutil.copytree(decided["tmp"] / "pristine", tmp_path / "c")
     data = yaml.safe_load(decided["pristine"].read_text().replace(str(decided["tmp"] / "pristine"),

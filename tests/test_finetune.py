@@ -325,7 +325,7 @@ def test_compare_writes_side_by_side_result(model_dir, tmp_path):
     # Same base, data, steps and seed: identical fine-tunes, so the difference is exactly 0.
     assert r["domain_minus_general"]["accuracy"]["value"] == 0 and "no detectable difference" in res["verdict"]
 
-    from domainlm.report import build_report
+    from domainlm.pipeline import build_report
 
     run = tmp_path / "run"
     (run / "eval").mkdir(parents=True)

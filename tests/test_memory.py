@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from domainlm.plan import memory as M
+from domainlm import memory as M
 
 
 @pytest.mark.parametrize("sharding,expected", [("ddp", 120.0), ("zero1", 31.4), ("zero2", 16.6), ("zero3", 1.9)])
@@ -33,7 +33,7 @@ def test_precisions_and_optimizers():
 
 
 def test_activations_korthikanti():
-    # Korthikanti et al.'s count applied to the Llama layer (plan/memory.py), by hand for h = 2048 (16 heads of
+    # Korthikanti et al.'s count applied to the Llama layer (memory.py), by hand for h = 2048 (16 heads of
     # 128, kv = h), ffn 5504 (the shape rule), bf16 (w = 2), per token and layer:
     #   norms 2·(4h + 4 + 2·2h) = 16h + 8, attention 2·(2h + 2h) + 4·16 = 8h + 64, MLP 4·2·5504 = 44,032
     #   → 24·2048 + 8 + 64 + 44,032 = 93,256 B; final norm 4h + 4 + 4h = 16,388 B; logits 3·4·V = 384,000 B.

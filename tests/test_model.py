@@ -11,7 +11,7 @@ from domainlm.config import validate
 from domainlm.errors import UserError
 from domainlm.model import build_model, export_hf, resolve_shape
 from domainlm.plan.planner import PlanRequest, make_plan
-from domainlm.plan.shape import ModelShape
+from domainlm.shape import ModelShape
 from test_train_fixtures import make_tokenizer
 
 

@@ -12,7 +12,7 @@ import yaml
 from crashkit import KILLED, domainlm
 from domainlm.errors import UserError
 from domainlm.model import build_model
-from domainlm.plan.shape import ModelShape, objective_flops_per_token, objective_params
+from domainlm.shape import ModelShape, objective_flops_per_token, objective_params
 from domainlm.train.objectives import (
     IGNORE,
     Masking,
@@ -256,7 +256,7 @@ def test_report_and_summary_show_the_objectives_scores(straight, tmp_path):
     """`domainlm run`'s summary and the report read a masked / span eval.json: loss and accuracy, no bpb."""
     from domainlm.config import load_config, write_resolved
     from domainlm.evaluate.command import run_eval
-    from domainlm.report import build_report
+    from domainlm.pipeline import build_report
     from domainlm.run import summary
 
     objective, ref, _ = straight

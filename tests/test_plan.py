@@ -7,7 +7,7 @@ import pytest
 
 from domainlm.plan import laws as L
 from domainlm.plan.planner import PlanRequest, make_plan
-from domainlm.plan.shape import ModelShape, shape_for_params
+from domainlm.shape import ModelShape, shape_for_params
 
 
 @pytest.mark.parametrize("params,flops,tokens", L.CHINCHILLA_TABLE3)

@@ -18,10 +18,11 @@ import yaml
 
 from domainlm.config import load_config
 from domainlm.data import pipeline, tokens
-from domainlm.data.command import run_prepare, run_tokenize
+from domainlm.data.command import run_prepare
 from domainlm.data.tokenize import tokenize
 from domainlm.errors import ConfigError, UserError
 from domainlm.rundir import RunDir
+from domainlm.tokenize import run_tokenize
 
 WORDS = ("licensor grants licensee a perpetual worldwide royalty free license to use copy modify merge publish "
          "distribute sublicense warranty liability damages contract consideration court appeal statute party "

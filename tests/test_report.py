@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from domainlm.pipeline import build_report
 from domainlm.plan.planner import PlanRequest, make_plan
-from domainlm.report import build_report
 
 SOURCES = {"legal": "domain", "news": "general"}
 

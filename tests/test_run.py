@@ -9,7 +9,8 @@ from crashkit import KILLED, domainlm, is_temp, stamps, tree
 from domainlm.ablate import parse_weights
 from domainlm.config import load_config
 from domainlm.errors import UserError
-from domainlm.outputs import SCHEMAS, Law
+from domainlm.outputs import Law
+from domainlm.pipeline import SCHEMAS
 from domainlm.rundir import RunDir
 from domainlm.train.variants import reweighted
 from outputs_check import check_outputs
@@ -124,3 +125,79 @@ def test_reweighting_keeps_proportions():
     assert reweighted(cfg, 0.0) == {"legal": 0.0, "news": 1.0}
     w = reweighted(cfg, 0.3)
     assert w["legal"] == pytest.approx(0.3) and sum(w.values()) == pytest.approx(1.0)
+
+
+# A toy stage: a module and its declaration, registered from outside the package (no file of domainlm touched).
+TOY_STAGE = '''
+from domainlm.outputs import Output as OutputModel
+from domainlm.pipeline import Output, StageDecl, register
+from domainlm.report.html import Section
+from domainlm.rundir import RunDir, load_output, write_json
+
+TOY = "toy/toy.json"
+
+
+class Toy(OutputModel):
+    legal_docs: int
+
+
+def run(c):
+    stats = RunDir(c.run_dir).load(RunDir.STATS, __import__("domainlm.outputs").outputs.Stats)
+    write_json(c.run_dir / TOY, Toy.checked({"legal_docs": stats.sources["legal"].train_docs}))
+    print("toy: counted")
+
+
+def section(r):
+    toy, why = r.read(TOY)
+    s = Section("toy", "Toy stage")
+    if toy is None:
+        s.hints.append(why)
+    else:
+        s.body.append(f"<p>toy legal docs: {toy.legal_docs}</p>")
+    return s
+
+
+register(StageDecl("toy", "domainlm toy CONFIG", "toy_stage.py", (Output(TOY, Toy, readers="report"),), run=run,
+                   inputs=lambda c: (c.cfg.name,), sections=(section,)))
+'''
+
+
+@pytest.mark.slow
+def test_a_registered_stage_runs_in_order_skips_is_checked_and_reported(quick, tmp_path):
+    """issue 20: adding a stage is a module plus a declaration: under `domainlm run` it runs in registry order (before
+    the report, after the stages whose outputs it reads), skips on a rerun by its fingerprint, has its output checked
+    against its schema (a damaged one is redone) and gets its report section."""
+    import shutil
+
+    from crashkit import python
+
+    ref_run, _ = quick
+    shutil.copytree(ref_run.parent, tmp_path / "runs")
+    (tmp_path / "plugin").mkdir()
+    (tmp_path / "plugin" / "toy_stage.py").write_text(TOY_STAGE)
+    code = ("import sys; sys.path.insert(0, 'plugin'); import toy_stage; from domainlm.cli import main; "
+            "main(['run', '--quick'])")
+    run = tmp_path / "runs" / "legal-demo-quick"
+
+    proc = python(code, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = proc.stdout
+    titles = [line.split(": ", 1)[1].strip(" ─") for line in out.splitlines() if "stage " in line and "/" in line]
+    assert titles.index("toy") == len(titles) - 2 and titles[-1] == "report", titles
+    assert "toy: counted" in out and "step " not in out  # the finished stages were skipped
+    toy = json.loads((run / "toy" / "toy.json").read_text())
+    stats = json.loads((run / "data" / "stats.json").read_text())
+    assert toy == {"legal_docs": stats["sources"]["legal"]["train_docs"]}
+    page = (run / "report" / "index.html").read_text()
+    assert f"toy legal docs: {toy['legal_docs']}" in page  # the report was rebuilt: a new input
+
+    proc = python(code, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "toy: counted" not in proc.stdout and "toy: inputs unchanged, skipped" in proc.stdout
+    assert "report: inputs unchanged, skipped" in proc.stdout
+
+    (run / "toy" / "toy.json").write_text('{"legal_docs": "many"}\n')  # damaged: not what its schema says
+    proc = python(code, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "toy: counted" in proc.stdout
+    assert json.loads((run / "toy" / "toy.json").read_text()) == toy

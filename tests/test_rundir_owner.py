@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from domainlm import outputs
+from domainlm import outputs, pipeline
 from domainlm.errors import UserError
 from domainlm.rundir import RunDir, resolve_model_ref
 from outputs_check import check_outputs
@@ -178,7 +178,7 @@ def test_resolver_run_directory_model_folder_or_neither(tmp_path):
 
 def test_commands_answer_alike(tmp_path, cli):
     """eval, finetune and continued pretraining's base say the same line for the same folder."""
-    from domainlm.basemodel import model_folder
+    from domainlm.model.base import model_folder
 
     run = tmp_path / "run"
     run.mkdir()
@@ -209,8 +209,8 @@ def test_schema_for_every_run_directory_json_file():
         "tokens-0123456789ab/counts.json": outputs.Counts, f"{RunDir.TASK_DATA}/balance.json": outputs.TaskData,
         RunDir.FINETUNE_COMPARE: outputs.FinetuneComparison, RunDir.CLASSIFY_COMPARE: outputs.ClassifyComparison,
     }
-    assert {rel: outputs.schema_for(rel) for rel in cases} == cases
-    assert outputs.schema_for("notes/todo.json") is None
+    assert {rel: pipeline.schema_for(rel) for rel in cases} == cases
+    assert pipeline.schema_for("notes/todo.json") is None
 
 
 def test_the_output_check_fails_on_a_file_without_a_model_or_off_its_model(tmp_path):

@@ -164,7 +164,7 @@ def test_fsdp_on_cuda_bf16_params_fp32_states_fused_adamw(cpu_offload):
 
     from domainlm.config import TrainConfig
     from domainlm.model import build_model
-    from domainlm.plan.shape import ModelShape
+    from domainlm.shape import ModelShape
     from domainlm.train.parallel import Dist, parallelize, shutdown, step_precision
     from domainlm.train.step import make_optimizer, next_token_loss, train_step
 

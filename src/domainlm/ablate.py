@@ -15,12 +15,14 @@ from rich.console import Console
 from rich.table import Table
 
 from domainlm import faults
-from domainlm.basemodel import base_of
 from domainlm.config import RunConfig, load_config
+from domainlm.data.pipeline import document_files
 from domainlm.data.tokens import load_counts
 from domainlm.errors import UserError
 from domainlm.evaluate.command import evaluate_variant
+from domainlm.model.base import base_of
 from domainlm.outputs import Ablation, AblationResult
+from domainlm.report.plots import ablation_chart
 from domainlm.rundir import RunDir, write_json
 from domainlm.train.variants import train_variant, variant_config
 
@@ -53,7 +55,6 @@ def run_ablate(config: Path | None, domain_weights: str, *, console: Console) ->
     weights = parse_weights(domain_weights)
     base = base_of(cfg)  # continued pretraining: the variants continue the base, on its tokenizer's token files
     load_counts(RunDir(run_dir).tokens_for(base.path) if base else run_dir)  # fails early: "run `domainlm tokenize`"
-    from domainlm.data.pipeline import document_files
 
     for s in cfg.sources:  # each variant is scored on the val documents: check them before any training
         document_files(run_dir, s.name, "val")
@@ -71,7 +72,6 @@ def run_ablate(config: Path | None, domain_weights: str, *, console: Console) ->
     ab = Ablation(version=ABLATE_VERSION, config=str(config) if config else None, model=vcfg.model.model_dump(),
                   tokens=vcfg.train.max_tokens, configured_domain_weight=domain_share(cfg), results=results)
     write_json(RunDir(run_dir).ablate, ab.model_dump())
-    from domainlm.report.plots import ablation_chart
 
     return {**ab.model_dump(), "plot": str(ablation_chart(ab, RunDir(run_dir) / RunDir.ABLATE_CHART))}
 

@@ -6,9 +6,11 @@ command line shows the traceback instead.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
+import tempfile
 from pathlib import Path
 from typing import Annotated
 
@@ -16,9 +18,34 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from domainlm import __version__
+from domainlm import __version__, stages
 from domainlm.errors import ConfigError, UserError
+from domainlm.lazy import lazy
 from domainlm.rundir import RunDir, resolve_model_ref
+from domainlm.stages import describe_environment_error, environment_error
+
+# The commands' implementations, executed on first use (lazy.py): `domainlm --help` loads none of them.
+ablate_ = lazy("domainlm.ablate")
+config_ = lazy("domainlm.config")
+data_command = lazy("domainlm.data.command")
+decide_ = lazy("domainlm.decide")
+evaluate_command = lazy("domainlm.evaluate.command")
+evaluate_tasks = lazy("domainlm.evaluate.tasks")
+finetune_classify = lazy("domainlm.finetune.classify")
+finetune_compare = lazy("domainlm.finetune.compare")
+finetune_loop = lazy("domainlm.finetune.loop")
+generate_ = lazy("domainlm.generate")
+slurm_launcher = lazy("domainlm.launch.slurm")
+pipeline_ = lazy("domainlm.pipeline")
+plan_command = lazy("domainlm.plan.command")
+plan_report = lazy("domainlm.plan.report")
+report_ = lazy("domainlm.report")
+run_ = lazy("domainlm.run")
+scaling_points = lazy("domainlm.scaling.points")
+scaling_sweep = lazy("domainlm.scaling.sweep")
+tokenize_ = lazy("domainlm.tokenize")
+tokenizer_ = lazy("domainlm.tokenizer")
+train_loop = lazy("domainlm.train.loop")
 
 app = typer.Typer(
     name="domainlm",
@@ -63,28 +90,22 @@ def _wrote(path) -> None:
 
 def _config_dir(config: Path | None, quick: bool = False) -> Path:
     """The run directory a config writes into (checked before any work: see `stages.locked`)."""
-    from domainlm.config import load_config
 
-    cfg = load_config(config)
+    cfg = config_.load_config(config)
     if quick:
-        from domainlm.run import quick_config
 
-        cfg = quick_config(cfg)
+        cfg = run_.quick_config(cfg)
     return cfg.directory()
 
 
 def _locked(run_dir: Path, command: str):
-    from domainlm import stages
-
     return stages.locked(run_dir, command)
 
 
 def _is_run(folder: Path) -> bool:
     """A folder some stage of domainlm wrote into (its resolved config, stage markers or a stage's output)."""
-    from domainlm.report.html import PRODUCERS
-
     try:
-        return resolve_model_ref(folder, need_model=False, outputs=PRODUCERS).is_run
+        return resolve_model_ref(folder, need_model=False, outputs=pipeline_.PRODUCERS).is_run
     except UserError:
         return False
 
@@ -107,8 +128,6 @@ def _writable_file(path: Path, flag: str) -> Path:
 
 
 def _writable_folder(folder: Path, flag: str, shown: Path | None = None) -> Path:
-    import tempfile
-
     shown = shown or folder
     if folder.exists() and not folder.is_dir():
         raise UserError(f"{flag} {shown}: {folder} is a file, not a folder; choose another path")
@@ -167,21 +186,18 @@ def plan(
     as_json: JsonOpt = False,
 ) -> None:
     """Size the model and its token budget with scaling laws (compute-optimal and data-constrained)."""
-    import contextlib
 
-    from domainlm.plan.command import run_plan
 
     plot = _plot_path(plot) if plot is not None else None
     with _locked(_config_dir(config), "plan") if config is not None else contextlib.nullcontext():
-        result, written = run_plan(config, flops=flops, gpu=gpu, gpus=gpus, hours=hours, mfu=mfu,
+        result, written = plan_command.run_plan(config, flops=flops, gpu=gpu, gpus=gpus, hours=hours, mfu=mfu,
                                    unique_tokens=unique_tokens, weight=weight, law=law, vocab_size=vocab_size,
                                    seq_len=seq_len, plot=plot)
     if as_json:
         print_json(result)
         return
-    from domainlm.plan.report import print_plan
 
-    print_plan(result, console)
+    plan_report.print_plan(result, console)
     for p in written:
         _wrote(p)
 
@@ -209,9 +225,8 @@ def memory(
     as_json: JsonOpt = False,
 ) -> None:
     """Per-GPU memory for weights, gradients, optimizer states and activations; the least sharding that fits."""
-    from domainlm.plan.command import run_memory
 
-    result = run_memory(
+    result = plan_command.run_memory(
         params=params,
         model=model,
         precision=precision,
@@ -230,9 +245,8 @@ def memory(
     if as_json:
         print_json(result)
         return
-    from domainlm.plan.report import print_memory
 
-    print_memory(result, console)
+    plan_report.print_memory(result, console)
 
 
 # ---------------------------------------------------------------------------------------------------- prepare
@@ -241,10 +255,9 @@ def memory(
 @app.command()
 def prepare(config: ConfigArg = None, as_json: JsonOpt = False) -> None:
     """Clean, deduplicate and split the sources (datatrove)."""
-    from domainlm.data.command import print_prepare, run_prepare
 
-    result = run_prepare(config, console=err_console if as_json else console)
-    print_json(result) if as_json else print_prepare(result, console)
+    result = data_command.run_prepare(config, console=err_console if as_json else console)
+    print_json(result) if as_json else data_command.print_prepare(result, console)
 
 
 # ---------------------------------------------------------------------------------------------------- tokenizer
@@ -253,14 +266,13 @@ def prepare(config: ConfigArg = None, as_json: JsonOpt = False) -> None:
 @app.command()
 def tokenizer(config: ConfigArg = None, as_json: JsonOpt = False) -> None:
     """Train the tokenizer on the prepared data (mixture-weighted) and audit it against a general-only baseline."""
-    from domainlm.tokenizer import print_audit, run_tokenizer
 
     with _locked(_config_dir(config), "tokenizer"):
-        result = run_tokenizer(config, console=None if as_json else console)
+        result = tokenizer_.run_tokenizer(config, console=None if as_json else console)
     if as_json:
         print_json(result)
         return
-    print_audit(result, console)
+    tokenizer_.print_audit(result, console)
 
 
 @app.command()
@@ -271,10 +283,9 @@ def tokenize(
     as_json: JsonOpt = False,
 ) -> None:
     """Tokenize the prepared data into token files (tokens/<source>/{train,val}.bin, tokens/counts.json)."""
-    from domainlm.data.command import print_tokenize, run_tokenize
 
-    result = run_tokenize(config, err_console if as_json else console, tokenizer_dir)
-    print_json(result) if as_json else print_tokenize(result, console)
+    result = tokenize_.run_tokenize(config, err_console if as_json else console, tokenizer_dir)
+    print_json(result) if as_json else tokenize_.print_tokenize(result, console)
 
 
 # ---------------------------------------------------------------------------------------------------- train, generate
@@ -287,10 +298,9 @@ def train(
     max_steps: Annotated[int | None, typer.Option("--max-steps", min=1, help="train N steps in all (the schedule fits N)")] = None,
 ) -> None:
     """Pretrain the model from scratch (resumes from the latest checkpoint); also `torchrun -m domainlm train`."""
-    from domainlm.train.loop import run_training
 
     with _locked(_config_dir(config), "train"):
-        run_training(config, restart=restart, max_steps=max_steps, console=err_console)
+        train_loop.run_training(config, restart=restart, max_steps=max_steps, console=err_console)
 
 
 @app.command()
@@ -303,9 +313,8 @@ def generate(
     seed: Annotated[int, typer.Option(help="sampling seed")] = 0,
 ) -> None:
     """Sample a continuation of --prompt from a trained model folder."""
-    from domainlm.generate import generate as sample
 
-    text = sample(model_dir, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
+    text = generate_.generate(model_dir, prompt, max_new_tokens=max_new_tokens, temperature=temperature,
                   top_k=top_k or None, seed=seed)
     console.print(text, highlight=False, markup=False)
 
@@ -336,10 +345,9 @@ def finetune(
 ) -> None:
     """Instruction-tune a model (loss on responses only), or --head classification; --compare GENERAL: domain vs
     general downstream."""
-    from domainlm.finetune.loop import FinetuneArgs
 
-    args = FinetuneArgs(steps=steps, batch_size=batch_size, micro_batch=min(micro_batch, batch_size), lr=lr,
-                        seed=seed, lora=lora, too_long=too_long, max_len=max_len)
+    args = finetune_loop.FinetuneArgs(steps=steps, batch_size=batch_size, micro_batch=min(micro_batch, batch_size),
+                                      lr=lr, seed=seed, lora=lora, too_long=too_long, max_len=max_len)
     if out is not None:
         _writable_folder(Path(out), "--out")
     run_dir = _run_of(model_or_run)
@@ -354,19 +362,14 @@ def _finetune(model_or_run, data, val, out, args, compare, test, task, restart, 
     if head not in ("lm", "classification"):
         raise UserError(f"--head: expected lm or classification, got {head!r}")
     if compare is None:
-        from domainlm.finetune.classify import finetune_classifier
-        from domainlm.finetune.loop import finetune as run_finetune
 
-        fit = run_finetune if head == "lm" else finetune_classifier
+        fit = finetune_loop.finetune if head == "lm" else finetune_classify.finetune_classifier
         fit(model_or_run, data, val=val, out=out, args=args, restart=restart, console=err_console)
         return
-    from domainlm.finetune.compare import compare as run_compare
-    from domainlm.finetune.compare import print_compare
 
-    result, written = run_compare(model_or_run, compare, data, val=val, test=test, out=out, args=args, tasks=task,
-                                  head=head,
-                                  restart=restart, console=err_console)
-    print_compare(result, console)
+    result, written = finetune_compare.compare(model_or_run, compare, data, val=val, test=test, out=out, args=args,
+                                               tasks=task, head=head, restart=restart, console=err_console)
+    finetune_compare.print_compare(result, console)
     for p in written:
         _wrote(p)
 
@@ -380,13 +383,12 @@ def tasks(
     as_json: JsonOpt = False,
 ) -> None:
     """Build downstream task data (split by license) and the pretraining exclusion list; print class balance."""
-    from domainlm.evaluate.tasks import print_balance, write_task_data
 
     if name != "licensedb":
         raise UserError(f"tasks: unknown task set {name!r}; expected licensedb")
     _writable_folder(out, "--out")
-    result = write_task_data(out, test_fraction=test_fraction, seed=seed)
-    print_json(result) if as_json else print_balance(result, console)
+    result = evaluate_tasks.write_task_data(out, test_fraction=test_fraction, seed=seed)
+    print_json(result) if as_json else evaluate_tasks.print_balance(result, console)
 
 
 # ---------------------------------------------------------------------------------------------------- eval
@@ -413,7 +415,6 @@ def eval_(
     as_json: JsonOpt = False,
 ) -> None:
     """Bits per byte per source and on your text, loss/token, perplexity, and domain-term probe accuracy."""
-    import contextlib
 
     if out is not None:
         _writable_file(out, "--out")  # before the evaluation, not after it
@@ -423,27 +424,25 @@ def eval_(
 
 
 def _eval(model_or_run, text, probes, run_dir, out, context, stride, max_bytes, task, task_data, as_json) -> None:
-    from domainlm.evaluate.command import print_eval, run_eval
-
     if task:
-        from domainlm.evaluate.command import print_tasks, run_tasks
 
-        results, written = run_tasks(model_or_run, task, test=task_data, out=out,
+        results, written = evaluate_command.run_tasks(model_or_run, task, test=task_data, out=out,
                                      console=None if as_json else err_console)
-        print_json(results) if as_json else print_tasks(results, written, console)
+        print_json(results) if as_json else evaluate_command.print_tasks(results, written, console)
         return
 
     for flag, v in (("--context", context), ("--stride", stride), ("--max-bytes", max_bytes)):
         if v is not None and v < 1:
             raise UserError(f"{flag}: expected a whole number >= 1, got {v}")
-    result, written = run_eval(model_or_run, texts=text, probes=probes, run=run_dir, out=out, context=context,
-                               stride=stride, max_bytes=max_bytes, console=None if as_json else err_console)
+    result, written = evaluate_command.run_eval(model_or_run, texts=text, probes=probes, run=run_dir, out=out,
+                                                context=context, stride=stride, max_bytes=max_bytes,
+                                                console=None if as_json else err_console)
     if os.environ.get("RANK", "0") != "0":
         return  # torchrun: the other ranks scored their share; rank 0 prints
     if as_json:
         print_json(result)
         return
-    print_eval(result, console)
+    evaluate_command.print_eval(result, console)
     if written is not None:
         _wrote(written)
 
@@ -457,7 +456,6 @@ def report(
     as_json: JsonOpt = False,
 ) -> None:
     """One self-contained HTML page (plus PNGs) in RUN_DIR/report/: plan, data, tokenizer, loss curves, eval."""
-    from domainlm.report import build_report, print_report
 
     if run_dir.exists() and not run_dir.is_dir():
         raise UserError(f"{run_dir}: a file, not a run directory; give the folder of a run, e.g. runs/<name>")
@@ -465,10 +463,10 @@ def report(
         raise UserError(f"{run_dir}: not a run directory (no config.yaml, plan.json or other stage output); "
                         "give the folder of a run, e.g. runs/<name>")
     if not run_dir.is_dir():
-        build_report(run_dir)  # its own error: no such run directory
+        pipeline_.build_report(run_dir)  # its own error: no such run directory
     with _locked(run_dir, "report"):
-        result = build_report(run_dir)
-    print_json(result) if as_json else print_report(result, console)
+        result = pipeline_.build_report(run_dir)
+    print_json(result) if as_json else report_.print_report(result, console)
 
 
 # ---------------------------------------------------------------------------------------------------- scaling
@@ -486,23 +484,21 @@ def scaling(
     as_json: JsonOpt = False,
 ) -> None:
     """IsoFLOP sweep on the prepared data, Chinchilla fits → law.json for `domainlm plan --law fitted:PATH`."""
-    from domainlm.scaling.sweep import print_scaling, run_sweep
 
     if law_out is not None:
         _writable_file(law_out, "--law-out")
     if points is not None:
-        from domainlm.scaling.points import fit_points
 
         if config is not None:
             raise UserError("--points: fits the CSV alone; give no CONFIG with it")
-        result = fit_points(points, law_out=law_out)
+        result = scaling_points.fit_points(points, law_out=law_out)
         print_json({k: result[k] for k in ("law_path", "plot")} | result["law"]) if as_json \
-            else print_scaling(result, console)
+            else scaling_sweep.print_scaling(result, console)
         return
     with _locked(_config_dir(config), "scaling"):
-        result = run_sweep(config, budgets, sizes, law_out=law_out, step_tokens=tokens_per_step,
+        result = scaling_sweep.run_sweep(config, budgets, sizes, law_out=law_out, step_tokens=tokens_per_step,
                            console=err_console if as_json else console)
-    print_json(result) if as_json else print_scaling(result, console)
+    print_json(result) if as_json else scaling_sweep.print_scaling(result, console)
 
 
 # ---------------------------------------------------------------------------------------------------- run
@@ -515,11 +511,10 @@ def run(
     as_json: JsonOpt = False,
 ) -> None:
     """The whole pipeline (plan → prepare → tokenizer → train → eval → baseline → report), skipping done stages."""
-    from domainlm.run import print_summary, run_all
 
     with _locked(_config_dir(config, quick), "run"):
-        summary = run_all(config, console=err_console if as_json else console, quick=quick)
-    print_json(summary) if as_json else print_summary(summary, console)
+        summary = run_.run_all(config, console=err_console if as_json else console, quick=quick)
+    print_json(summary) if as_json else run_.print_summary(summary, console)
 
 
 # ---------------------------------------------------------------------------------------------------- ablate
@@ -532,11 +527,10 @@ def ablate(
     as_json: JsonOpt = False,
 ) -> None:
     """Train the same model shape on the same token budget per domain weight; bpb of each on every source."""
-    from domainlm.ablate import print_ablation, run_ablate
 
     with _locked(_config_dir(config), "ablate"):
-        result = run_ablate(config, domain_weights, console=err_console if as_json else console)
-    print_json(result) if as_json else print_ablation(result, console)
+        result = ablate_.run_ablate(config, domain_weights, console=err_console if as_json else console)
+    print_json(result) if as_json else ablate_.print_ablation(result, console)
 
 
 # ---------------------------------------------------------------------------------------------------- decide
@@ -559,12 +553,11 @@ def decide(
     as_json: JsonOpt = False,
 ) -> None:
     """From scratch or continued? Train both at equal tokens; bpb per source, probes, compute, and a verdict."""
-    from domainlm.decide import print_decide, run_decide
 
     with _locked(_config_dir(config), "decide"):
-        result = run_decide(config, base=base, extend_vocab=extend_vocab, texts=text, base_tokens=base_tokens,
+        result = decide_.run_decide(config, base=base, extend_vocab=extend_vocab, texts=text, base_tokens=base_tokens,
                             lr=lr, console=err_console if as_json else console)
-    print_json(result) if as_json else print_decide(result, console)
+    print_json(result) if as_json else decide_.print_decide(result, console)
 
 
 # ---------------------------------------------------------------------------------------------------- launch
@@ -586,9 +579,8 @@ def launch_slurm(
     as_json: JsonOpt = False,
 ) -> None:
     """Write <run>/launch/train.sbatch (srun + torchrun -m domainlm train, requeue-safe) and submit it."""
-    from domainlm.launch.slurm import launch_train
 
-    res = launch_train(config, nodes=nodes, gpus_per_node=gpus_per_node, procs_per_node=procs_per_node,
+    res = slurm_launcher.launch_train(config, nodes=nodes, gpus_per_node=gpus_per_node, procs_per_node=procs_per_node,
                        cpus_per_task=cpus_per_task, partition=partition, time_limit=time, dry_run=dry_run)
     if as_json:
         print_json(res)
@@ -659,7 +651,6 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:
         if DEBUG:
             raise
-        from domainlm.stages import describe_environment_error, environment_error
 
         env = environment_error(e)
         if env is not None:

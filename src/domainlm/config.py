@@ -15,6 +15,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from domainlm.errors import ConfigError, UserError
+from domainlm.rundir import RunDir, atomic_write
+from domainlm.train.objectives import N_SENTINELS, span_counts
+from domainlm.units import parse_number
 
 LAWS = ("chinchilla-1", "chinchilla-2", "chinchilla-3", "epoch-2024", "kaplan")
 DEMO_RECIPE = "legal-demo.yaml"
@@ -51,7 +54,6 @@ class SourceConfig(_Section):
     def _human_count(cls, v: Any) -> Any:
         """``2e11`` (YAML reads it as a string), ``200G``, ``1.5M``: the numbers people write for a slice."""
         if isinstance(v, str):
-            from domainlm.units import parse_number
 
             try:
                 return parse_number(v, "", positive=False)
@@ -305,7 +307,6 @@ class RunConfig(_Section):
     def _spans_fit(self) -> RunConfig:
         """Span corruption marks each corrupted span with its own sentinel token; T5 has 100 of them."""
         if self.model.objective == "span":
-            from domainlm.train.objectives import N_SENTINELS, span_counts
 
             spans = span_counts(self.train.seq_len, self.model.noise_density, self.model.mean_span_length)[1]
             if spans > N_SENTINELS:
@@ -399,8 +400,6 @@ def dump_config(cfg: RunConfig) -> str:
 
 
 def write_resolved(cfg: RunConfig, run_dir: Path) -> Path:
-    from domainlm.rundir import RunDir, atomic_write
-
     run_dir.mkdir(parents=True, exist_ok=True)
     out = RunDir(run_dir).config
     text = dump_config(cfg)

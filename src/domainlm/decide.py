@@ -32,13 +32,24 @@ import contextlib
 from pathlib import Path
 
 from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from domainlm import faults, stages
+from domainlm import faults, stages, tokenizer_extend
 from domainlm.config import RunConfig, load_config
+from domainlm.data.tokenize import tokenize
+from domainlm.data.tokens import load_counts
 from domainlm.errors import UserError
-from domainlm.outputs import AnyEval, TrainSummary
+from domainlm.evaluate import inputs
+from domainlm.evaluate.command import _probe_file, eval_fingerprint, run_eval
+from domainlm.evaluate.inputs import load_run_config
+from domainlm.evaluate.tasks import bootstrap_indices, with_ci
+from domainlm.model.base import resolve_base
+from domainlm.outputs import AnyEval, Decision, TrainSummary
 from domainlm.rundir import HF_CONFIG, RunDir, load_output, write_json
+from domainlm.train.loop import plan_of, planned_tokens, train
+from domainlm.train.parallel import distributed
+from domainlm.train.variants import train_variant
 
 DECIDE_VERSION = 1
 SCRATCH, CONTINUED, BASE = "scratch", "continued", "base"
@@ -71,8 +82,6 @@ def default_base(run_dir: Path) -> Path:
 
 
 def budget_tokens(cfg: RunConfig, run_dir: Path) -> float:
-    from domainlm.train.loop import plan_of, planned_tokens
-
     budget = cfg.train.max_tokens or planned_tokens(plan_of(run_dir))
     if budget is None:
         raise UserError("train.max_tokens: no token budget; set it or run `domainlm plan CONFIG` first")
@@ -99,7 +108,6 @@ def trained_tokens(folder: Path, cfg: RunConfig) -> float | None:
 
 def base_pretraining(base_path: Path, base_params: int, base_tokens: float | None) -> dict:
     """What the base model cost to make: from ``--base-tokens``, else from its domainlm run directory's record."""
-    from domainlm.evaluate.inputs import load_run_config
 
     source, tokens = None, None
     if base_tokens:
@@ -131,9 +139,7 @@ def continued_config(cfg: RunConfig, run_dir: Path, arm: str, init_from: Path, t
 
 def _tokenize_for(run_dir: Path, tokenizer_dir: Path, console: Console) -> None:
     """Token files of the prepared data with ``tokenizer_dir`` (a no-op when they exist)."""
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from domainlm.data.tokenize import tokenize
 
     with Progress(TextColumn("{task.description}"), BarColumn(), TimeElapsedColumn(), console=console,
                   transient=True) as progress:
@@ -143,23 +149,17 @@ def _tokenize_for(run_dir: Path, tokenizer_dir: Path, console: Console) -> None:
 def extended_base(cfg: RunConfig, run_dir: Path, base_path: Path, n: int, console: Console) -> tuple[Path, dict]:
     """The base model with ``n`` domain tokens added (tokenizer_extend.build_extended), built once in
     ``<run>/decide/continued-vocab<N>/base/``; returns the folder and what was added (with the audit)."""
-    from domainlm import tokenizer_extend
 
     out = RunDir(run_dir).arm(vocab_arm(n)) / RunDir.ARM_BASE
     return out, tokenizer_extend.build_extended(cfg, run_dir, base_path, n, out, key="--base", console=console)
 
 
 def _train_continued(vcfg: RunConfig, run_dir: Path, console: Console) -> Path:
-    from domainlm.train.variants import train_variant
-
     _tokenize_for(run_dir, Path(vcfg.train.init_from), console)
     return train_variant(vcfg, run_dir, console)
 
 
 def _train_scratch(cfg: RunConfig, run_dir: Path, console: Console) -> Path:
-    from domainlm.train.loop import train
-    from domainlm.train.parallel import distributed
-
     with distributed() as world:
         train(cfg, run_dir, world, console=console)
     return RunDir(run_dir).model
@@ -167,22 +167,19 @@ def _train_scratch(cfg: RunConfig, run_dir: Path, console: Console) -> Path:
 
 def evaluate_arm(model_dir: Path, run_dir: Path, out: Path, texts: list[str] | None, console: Console) -> dict:
     """bpb (with per-document bits), probes; skipped when ``out`` is from the same model, texts and settings."""
-    from domainlm.evaluate import inputs
-    from domainlm.evaluate.command import _probe_file, eval_fingerprint, run_eval
-
     target = inputs.resolve(model_dir, run_dir)
     stage = f"decide-eval-{out.parent.name}"
     text_files = [(n, {str(f): stages.file_fingerprint(f) for f in inputs.text_files(p)})
                   for n, p in inputs.parse_text_args(texts)]
-    fp = stages.fingerprint(DECIDE_VERSION, eval_fingerprint(target.model_dir, target.cfg.eval,
-                                                             _probe_file(None, target), texts), text_files)
-    if stages.is_done(run_dir, stage, fp):
+    s = stages.Stage(run_dir, stage, out, (DECIDE_VERSION, eval_fingerprint(target.model_dir, target.cfg.eval,
+                                                                          _probe_file(None, target), texts),
+                                           text_files))
+    if s.done():
         with contextlib.suppress(UserError):  # one this version cannot read is scored again
-            done = load_output(out, AnyEval)
-            if done is not None:
-                return done.model_dump(exclude_unset=True)
+            return load_output(out, AnyEval).model_dump(exclude_unset=True)
+    s.start()
     result, _ = run_eval(model_dir, run=run_dir, texts=texts, out=out, per_doc=True, console=console)
-    stages.mark_done(run_dir, stage, fp)
+    s.finish()
     return result
 
 
@@ -193,7 +190,6 @@ def paired_margin(bits_loser: list[float], bits_winner: list[float], doc_bytes: 
     """bpb(loser) − bpb(winner) over the same documents, with a paired bootstrap 95% interval: documents are
     resampled with replacement (the same resamples for both arms) and the byte-weighted bpb difference
     Σ(bits_l − bits_w) / Σ bytes is recomputed on each resample (percentile interval; evaluate/tasks.py)."""
-    from domainlm.evaluate.tasks import bootstrap_indices, with_ci
 
     diff = [a - b for a, b in zip(bits_loser, bits_winner, strict=True)]
     return with_ci(lambda b, d: sum(d) / sum(b), list(doc_bytes), diff, bootstrap_indices(len(diff)))
@@ -232,9 +228,6 @@ def verdicts(evals: dict[str, dict]) -> dict[str, dict]:
 def run_decide(config: Path | None, *, base: Path | None = None, extend_vocab: int = 0,
                texts: list[str] | None = None, base_tokens: float | None = None, lr: float | None = None,
                console: Console | None = None) -> dict:
-    from domainlm.basemodel import resolve_base
-    from domainlm.data.tokens import load_counts
-    from domainlm.evaluate import inputs
 
     console = console or Console(stderr=True)
     cfg = load_config(config)
@@ -314,7 +307,6 @@ def run_decide(config: Path | None, *, base: Path | None = None, extend_vocab: i
         "texts": per_text,
         "verdict": "; ".join(r["verdict"] for r in per_text.values()),
     }
-    from domainlm.outputs import Decision
 
     out = Decision.checked(out)
     write_json(RunDir(run_dir) / RunDir.DECIDE, out)

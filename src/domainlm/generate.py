@@ -7,6 +7,7 @@ from pathlib import Path
 import torch
 
 from domainlm.errors import UserError
+from domainlm.evaluate.inputs import load_model
 
 
 def generate(model_dir: Path, prompt: str, *, max_new_tokens: int = 50, temperature: float = 0.8,
@@ -16,7 +17,6 @@ def generate(model_dir: Path, prompt: str, *, max_new_tokens: int = 50, temperat
         raise UserError(f"{model_dir}: not a model folder (no config.json); `domainlm train CONFIG` writes <run>/model")
     if temperature < 0:
         raise UserError(f"--temperature: expected ≥ 0, got {temperature:g}")
-    from domainlm.evaluate.inputs import load_model
 
     # Local files only; a folder without tokenizer files or with a truncated weights file is one line.
     model, tok = load_model(model_dir, "cpu")

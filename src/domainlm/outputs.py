@@ -1,12 +1,12 @@
 """What each stage writes into a run directory, as typed models: one class per output file.
 
-``SCHEMAS`` maps each file of `rundir.RunDir` to its model. Writers build their result as before and pass it
-through the model on the way out (``Model.checked(data)``, then ``rundir.write_json``), so a field added to a
-writer but not here fails the writer's tests at once; readers load a file with ``RunDir(run).load(rel, SCHEMAS[rel])``
+The stage registry (pipeline.py) declares which file each model describes (``pipeline.SCHEMAS``). Writers
+build their result and pass it through the model on the way out (``Model.checked(data)``, then ``rundir.write_json``), so a field added to a
+writer but not here fails the writer's tests at once; readers load a file with ``RunDir(run).load(rel, Model)``
 (None while the stage has not run, a one-line `UserError` naming the file when it does not match). Models
 forbid unknown fields, and keep the writer's numbers as written (``Num``: an int stays an int).
 
-To add an output: a constant in `RunDir`, a model here, an entry in ``SCHEMAS``, a row in docs/architecture.md.
+To add an output: a constant in `RunDir`, a model here, an `Output` in its stage's declaration (pipeline.py).
 """
 
 from __future__ import annotations
@@ -14,8 +14,6 @@ from __future__ import annotations
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, RootModel
-
-from domainlm.rundir import RunDir
 
 Num = int | float  # a number as the writer computed it: an int stays an int in the file
 
@@ -614,49 +612,3 @@ class ExtensionAudit(Output):
     bytes_per_token: dict[str, SourceCompression]
     domain_terms: list[TermSplit]
     summary: dict[str, dict[str, Num | None]]
-
-
-# ------------------------------------------------------------------------------------------------ the table
-
-SCHEMAS: dict[str, Any] = {  # a model, or a union of models
-    RunDir.PLAN: Plan,
-    RunDir.STATS: Stats,
-    RunDir.COUNTS: Counts,
-    RunDir.AUDIT: Audit,
-    RunDir.TRAIN: TrainSummary,
-    RunDir.EVAL: AnyEval,
-    RunDir.BASELINE_EVAL: AnyEval,
-    RunDir.ABLATE: Ablation,
-    RunDir.DECIDE: Decision,
-    RunDir.LAW: Law,
-    RunDir.FINETUNE_COMPARE: FinetuneComparison,
-    RunDir.CLASSIFY_COMPARE: ClassifyComparison,
-}
-
-# The JSON files of a run directory outside the table above: in child folders (a variant's, an arm's, a
-# fine-tuning's, an extended base's) by their path from that folder, and the run's other outputs.
-FOLDER_SCHEMAS: dict[str, Any] = {
-    RunDir.TASKS: TaskResults,
-    RunDir.POINTS: ScalingPoint,  # one per line
-    RunDir.EXTENDED_AUDIT: ExtensionAudit,
-    RunDir.EXTENSION: Extension,
-    f"{RunDir.ARM_BASE}/{RunDir.AUDIT_FILE}": ExtensionAudit,
-    f"{RunDir.ARM_BASE}/{RunDir.EXTENSION_FILE}": Extension,
-    RunDir.VARIANT_EVAL: AnyEval,
-    RunDir.FINETUNE: AnyFinetune,
-    RunDir.COMPARISON: AnyComparison,
-    RunDir.TASK_BALANCE: TaskData,
-    RunDir.COUNTS_FILE: Counts,  # in another tokenizer's token folder (tokens-<sha>/)
-}
-
-
-def schema_for(rel: str):
-    """The model of the JSON file at ``rel`` inside a run directory — child runs included (``decide/continued/
-    logs/train.json`` is a training summary) — or None when it has none. The longest known tail of ``rel`` decides."""
-    parts = rel.split("/")
-    for i in range(len(parts)):
-        tail = "/".join(parts[i:])
-        for table in (SCHEMAS, FOLDER_SCHEMAS):
-            if tail in table:
-                return table[tail]
-    return None

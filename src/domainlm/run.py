@@ -1,8 +1,8 @@
-"""`domainlm run [CONFIG]`: the whole pipeline on one run directory: a list of stages, each run once and skipped
-when done.
+"""`domainlm run [CONFIG]`: the whole pipeline on one run directory: the stages of the registry (pipeline.py), each
+run once and skipped when done, and the summary table.
 
 plan → prepare → tokenizer → tokenize → plan with the real token counts → train → eval → general-only
-baseline (same shape and token budget, domain weight 0) → report. Each stage records a fingerprint of its
+baseline (same shape and token budget, domain weight 0) → [downstream] → report. Each stage records a fingerprint of its
 inputs (``<run>/.stages/``), so a rerun is a no-op and an interrupted run resumes the stage it was in (the
 trainer from its last checkpoint). ``--quick`` runs a scaled-down copy (``runs/<name>-quick``) for smoke tests.
 """
@@ -17,8 +17,10 @@ import yaml
 from rich.console import Console
 from rich.table import Table
 
-from domainlm import stages
+from domainlm import pipeline
 from domainlm.config import RunConfig, dump_config, load_config
+from domainlm.finetune.downstream import print_summary as print_downstream
+from domainlm.finetune.downstream import summary_of
 from domainlm.outputs import AnyEval, ObjectiveEvalOutput, Plan, TrainSummary
 from domainlm.rundir import RunDir, atomic_write
 
@@ -34,78 +36,6 @@ def quick_config(cfg: RunConfig) -> RunConfig:
     for section in ("budget", "tokenizer", "model", "train", "eval", "downstream"):
         data[section].update(quick[section])
     return RunConfig.model_validate(data)
-
-
-def _plan(config_path: Path, run_dir: Path, cfg: RunConfig, console: Console) -> dict:
-    """Plan, unless the config and the measured token counts are unchanged (keeps the CPU probe's number,
-    so a rerun does not re-size the model)."""
-    from domainlm.plan.command import run_plan
-    from domainlm.plan.report import print_plan
-
-    def work() -> dict:
-        result, _ = run_plan(config_path)
-        print_plan(result, console)
-        return result
-
-    from domainlm.basemodel import base_of
-    from domainlm.data.tokens import counts_path
-
-    base = base_of(cfg)  # continued pretraining: the counts of the base tokenizer's token files
-    counts = counts_path(RunDir(run_dir).tokens_for(base.path) if base else run_dir)
-    stage = stages.Stage(run_dir, "plan", RunDir(run_dir).plan,
-                         (dump_config(cfg), counts.read_text() if counts.exists() else None))
-    result, ran = stage.run(work, lambda: RunDir(run_dir).load(RunDir.PLAN, Plan).model_dump(exclude_unset=True))
-    if not ran:
-        console.print("plan: unchanged, skipped")
-    return result
-
-
-def _train(cfg: RunConfig, run_dir: Path, console: Console) -> None:
-    from domainlm.train.loop import train
-    from domainlm.train.parallel import distributed
-
-    with distributed() as world:
-        train(cfg, run_dir, world, console=console)
-
-
-def _eval(run_dir: Path, console: Console) -> dict:
-    from domainlm.evaluate.command import print_eval, run_eval_cached
-
-    result, ran = run_eval_cached(run_dir, console=console)
-    if ran:
-        print_eval(result, console)
-    else:
-        console.print("eval: done already, skipped")
-    return result
-
-
-def _baseline(config_path: Path, cfg: RunConfig, run_dir: Path, console: Console) -> dict | None:
-    """The general-only model of the same shape and budget: the ablation's weight-0 variant (shared with
-    `domainlm ablate`, so either command reuses the other's model); its eval (`RunDir.BASELINE_EVAL`) is what
-    the report and the summary compare with."""
-    from domainlm.evaluate.command import evaluate_variant
-    from domainlm.train.variants import train_variant, variant_config
-
-    if not any(s.role == "general" for s in cfg.sources) or not any(s.role == "domain" for s in cfg.sources):
-        console.print("baseline: needs both a domain and a general source; skipped")
-        return None
-    vcfg = variant_config(cfg, run_dir, 0.0)
-    train_variant(vcfg, run_dir, console)
-    return evaluate_variant(vcfg.directory(), run_dir, console)
-
-
-def _report(run_dir: Path, console: Console) -> Path:
-    from domainlm import __version__
-    from domainlm.report import build_report
-    from domainlm.report.html import PRODUCERS  # every file the report reads
-
-    found = [run_dir / f for f in PRODUCERS if (run_dir / f).exists()]
-    stage = stages.Stage(run_dir, "report", RunDir(run_dir).report,
-                         (__version__, {str(f): stages.file_fingerprint(f) for f in found}))
-    _, ran = stage.run(lambda: build_report(run_dir), lambda: None)
-    if not ran:
-        console.print("report: inputs unchanged, skipped")
-    return stage.output
 
 
 def summary(run_dir: Path, cfg: RunConfig, seconds: float, report: Path) -> dict:
@@ -126,8 +56,6 @@ def summary(run_dir: Path, cfg: RunConfig, seconds: float, report: Path) -> dict
 
 
 def downstream_summary(run_dir: Path) -> dict | None:
-    from domainlm.finetune.downstream import summary_of
-
     return summary_of(run_dir)
 
 
@@ -165,17 +93,12 @@ def print_summary(s: dict, console: Console) -> None:
         budget = "" if tr.get("budget_seconds") is None else f", budget {tr['budget_seconds']:.0f} s"
         console.print(f"training: {tr['train_seconds']:.0f} s{planned}{budget}", highlight=False)
     if s.get("downstream"):
-        from domainlm.finetune.downstream import print_summary as print_downstream
-
         print_downstream(s["downstream"], console)
     console.print(f"report: [bold]{s['report']}[/]  ({s['seconds']:.0f} s)")
 
 
 def run_all(config: Path | None, *, console: Console, quick: bool = False) -> dict:
-    """Every stage in order; the summary (`print_summary` shows it)."""
-    from domainlm.data.command import run_prepare, run_tokenize
-    from domainlm.tokenizer import run_tokenizer
-
+    """Every stage of the registry's `domainlm run` order (pipeline.run_order); the summary (`print_summary`)."""
     t0 = time.perf_counter()
     cfg = load_config(config)
     if quick:
@@ -188,29 +111,5 @@ def run_all(config: Path | None, *, console: Console, quick: bool = False) -> di
     if not config_path.exists() or config_path.read_text() != text:
         atomic_write(config_path, text)
     console.rule(f"[bold]domainlm run[/] {cfg.name} → {run_dir}")
-
-    steps = [  # (title, stage): each stage runs once and skips itself when its inputs are unchanged
-        ("plan", lambda: _plan(config_path, run_dir, cfg, console)),
-        ("prepare", lambda: run_prepare(config_path, console)),
-        ("tokenizer", lambda: run_tokenizer(config_path, console=console)),
-        ("tokenize", lambda: run_tokenize(config_path, console)),
-        ("plan (real counts)", lambda: _plan(config_path, run_dir, cfg, console)),
-        ("train", lambda: _train(cfg, run_dir, console)),
-        ("eval", lambda: _eval(run_dir, console)),
-        ("baseline (general only: same shape and tokens, domain weight 0)",
-         lambda: _baseline(config_path, cfg, run_dir, console)),
-        ("report", lambda: _report(run_dir, console)),
-    ]
-    if cfg.downstream.task is not None:  # docs/finetune.md: both models fine-tuned the same way, then compared
-        from domainlm.finetune.downstream import run_downstream
-
-        steps.insert(-1, (f"downstream ({cfg.downstream.task}, {cfg.downstream.head}: domain vs general-only)",
-                          lambda: run_downstream(cfg, run_dir, console)))
-    seconds = {}
-    for i, (title, stage) in enumerate(steps, 1):
-        console.rule(f"[bold]stage {i}/{len(steps)}: {title}[/]", align="left")
-        t = time.perf_counter()
-        stage()
-        seconds[title] = round(time.perf_counter() - t, 1)
-        console.print(f"[dim]{title}: {seconds[title]:.1f} s[/]")
+    seconds = pipeline.run_stages(pipeline.Ctx(config_path, cfg, run_dir, console))
     return {**summary(run_dir, cfg, time.perf_counter() - t0, RunDir(run_dir).report), "stage_seconds": seconds}

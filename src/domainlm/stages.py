@@ -44,7 +44,7 @@ def _marker(run_dir: Path, stage: str) -> Path:
     return RunDir(run_dir) / RunDir.STAGES / f"{stage}.json"
 
 
-def is_done(run_dir: Path, stage: str, fp: str) -> bool:
+def _is_done(run_dir: Path, stage: str, fp: str) -> bool:
     m = _marker(run_dir, stage)
     if not m.exists():
         return False
@@ -54,12 +54,12 @@ def is_done(run_dir: Path, stage: str, fp: str) -> bool:
         return False
 
 
-def mark_done(run_dir: Path, stage: str, fp: str, info: dict | None = None) -> None:
+def _mark_done(run_dir: Path, stage: str, fp: str, info: dict | None = None) -> None:
     write_json(_marker(run_dir, stage), {"fingerprint": fp, "finished": time.time(), **(info or {})})
 
 
 def recorded(run_dir: Path, stage: str) -> dict:
-    """What `mark_done` recorded for ``stage`` (fingerprint, finish time, the stage's summary), or {} if not done."""
+    """What `Stage.finish` recorded for ``stage`` (fingerprint, finish time, the stage's summary), or {} if not done."""
     m = _marker(run_dir, stage)
     return json.loads(m.read_text(encoding="utf-8")) if m.exists() else {}
 
@@ -86,7 +86,7 @@ class Stage:
         return fingerprint(*self.inputs)
 
     def done(self) -> bool:
-        return (self.output.exists() and is_done(self.run_dir, self.name, self.fingerprint)
+        return (self.output.exists() and _is_done(self.run_dir, self.name, self.fingerprint)
                 and (self.intact is None or self.intact()))
 
     def start(self) -> None:
@@ -95,7 +95,7 @@ class Stage:
         clear(self.run_dir, self.name)
 
     def finish(self, info: dict | None = None) -> None:
-        mark_done(self.run_dir, self.name, self.fingerprint, info)
+        _mark_done(self.run_dir, self.name, self.fingerprint, info)
 
     def run(self, work: Callable[[], object], load: Callable[[], object]) -> tuple[object, bool]:
         """``load()`` when done, else ``work()`` between `start` and `finish`; and whether the work ran."""

@@ -21,9 +21,11 @@ import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
+import tokenizers
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from domainlm import faults
 from domainlm.config import SPECIAL_TOKENS, RunConfig, SourceConfig, load_config
@@ -115,7 +117,6 @@ def new_tokenizer(kind: str, vocab_size: int):
     tokens): every string encodes without <unk>. Digits are split into single digits before the byte-level
     split, as BloombergGPT does (Wu et al. 2023, arXiv 2303.17564), so numbers never become arbitrary chunks.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
     alphabet = pre_tokenizers.ByteLevel.alphabet()
     if kind == "bpe":
@@ -250,7 +251,6 @@ def _say(console: Console | None, msg: str) -> None:
 
 def run_tokenizer(config: Path | str | None, *, console: Console | None = None) -> dict:
     """Train (unless done with the same config and data), audit, save; returns the audit."""
-    import tokenizers
 
     cfg = load_config(config)
     config_name = str(config) if config is not None else "CONFIG"

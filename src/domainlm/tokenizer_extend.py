@@ -34,12 +34,23 @@ sequence of old tokens the extended model's logits over the old vocabulary are e
 from __future__ import annotations
 
 import contextlib
+import copy
+import shutil
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
+from tokenizers import AddedToken
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from domainlm import stages
 from domainlm.errors import UserError
+from domainlm.model.base import model_folder, resolve_base
+from domainlm.outputs import Extension, ExtensionAudit
+from domainlm.rundir import HF_CONFIG, RunDir, load_output, swap_dir, write_json
+from domainlm.tokenizer import _normalised, audit, sample_texts, train_bytes
 
 ENCODE_BATCH_DOCS = 256
 
@@ -101,9 +112,7 @@ def choose(domain_tok, base_tok, texts: Iterable[str], n: int) -> list[NewToken]
 def extend_tokenizer(base_tok, tokens: list[NewToken]):
     """A copy of the HF tokenizer ``base_tok`` with ``tokens`` added (matched on the raw text, before the base
     tokenizer's own normalisation); returns (tokenizer, the new ids in the order of ``tokens``)."""
-    import copy
 
-    from tokenizers import AddedToken
 
     tok = copy.deepcopy(base_tok)
     before = len(tok)
@@ -118,7 +127,6 @@ def extend_tokenizer(base_tok, tokens: list[NewToken]):
 def extend_model(model, tokens: list[NewToken], new_ids: list[int]) -> None:
     """Resize ``model``'s embeddings (and untied output head) to hold ``new_ids`` and set each new row to the
     mean of the rows of the token's base pieces (the module docstring cites why)."""
-    import torch
 
     if not tokens:
         return
@@ -144,10 +152,7 @@ def extend(base_dir: Path, domain_tokenizer: Path, texts: Iterable[str], n: int,
     """Load the base model folder, choose ``n`` tokens from the domain tokenizer folder on ``texts``, and write
     the extended model + tokenizer (HF format) to ``out_dir`` (built under a temporary name, swapped in).
     Returns what was added."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from domainlm.rundir import swap_dir
 
     base_dir, out_dir = Path(base_dir), Path(out_dir)
     base_tok = AutoTokenizer.from_pretrained(base_dir, local_files_only=True)
@@ -157,7 +162,6 @@ def extend(base_dir: Path, domain_tokenizer: Path, texts: Iterable[str], n: int,
     model = AutoModelForCausalLM.from_pretrained(base_dir, local_files_only=True, dtype=torch.float32)
     extend_model(model, tokens, ids)
     tmp = out_dir.with_name(f".{out_dir.name}.tmp")
-    import shutil
 
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
@@ -173,7 +177,6 @@ def extend(base_dir: Path, domain_tokenizer: Path, texts: Iterable[str], n: int,
 def domain_sample(cfg, run_dir: Path) -> list[str]:
     """The domain train text the choice counts on: the domain sources sampled the way `domainlm tokenizer` samples
     its training text (tokenizer.py), up to ``tokenizer.sample_bytes``."""
-    from domainlm.tokenizer import _normalised, sample_texts, train_bytes
 
     dom = [s for s in cfg.sources if s.role == "domain"]
     if not dom:
@@ -188,22 +191,18 @@ def build_extended(cfg, run_dir: Path, base_path: Path, n: int, out: Path, *, ke
     the extended tokenizer against the base's (bytes per token on every val split, domain-term splits: before
     and after) goes into the result and ``<out>/audit.json``. Done once per base, run tokenizer, N and sample
     (a stage marker ``extend-<folder>``); returns what was added and the audit."""
-    from domainlm import stages
-    from domainlm.basemodel import resolve_base
-    from domainlm.outputs import Extension, ExtensionAudit
-    from domainlm.rundir import HF_CONFIG, RunDir, load_output, write_json
-    from domainlm.tokenizer import audit
 
     run_tok = RunDir(run_dir).tokenizer / "tokenizer.json"
     if not run_tok.is_file():
         raise UserError(f"{run_tok}: no domain tokenizer to take tokens from; run `domainlm tokenizer CONFIG` first")
     stage = f"extend-{out.parent.name}-{out.name}" if out.parent != Path(run_dir) else f"extend-{out.name}"
-    fp = stages.fingerprint("extend-v1", n, resolve_base(base_path, key).fingerprint, stages.file_fingerprint(run_tok),
-                            cfg.tokenizer.sample_bytes, cfg.tokenizer.seed, cfg.tokenizer.audit_bytes,
-                            cfg.tokenizer.domain_terms)
-    audit_file = out / RunDir.AUDIT_FILE  # the extended tokenizer's audit, beside it as the run's is
+    audit_file = out / RunDir.AUDIT_FILE  # the extended tokenizer's audit, beside it as the run's is (written last)
     info_file = out / RunDir.EXTENSION_FILE  # what was added
-    if (out / HF_CONFIG).is_file() and stages.is_done(run_dir, stage, fp):
+    s = stages.Stage(run_dir, stage, audit_file, (
+        "extend-v1", n, resolve_base(base_path, key).fingerprint, stages.file_fingerprint(run_tok),
+        cfg.tokenizer.sample_bytes, cfg.tokenizer.seed, cfg.tokenizer.audit_bytes, cfg.tokenizer.domain_terms),
+        intact=lambda: (out / HF_CONFIG).is_file() and info_file.is_file())
+    if s.done():
         with contextlib.suppress(UserError):  # files this version cannot read: extend again
             added, checked = load_output(info_file, Extension), load_output(audit_file, ExtensionAudit)
             if added is not None and checked is not None:
@@ -211,27 +210,24 @@ def build_extended(cfg, run_dir: Path, base_path: Path, n: int, out: Path, *, ke
     if console is not None:
         console.print(f"extending {base_path}'s tokenizer with up to {n} domain tokens ...", highlight=False)
     info = extend(base_path, RunDir(run_dir).tokenizer, domain_sample(cfg, run_dir), n, out)
-    from transformers import AutoTokenizer
 
     before = AutoTokenizer.from_pretrained(base_path, local_files_only=True)
     after = AutoTokenizer.from_pretrained(out, local_files_only=True)
     info["audit"] = audit(_backend(after), _backend(before), cfg, run_dir)  # "baseline" = the base, before
     write_json(info_file, Extension.checked({k: v for k, v in info.items() if k != "audit"}))
     write_json(audit_file, ExtensionAudit.checked(info["audit"]))
-    stages.mark_done(run_dir, stage, fp)
+    s.finish()
     return info
 
 
 def ensure_extended(cfg, console=None) -> Path | None:
     """With ``train.init_from`` and ``tokenizer.extend_vocab: N``: the base model extended with N domain tokens,
     built once in ``<run>/base-extended/`` (`domainlm tokenize` calls this before it tokenizes with the base's
-    tokenizer; `basemodel.base_of` then names this folder). None when the config asks for no extension."""
-    from domainlm.rundir import RunDir
+    tokenizer; `model.base.base_of` then names this folder). None when the config asks for no extension."""
 
     n = cfg.tokenizer.extend_vocab
     if not n or not cfg.train.init_from:
         return None
-    from domainlm.basemodel import model_folder
 
     run_dir = cfg.directory()
     out = RunDir(run_dir) / RunDir.EXTENDED_BASE

@@ -1,4 +1,4 @@
-"""`domainlm prepare CONFIG` and `domainlm tokenize CONFIG`: progress bars while they run, a table at the end."""
+"""`domainlm prepare CONFIG`: a progress bar while it runs, a table at the end (`domainlm tokenize`: tokenize.py)."""
 
 from __future__ import annotations
 
@@ -7,58 +7,35 @@ from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from domainlm import stages
+from domainlm.config import load_config, write_resolved
+from domainlm.data import pipeline
 from domainlm.rundir import RunDir
 from domainlm.units import human
 
 
-def _progress(console: Console):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+def progress_bar(console: Console) -> Progress:
+    """The progress bar of the data commands."""
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
     return Progress(*columns, console=console)
 
 
 def run_prepare(config: Path | None, console: Console) -> dict:
-    """Data stage: clean, dedup, split (``data/``). Token files are `run_tokenize`'s."""
-    from domainlm.config import load_config, write_resolved
-    from domainlm.data import pipeline
+    """Data stage: clean, dedup, split (``data/``). Token files are `tokenize.run_tokenize`'s."""
 
     cfg = load_config(config)
     run_dir = cfg.directory()
     t0 = time.perf_counter()
     # One writing command per run directory at a time: two would overwrite each other's shards.
-    with stages.locked(run_dir, "prepare"), _progress(console) as progress:
+    with stages.locked(run_dir, "prepare"), progress_bar(console) as progress:
         write_resolved(cfg, run_dir)
         stats = pipeline.prepare_sources(cfg, run_dir, progress)
     has_tokenizer = (RunDir(run_dir).tokenizer / "tokenizer.json").exists()
     return {"run_dir": str(run_dir), "stats": stats, "seconds": round(time.perf_counter() - t0, 2),
             "next": "domainlm tokenize" if has_tokenizer else "domainlm tokenizer"}
-
-
-def run_tokenize(config: Path | None, console: Console, tokenizer: Path | None = None) -> dict:
-    """Token files of the prepared data: with the run's tokenizer in ``tokens/``, with another one (``tokenizer``,
-    a Hugging Face tokenizer folder) in its own folder (`RunDir.tokens_for`). With ``train.init_from`` (continued
-    pretraining) and no ``tokenizer``, the base model's tokenizer: the one that run trains with."""
-    from domainlm.basemodel import base_of
-    from domainlm.config import load_config
-    from domainlm.data.tokenize import tokenize
-
-    cfg = load_config(config)
-    run_dir = cfg.directory()
-    if tokenizer is None:
-        from domainlm.tokenizer_extend import ensure_extended
-
-        ensure_extended(cfg, console)  # tokenizer.extend_vocab: base_of(cfg) is then the extended base
-    if tokenizer is None and (base := base_of(cfg)) is not None:
-        tokenizer = base.path
-    t0 = time.perf_counter()
-    with stages.locked(run_dir, "tokenize"), _progress(console) as progress:
-        counts = tokenize(run_dir, tokenizer, progress)
-    return {"run_dir": str(run_dir), "tokens": str(RunDir(run_dir).tokens_for(tokenizer)), "counts": counts,
-            "seconds": round(time.perf_counter() - t0, 2)}
 
 
 def print_prepare(result: dict, console: Console) -> None:
@@ -89,15 +66,3 @@ def print_prepare(result: dict, console: Console) -> None:
         console.print("[dim]next: `domainlm tokenize CONFIG` (token files are no longer written by prepare)[/]")
     else:
         console.print("[dim]next: `domainlm tokenizer CONFIG`, then `domainlm tokenize CONFIG`[/]")
-
-
-def print_tokenize(result: dict, console: Console) -> None:
-    counts = result["counts"]
-    t = Table(title=f"tokens → {escape(result['tokens'])} ({counts['dtype']}, vocab {counts['vocab_size']:,}, "
-              f"EOS id {counts['eos_id']}, {result['seconds']:.1f} s)")
-    for col in ("source", "train tokens", "val tokens", "train bytes/token"):
-        t.add_column(col, justify="left" if col == "source" else "right")
-    for name, c in counts["sources"].items():
-        bpt = c["train_bytes"] / c["train_tokens"] if c["train_tokens"] else 0
-        t.add_row(name, human(c["train_tokens"]), human(c["val_tokens"]), f"{bpt:.2f}")
-    console.print(t)

@@ -31,10 +31,23 @@ from importlib import metadata
 from pathlib import Path
 
 import orjson
+from datatrove.executor import LocalPipelineExecutor, RayPipelineExecutor
+from datatrove.pipeline.dedup import (
+    ExactDedupConfig,
+    ExactDedupFilter,
+    ExactDedupSignature,
+    ExactFindDedups,
+    MinhashConfig,
+    MinhashDedupBuckets,
+    MinhashDedupCluster,
+    MinhashDedupFilter,
+)
+from datatrove.pipeline.writers import JsonlWriter
+from datatrove.utils.hashing import HashConfig
 
 from domainlm import faults, stages
 from domainlm.config import PrepareConfig, RunConfig
-from domainlm.data import sources
+from domainlm.data import sources, steps
 from domainlm.errors import UserError
 from domainlm.outputs import Stats
 from domainlm.rundir import RunDir, atomic_write, load_output, write_json
@@ -127,7 +140,6 @@ def _executor(pcfg: PrepareConfig, pipeline: list, tasks: int, workers: int, log
             import ray  # datatrove expects ray.init() done by the caller
         except ImportError:
             raise UserError("prepare.executor: ray needs the ray package: pip install 'domainlm[ray]'") from None
-        from datatrove.executor import RayPipelineExecutor
 
         if not ray.is_initialized():
             ray.init()  # joins the cluster named by RAY_ADDRESS, else starts a local one
@@ -141,7 +153,6 @@ def _executor(pcfg: PrepareConfig, pipeline: list, tasks: int, workers: int, log
 
 def _local_executor():
     """datatrove's local executor, with the crash site ``prepare.task_done`` after each completion marker."""
-    from datatrove.executor import LocalPipelineExecutor
 
     class Executor(LocalPipelineExecutor):
         def mark_rank_as_completed(self, rank: int):
@@ -153,20 +164,7 @@ def _local_executor():
 
 def build_stages(spec: sources.SourceSpec, pcfg: PrepareConfig, run_dir: Path, tasks: int):
     """The (name, pipeline, tasks) list of one source's datatrove stages."""
-    from datatrove.pipeline.dedup import (
-        ExactDedupConfig,
-        ExactDedupFilter,
-        ExactDedupSignature,
-        ExactFindDedups,
-        MinhashConfig,
-        MinhashDedupBuckets,
-        MinhashDedupCluster,
-        MinhashDedupFilter,
-    )
-    from datatrove.pipeline.writers import JsonlWriter
-    from datatrove.utils.hashing import HashConfig
 
-    from domainlm.data import steps
 
     w = RunDir(run_dir) / RunDir.PREPARE / spec.name
     ws = str(w)

@@ -16,13 +16,17 @@ import glob
 import gzip
 import io
 import os
+import socket
+import sys
 import zlib
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from urllib.parse import urlparse
 
 import orjson
+import zstandard
 
 from domainlm.config import LICENSEDB_TEST, SourceConfig
 from domainlm.data.packaged import default_test_exclusions, package_dir, split_front_matter
@@ -165,8 +169,6 @@ class _ZstdRaw(io.RawIOBase):
     which ends quietly when the input stops inside a frame, a truncated file raises EOFError, as gzip does."""
 
     def __init__(self, path: str):
-        import zstandard
-
         self._f = open(path, "rb")  # noqa: SIM115 - closed in close()
         self._new = zstandard.ZstdDecompressor().decompressobj
         self._d, self._in_frame = self._new(), False
@@ -251,8 +253,6 @@ def _column_names(ds) -> list[str]:
 
 def _hub_unreachable() -> str | None:
     """Why the Hugging Face Hub cannot be reached (one DNS lookup and TCP connect, ≤ 3 s), or None."""
-    import socket
-    from urllib.parse import urlparse
 
     host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
     try:
@@ -265,7 +265,6 @@ def _hub_unreachable() -> str | None:
 def _go_offline() -> None:
     """Offline mode for datasets and huggingface_hub (cache only): no retries against an unreachable hub.
     Set in the environment for the worker processes, and on the modules in case they are imported already."""
-    import sys
 
     for var in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
         os.environ[var] = "1"

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import orjson
+from tokenizers import Tokenizer
 
 from domainlm import faults, stages
 from domainlm.data import pipeline, tokens
@@ -34,7 +35,6 @@ EOS_NAMES = ("</s>", "<|endoftext|>", "<eos>", "[EOS]")
 def load_tokenizer(tokenizer_dir: Path):
     """A Hugging Face tokenizer folder's fast tokenizer and its EOS id (``eos_token`` of tokenizer_config.json,
     else ``</s>``…)."""
-    from tokenizers import Tokenizer
 
     path = Path(tokenizer_dir) / "tokenizer.json"
     if not path.exists():

@@ -25,6 +25,9 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 
 from domainlm.errors import UserError
 
@@ -83,8 +86,6 @@ def score_sequences(
     attention mask: in a causal model a position never attends to the padding after it, so the real
     positions' logits are unchanged, and SDPA keeps its causal kernel (flash attention on CUDA) instead of
     a masked one."""
-    import torch
-    import torch.nn.functional as F
 
     device = next(model.parameters()).device
     vocab = model.get_output_embeddings().weight.shape[0] if model.get_output_embeddings() is not None else 1
@@ -171,8 +172,6 @@ def score_texts(
     np.add.at(per_doc, np.asarray(owner, dtype=np.int64),
               score_sequences(model, seqs, starts, batch_tokens=batch_tokens, progress=progress))
     if world > 1:
-        import torch
-        import torch.distributed as dist
 
         t = torch.from_numpy(per_doc).to(next(model.parameters()).device)
         dist.all_reduce(t)
@@ -183,6 +182,4 @@ def score_texts(
 
 
 def _rank_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)

@@ -17,9 +17,11 @@ from domainlm.errors import UserError
 from domainlm.evaluate import bpb, inputs
 from domainlm.evaluate import objective as objective_eval
 from domainlm.evaluate.probes import load_probes, packaged_probes, score_probes, summarise
+from domainlm.evaluate.tasks import format_metrics, load_test, score_task
 from domainlm.outputs import AnyEval, EvalOutput, ObjectiveEvalOutput, TaskResults
 from domainlm.rundir import RunDir, load_output, write_json
-from domainlm.stages import file_fingerprint, fingerprint, is_done, mark_done
+from domainlm.stages import Stage, file_fingerprint, fingerprint
+from domainlm.train.parallel import init_distributed
 
 EVAL_VERSION = 1
 
@@ -81,7 +83,6 @@ def run_eval(
     if not named and not probe_items:
         raise UserError(f"{model_or_run}: nothing to score; give --text NAME=PATH, --run RUN_DIR or --probes FILE")
 
-    from domainlm.train.parallel import init_distributed
 
     world = init_distributed()  # under torchrun every rank scores its share of the windows (bpb.score_texts)
     device = world.device.type
@@ -145,7 +146,7 @@ def _write(result: dict, schema, out: Path | None, target, world, fingerprint) -
     if dest is not None and world.is_main:
         write_json(Path(dest), schema.checked(result))
         if target.is_run:
-            mark_done(target.run_dir, "eval", fingerprint())
+            Stage(target.run_dir, "eval", dest, (fingerprint(),)).finish()
     return dest
 
 
@@ -157,14 +158,14 @@ def run_eval_cached(model_or_run: Path, *, stage: str = "eval", run: Path | None
     target = inputs.resolve(model_or_run, run)
     ecfg = target.cfg.eval if target.cfg is not None else EvalConfig()
     dest = Path(out) if out is not None else RunDir(target.run_dir).eval
-    fp = eval_fingerprint(target.model_dir, ecfg, _probe_file(None, target), None)
-    if is_done(target.run_dir, stage, fp):
+    s = Stage(target.run_dir, stage, dest, (eval_fingerprint(target.model_dir, ecfg, _probe_file(None, target), None),))
+    if s.done():
         with contextlib.suppress(UserError):  # one this version cannot read is scored again
             done = load_output(dest, AnyEval)
             if done is not None:
                 return done.model_dump(exclude_unset=True), False
     result, _ = run_eval(model_or_run, run=run, out=out, console=console)
-    mark_done(target.run_dir, stage, fp)
+    s.finish()
     return result, True
 
 
@@ -239,7 +240,6 @@ def run_tasks(model_or_run: Path, task_names: list[str], *, test: Path | None = 
               console: Console | None = None) -> tuple[dict, Path | None]:
     """`domainlm eval MODEL --task licensedb-category`: score any model folder on the LicenseDB tasks
     (evaluate/tasks.py); written to ``<run>/eval/tasks.json`` for a run directory, or ``--out``."""
-    from domainlm.evaluate.tasks import load_test, score_task
 
     target = inputs.resolve(model_or_run)
     items = {t: load_test(t, test) for t in task_names}  # bad names / files fail before the model loads
@@ -254,8 +254,6 @@ def run_tasks(model_or_run: Path, task_names: list[str], *, test: Path | None = 
 
 
 def print_tasks(results: dict, written: Path | None, console: Console) -> None:
-    from domainlm.evaluate.tasks import format_metrics
-
     for t, r in results.items():
         base = f" (majority class {r['majority_accuracy']:.1%})" if "majority_accuracy" in r else ""
         console.print(f"{t} on {r['items']} test items: {format_metrics(r)}{base}", highlight=False)

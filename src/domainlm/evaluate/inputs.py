@@ -9,9 +9,13 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from domainlm.config import RunConfig, validate
+from domainlm.data.tokens import load_counts
 from domainlm.errors import ConfigError, UserError
 from domainlm.rundir import RunDir, resolve_model_ref
 
@@ -60,7 +64,6 @@ def load_run_config(run_dir: Path) -> RunConfig:
         ) from None
     counts = RunDir(run_dir).counts
     if counts.is_file():  # token files carry their own format version
-        from domainlm.data.tokens import load_counts
 
         try:
             load_counts(run_dir)
@@ -78,9 +81,6 @@ def check_tokenizer_files(model_dir: Path) -> None:
 def load_model(model_dir: Path, device: str):
     """AutoModelForCausalLM + AutoTokenizer from a local folder, never the network. fp32 weights; on CUDA the
     forward pass runs under bf16 autocast (see bpb.score_sequences)."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own progress bar is over scored windows; weights load in a blink
     model_dir = Path(model_dir)

@@ -19,6 +19,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import torch
+from rich.markup import escape
+from rich.table import Table
+from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from domainlm.errors import UserError
 from domainlm.train.objectives import (
@@ -32,6 +37,7 @@ from domainlm.train.objectives import (
     make_objective,
     objective_of_config,
 )
+from domainlm.train.step import validation_nll
 
 DEFAULT_CONTEXT = 512  # BERT's
 COMPARABLE = ("{what}: comparable between models with the same tokenizer scored with the same seed and context "
@@ -41,7 +47,6 @@ COMPARABLE = ("{what}: comparable between models with the same tokenizer scored 
 
 def model_objective(model_dir: Path) -> str:
     """causal | masked | span, from the model folder's config.json."""
-    from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
@@ -52,9 +57,6 @@ def model_objective(model_dir: Path) -> str:
 
 def load(model_dir: Path, objective: str, device: str):
     """AutoModelForMaskedLM / AutoModelForSeq2SeqLM + AutoTokenizer from a local folder, fp32."""
-    import torch
-    from transformers import AutoModelForMaskedLM, AutoModelForSeq2SeqLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     auto = AutoModelForMaskedLM if objective == MASKED else AutoModelForSeq2SeqLM
@@ -82,7 +84,6 @@ def windows(tok, docs: list[str], context: int) -> list[np.ndarray]:
 def score_texts(model, tok, objective: Objective, docs: list[str], *, context: int, batch_tokens: int,
                 seed: int = EVAL_SEED, progress: Callable[[int, int], None] | None = None) -> dict:
     """Loss (nats per predicted token) and top-1 accuracy of a source's windows, with the validation masks."""
-    from domainlm.train.step import validation_nll
 
     device = next(model.parameters()).device
     rows = windows(tok, docs, context)
@@ -128,9 +129,6 @@ def evaluate(model_dir: Path, objective: str, named: list[tuple[str, str, list[s
 
 
 def print_result(result: dict, console) -> None:
-    from rich.markup import escape
-    from rich.table import Table
-
     what = "masked tokens" if result["objective"] == MASKED else "span targets"
     table = Table(title=f"{result['objective']} eval of {escape(str(result['model']))} (context {result['context']}, "
                   f"seed {result['masking']['seed']})")

@@ -16,12 +16,14 @@ others) and ones without text are left out. Every score carries a 95% bootstrap 
 
 from __future__ import annotations
 
+import inspect
 import json
 import re
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from domainlm.chat import ensure_chat_template, pad_id_of, segments
 from domainlm.data.packaged import (  # noqa: F401 (License, load_licenses, split_licenses: the task API)
@@ -33,6 +35,7 @@ from domainlm.data.packaged import (  # noqa: F401 (License, load_licenses, spli
     split_licenses,
 )
 from domainlm.errors import UserError
+from domainlm.evaluate.inputs import load_model
 from domainlm.outputs import TaskData
 from domainlm.rundir import RunDir, atomic_write
 
@@ -205,7 +208,6 @@ def _context(model) -> int:
 
 def _cache_kwarg(model) -> str:
     """transformers ≥ 5.2x names the KV-cache argument ``cache``; earlier versions ``past_key_values``."""
-    import inspect
 
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
@@ -213,7 +215,6 @@ def _cache_kwarg(model) -> str:
 def choice_logprobs(model, tok, prompt: str, choices: list[str]):
     """[K] log p(choice + EOS | prompt) under the chat template, tokenized exactly as in fine-tuning. The prompt
     runs once; its KV cache is repeated for the K choices (the prompt is ~50× longer than an answer)."""
-    import torch
 
 
     pieces = [segments(tok, [{"role": "user", "content": prompt}, {"role": "assistant", "content": c}])
@@ -251,7 +252,6 @@ def classify(model, tok, items: list[dict], choices: list[str], progress=None) -
 def generate_answers(model, tok, items: list[dict], max_new_tokens: int = 32, batch: int = 32,
                      progress=None) -> list[str]:
     """Greedy answers, batched with left padding (the attention mask hides the pads)."""
-    import torch
 
 
     pad, device = pad_id_of(tok), next(model.parameters()).device
@@ -279,9 +279,7 @@ def generate_answers(model, tok, items: list[dict], max_new_tokens: int = 32, ba
 def score_task(model_dir: Path, task: str, *, test: Path | None = None, items: list[dict] | None = None,
                progress=None) -> dict:
     """Predictions and metrics (with CIs) of one model folder on one task."""
-    import torch
 
-    from domainlm.evaluate.inputs import load_model
 
     items = items if items is not None else load_test(task, test)
     model, tok = load_model(Path(model_dir), "cuda" if torch.cuda.is_available() else "cpu")

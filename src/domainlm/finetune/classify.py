@@ -33,8 +33,11 @@ import torch
 import torch.nn.functional as F
 from rich.console import Console
 from rich.markup import escape
+from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from domainlm import stages
+from domainlm.chat import pad_id_of
 from domainlm.errors import UserError
 from domainlm.evaluate import tasks as downstream
 from domainlm.finetune.loop import (
@@ -169,8 +172,6 @@ def collate(examples: list[Example], pad_id: int) -> tuple[torch.Tensor, torch.T
 def load_classifier(model_dir: Path, labels: list[str] | None, pad_id: int, seed: int):
     """AutoModelForSequenceClassification from a local folder: a pretrained export (``labels`` given: a new
     head, initialised from ``seed``) or a fine-tuned classifier (``labels`` None: its own head and labels)."""
-    from transformers import AutoConfig, AutoModelForSequenceClassification
-    from transformers.utils import logging as hf_logging
 
     kw = {} if labels is None else {"num_labels": len(labels), "id2label": dict(enumerate(labels)),
                                     "label2id": {c: i for i, c in enumerate(labels)}}
@@ -241,9 +242,7 @@ def finetune_classifier(model_or_run: Path, data: Path, *, val: Path | None = No
     out = Path(out) if out is not None else ref.finetune_out(f"{data_name(data)}-classify")
     labels = label_list(train_rows)
 
-    from transformers import AutoConfig, AutoTokenizer
 
-    from domainlm.chat import pad_id_of
 
     context = int(getattr(AutoConfig.from_pretrained(model_dir, local_files_only=True), "max_position_embeddings",
                           0) or 512)
@@ -255,7 +254,7 @@ def finetune_classifier(model_or_run: Path, data: Path, *, val: Path | None = No
 
     fp = stages.fingerprint("classification", labels, asdict(args), *inputs_fingerprint(model_dir, data, val))
     summary_path = out / RunDir.FINETUNE
-    done = finished_or_start(out, fp, restart, console)
+    done, stage = finished_or_start(out, fp, restart, console)
     if done is not None:
         return done
 
@@ -313,6 +312,7 @@ def finetune_classifier(model_or_run: Path, data: Path, *, val: Path | None = No
                "val_accuracy": (driver.last_eval or {}).get("val_accuracy"), "examples": len(enc), "truncated": cut,
                "tokens_per_s": driver.tokens_per_s, "args": asdict(args), "fingerprint": fp}
     write_json(summary_path, ClassifierSummary.checked(summary), indent=1)
+    stage.finish()
     console.print(f"wrote [bold]{escape(str(out / RunDir.MODEL))}[/] (AutoModelForSequenceClassification); final "
                   f"loss {driver.last_loss:.4f}" + (f", val loss {last_val:.4f}" if last_val is not None else ""))
     return summary
@@ -324,9 +324,7 @@ def finetune_classifier(model_or_run: Path, data: Path, *, val: Path | None = No
 def score_items(model_dir: Path, items: list[dict], task: str = TASK) -> dict:
     """A fine-tuned classifier's predictions on task items, in the shape of `evaluate.tasks.score_task` (metrics
     with bootstrap CIs, chance and majority-class accuracy, predictions)."""
-    from transformers import AutoTokenizer
 
-    from domainlm.chat import pad_id_of
 
     model_dir = Path(model_dir)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -17,6 +17,7 @@ from rich.table import Table
 
 from domainlm.errors import UserError
 from domainlm.evaluate import tasks as downstream
+from domainlm.finetune import classify
 from domainlm.finetune.loop import FinetuneArgs, finetune, resolve_model
 from domainlm.outputs import ClassifyComparison, FinetuneComparison
 from domainlm.rundir import RunDir, write_json
@@ -37,7 +38,6 @@ def compare(domain: Path, general: Path, data: Path, *, val: Path | None = None,
             restart: bool = False, console: Console | None = None, head: str = "lm") -> tuple[dict, list[Path]]:
     """``head``: ``lm`` (instruction fine-tuning, answers scored by the LM) or ``classification`` (a sequence
     classification head, finetune/classify.py: the category task only; written to ``eval/classify.json``)."""
-    from domainlm.finetune import classify
 
     console = console or Console(stderr=True)
     args = args or FinetuneArgs()

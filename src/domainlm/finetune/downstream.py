@@ -15,8 +15,12 @@ from rich.console import Console
 
 from domainlm import stages
 from domainlm.config import LICENSEDB_TEST, RunConfig
+from domainlm.evaluate import tasks
+from domainlm.finetune.compare import compare
+from domainlm.finetune.loop import FinetuneArgs
 from domainlm.outputs import ClassifyComparison
 from domainlm.rundir import RunDir
+from domainlm.train.variants import variant_config
 
 STAGE = "downstream"
 
@@ -30,10 +34,6 @@ def _held_out(cfg: RunConfig) -> bool:
 def run_downstream(cfg: RunConfig, run_dir: Path, console: Console) -> dict | None:
     """The comparison (as `compare.compare` returns it), or None when the config has no downstream task or
     the run has no general-only baseline."""
-    from domainlm.evaluate import tasks
-    from domainlm.finetune.compare import compare
-    from domainlm.finetune.loop import FinetuneArgs
-    from domainlm.train.variants import variant_config
 
     d = cfg.downstream
     if d.task is None:
@@ -56,14 +56,13 @@ def run_downstream(cfg: RunConfig, run_dir: Path, console: Console) -> dict | No
                         checkpoint_every=max(d.steps // 4, 1))
     files = {str(f): stages.file_fingerprint(f) for m in (rd.model, baseline, task_dir) for f in sorted(m.iterdir())
              if f.is_file()}
-    fp = stages.fingerprint(d.model_dump(), files)
-    result_path = rd / RunDir.CLASSIFY_COMPARE
-    if result_path.is_file() and stages.is_done(run_dir, STAGE, fp):
+    stage = stages.Stage(run_dir, STAGE, rd / RunDir.CLASSIFY_COMPARE, (d.model_dump(), files))
+    result, ran = stage.run(lambda: compare(run_dir, baseline, data, val=val, test=test, out=rd / RunDir.DOWNSTREAM,
+                                            args=args, tasks=[d.task], console=console, head=d.head)[0],
+                            lambda: rd.load(RunDir.CLASSIFY_COMPARE, ClassifyComparison).model_dump(
+                                exclude_unset=True))
+    if not ran:
         console.print("downstream: done already, skipped")
-        return rd.load(RunDir.CLASSIFY_COMPARE, ClassifyComparison).model_dump(exclude_unset=True)
-    result, _ = compare(run_dir, baseline, data, val=val, test=test, out=rd / RunDir.DOWNSTREAM, args=args,
-                        tasks=[d.task], console=console, head=d.head)
-    stages.mark_done(run_dir, STAGE, fp)
     return result
 
 

@@ -25,10 +25,13 @@ import numpy as np
 import torch
 from rich.console import Console
 from rich.markup import escape
+from transformers import AutoConfig, AutoTokenizer
+from transformers.utils import logging as hf_logging
 
 from domainlm import stages
 from domainlm.chat import ensure_chat_template, pad_id_of
 from domainlm.errors import UserError
+from domainlm.evaluate.inputs import check_tokenizer_files, load_model
 from domainlm.finetune.data import collate, encode_all, read_jsonl
 from domainlm.outputs import AnyFinetune, FinetuneSummary
 from domainlm.rundir import HF_CONFIG, ModelRef, RunDir, load_output, resolve_model_ref, swap_dir, write_json
@@ -60,7 +63,6 @@ class FinetuneArgs:
 
 def resolve_model(model_or_run: Path) -> ModelRef:
     """The model to fine-tune (a run directory means its trained ``model/``), with its tokenizer checked."""
-    from domainlm.evaluate.inputs import check_tokenizer_files
 
     ref = resolve_model_ref(model_or_run)
     check_tokenizer_files(ref.model_dir)
@@ -95,7 +97,6 @@ def apply_lora(model, rank: int):
 
 def _save_hf(model, tok, out: Path) -> None:
     """Model + tokenizer (with its chat template) through ``<out>.tmp`` and a rename."""
-    from transformers.utils import logging as hf_logging
 
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -116,22 +117,27 @@ def inputs_fingerprint(model_dir: Path, data: Path, val: Path | None) -> tuple:
             stages.file_fingerprint(Path(data)), stages.file_fingerprint(Path(val)) if val else None)
 
 
-def finished_or_start(out: Path, fp: str, restart: bool, console: Console) -> dict | None:
-    """The summary of a finished fine-tuning into ``out`` with fingerprint ``fp`` (nothing to do), else None with
-    ``out`` ready to train into (emptied on ``restart``; a half-written checkpoint removed, finished ones kept)."""
+def finished_or_start(out: Path, fp: str, restart: bool, console: Console) -> tuple[dict | None, stages.Stage]:
+    """The fine-tuning into ``out`` as a `stages.Stage` (its marker in ``<out>/.stages/``, its summary written
+    last): (the summary of a finished one with fingerprint ``fp``: nothing to do, the stage), else (None, the stage)
+    with ``out`` ready to train into (emptied on ``restart``; a half-written checkpoint removed, finished ones
+    kept). The caller writes the summary, then ``stage.finish()``."""
+    stage = stages.Stage(out, "finetune", out / RunDir.FINETUNE, (fp,),
+                         intact=lambda: (out / RunDir.MODEL / HF_CONFIG).is_file())
     if restart:
         shutil.rmtree(out, ignore_errors=True)
-    elif (out / RunDir.MODEL / HF_CONFIG).is_file():
+    elif stage.done():
         done = None
         with contextlib.suppress(UserError):  # a summary this version cannot read: fine-tune again
-            done = load_output(out / RunDir.FINETUNE, AnyFinetune)
-        if done is not None and done.fingerprint == fp:
+            done = load_output(stage.output, AnyFinetune)
+        if done is not None:
             console.print(f"finetune: done already ({out / RunDir.MODEL}); --restart to fine-tune again",
                           markup=False)
-            return done.model_dump()
+            return done.model_dump(), stage
     out.mkdir(parents=True, exist_ok=True)
+    stage.start()
     ckpt.remove_partial(out)
-    return None
+    return None, stage
 
 
 def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Path | None = None,
@@ -148,9 +154,7 @@ def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Pa
     val_convs = read_jsonl(val) if val is not None else []
     out = Path(out) if out is not None else ref.finetune_out(data_name(data))
 
-    from transformers import AutoConfig, AutoTokenizer
 
-    from domainlm.evaluate.inputs import load_model
 
     context = int(getattr(AutoConfig.from_pretrained(model_dir, local_files_only=True), "max_position_embeddings",
                           0) or 2048)
@@ -163,7 +167,7 @@ def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Pa
 
     fp = stages.fingerprint(asdict(args), *inputs_fingerprint(model_dir, data, val))
     summary_path = out / RunDir.FINETUNE
-    done = finished_or_start(out, fp, restart, console)
+    done, stage = finished_or_start(out, fp, restart, console)
     if done is not None:
         return done
 
@@ -223,6 +227,7 @@ def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Pa
                "tokens_per_s": driver.tokens_per_s, "args": asdict(args), "fingerprint": fp,
                "chat_template": "added" if added else "model's"}
     write_json(summary_path, FinetuneSummary.checked(summary), indent=1)
+    stage.finish()
     console.print(f"wrote [bold]{escape(str(out / RunDir.MODEL))}[/] (Hugging Face format, chat template in its "
                   "tokenizer); "
                   f"final loss {last_loss:.4f}" + (f", val loss {last_val:.4f}" if last_val is not None else ""))

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from domainlm.config import demo_recipe_path, load_config
 from domainlm.errors import UserError
 from domainlm.rundir import RunDir, atomic_write
 
@@ -85,8 +86,6 @@ def launch_train(config: Path | None, *, nodes: int, gpus_per_node: int, procs_p
                  cpus_per_task: int | None = None, partition: str | None = None, time_limit: str | None = None,
                  dry_run: bool = False) -> dict:
     """Write ``<run>/launch/train.sbatch`` (atomically) and, unless ``dry_run``, submit it with sbatch."""
-    from domainlm.config import demo_recipe_path, load_config
-    from domainlm.data.tokens import counts_path
 
     if time_limit is not None and not TIME_RE.match(time_limit):
         raise UserError(f"--time: expected a Slurm time limit (MINUTES, H:M:S or D-H:M:S), got {time_limit!r}")
@@ -99,8 +98,8 @@ def launch_train(config: Path | None, *, nodes: int, gpus_per_node: int, procs_p
         raise UserError(f"--procs-per-node: {procs} processes on {gpus_per_node} GPUs per node; at most one per GPU")
     workdir = Path.cwd()
     run_dir = cfg.directory(workdir).resolve()
-    if not counts_path(run_dir).exists():  # else the job would fail on the cluster, after waiting in the queue
-        raise UserError(f"{counts_path(run_dir)}: no token files to train on; run `domainlm prepare`, "
+    if not RunDir(run_dir).counts.exists():  # else the job would fail on the cluster, after waiting in the queue
+        raise UserError(f"{RunDir(run_dir).counts}: no token files to train on; run `domainlm prepare`, "
                         f"`domainlm tokenizer` and `domainlm tokenize` before `domainlm launch slurm`")
     text = train_script(config=path, workdir=workdir, run_dir=run_dir, job_name=f"domainlm-train-{cfg.name}",
                         nodes=nodes, gpus_per_node=gpus_per_node, procs_per_node=procs,

@@ -6,10 +6,13 @@ from pathlib import Path
 
 from domainlm.config import RunConfig, load_config, write_resolved
 from domainlm.errors import UserError
+from domainlm.hardware import GPU_KINDS, get_accelerator
+from domainlm.memory import estimate, recommend
+from domainlm.model.base import resolve_base
 from domainlm.outputs import Counts, Plan
-from domainlm.plan.hardware import GPU_KINDS, get_accelerator
-from domainlm.plan.memory import estimate, recommend
-from domainlm.plan.planner import PlanRequest, make_plan
+from domainlm.plan.chart import plot_plan
+from domainlm.plan.laws import load_fitted
+from domainlm.plan.planner import PlanRequest, machine_id, make_plan
 from domainlm.rundir import RunDir, write_json
 from domainlm.units import parse_assignments, parse_number
 
@@ -41,7 +44,6 @@ def _earlier_compute(run_dir: Path) -> dict:
 def _cached_cpu_probe(run_dir: Path) -> float | None:
     """The CPU probe measured by an earlier plan of this run on this machine (re-planning with the real token
     counts must not re-size the model because the machine was busier the second time)."""
-    from domainlm.plan.planner import machine_id
 
     compute = _earlier_compute(run_dir)
     if compute.get("method") == "cpu-probe" and compute.get("machine") == machine_id():
@@ -76,7 +78,6 @@ def request_from(cfg: RunConfig | None, **flags) -> PlanRequest:
         if m.objective == "span":
             req.objective_args = {"noise_density": m.noise_density, "mean_span_length": m.mean_span_length}
         if cfg.train.init_from:  # continued pretraining: N is the base model's, the plan sizes the tokens
-            from domainlm.basemodel import resolve_base
 
             base = resolve_base(cfg.train.init_from)
             req.base = {**base.as_dict(), "flops_per_token": base.flops_per_token(req.seq_len)}
@@ -107,7 +108,6 @@ def request_from(cfg: RunConfig | None, **flags) -> PlanRequest:
     if flags.get("law") is not None:
         req.law = flags["law"]
     elif cfg is not None and req.law.startswith("fitted:"):
-        from domainlm.plan.laws import load_fitted
 
         load_fitted(req.law.removeprefix("fitted:"), origin="budget.law:")  # the error names the config key
     if flags.get("weight"):
@@ -132,11 +132,9 @@ def run_plan(config: Path | None, plot: Path | None = None, **flags) -> tuple[di
         written.append(write_resolved(cfg, run_dir))
         result["config"] = str(config)
         written.append(write_json(RunDir(run_dir).plan, Plan.checked(result)))
-        from domainlm.plan.chart import plot_plan
 
         written.append(plot_plan(result, RunDir(run_dir) / RunDir.PLAN_CHART))
     if plot is not None:
-        from domainlm.plan.chart import plot_plan
 
         written.append(plot_plan(result, plot))
     return result, written
@@ -145,7 +143,6 @@ def run_plan(config: Path | None, plot: Path | None = None, **flags) -> tuple[di
 def run_memory(**flags) -> dict:
     shape: dict = {}
     if flags.get("model") is not None:  # a model folder: its real shape (config.json) and exact parameter count
-        from domainlm.basemodel import resolve_base
 
         base = resolve_base(flags["model"], key="--model")
         s = base.shape

@@ -1,39 +1,16 @@
-"""Accelerator table (dense peaks from vendor datasheets) and a measured probe for CPUs."""
+"""A measured speed probe for CPUs (no datasheet peak): the trainer's own model and step, timed. The accelerator
+table with the GPUs' datasheet peaks is `domainlm.hardware`."""
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 
-from domainlm.errors import UserError
+import torch
+import torch.nn.functional as F
 
-DEFAULT_MFU = 0.40  # between torchtitan's 33–39% (8B, 8×H100) and llm-foundry/Megatron's 46–47% (H100)
-
-
-@dataclass(frozen=True)
-class Accelerator:
-    name: str
-    bf16_flops: float  # dense bf16 peak FLOP/s, no sparsity
-    fp32_flops: float
-    memory_gb: float
-    note: str
-
-
-# Dense peaks, vendor datasheets (no structured sparsity).
-ACCELERATORS: dict[str, Accelerator] = {
-    "a100-40gb": Accelerator("a100-40gb", 312e12, 19.5e12, 40, "NVIDIA A100 SXM 40GB (BloombergGPT's GPU)"),
-    "a100-80gb": Accelerator("a100-80gb", 312e12, 19.5e12, 80, "NVIDIA A100 SXM 80GB"),
-    "h100": Accelerator("h100", 989e12, 67e12, 80, "NVIDIA H100 SXM 80GB"),
-    "h200": Accelerator("h200", 989e12, 67e12, 141, "NVIDIA H200 SXM 141GB"),
-    "l4": Accelerator("l4", 121e12, 30.3e12, 24, "NVIDIA L4 24GB"),
-}
-GPU_KINDS = (*ACCELERATORS, "cpu")
-
-
-def get_accelerator(kind: str) -> Accelerator:
-    if kind not in ACCELERATORS:
-        raise UserError(f"--gpu: unknown GPU kind {kind!r}; expected one of {', '.join(GPU_KINDS)}")
-    return ACCELERATORS[kind]
+from domainlm.model import build_model
+from domainlm.shape import make_shape
+from domainlm.train.step import make_optimizer, train_step
 
 
 def measure_cpu_flops(seconds: float = 3.0, seq_len: int = 256, batch: int = 8) -> dict:
@@ -42,10 +19,7 @@ def measure_cpu_flops(seconds: float = 3.0, seq_len: int = 256, batch: int = 8) 
     There is no datasheet peak for a CPU, so the probe measures what training actually achieves (the MFU
     is folded in): a d=256, 4-layer, vocab-8192 decoder (7.4M params, the shape of ANCHORS.md's CPU
     measurement), AdamW, batch 8×256, one warm-up step then timed steps for ~``seconds``."""
-    import torch
-    import torch.nn.functional as F
 
-    from domainlm.plan.shape import make_shape
 
     shape = make_shape(256, 4, 8192)
     d, h = shape.d_model, shape.n_heads
@@ -99,10 +73,7 @@ def measure_shape_throughput(shape, seq_len: int, micro_batch: int, seconds: flo
     at ~45% of the FLOP/s of the 7.4M-parameter probe model, so a budget sized with the probe took 600 s
     instead of 360 s. ``model``: measure this model instead (continued pretraining's base, whose
     architecture need not be `build_model`'s); ``shape`` then only gives the vocabulary and the FLOPs count."""
-    import torch
 
-    from domainlm.model import build_model
-    from domainlm.train.step import make_optimizer, train_step
 
     cuda = torch.cuda.is_available()
     device = torch.device("cuda" if cuda else "cpu")

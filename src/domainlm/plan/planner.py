@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import math
 import os
+import platform
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import torch
+from scipy.optimize import minimize_scalar
+
 from domainlm.errors import UserError
+from domainlm.hardware import DEFAULT_MFU, get_accelerator
+from domainlm.memory import MemoryEstimate, estimate, recommend
+from domainlm.model import load_base_model
+from domainlm.model.base import resolve_base
 from domainlm.plan import hardware, laws
-from domainlm.plan.hardware import DEFAULT_MFU, get_accelerator, measure_cpu_flops
-from domainlm.plan.memory import MemoryEstimate, estimate, recommend
-from domainlm.plan.shape import (
+from domainlm.plan.hardware import measure_cpu_flops
+from domainlm.shape import (
     MAX_D_MODEL,
     MAX_LAYERS,
     ModelShape,
@@ -140,7 +147,7 @@ def _size(law: laws.Law, req: PlanRequest, compute: dict) -> tuple[float, float,
 
 
 def _fpt(req: PlanRequest, shape: ModelShape) -> float:
-    """Training FLOPs per token of the window for the run's objective (plan/shape.py)."""
+    """Training FLOPs per token of the window for the run's objective (shape.py)."""
     return objective_flops_per_token(shape, req.seq_len, req.objective, **req.objective_args)
 
 
@@ -264,9 +271,7 @@ def _run(req: PlanRequest, law: laws.Law, compute: dict, shape: ModelShape, d_op
 
 def machine_id() -> str:
     """Where a CPU probe was measured: a later plan in the same run directory on the same machine reuses it."""
-    import platform
 
-    import torch
 
     return f"{platform.node()}/{platform.machine()}/{os.cpu_count()} cpus/{torch.get_num_threads()} threads"
 
@@ -463,7 +468,6 @@ def _alternatives(law, req, flops, n_opt, d_opt, weights, limits, rows) -> list[
 def _data_constrained_optimum(law, req, flops, n_opt, weights, limits) -> dict:
     """Minimise L(N', D') over N with D = C / 6N (Muennighoff et al. 2023 §6: with repeated data, the optimum
     spends compute on more epochs rather than on parameters the unique data cannot use)."""
-    from scipy.optimize import minimize_scalar
 
     def objective(log_n: float) -> float:
         n = math.exp(log_n)
@@ -722,8 +726,6 @@ def _base_probe(req: PlanRequest, shape: ModelShape) -> dict:
     old = req.shape_probe
     if old and all(old.get(k) == v for k, v in key.items()):
         return old
-    from domainlm.basemodel import resolve_base
-    from domainlm.model import load_base_model
 
     model = load_base_model(resolve_base(b["path"]))
     req.shape_probe = {**key, **hardware.measure_shape_throughput(shape, req.seq_len, req.micro_batch, model=model)}

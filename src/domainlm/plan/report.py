@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Console
 from rich.table import Table
 
-from domainlm.plan.memory import SHARDING_NAMES
+from domainlm.memory import SHARDING_NAMES
 from domainlm.units import human
 
 

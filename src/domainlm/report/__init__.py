@@ -1,5 +1,7 @@
-"""`domainlm report`: the run's evidence as one self-contained HTML page (html.py) built from charts (plots.py)."""
+"""`domainlm report`: the run's evidence as one self-contained HTML page (html.py) built from charts (plots.py).
 
-from domainlm.report.html import build_report, print_report
+The sections come from the stage registry: `domainlm.pipeline.build_report` builds the page of a run."""
 
-__all__ = ["build_report", "print_report"]
+from domainlm.report.html import print_report
+
+__all__ = ["print_report"]

@@ -14,12 +14,17 @@ import math
 from dataclasses import dataclass, field
 from html import escape
 from pathlib import Path
+from typing import Any
 
 import yaml
+from rich.markup import escape as rich_escape
 
 from domainlm import __version__, faults
-from domainlm.errors import UserError
-from domainlm.outputs import SCHEMAS, AnyEval, ObjectiveEvalOutput
+from domainlm.config import validate
+from domainlm.errors import ConfigError, UserError
+from domainlm.model.base import base_of
+from domainlm.outputs import AnyEval, ObjectiveEvalOutput
+from domainlm.plan.chart import plot_plan
 from domainlm.report import plots
 from domainlm.rundir import RunDir, atomic_write, load_output, publish, temp_path
 from domainlm.units import human
@@ -29,21 +34,28 @@ REPORT_DIR = str(Path(RunDir.REPORT).parent)
 PNGS = (RunDir.PLAN_CHART, "drops.png", "tokens.png", "epochs.png", "bytes_per_token.png", "loss.png", "eval_bpb.png",
         "probes.png", "ablation.png", "decide.png")
 
-# run file -> the command that writes it (shown when the file is missing)
-PRODUCERS = {
-    RunDir.PLAN: "domainlm plan CONFIG",
-    RunDir.STATS: "domainlm prepare CONFIG",
-    RunDir.COUNTS: "domainlm tokenize CONFIG",
-    RunDir.AUDIT: "domainlm tokenizer CONFIG",
-    RunDir.METRICS: "domainlm train CONFIG",
-    RunDir.TRAIN: "domainlm train CONFIG",
-    RunDir.EVAL: "domainlm eval {run}",
-    RunDir.BASELINE_EVAL: "domainlm run CONFIG",
-    RunDir.ABLATE: "domainlm ablate CONFIG --domain-weights 0,0.51,1",
-    RunDir.DECIDE: "domainlm decide CONFIG --base GENERAL_MODEL",
-    RunDir.FINETUNE_COMPARE: "domainlm finetune {run} --compare GENERAL_MODEL --data TRAIN.jsonl",
-    RunDir.CLASSIFY_COMPARE: "domainlm finetune {run} --head classification --compare GENERAL_MODEL --data TRAIN.jsonl",
-}
+
+
+@dataclass(frozen=True)
+class Catalog:
+    """What the report knows of the run directory's files, from the stage registry (pipeline.py): each output's
+    model and the command that writes it (shown when the file is missing)."""
+
+    schemas: dict[str, Any]
+    producers: dict[str, str]
+
+    def command(self, rel: str) -> str:
+        # a token folder of another tokenizer (continued pretraining's base): written by the same command
+        if rel not in self.producers and rel.endswith(RunDir.COUNTS_FILE):
+            rel = RunDir.COUNTS
+        return self.producers[rel]
+
+    def schema(self, rel: str):
+        if rel not in self.schemas and rel.endswith(RunDir.COUNTS_FILE):
+            rel = RunDir.COUNTS
+        return self.schemas[rel]
+
+
 BASELINE = "general-only baseline (domain weight 0)"
 
 
@@ -63,8 +75,9 @@ class Section:
 class Report:
     """The state one report build shares between sections: where to read, where to write, what was drawn."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, catalog: Catalog):
         self.run_dir = run_dir
+        self.catalog = catalog
         self.out = run_dir / REPORT_DIR
         self.cache: dict[str, tuple[object, str | None]] = {}
 
@@ -88,15 +101,13 @@ class Report:
 
     def _read(self, rel: str):
         path = self.run_dir / rel
-        # a token folder of another tokenizer (continued pretraining's base): written by the same command
-        cmd = (PRODUCERS.get(rel) or PRODUCERS[RunDir.COUNTS] if rel.endswith(RunDir.COUNTS_FILE) else
-               PRODUCERS[rel]).format(run=self.run_dir)
+        cmd = self.catalog.command(rel).format(run=self.run_dir)
         if not path.exists():
             return None, f"no {rel} yet: run `{cmd}`"
         try:
             if rel == RunDir.METRICS:
                 return _jsonl(path.read_text(encoding="utf-8")), None
-            return load_output(path, SCHEMAS[RunDir.COUNTS if rel.endswith(RunDir.COUNTS_FILE) else rel]), None
+            return load_output(path, self.catalog.schema(rel)), None
         except (OSError, UnicodeDecodeError, UserError) as e:
             return None, f"{e} (`{cmd}`)"
 
@@ -158,7 +169,6 @@ def plan_section(r: Report) -> Section:
     if plan is None:
         s.hints.append(why)
         return s
-    from domainlm.plan.chart import plot_plan
 
     def draw(p, path: Path) -> Path:
         tmp = temp_path(path)  # ends in .png: plot_plan picks the format by suffix
@@ -203,13 +213,10 @@ def plan_section(r: Report) -> Section:
 def _counts_rel(run_dir: Path) -> str:
     """tokens/counts.json, or with ``train.init_from`` (continued pretraining) the counts of the base tokenizer's
     token folder (`RunDir.tokens_for`), the files that run trained on."""
-    from domainlm.config import validate
-    from domainlm.errors import ConfigError
 
     try:
         data = yaml.safe_load((run_dir / RunDir.CONFIG).read_text(encoding="utf-8"))
         if isinstance(data, dict) and (data.get("train") or {}).get("init_from"):
-            from domainlm.basemodel import base_of
 
             folder = RunDir(run_dir).tokens_for(base_of(validate(data)).path)
             return str(folder.relative_to(run_dir) / RunDir.COUNTS_FILE)
@@ -582,17 +589,17 @@ def render(r: Report, sections: list[Section], now: str) -> str:
     )
 
 
-def build_report(run_dir: Path | str) -> dict:
-    """Write ``<run>/report/index.html`` and its PNGs; return what was written and what is missing."""
+def build_report(run_dir: Path | str, makers: list, catalog: Catalog) -> dict:
+    """Write ``<run>/report/index.html`` and its PNGs from the sections ``makers`` make (page order; one that
+    returns None is left out); return what was written and what is missing. The stage registry
+    (`pipeline.build_report`) passes every stage's sections and the catalog of outputs."""
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise UserError(f"{run_dir}: no such run directory (make one with `domainlm plan CONFIG`)")
-    r = Report(run_dir)
+    r = Report(run_dir, catalog)
     r.out.mkdir(exist_ok=True)
     sections = []
-    # page order
-    for make in (plan_section, data_section, tokenizer_section, training_section, eval_section, probes_section,
-                 ablation_section, finetune_section, classify_section):
+    for make in makers:
         s = make(r)
         if s is not None:
             sections.append(s)
@@ -618,6 +625,5 @@ def print_report(result: dict, console) -> None:
         console.print(f"{mark} {s['title']}", highlight=False)
         for h in s["hints"]:
             console.print(f"    {h}", style="yellow", highlight=False, markup=False, soft_wrap=True)
-    from rich.markup import escape
 
-    console.print(f"wrote [bold]{escape(result['path'])}[/]")
+    console.print(f"wrote [bold]{rich_escape(result['path'])}[/]")

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import minimize
+from threadpoolctl import ThreadpoolController
 
 from domainlm.errors import UserError
 
@@ -106,8 +107,6 @@ FTOL, GTOL, MAXITER = 1e-12, 1e-10, 20_000
 
 @functools.cache
 def _blas():
-    from threadpoolctl import ThreadpoolController
-
     return ThreadpoolController()
 
 

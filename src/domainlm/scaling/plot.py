@@ -12,13 +12,12 @@ from pathlib import Path
 
 import numpy as np
 
-from domainlm.plan.laws import LAWS, Law
+from domainlm.errors import UserError
+from domainlm.plan.laws import LAWS, Law, get_law
 
 
 def usable_law(law_path: Path) -> Law | None:
     """The fitted law for the plot's N_opt line, or None when the fit is degenerate (load_fitted says why)."""
-    from domainlm.errors import UserError
-    from domainlm.plan.laws import get_law
 
     try:
         return get_law(f"fitted:{law_path}")

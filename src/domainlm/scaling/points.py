@@ -15,6 +15,8 @@ from pathlib import Path
 from domainlm.errors import UserError
 from domainlm.outputs import Law
 from domainlm.rundir import RunDir, write_json
+from domainlm.scaling.fit import fit_law
+from domainlm.scaling.plot import plot_scaling, usable_law
 
 REQUIRED = ("params", "tokens", "loss")
 SAME_BUDGET = 1.10  # 6·N·D within 10% of the previous point: the same IsoFLOP curve
@@ -86,8 +88,6 @@ def _group_by_6nd(rows: list[dict]) -> None:
 
 def fit_points(path: Path, *, law_out: Path | None = None, n_boot: int = 100) -> dict:
     """Fit approaches 2 and 3 (with bootstrap intervals) and write law.json (default: next to the CSV)."""
-    from domainlm.scaling.fit import fit_law
-    from domainlm.scaling.plot import plot_scaling, usable_law
 
     path = Path(path)
     rows = read_points(path)

@@ -29,8 +29,10 @@ from domainlm.data.tokens import load_counts
 from domainlm.errors import UserError
 from domainlm.outputs import Law, ScalingPoint, TrainSummary
 from domainlm.plan.laws import LAWS, get_law
-from domainlm.plan.shape import ModelShape, make_shape, shape_for_params
 from domainlm.rundir import RunDir, atomic_write, budget_label, load_jsonl, write_json
+from domainlm.scaling.fit import fit_law
+from domainlm.scaling.plot import plot_scaling, usable_law
+from domainlm.shape import ModelShape, make_shape, shape_for_params
 from domainlm.train.driver import metric_rows
 from domainlm.train.variants import fixed_config, train_variant
 
@@ -159,7 +161,6 @@ def mixture_loss(losses: dict[str, float], weights: dict[str, float]) -> float:
 
 def run_sweep(config: Path | None, budgets: str, sizes: int, *, law_out: Path | None = None,
               step_tokens: int | None = None, console: Console) -> dict:
-    from domainlm.scaling.fit import fit_law
 
     cfg = load_config(config)
     if cfg.model.objective != "causal":  # the sweep fits L(N, D) to bits per byte, which only a causal LM has
@@ -218,7 +219,6 @@ def run_sweep(config: Path | None, budgets: str, sizes: int, *, law_out: Path | 
                config=str(config) if config else None, tokenizer_sha256=load_counts(run_dir).get("tokenizer_sha256"))
     law_path = Path(law_out) if law_out else RunDir(run_dir) / RunDir.LAW
     write_json(law_path, Law.checked(law))
-    from domainlm.scaling.plot import plot_scaling, usable_law
 
     plot = plot_scaling(rows, law, usable_law(law_path), RunDir(run_dir) / RunDir.SCALING_CHART)
     return {"law": law, "law_path": str(law_path), "points_path": str(points_path),

@@ -22,14 +22,20 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import io
 import json
 import os
+import pickle
 import shutil
 import warnings
 from pathlib import Path
 
 import torch
+import torch.distributed.checkpoint as dcp
+from safetensors import safe_open
 from safetensors.torch import load_model, save_model
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
 from domainlm import faults
 from domainlm.errors import UserError
@@ -78,8 +84,6 @@ def save_checkpoint(run_dir: Path, step: int, model, optimizer, state: dict, wor
     barrier()
     try:
         if is_fsdp(model):
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_state_dict
 
             msd, osd = get_state_dict(model, optimizer)  # sharded: each rank writes its own shards
             dcp.save({"model": msd, "optim": osd}, checkpoint_id=str(tmp / "dcp"))
@@ -152,7 +156,6 @@ _DCP_GLOBALS = {("torch", "Size"), ("torch.serialization", "_get_layout"),
 def _check_dcp_metadata(path: Path) -> None:
     """Unpickle ``dcp/.metadata`` allowing only the names dcp writes (its metadata classes, torch sizes and
     dtypes): a crafted file that would call anything else is refused before dcp's own ``pickle.load``."""
-    import pickle
 
     class Restricted(pickle.Unpickler):
         def find_class(self, module: str, name: str):
@@ -172,9 +175,7 @@ def _check_dcp_metadata(path: Path) -> None:
 def _safe_load_planner():
     """dcp's default planner loads non-tensor values (optimizer hyper-parameters) with ``weights_only=False``;
     this one with ``weights_only=True``: numbers, strings and containers only."""
-    import io
 
-    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 
     class _SafeLoadPlanner(DefaultLoadPlanner):
         def load_bytes(self, read_item, value: io.BytesIO) -> None:
@@ -192,7 +193,6 @@ def _safe_load_planner():
 
 def _shape_mismatch(path: Path, model) -> str | None:
     """How the checkpoint's weights differ in shape from ``model`` (a changed model config), or None."""
-    from safetensors import safe_open
 
     params = unwrap(model).state_dict()
     want = {k: tuple(v.shape) for k, v in params.items()}
@@ -224,8 +224,6 @@ def load_checkpoint(path: Path, model, optimizer, world: Dist) -> dict:
                             "or restore the old model settings to resume")
     try:
         if (path / "dcp").exists():  # FSDP-written; loads into FSDP of any size, DDP or one process
-            import torch.distributed.checkpoint as dcp
-            from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
             _check_dcp_metadata(path)
             msd, osd = get_state_dict(model, optimizer)

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import torch
 from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from torch.utils.tensorboard import SummaryWriter
 
 from domainlm import faults
 from domainlm.errors import UserError
@@ -110,7 +112,6 @@ class Driver:
                     self.rates.append(row["tokens_per_s"])
         tb = None
         if main and self.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
 
             tb = SummaryWriter(str(RunDir(self.out) / RunDir.TENSORBOARD),
                                purge_step=self.step + 1 if self.step else None)
@@ -131,7 +132,6 @@ class Driver:
             if main:
                 progress.console.print(f"step {self.step}: {e.text}")
 
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
         progress = Progress(TextColumn(f"[bold]{self.name}"), BarColumn(), MofNCompleteColumn(),
                             TextColumn("{task.fields[info]}"), TimeRemainingColumn(), console=self.console,

@@ -23,17 +23,19 @@ import torch
 import torch.distributed as dist
 from rich.console import Console
 from rich.markup import escape
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from transformers import AutoTokenizer
 
 from domainlm import faults, stages
-from domainlm.basemodel import BaseModel, base_of
 from domainlm.config import RunConfig, load_config
 from domainlm.data.tokens import counts_path, load_counts, open_tokens
 from domainlm.errors import UserError
+from domainlm.hardware import ACCELERATORS
 from domainlm.model import MODEL_DIR, TOKENIZER_DIR, build_model, export_hf, load_base_model, resolve_shape
+from domainlm.model.base import BaseModel, base_of
 from domainlm.outputs import Plan, TrainSummary
-from domainlm.plan.hardware import ACCELERATORS
-from domainlm.plan.shape import ModelShape, objective_flops_per_token, objective_params
 from domainlm.rundir import RunDir, write_json
+from domainlm.shape import ModelShape, objective_flops_per_token, objective_params
 from domainlm.train import checkpoint as ckpt
 from domainlm.train.data import MixtureLoader, val_windows
 from domainlm.train.driver import Driver, Eval
@@ -246,11 +248,12 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
     data_dir = Path(data_dir) if data_dir is not None else run_dir
     z = setup(cfg, data_dir, world, max_steps)
     counts = z.counts
-    fp = stages.fingerprint(cfg.model.model_dump(), t.model_dump(exclude={"init_from"}), z.shape.as_dict(),
-                            z.total_steps, counts.get("tokenizer_sha256"), counts["sources"],
-                            *([str(z.base.path), z.base.fingerprint] if z.base else []))  # another base retrains
+    stage = stages.Stage(run_dir, STAGE, RunDir(run_dir) / RunDir.TRAIN, (
+        cfg.model.model_dump(), t.model_dump(exclude={"init_from"}), z.shape.as_dict(), z.total_steps,
+        counts.get("tokenizer_sha256"), counts["sources"],
+        *([str(z.base.path), z.base.fingerprint] if z.base else [])))  # another base retrains
     done = None
-    if not restart and stages.is_done(run_dir, STAGE, fp):
+    if not restart and stage.done():
         with contextlib.suppress(UserError):  # a summary that does not parse: resume, export and write it again
             done = RunDir(run_dir).load(RunDir.TRAIN, TrainSummary)
     if done is not None:
@@ -262,11 +265,10 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
         if restart:
             for p in (ckpt.checkpoints_dir(run_dir), RunDir(run_dir).metrics.parent, run_dir / MODEL_DIR):
                 shutil.rmtree(p, ignore_errors=True)
-            stages.clear(run_dir, STAGE)
+            stage.start()
         ckpt.remove_partial(run_dir)
     barrier()
 
-    from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(z.tokenizer)
     objective = objective_from_config(cfg.model, add_objective_tokens(tok, z.objective), t.seed)  # None: causal
@@ -325,7 +327,7 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
         finished=time.time()).model_dump()
     if world.is_main:
         write_json(RunDir(run_dir) / RunDir.TRAIN, summary)
-        stages.mark_done(run_dir, STAGE, fp)
+        stage.finish()
         console.print(f"wrote [bold]{escape(str(run_dir / MODEL_DIR))}[/] (Hugging Face format); final loss "
                       f"{driver.last_loss:.4f}")
     barrier()
@@ -425,7 +427,6 @@ def params_of(z: Setup) -> int:
 def export(model, hf_config, tokenizer_dir: Path, out: Path, world: Dist, **kw) -> None:
     """The Hugging Face export: gather the full weights (a collective under FSDP), rank 0 writes. ``kw``:
     `export_hf`'s (the architecture to save, a base model's generation config)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     if dist.is_initialized():
         full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

@@ -1,4 +1,4 @@
-"""Measure the activation memory of one training micro-step, to hold `domainlm memory`'s model (plan/memory.py)
+"""Measure the activation memory of one training micro-step, to hold `domainlm memory`'s model (memory.py)
 against what the trainer really keeps.
 
 On CUDA the allocator counts (``torch.cuda.max_memory_allocated``). A CPU has no such counter, so
@@ -12,7 +12,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+from domainlm.train.step import next_token_loss
 
 
 class LiveStorages(TorchDispatchMode):
@@ -24,9 +28,6 @@ class LiveStorages(TorchDispatchMode):
         self.snapshots: list[list[int]] = []
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        from torch.multiprocessing.reductions import StorageWeakRef
-        from torch.utils._pytree import tree_flatten
-
         out = func(*args, **(kwargs or {}))
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
@@ -57,7 +58,6 @@ class ActivationBytes:
 def measure_cpu(model: torch.nn.Module, batch: torch.Tensor) -> ActivationBytes:
     """Forward + backward of `next_token_loss` on ``batch`` [B, T+1] (fp32 or the model's own dtype), tracked
     storage by storage. Leaves the gradients in ``model``."""
-    from domainlm.train.step import next_token_loss
 
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     mode = LiveStorages()

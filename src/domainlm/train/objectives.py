@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tokenizers import AddedToken
+from transformers import AutoTokenizer
 
 from domainlm.errors import UserError
 from domainlm.train.step import IGNORE, Loss
@@ -52,7 +54,6 @@ def added_tokens(objective: str) -> int:
 def add_objective_tokens(tok, objective: str):
     """The run tokenizer with the objective's special tokens appended (ids ``len(tok)``, …): the mask token, or
     T5's sentinels. The token files never hold these ids, so every objective trains on the same prepared data."""
-    from tokenizers import AddedToken
 
     if objective == MASKED:
         tok.add_special_tokens({"mask_token": AddedToken(MASK_TOKEN, lstrip=True, special=True, normalized=False)})
@@ -63,8 +64,6 @@ def add_objective_tokens(tok, objective: str):
 
 
 def objective_tokenizer(tokenizer_dir, objective: str):
-    from transformers import AutoTokenizer
-
     tok = AutoTokenizer.from_pretrained(tokenizer_dir)
     return add_objective_tokens(tok, objective)
 

@@ -14,16 +14,23 @@ the step needs no autocast; DDP and a single GPU keep fp32 weights under bf16 au
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.nn.parallel import DistributedDataParallel as DDP
 
-from domainlm.plan.memory import estimate
-from domainlm.plan.shape import ModelShape
+from domainlm.memory import estimate
+from domainlm.shape import ModelShape
 
 
 @dataclass(frozen=True)
@@ -108,7 +115,6 @@ def checkpoint_layers(model: torch.nn.Module) -> None:
     the rest (Chen et al. 2016, arXiv 1604.06174; what BloombergGPT did on every layer). Non-reentrant
     `torch.utils.checkpoint`, which composes with `torch.compile` and FSDP2. Weights keep their names: the
     wrapper strips its own prefix from state dicts, so checkpoints and the HF export are unchanged."""
-    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 
     for layers in layer_stacks(model):
         for i, layer in enumerate(layers):
@@ -166,12 +172,9 @@ def parallelize(model: torch.nn.Module, mode: str, world: Dist, *, compile: bool
     if mode == "none":
         return model
     if mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel as DDP
 
         return DDP(model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
     if mode == "fsdp":
-        from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
         if not dist.is_initialized():  # FSDP on one process (e.g. resuming a sharded run alone)
             _init_single_process_group(world)
@@ -188,10 +191,6 @@ def parallelize(model: torch.nn.Module, mode: str, world: Dist, *, compile: bool
 
 
 def _init_single_process_group(world: Dist) -> None:
-    import atexit
-    import shutil
-    import tempfile
-
     # The store's file lives in a private (0700) folder of our own: a name from mktemp could be taken by
     # another user between choosing and creating it. Removed at exit.
     folder = tempfile.mkdtemp(prefix="domainlm-pg-")
@@ -205,6 +204,4 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def is_fsdp(model: torch.nn.Module) -> bool:
-    from torch.distributed.fsdp import FSDPModule
-
     return isinstance(model, FSDPModule)

@@ -10,13 +10,13 @@ from pathlib import Path
 
 from rich.console import Console
 
-from domainlm.basemodel import base_of
 from domainlm.config import RunConfig, write_resolved
 from domainlm.data.tokens import load_counts
 from domainlm.errors import UserError
 from domainlm.model import MODEL_DIR, resolve_shape
-from domainlm.plan.shape import ModelShape
+from domainlm.model.base import base_of
 from domainlm.rundir import RunDir
+from domainlm.shape import ModelShape
 from domainlm.train.loop import plan_of, planned_tokens, train
 from domainlm.train.parallel import distributed
 

@@ -14,12 +14,23 @@ import shutil
 from pathlib import Path
 
 import torch
+from transformers import (
+    AutoModelForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    ModernBertConfig,
+    ModernBertForMaskedLM,
+    T5Config,
+    T5ForConditionalGeneration,
+)
+from transformers.utils import logging as hf_logging
 
 from domainlm.config import RunConfig
 from domainlm.errors import UserError
+from domainlm.model.base import tokenizer_files
 from domainlm.outputs import Plan
-from domainlm.plan.shape import ModelShape, ffn_for, make_shape
 from domainlm.rundir import RunDir, swap_dir
+from domainlm.shape import ModelShape, ffn_for, make_shape
 
 TOKENIZER_DIR = RunDir.TOKENIZER
 MODEL_DIR = RunDir.MODEL
@@ -64,7 +75,6 @@ def resolve_shape(cfg: RunConfig, run_dir: Path, vocab_size: int) -> ModelShape:
 
 def llama_config(shape: ModelShape, max_positions: int, *, bos_id: int | None = None, eos_id: int | None = None,
                  pad_id: int | None = None):
-    from transformers import LlamaConfig
 
     return LlamaConfig(
         vocab_size=shape.vocab_size,
@@ -95,7 +105,6 @@ def encoder_config(shape: ModelShape, max_positions: int, *, bos_id: int | None 
     head tied to the embedding). ModernBERT over BERT/RoBERTa: the same modern block as the Llama decoder (RoPE,
     gated MLP, no biases), so an encoder and a decoder of one shape differ mainly in their attention mask; on a
     2-core CPU it trains as fast as the decoder of the same shape."""
-    from transformers import ModernBertConfig
 
     return ModernBertConfig(
         vocab_size=shape.vocab_size, hidden_size=shape.d_model, intermediate_size=shape.ffn_dim,
@@ -109,7 +118,6 @@ def t5_config(shape: ModelShape, max_positions: int, *, eos_id: int | None = Non
     ``n_layers`` encoder and ``n_layers`` decoder blocks of the plan's width; the head is the embedding (transformers
     5 always ties T5's) with the original T5's d_model^-0.5 output scaling; the decoder starts from the pad token.
     T5's positions are relative; ``max_position_embeddings`` records the window it trained on (eval's default)."""
-    from transformers import T5Config
 
     return T5Config(
         vocab_size=shape.vocab_size, d_model=shape.d_model, d_kv=shape.head_dim, d_ff=shape.ffn_dim,
@@ -121,15 +129,12 @@ def t5_config(shape: ModelShape, max_positions: int, *, eos_id: int | None = Non
 def model_for(objective: str, shape: ModelShape, max_positions: int, **special_ids):
     """(transformers class, config) of the model an objective trains (train/objectives.py)."""
     if objective == "masked":
-        from transformers import ModernBertForMaskedLM
 
         return ModernBertForMaskedLM, encoder_config(shape, max_positions, **special_ids)
     if objective == "span":
-        from transformers import T5ForConditionalGeneration
 
         special_ids.pop("bos_id", None)
         return T5ForConditionalGeneration, t5_config(shape, max_positions, **special_ids)
-    from transformers import LlamaForCausalLM
 
     return LlamaForCausalLM, llama_config(shape, max_positions, **special_ids)
 
@@ -148,11 +153,9 @@ def build_model(shape: ModelShape, max_positions: int, *, seed: int = 0, objecti
 
 
 def load_base_model(base) -> torch.nn.Module:
-    """Continued pretraining's starting point: the base model (`basemodel.resolve_base`) as transformers loads
+    """Continued pretraining's starting point: the base model (`model.base.resolve_base`) as transformers loads
     it — its own architecture (GPT2LMHeadModel, LlamaForCausalLM, …), fp32 on the CPU, local files only, no
     remote code; SDPA attention where the architecture has it."""
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
     try:
@@ -179,15 +182,12 @@ def export_hf(state_dict: dict[str, torch.Tensor], config, tokenizer_dir: Path, 
 
     ``model_class``: the architecture to save (default LlamaForCausalLM, what `build_model` trains; a continued
     base keeps its own, e.g. GPT2LMHeadModel). ``tokenizer_dir``: the run's tokenizer folder or a base model's
-    folder — only its tokenizer files are copied (`basemodel.tokenizer_files`)."""
-    from transformers import LlamaForCausalLM
+    folder — only its tokenizer files are copied (`model.base.tokenizer_files`)."""
 
-    from domainlm.basemodel import tokenizer_files
 
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    from transformers.utils import logging as hf_logging
 
     model = (model_class or LlamaForCausalLM)(config)
     missing, unexpected = model.load_state_dict(state_dict, strict=False)  # a tied head may be absent

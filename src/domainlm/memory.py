@@ -37,6 +37,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from domainlm.errors import UserError
+from domainlm.shape import ffn_for, head_dim_for, shape_for_params
 
 PRECISIONS = ("fp32", "bf16-mixed", "bf16")
 OPTIMIZERS = ("adamw", "sgd", "adafactor")
@@ -130,15 +131,13 @@ def estimate(
     if (seq_len is None) != (micro_batch is None):
         raise UserError("--seq-len and --micro-batch: give both (activations need both) or neither")
     if n_layers is None or d_model is None:
-        from domainlm.plan.shape import shape_for_params
 
         shape = shape_for_params(params, vocab_size)
         n_layers = n_layers or shape.n_layers
         d_model = d_model or shape.d_model
-    from domainlm.plan.shape import ffn_for, head_dim_for
 
     ffn_dim = ffn_dim or ffn_for(d_model)
-    n_heads = n_heads or d_model // head_dim_for(d_model)  # the shape rule's heads (plan/shape.py)
+    n_heads = n_heads or d_model // head_dim_for(d_model)  # the shape rule's heads (shape.py)
     kv_dim = d_model // n_heads * (n_kv_heads or n_heads)
     frac = adafactor_fraction(n_layers, d_model, ffn_dim, vocab_size)
     w, g, o = state_bytes(precision, optimizer, frac)

@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
+from domainlm.train.objectives import span_lengths
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -171,7 +173,6 @@ def objective_flops_per_token(shape: ModelShape, seq_len: int, objective: str, n
     if objective == "masked":
         return 6.0 * (L * (4 * d * d + 3 * d * f) + d * d + v * d) + 12.0 * L * d * seq_len
     if objective == "span":
-        from domainlm.train.objectives import span_lengths
 
         t_e, t_d = span_lengths(seq_len, noise_density, mean_span_length)
         enc = 6.0 * (L * (4 * d * d + 3 * d * f) + L * 2 * d * d) + 12.0 * L * d * t_e

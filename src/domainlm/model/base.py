@@ -16,9 +16,14 @@ from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
 from domainlm.errors import UserError
-from domainlm.plan.shape import ModelShape
 from domainlm.rundir import HF_CONFIG, RunDir, resolve_model_ref
+from domainlm.shape import ModelShape
+from domainlm.stages import file_fingerprint, fingerprint
 
 KEY = "train.init_from"
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
@@ -79,8 +84,6 @@ def _shape(cfg) -> ModelShape:
 def _count_params(cfg) -> tuple[int, str]:
     """Unique parameters of the model the config describes (built on the meta device: no memory, no weights
     read) and the class transformers builds for it."""
-    import torch
-    from transformers import AutoModelForCausalLM
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(cfg)
@@ -91,18 +94,11 @@ def _count_params(cfg) -> tuple[int, str]:
 
 
 def _files_fingerprint(folder: Path) -> list:
-    from domainlm.stages import file_fingerprint
-
     return [(f.name, file_fingerprint(f)) for f in sorted(folder.iterdir()) if f.is_file()]
 
 
 @lru_cache(maxsize=8)
 def _resolve(folder: Path, stamp: tuple, key: str) -> BaseModel:
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    from domainlm.stages import fingerprint
-
     try:
         raw = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
