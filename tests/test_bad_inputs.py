@@ -236,6 +236,7 @@ LOCKED_COMMANDS = [
     ("report", lambda cfg, run: ["report", str(run)]),
     ("finetune", lambda cfg, run: ["finetune", str(run), "--data", str(run / "sft.jsonl")]),
     ("ablate", lambda cfg, run: ["ablate", str(cfg)]),
+    ("mix", lambda cfg, run: ["mix", str(cfg)]),
     ("scaling", lambda cfg, run: ["scaling", str(cfg)]),
 ]
 

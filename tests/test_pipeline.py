@@ -69,3 +69,18 @@ def test_a_missing_output_names_its_command(tmp_path):
     assert data is None and why == f"no {RunDir.DECIDE} yet: run `domainlm decide CONFIG --base GENERAL_MODEL`"
     data, why = r.read("tokens-0123456789ab/counts.json")  # another tokenizer's token folder: tokenize writes it
     assert data is None and "domainlm tokenize CONFIG" in why
+
+
+def test_one_token_from_a_raw_file_to_the_loss_in_at_most_eight_files():
+    """docs/architecture.md's walk from a raw file to the training loss names at most 8 files, all of which exist, and
+    the loss function it names is in the file it names."""
+    import re
+
+    text = DOC.read_text(encoding="utf-8")
+    walk = text[text.index("Follow one token"):].split("\n\n")[0]
+    files = list(dict.fromkeys(re.findall(r"`([\w/]+\.py)`", walk)))
+    src = DOC.parents[1] / "src" / "domainlm"
+    assert 4 <= len(files) <= 8, files
+    for f in files:
+        assert (src / f).is_file(), f
+    assert "def next_token_loss(" in (src / "train" / "step.py").read_text(encoding="utf-8")

@@ -211,6 +211,36 @@ def test_cpu_budget_is_sized_at_the_planned_shapes_measured_speed(monkeypatch):
     assert p["run"]["tokens"] == p["tokens"]
 
 
+def test_cpu_probe_times_the_trainers_model_and_step(monkeypatch):
+    """The CPU speed probe trains the real model (`build_model`: a Llama of the probe's shape) with the real
+    `train_step`, and turns its tokens/s into FLOP/s with that shape's FLOPs per token."""
+    from domainlm.plan import hardware
+    from domainlm.train.step import train_step
+
+    built, steps, real_build = [], [], hardware.build_model
+
+    def build(shape, max_positions, **kw):
+        built.append(real_build(shape, max_positions, **kw))
+        return built[-1]
+
+    def step(model, *args, **kw):
+        steps.append(train_step(model, *args, **kw))
+        assert model is built[0]
+        return steps[-1]
+
+    monkeypatch.setattr(hardware, "build_model", build)
+    monkeypatch.setattr(hardware, "train_step", step)
+    r = hardware.measure_cpu_flops(seconds=0.0, seq_len=16, batch=2)
+    assert set(r) == {"flops_per_s", "tokens_per_s", "probe", "threads"}
+    assert type(built[0]).__name__ == "LlamaForCausalLM" and len(built) == 1
+    shape = hardware.make_shape(256, 4, 8192)
+    assert sum(p.numel() for p in built[0].parameters()) == shape.params_total  # 7.4M, untied head
+    assert len(steps) == 3 and r["probe"].endswith("batch 2x16, fp32, 2 steps")  # one warm-up, two timed
+    assert all(s.tokens == 2 * 16 and not s.skipped for s in steps)
+    assert steps[0].loss > steps[1].loss > steps[2].loss  # AdamW steps the model: the same batch gets easier
+    assert r["flops_per_s"] == pytest.approx(r["tokens_per_s"] * shape.flops_per_token(16), rel=1e-12)
+
+
 def test_a_fixed_shape_and_budget_are_shown_as_overrides(monkeypatch):
     calls = []
     _fake_shape_probe(monkeypatch, 0.45, calls)

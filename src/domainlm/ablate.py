@@ -29,19 +29,19 @@ from domainlm.train.variants import train_variant, variant_config
 ABLATE_VERSION = 1
 
 
-def parse_weights(text: str) -> list[float]:
+def parse_weights(text: str, flag: str = "--domain-weights") -> list[float]:
     out = []
     for part in str(text).split(","):
         part = part.strip()
         try:
             w = float(part)
         except ValueError:
-            raise UserError(f"--domain-weights: expected numbers in [0, 1] like 0,0.51,1, got {part!r}") from None
+            raise UserError(f"{flag}: expected numbers in [0, 1] like 0,0.51,1, got {part!r}") from None
         if not 0.0 <= w <= 1.0:
-            raise UserError(f"--domain-weights: {w:g} is outside [0, 1]")
+            raise UserError(f"{flag}: {w:g} is outside [0, 1]")
         out.append(w)
     if not out:
-        raise UserError("--domain-weights: give at least one weight, e.g. 0,0.51,1")
+        raise UserError(f"{flag}: give at least one weight, e.g. 0,0.51,1")
     return sorted(set(out))
 
 

@@ -35,6 +35,7 @@ finetune_classify = lazy("domainlm.finetune.classify")
 finetune_compare = lazy("domainlm.finetune.compare")
 finetune_loop = lazy("domainlm.finetune.loop")
 generate_ = lazy("domainlm.generate")
+mix_stage = lazy("domainlm.mix.stage")
 slurm_launcher = lazy("domainlm.launch.slurm")
 pipeline_ = lazy("domainlm.pipeline")
 plan_command = lazy("domainlm.plan.command")
@@ -176,6 +177,8 @@ def plan(
         list[str] | None, typer.Option("--unique-tokens", help="data limit per source, NAME=TOKENS (repeatable)")
     ] = None,
     weight: Annotated[list[str] | None, typer.Option("--weight", help="mixture weight, NAME=W (repeatable)")] = None,
+    weights_from: Annotated[Path | None, typer.Option("--weights-from", help="the weights `domainlm mix` "
+                                                      "recommends: <run>/mix/mix.json")] = None,
     law: Annotated[
         str | None, typer.Option(help="chinchilla-1|chinchilla-2|chinchilla-3|epoch-2024|kaplan|fitted:PATH")
     ] = None,
@@ -191,8 +194,8 @@ def plan(
     plot = _plot_path(plot) if plot is not None else None
     with _locked(_config_dir(config), "plan") if config is not None else contextlib.nullcontext():
         result, written = plan_command.run_plan(config, flops=flops, gpu=gpu, gpus=gpus, hours=hours, mfu=mfu,
-                                   unique_tokens=unique_tokens, weight=weight, law=law, vocab_size=vocab_size,
-                                   seq_len=seq_len, plot=plot)
+                                                unique_tokens=unique_tokens, weight=weight, weights_from=weights_from,
+                                                law=law, vocab_size=vocab_size, seq_len=seq_len, plot=plot)
     if as_json:
         print_json(result)
         return
@@ -531,6 +534,36 @@ def ablate(
     with _locked(_config_dir(config), "ablate"):
         result = ablate_.run_ablate(config, domain_weights, console=err_console if as_json else console)
     print_json(result) if as_json else ablate_.print_ablation(result, console)
+
+
+# ---------------------------------------------------------------------------------------------------- mix
+
+
+@app.command()
+def mix(
+    config: ConfigArg = None,
+    weights: Annotated[str | None, typer.Option(help="domain weights to train, ≥ 5 with both ends "
+                                                "[0,0.25,0.5,0.75,1]")] = None,
+    seeds: Annotated[int, typer.Option(help="training seeds per weight and budget (≥ 2)")] = 2,
+    budgets: Annotated[str | None, typer.Option(help="token budgets of the small runs, ≥ 2, e.g. 3e4,6e4 "
+                                                "[¼ and ½ of the run's]")] = None,
+    target_tokens: Annotated[str | None, typer.Option("--target-tokens", help="the budget to recommend a weight "
+                                                      "for [the run's: train.max_tokens or the plan's]")] = None,
+    held_out: Annotated[float | None, typer.Option("--held-out", help="interior weight left out of the check's "
+                                                   "fit [the one nearest the configured weight]")] = None,
+    max_general_cost: Annotated[str | None, typer.Option("--max-general-cost", help="objective: lowest domain bpb "
+                                                         "with general bpb at most X worse than general-only "
+                                                         "[2%]")] = None,
+    objective_weights: Annotated[str | None, typer.Option("--objective-weights", help="objective: lowest weighted "
+                                                          "sum of bpb, e.g. legal=1,news=1")] = None,
+    as_json: JsonOpt = False,
+) -> None:
+    """The domain weight chosen by a mixing law fitted on small runs (Ye et al. 2024 + Muennighoff's repetition)."""
+    with _locked(_config_dir(config), "mix"):
+        result = mix_stage.run_mix(config, weights=weights, seeds=seeds, budgets=budgets, target_tokens=target_tokens,
+                         held_out=held_out, max_general_cost=max_general_cost, objective_weights=objective_weights,
+                         console=err_console if as_json else console)
+    print_json(result) if as_json else mix_stage.print_mix(result, console)
 
 
 # ---------------------------------------------------------------------------------------------------- decide

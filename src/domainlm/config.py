@@ -14,9 +14,9 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from domainlm import objectives
 from domainlm.errors import ConfigError, UserError
 from domainlm.rundir import RunDir, atomic_write
-from domainlm.train.objectives import N_SENTINELS, span_counts
 from domainlm.units import parse_number
 
 LAWS = ("chinchilla-1", "chinchilla-2", "chinchilla-3", "epoch-2024", "kaplan")
@@ -159,24 +159,32 @@ class ModelConfig(_Section):
     ffn_dim: int | None = Field(default=None, ge=8)
     tie_embeddings: bool = False
     max_position_embeddings: int | None = Field(default=None, ge=8)
-    # The pretraining objective (docs/objectives.md, train/objectives.py): causal = a Llama decoder, next-token
-    # prediction; masked = a ModernBERT encoder, masked LM (Devlin et al. 2019; Warner et al. 2024); span = a T5
-    # encoder-decoder, span corruption (Raffel et al. 2020).
-    objective: Literal["causal", "masked", "span"] = "causal"
+    # The pretraining objective, a name in the registry (docs/objectives.md, objectives/): causal = a Llama decoder,
+    # next-token prediction; masked = a ModernBERT encoder, masked LM (Devlin et al. 2019; Warner et al. 2024); span =
+    # a T5 encoder-decoder, span corruption (Raffel et al. 2020). The keys below are the objectives' settings.
+    objective: str = objectives.DEFAULT
     mask_rate: float = Field(default=0.15, gt=0, lt=1, description="masked: share of tokens predicted (BERT 0.15, "
                              "ModernBERT 0.30); of them 80% become the mask token, 10% a random token, 10% stay")
     whole_word_mask: bool = Field(default=False, description="masked: mask every token of a chosen word")
     noise_density: float = Field(default=0.15, gt=0, lt=0.5, description="span: share of tokens corrupted (T5)")
     mean_span_length: float = Field(default=3.0, ge=1, description="span: mean corrupted span length (T5)")
 
+    @field_validator("objective")
+    @classmethod
+    def _known_objective(cls, v: str) -> str:
+        if v not in objectives.OBJECTIVES:
+            raise ValueError(f"expected one of {', '.join(objectives.OBJECTIVES)}")
+        return v
+
     @model_validator(mode="after")
     def _objective_keys(self) -> ModelConfig:
-        for key, objective in (("mask_rate", "masked"), ("whole_word_mask", "masked"), ("noise_density", "span"),
-                               ("mean_span_length", "span")):
-            if (key in self.model_fields_set and self.objective != objective  # a dumped config sets every key
-                    and getattr(self, key) != type(self).model_fields[key].default):
-                raise ValueError(f"model.{key}: only for model.objective: {objective}, not {self.objective}")
-        if self.objective != "causal" and self.n_kv_heads and self.n_kv_heads != (self.n_heads or self.n_kv_heads):
+        own = objectives.get(self.objective)
+        for other in objectives.OBJECTIVES.values():
+            for key in other.config_keys:
+                if (key in self.model_fields_set and key not in own.config_keys  # a dumped config sets every key
+                        and getattr(self, key) != type(self).model_fields[key].default):
+                    raise ValueError(f"model.{key}: only for model.objective: {other.name}, not {self.objective}")
+        if not own.grouped_query_attention and self.n_kv_heads and self.n_kv_heads != (self.n_heads or self.n_kv_heads):
             raise ValueError(f"model.n_kv_heads: the {self.objective} model has no grouped-query attention; leave "
                              "it unset or equal to model.n_heads")
         return self
@@ -304,15 +312,9 @@ class RunConfig(_Section):
         return self
 
     @model_validator(mode="after")
-    def _spans_fit(self) -> RunConfig:
-        """Span corruption marks each corrupted span with its own sentinel token; T5 has 100 of them."""
-        if self.model.objective == "span":
-
-            spans = span_counts(self.train.seq_len, self.model.noise_density, self.model.mean_span_length)[1]
-            if spans > N_SENTINELS:
-                raise ValueError(f"train.seq_len: span corruption of {self.train.seq_len} tokens makes {spans} spans, "
-                                 f"more than the {N_SENTINELS} sentinel tokens; lower train.seq_len or raise "
-                                 "model.mean_span_length")
+    def _objective_fits(self) -> RunConfig:
+        """The objective's own check of the windows (span corruption: no more spans than sentinel tokens)."""
+        objectives.from_config(self.model).check(self.train.seq_len)
         return self
 
     def directory(self, base: Path | None = None) -> Path:

@@ -612,3 +612,108 @@ class ExtensionAudit(Output):
     bytes_per_token: dict[str, SourceCompression]
     domain_terms: list[TermSplit]
     summary: dict[str, dict[str, Num | None]]
+
+
+# ------------------------------------------------------------------------------------------------ mix/mix.json
+
+
+class MixSource(Part):
+    role: str
+    within_role: float  # share of its role's tokens (the configured proportions, kept as the domain weight moves)
+    unique_tokens: Num | None  # train tokens of its corpus (tokens/counts.json); None: never repeated
+
+
+class MixRun(Part):
+    """One trained variant of the design."""
+
+    domain_weight: float
+    seed: int
+    tokens: Num
+    bpb: dict[str, float]
+    epochs: dict[str, float | None]  # over each source's unique tokens
+    held_out: bool  # left out of the held-out check's fit
+    dir: str
+
+
+class MixConstant(Part):
+    value: float
+    ci95: list[float]
+
+
+class MixLaw(Part):
+    """One source's law: bpb = c + exp(a + t·ρ − β·ln(D′/D_ref)), k = e^a (mix/law.py)."""
+
+    c: MixConstant
+    a: MixConstant
+    t: MixConstant
+    beta: MixConstant
+    k: MixConstant
+    rmse: float  # root mean square residual over the runs (bpb)
+
+
+class MixCheckRow(Part):
+    source: str
+    tokens: Num
+    seeds: int
+    measured: float  # mean over seeds
+    measured_runs: list[float]
+    predicted: float
+    ci95: list[float]  # the mean curve's bootstrap interval
+    pi95: list[float]  # for the mean of this many seeds: the curve's interval plus the runs' scatter
+    inside: bool  # measured within pi95
+    error: float  # predicted − measured
+
+
+class MixCheck(Part):
+    weight: float
+    runs_fitted: int
+    rows: list[MixCheckRow]
+
+
+class MixPrediction(Part):
+    bpb: float
+    ci95: list[float]
+    general_only_bpb: float  # the same law at domain weight 0
+
+
+class MixRecommendation(Part):
+    domain_weight: float
+    ci95: list[float]  # the same choice on every bootstrap resample: percentile 95%
+    feasible: bool  # False: no weight meets the cost cap; general-only (w = 0) is returned
+    tokens: Num
+    objective: str
+    predicted: dict[str, MixPrediction]
+    in_fitted_range: bool  # the target budget lies within the budgets the law was fitted on
+
+
+class MixCurve(Part):
+    """Each source's predicted bpb over domain weights at one budget (the chart and the report draw these)."""
+
+    tokens: Num
+    weights: list[float]
+    bpb: dict[str, list[float]]
+    lo: dict[str, list[float]]
+    hi: dict[str, list[float]]
+
+
+class Mix(Output):
+    """``mix/mix.json`` — `domainlm mix` (mix/stage.py): the mixing law fitted on small runs, its held-out check,
+    and the recommended weights; read by `domainlm plan --weights-from`."""
+
+    version: int
+    config: str | None
+    model: dict[str, Any]  # the variants' model section
+    params: int | None  # the variants' parameter count (the law's N)
+    sources: dict[str, MixSource]
+    r_star_d: float  # Muennighoff's R*_D used for D′
+    design: dict[str, Any]  # weights, seeds, budgets, held_out
+    runs: list[MixRun]
+    d_ref: float  # the law's reference budget (geometric mean of the runs' tokens)
+    law: dict[str, MixLaw]
+    held_out: MixCheck
+    target_tokens: Num
+    recommended: MixRecommendation
+    weights: dict[str, float]  # the recommended weight of every source: `domainlm plan --weights-from`
+    curves: list[MixCurve]  # at the target budget, then at each fitted budget
+    notes: list[str]
+    plot: str | None = None

@@ -47,6 +47,7 @@ from domainlm.outputs import (
     ExtensionAudit,
     FinetuneComparison,
     Law,
+    Mix,
     Plan,
     ScalingPoint,
     Stats,
@@ -200,7 +201,8 @@ REGISTRY: list[StageDecl] = [
     StageDecl(
         "train", "domainlm train CONFIG",
         "`train/` — `loop.py` (pretraining setup, eval, export), `driver.py` (the one loop), `step.py` (the one "
-        "step), `data.py` (mixture loader), `parallel.py`, `checkpoint.py`, `schedule.py`, `objectives.py`; "
+        "step), `data.py` (mixture loader), `parallel.py`, `checkpoint.py`, `schedule.py`; `objectives/` (causal, masked, span behind one `Objective` "
+        "interface); "
         "`shape.py` (the shape rule, its parameter and FLOP counts); `model/` (`__init__.py`: the single-device "
         "model and the HF export; `base.py`: continued pretraining's base model)",
         (Output(RunDir.CHECKPOINTS, what="`step-N/`: weights, optimizer, RNG, loader state, manifest (last)",
@@ -227,6 +229,14 @@ REGISTRY: list[StageDecl] = [
     StageDecl(
         "decide", "domainlm decide CONFIG --base GENERAL_MODEL", "`decide.py`",
         (Output(RunDir.DECIDE, Decision, readers="report"),), sections=(html.decide_section,)),
+    StageDecl(
+        "mix", "domainlm mix CONFIG", "`mix/` — `law.py` (the mixing law, its fit and bootstrap, objectives), "
+        "`stage.py` (the design of variants, the held-out check); `train/variants.py`",
+        (Output(RunDir.MIX_DIR, what="`mix/D<tokens>-w<weight>-s<seed>/`: one variant's training run and `eval.json`",
+                readers="mix (resume)"),
+         Output(RunDir.MIX_CHART, what="PNG", readers="you"),
+         Output(RunDir.MIX, Mix, readers="report, plan (`--weights-from`)")),
+        sections=(html.mix_section,)),
     StageDecl(
         "scaling", "domainlm scaling CONFIG --budgets ...", "`scaling/` (sweep, fit, points)",
         (Output(RunDir.POINTS, what="one `ScalingPoint` per line", readers="scaling --points"),

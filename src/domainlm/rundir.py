@@ -122,7 +122,8 @@ class RunDir:
     SCALING_DIR = "scaling"  # scaling/C<budget>/N<params>/: a point of the IsoFLOP sweep — domainlm scaling
     DECIDE_DIR = "decide"  # decide/<arm>/: an arm's training run and its eval.json — domainlm decide
     FINETUNE_DIR = "finetune"  # finetune/<name>/: a fine-tuning of the run's model — domainlm finetune
-    CHILD_KINDS = (ABLATE_DIR, SCALING_DIR, DECIDE_DIR, FINETUNE_DIR)
+    MIX_DIR = "mix"  # mix/D<tokens>-w<weight>-s<seed>/: one variant of the design — domainlm mix
+    CHILD_KINDS = (ABLATE_DIR, SCALING_DIR, DECIDE_DIR, FINETUNE_DIR, MIX_DIR)
     SEED_SUFFIX = "-s"  # a child run trained with another seed: <name>-s<seed>
     ABLATE = f"{ABLATE_DIR}/ablate.json"  # domainlm ablate
     ABLATE_CHART = f"{ABLATE_DIR}/ablate.png"
@@ -137,6 +138,8 @@ class RunDir:
     DOWNSTREAM = f"{FINETUNE_DIR}/classify"  # domainlm run's downstream stage: the two fine-tuned classifiers
     FINETUNE = "finetune.json"  # in a fine-tuning's --out folder: its summary
     COMPARISON = "compare.json"  # in a `finetune --compare` --out folder: the comparison
+    MIX = f"{MIX_DIR}/mix.json"  # domainlm mix: the mixing law, its held-out check, the recommended weights
+    MIX_CHART = f"{MIX_DIR}/frontier.png"
     LAW = f"{SCALING_DIR}/law.json"  # domainlm scaling
     POINTS = f"{SCALING_DIR}/points.jsonl"
     SCALING_CHART = f"{SCALING_DIR}/scaling.png"
@@ -238,6 +241,10 @@ class RunDir:
     def arm(self, arm: str, *, seed: int | None = None) -> Path:
         """``decide/<arm>/``: an arm of `domainlm decide` (its training run, or only its eval.json)."""
         return self.child(self.DECIDE_DIR, arm, seed=seed)
+
+    def mix_variant(self, tokens: float, domain_weight: float, *, seed: int | None = None) -> Path:
+        """``mix/D<tokens>-w<W>-s<seed>/``: one run of `domainlm mix`'s design (its seed always named)."""
+        return self.child(self.MIX_DIR, f"D{budget_label(tokens)}-w{domain_weight:g}", seed=seed)
 
     def finetuning(self, name: str, *, seed: int | None = None) -> Path:
         """``finetune/<name>/``: a fine-tuning of the run's model (the default ``--out``)."""

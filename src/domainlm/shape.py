@@ -17,8 +17,6 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass
 
-from domainlm.train.objectives import span_lengths
-
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -130,52 +128,3 @@ def shape_for_params(
     if close:
         return min(close, key=lambda c: (c[1], c[0]))[2]
     return min(candidates, key=lambda c: c[0])[2]
-
-
-# ------------------------------------------------------------------------------------------------ other objectives
-# model.objective masked / span (train/objectives.py) train other architectures of the same width, depth, heads and
-# ffn: a ModernBERT encoder and a T5 encoder-decoder (model.py). Their parameters and FLOPs, counted like
-# `ModelShape`'s (matmul weights × 6 per token processed, plus PaLM's 12·L·d·T for attention).
-
-
-def objective_params(shape: ModelShape, objective: str) -> int:
-    """Parameters of the model ``objective`` trains on ``shape`` (checked against transformers in the tests).
-
-    masked (ModernBERT): embedding V·d (the MLM decoder's weight is the embedding; its bias V), per layer
-    Wqkv + Wo 4d² and the GeGLU MLP 3·d·ffn, LayerNorms without bias (2 per layer, none before the first
-    layer's attention, one after the embedding, one final, one in the MLM head), the head's dense d².
-    span (T5): embedding V·d (the head is tied), encoder layers 4d² + 3·d·ffn + 2 norms, decoder layers 8d²
-    (self and cross attention) + 3·d·ffn + 3 norms, a final norm and relative-position buckets (32 × heads)
-    per stack."""
-    d, L, f, v, h = shape.d_model, shape.n_layers, shape.ffn_dim, shape.vocab_size, shape.n_heads
-    if objective == "masked":
-        return v * d + v + L * (4 * d * d + 3 * d * f) + d * d + (2 * L + 2) * d
-    if objective == "span":
-        buckets = 32 * h + d  # relative attention bias of the first layer + the stack's final norm
-        return v * d + L * (4 * d * d + 3 * d * f + 2 * d) + buckets + L * (8 * d * d + 3 * d * f + 3 * d) + buckets
-    return shape.params_total
-
-
-def objective_flops_per_token(shape: ModelShape, seq_len: int, objective: str, noise_density: float = 0.15,
-                              mean_span_length: float = 3.0) -> float:
-    """Training FLOPs per token of the window (what the mixture loader reads), by objective.
-
-    causal: `ModelShape.flops_per_token`. masked: every position is processed — forward and backward through the
-    whole encoder and the MLM head — though only the masked ones produce loss, so 6·N_matmul per token (N_matmul:
-    the layers' 4d² + 3·d·ffn, the head's d², the decoder's V·d) + 12·L·d·T for bidirectional attention (Devlin
-    et al. 2019 train on every position's compute; PaLM App. B for the attention term).
-    span: the window of T tokens becomes T_e encoder and T_d decoder tokens (train/objectives.span_lengths); per
-    encoder token 6·(L·(4d² + 3·d·ffn) + L·2d²) (its layers, and the K, V of every decoder layer's cross
-    attention) + 12·L·d·T_e; per decoder token 6·(L·(6d² + 3·d·ffn) + V·d) (self attention, cross attention's
-    Q and O, MLP, head) + 12·L·d·(T_d + T_e) (self and cross attention); the sum divided by T (Raffel et al.
-    2020, sec. 3.2.2: an encoder-decoder of L + L layers costs about an L-layer decoder on inputs + targets)."""
-    d, L, f, v = shape.d_model, shape.n_layers, shape.ffn_dim, shape.vocab_size
-    if objective == "masked":
-        return 6.0 * (L * (4 * d * d + 3 * d * f) + d * d + v * d) + 12.0 * L * d * seq_len
-    if objective == "span":
-
-        t_e, t_d = span_lengths(seq_len, noise_density, mean_span_length)
-        enc = 6.0 * (L * (4 * d * d + 3 * d * f) + L * 2 * d * d) + 12.0 * L * d * t_e
-        dec = 6.0 * (L * (6 * d * d + 3 * d * f) + v * d) + 12.0 * L * d * (t_d + t_e)
-        return (t_e * enc + t_d * dec) / seq_len
-    return shape.flops_per_token(seq_len)

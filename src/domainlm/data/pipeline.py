@@ -127,6 +127,7 @@ def default_workers() -> int:
 
 def _executor(pcfg: PrepareConfig, pipeline: list, tasks: int, workers: int, logdir: Path, name: str, depends=None):
     if pcfg.executor == "slurm":
+        # optional: datatrove's Slurm executor, only for prepare.executor: slurm
         from domainlm.launch.slurm_executor import Executor
 
         s = pcfg.slurm

@@ -88,18 +88,18 @@ def run_eval(
     device = world.device.type
     if not world.is_main:
         console = None
-    kind = objective_eval.model_objective(target.model_dir)
-    if kind != "causal":  # an encoder (masked LM) or encoder-decoder (span): its own loss, no bpb, no probes
+    objective = objective_eval.model_objective(target.model_dir)
+    if not objective.bits_per_byte:  # an encoder (masked LM) or encoder-decoder (span): its own loss, no probes
         seq_len = target.cfg.train.seq_len if target.cfg is not None else None  # the windows it trained on
         result = {"version": EVAL_VERSION, "domainlm": __version__, "model": str(target.model_dir),
                   "run_dir": str(target.run_dir) if target.run_dir else None, "device": device,
                   "processes": world.world_size, "max_bytes_per_source": max_bytes,
-                  **objective_eval.evaluate(target.model_dir, kind, named, batch_tokens=batch_tokens,
+                  **objective_eval.evaluate(target.model_dir, objective, named, batch_tokens=batch_tokens,
                                             context=context or ecfg.context or seq_len,
                                             device=str(world.device), progress=lambda label: _progress(console, label)),
                   "probes": None, "seconds": round(time.perf_counter() - t0, 2)}
         if probe_items and console is not None:
-            console.print(f"[dim]probes skipped: they compare a causal model's log-likelihoods, not a {kind} "
+            console.print(f"[dim]probes skipped: they compare a causal model's log-likelihoods, not a {objective.name} "
                           "model's[/]", highlight=False)
         return result, _write(result, ObjectiveEvalOutput, out, target, world,
                               lambda: eval_fingerprint(target.model_dir, ecfg, probe_path, texts))

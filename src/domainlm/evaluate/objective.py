@@ -1,9 +1,9 @@
 """`domainlm eval` of a masked-LM encoder or a span-corruption encoder-decoder (model.objective masked / span).
 
 Bits per byte needs the probability of the text, which only a causal model gives; an encoder is scored instead
-on the task it was trained for, with masks that are the same for every model (train/objectives.py: seed 0,
-window index): masked — 15% of each window's tokens replaced by the mask token, the loss (nats per masked
-token) and top-1 accuracy of recovering them; span — T5's 15% noise in spans of mean length 3, the loss and
+on the task it was trained for, with masks that are the same for every model (seed 0,
+window index; objectives/): masked — 15% of each window's tokens replaced by the mask token, the loss (nats per
+masked token) and top-1 accuracy of recovering them; span — T5's 15% noise in spans of mean length 3, the loss and
 accuracy of the decoder's targets (sentinels, corrupted tokens, EOS) under teacher forcing.
 
 Each text is tokenized like the token files (documents without special tokens, EOS after each), joined, and
@@ -22,21 +22,12 @@ import numpy as np
 import torch
 from rich.markup import escape
 from rich.table import Table
-from transformers import AutoConfig, AutoModelForMaskedLM, AutoModelForSeq2SeqLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 from transformers.utils import logging as hf_logging
 
+from domainlm import objectives
 from domainlm.errors import UserError
-from domainlm.train.objectives import (
-    CAUSAL,
-    EVAL_MASK_RATE,
-    EVAL_MEAN_SPAN,
-    EVAL_NOISE,
-    EVAL_SEED,
-    MASKED,
-    Objective,
-    make_objective,
-    objective_of_config,
-)
+from domainlm.objectives.corruption import EVAL_SEED, CorruptedBatches, Corruption
 from domainlm.train.step import validation_nll
 
 DEFAULT_CONTEXT = 512  # BERT's
@@ -45,27 +36,28 @@ COMPARABLE = ("{what}: comparable between models with the same tokenizer scored 
               "causal models only), nor across tokenizers")
 
 
-def model_objective(model_dir: Path) -> str:
-    """causal | masked | span, from the model folder's config.json."""
+def model_objective(model_dir: Path) -> objectives.Objective:
+    """The objective a model folder was trained with (causal, masked, span), from its config.json."""
 
     try:
         config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable config: one line naming the folder
         raise UserError(f"{model_dir}/config.json: cannot read the model config ({type(e).__name__})") from None
-    return objective_of_config(config)
+    return objectives.of_hf_config(config)
 
 
-def load(model_dir: Path, objective: str, device: str):
-    """AutoModelForMaskedLM / AutoModelForSeq2SeqLM + AutoTokenizer from a local folder, fp32."""
+def load(model_dir: Path, objective: Corruption, device: str):
+    """The objective's Auto class (AutoModelForMaskedLM / AutoModelForSeq2SeqLM) + AutoTokenizer from a local
+    folder, fp32."""
 
     hf_logging.disable_progress_bar()
-    auto = AutoModelForMaskedLM if objective == MASKED else AutoModelForSeq2SeqLM
+    auto = objective.auto_model()
     try:
         tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         model = auto.from_pretrained(model_dir, local_files_only=True, dtype=torch.float32)
     except Exception as e:  # noqa: BLE001
         why = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"{model_dir}: cannot load the {objective} model ({type(e).__name__}: {why})") from None
+        raise UserError(f"{model_dir}: cannot load the {objective.name} model ({type(e).__name__}: {why})") from None
     return model.to(device).eval(), tok
 
 
@@ -81,10 +73,9 @@ def windows(tok, docs: list[str], context: int) -> list[np.ndarray]:
     return [arr[i : i + context] for i in range(0, len(arr), context) if len(arr[i : i + context]) >= 2]
 
 
-def score_texts(model, tok, objective: Objective, docs: list[str], *, context: int, batch_tokens: int,
+def score_texts(model, tok, corrupted: CorruptedBatches, docs: list[str], *, context: int, batch_tokens: int,
                 seed: int = EVAL_SEED, progress: Callable[[int, int], None] | None = None) -> dict:
     """Loss (nats per predicted token) and top-1 accuracy of a source's windows, with the validation masks."""
-
     device = next(model.parameters()).device
     rows = windows(tok, docs, context)
     per_batch = max(1, batch_tokens // context)
@@ -95,41 +86,37 @@ def score_texts(model, tok, objective: Objective, docs: list[str], *, context: i
             j = i
             while j < len(rows) and j - i < per_batch and len(rows[j]) == len(rows[i]):
                 j += 1
-            yield objective.eval_batch(rows[i:j], list(range(i, j)), seed=seed)
+            yield corrupted.eval_batch(rows[i:j], list(range(i, j)), seed=seed)
             if progress is not None:
                 progress(j - i, len(rows))
             i = j
 
     nll, scored, hits = validation_nll(model, batches(), device, "bf16-mixed" if device.type == "cuda" else "fp32",
-                                       objective.loss, hits=True)
+                                       corrupted.loss, hits=True)
     n = int(scored.item())
     return {"loss": nll.item() / n if n else float("nan"), "accuracy": hits.item() / n if n else float("nan"),
             "targets": n, "tokens": int(sum(len(r) for r in rows)), "windows": len(rows), "docs": len(docs),
             "bytes": sum(len(d.encode("utf-8")) for d in docs)}
 
 
-def evaluate(model_dir: Path, objective: str, named: list[tuple[str, str, list[str]]], *, context: int | None,
+def evaluate(model_dir: Path, objective: Corruption, named: list[tuple[str, str, list[str]]], *, context: int | None,
              batch_tokens: int, device: str, progress) -> dict:
     """eval.json's fields for a masked / span model (the caller adds version, paths and timing)."""
     model, tok = load(model_dir, objective, device)
-    obj = make_objective(objective, tok)
-    assert obj is not None and objective != CAUSAL
+    batches = objective.batches(tok)
     positions = getattr(model.config, "max_position_embeddings", None)
     ctx = min(context or positions or DEFAULT_CONTEXT, positions or DEFAULT_CONTEXT)
     sources = {}
     for name, role, docs in named:
         with progress(f"{name}: {len(docs)} docs") as tick:
-            sources[name] = {"role": role, **score_texts(model, tok, obj, docs, context=ctx,
+            sources[name] = {"role": role, **score_texts(model, tok, batches, docs, context=ctx,
                                                          batch_tokens=batch_tokens, progress=tick)}
-    masking = ({"seed": EVAL_SEED, "mask_rate": EVAL_MASK_RATE, "replace": "all masked"} if objective == MASKED else
-               {"seed": EVAL_SEED, "noise_density": EVAL_NOISE, "mean_span_length": EVAL_MEAN_SPAN})
-    what = "masked-token loss and accuracy" if objective == MASKED else "span-corruption target loss and accuracy"
-    return {"objective": objective, "context": ctx, "masking": masking, "sources": sources,
-            "comparable": COMPARABLE.format(what=what)}
+    return {"objective": objective.name, "context": ctx, "masking": objective.eval_masking(), "sources": sources,
+            "comparable": COMPARABLE.format(what=objective.eval_what)}
 
 
 def print_result(result: dict, console) -> None:
-    what = "masked tokens" if result["objective"] == MASKED else "span targets"
+    what = objectives.get(result["objective"]).targets_name
     table = Table(title=f"{result['objective']} eval of {escape(str(result['model']))} (context {result['context']}, "
                   f"seed {result['masking']['seed']})")
     for col in ("text", "role", "nats/target", "accuracy", what, "windows", "bytes"):

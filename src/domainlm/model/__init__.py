@@ -1,8 +1,6 @@
-"""The model: transformers' `LlamaForCausalLM` built from a `ModelShape`, and its Hugging Face export.
-
-Llama = RMSNorm (pre-norm), RoPE, SwiGLU MLP, optional grouped-query attention and tied embeddings
-(Touvron et al. 2023). Measured on a 2-core CPU it is as fast as a hand-written model of the same shape
-(ANCHORS.md), and every checkpoint it writes loads in transformers, vLLM and lm-eval-harness unchanged.
+"""The model: the objective's transformers architecture built from a `ModelShape` (objectives/: a Llama decoder
+`LlamaForCausalLM` for causal, ModernBERT for masked, T5 for span), a base model to continue, and the Hugging Face
+export. Every checkpoint it writes loads in transformers, vLLM and lm-eval-harness unchanged.
 
 This module is single-device on purpose: parallelism (DDP / FSDP2), compilation and precision are applied
 from outside, in `domainlm.train.parallel` and `domainlm.train.step`.
@@ -16,27 +14,20 @@ from pathlib import Path
 import torch
 from transformers import (
     AutoModelForCausalLM,
-    LlamaConfig,
     LlamaForCausalLM,
-    ModernBertConfig,
-    ModernBertForMaskedLM,
-    T5Config,
-    T5ForConditionalGeneration,
 )
 from transformers.utils import logging as hf_logging
 
 from domainlm.config import RunConfig
 from domainlm.errors import UserError
 from domainlm.model.base import tokenizer_files
+from domainlm.objectives import Causal, Objective
 from domainlm.outputs import Plan
 from domainlm.rundir import RunDir, swap_dir
 from domainlm.shape import ModelShape, ffn_for, make_shape
 
 TOKENIZER_DIR = RunDir.TOKENIZER
 MODEL_DIR = RunDir.MODEL
-RMS_NORM_EPS = 1e-5  # Llama 2
-ROPE_THETA = 10_000.0  # Su et al. 2021 / Llama 1–2
-INIT_STD = 0.02  # GPT-2 / Llama initializer_range
 
 
 def resolve_shape(cfg: RunConfig, run_dir: Path, vocab_size: int) -> ModelShape:
@@ -73,77 +64,11 @@ def resolve_shape(cfg: RunConfig, run_dir: Path, vocab_size: int) -> ModelShape:
     return shape
 
 
-def llama_config(shape: ModelShape, max_positions: int, *, bos_id: int | None = None, eos_id: int | None = None,
-                 pad_id: int | None = None):
-
-    return LlamaConfig(
-        vocab_size=shape.vocab_size,
-        hidden_size=shape.d_model,
-        intermediate_size=shape.ffn_dim,
-        num_hidden_layers=shape.n_layers,
-        num_attention_heads=shape.n_heads,
-        num_key_value_heads=shape.n_kv_heads,
-        max_position_embeddings=max_positions,
-        rms_norm_eps=RMS_NORM_EPS,
-        rope_theta=ROPE_THETA,
-        initializer_range=INIT_STD,
-        tie_word_embeddings=shape.tie_embeddings,
-        hidden_act="silu",  # SwiGLU: down(silu(gate(x)) * up(x))
-        attention_bias=False,
-        mlp_bias=False,
-        bos_token_id=bos_id,
-        eos_token_id=eos_id,
-        pad_token_id=pad_id,
-        use_cache=True,  # generation; training passes use_cache=False
-    )
-
-
-def encoder_config(shape: ModelShape, max_positions: int, *, bos_id: int | None = None, eos_id: int | None = None,
-                   pad_id: int | None = None):
-    """model.objective masked: a ModernBERT encoder of the plan's width, depth, heads and ffn (Warner et al. 2024,
-    arXiv 2412.13663: pre-norm, RoPE, GeGLU, no biases, alternating global / 128-token local attention, its MLM
-    head tied to the embedding). ModernBERT over BERT/RoBERTa: the same modern block as the Llama decoder (RoPE,
-    gated MLP, no biases), so an encoder and a decoder of one shape differ mainly in their attention mask; on a
-    2-core CPU it trains as fast as the decoder of the same shape."""
-
-    return ModernBertConfig(
-        vocab_size=shape.vocab_size, hidden_size=shape.d_model, intermediate_size=shape.ffn_dim,
-        num_hidden_layers=shape.n_layers, num_attention_heads=shape.n_heads, max_position_embeddings=max_positions,
-        initializer_range=INIT_STD, bos_token_id=bos_id, eos_token_id=eos_id, pad_token_id=pad_id,
-        cls_token_id=bos_id, sep_token_id=eos_id, tie_word_embeddings=True)
-
-
-def t5_config(shape: ModelShape, max_positions: int, *, eos_id: int | None = None, pad_id: int | None = None):
-    """model.objective span: a T5 encoder-decoder (Raffel et al. 2020) with v1.1's gated-GELU MLP, no biases,
-    ``n_layers`` encoder and ``n_layers`` decoder blocks of the plan's width; the head is the embedding (transformers
-    5 always ties T5's) with the original T5's d_model^-0.5 output scaling; the decoder starts from the pad token.
-    T5's positions are relative; ``max_position_embeddings`` records the window it trained on (eval's default)."""
-
-    return T5Config(
-        vocab_size=shape.vocab_size, d_model=shape.d_model, d_kv=shape.head_dim, d_ff=shape.ffn_dim,
-        num_layers=shape.n_layers, num_decoder_layers=shape.n_layers, num_heads=shape.n_heads,
-        feed_forward_proj="gated-gelu", dropout_rate=0.0, initializer_factor=1.0, eos_token_id=eos_id,
-        pad_token_id=pad_id, decoder_start_token_id=pad_id, max_position_embeddings=max_positions)
-
-
-def model_for(objective: str, shape: ModelShape, max_positions: int, **special_ids):
-    """(transformers class, config) of the model an objective trains (train/objectives.py)."""
-    if objective == "masked":
-
-        return ModernBertForMaskedLM, encoder_config(shape, max_positions, **special_ids)
-    if objective == "span":
-
-        special_ids.pop("bos_id", None)
-        return T5ForConditionalGeneration, t5_config(shape, max_positions, **special_ids)
-
-    return LlamaForCausalLM, llama_config(shape, max_positions, **special_ids)
-
-
-def build_model(shape: ModelShape, max_positions: int, *, seed: int = 0, objective: str = "causal",
+def build_model(shape: ModelShape, max_positions: int, *, seed: int = 0, objective: Objective = Causal(),
                 **special_ids) -> torch.nn.Module:
-    """A randomly initialised model of ``objective`` (LlamaForCausalLM for causal; fp32, CPU), the same weights
-    for the same seed."""
-    model_class, config = model_for(objective, shape, max_positions, **special_ids)
+    """A randomly initialised model of ``objective`` (its `Objective.hf_model`: LlamaForCausalLM for causal; fp32,
+    CPU), the same weights for the same seed."""
+    model_class, config = objective.hf_model(shape, max_positions, **special_ids)
     # fused attention (flash / memory-efficient kernels on CUDA) where the architecture has it (T5 does not)
     config._attn_implementation = "sdpa" if model_class._supports_sdpa else "eager"
     with torch.random.fork_rng(devices=[]):

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from domainlm import objectives
 from domainlm.config import RunConfig, load_config, write_resolved
 from domainlm.errors import UserError
 from domainlm.hardware import GPU_KINDS, get_accelerator
 from domainlm.memory import estimate, recommend
 from domainlm.model.base import resolve_base
-from domainlm.outputs import Counts, Plan
+from domainlm.outputs import Counts, Mix, Plan
 from domainlm.plan.chart import plot_plan
 from domainlm.plan.laws import load_fitted
 from domainlm.plan.planner import PlanRequest, machine_id, make_plan
-from domainlm.rundir import RunDir, write_json
+from domainlm.rundir import RunDir, load_output, write_json
 from domainlm.units import parse_assignments, parse_number
 
 
@@ -74,9 +75,7 @@ def request_from(cfg: RunConfig | None, **flags) -> PlanRequest:
         req.fixed_model = {k: v for k, v in (("d_model", m.d_model), ("n_layers", m.n_layers), ("n_heads", m.n_heads),
                                              ("n_kv_heads", m.n_kv_heads), ("ffn_dim", m.ffn_dim)) if v}
         req.fixed_tokens = cfg.train.max_tokens
-        req.objective = m.objective
-        if m.objective == "span":
-            req.objective_args = {"noise_density": m.noise_density, "mean_span_length": m.mean_span_length}
+        req.objective = objectives.from_config(m)
         if cfg.train.init_from:  # continued pretraining: N is the base model's, the plan sizes the tokens
 
             base = resolve_base(cfg.train.init_from)
@@ -122,8 +121,21 @@ def request_from(cfg: RunConfig | None, **flags) -> PlanRequest:
     return req
 
 
+def weights_from(path: Path) -> list[str]:
+    """``--weights-from <run>/mix/mix.json``: the weights `domainlm mix` recommends, as ``--weight`` flags."""
+    mix = load_output(path, Mix)
+    if mix is None:
+        raise UserError(f"--weights-from {path}: no such file; run `domainlm mix CONFIG` (it writes "
+                        f"<run>/{RunDir.MIX})")
+    return [f"{k}={v!r}" for k, v in mix.weights.items()]
+
+
 def run_plan(config: Path | None, plot: Path | None = None, **flags) -> tuple[dict, list[Path]]:
     cfg = load_config(config) if config is not None else None
+    if flags.get("weights_from") is not None:
+        if flags.get("weight"):
+            raise UserError("--weights-from and --weight: give the mixture one way, not both")
+        flags["weight"] = weights_from(Path(flags["weights_from"]))
     req = request_from(cfg, **flags)
     result = make_plan(req)
     written: list[Path] = []

@@ -16,6 +16,7 @@ from domainlm.hardware import DEFAULT_MFU, get_accelerator
 from domainlm.memory import MemoryEstimate, estimate, recommend
 from domainlm.model import load_base_model
 from domainlm.model.base import resolve_base
+from domainlm.objectives import Causal, Objective
 from domainlm.plan import hardware, laws
 from domainlm.plan.hardware import measure_cpu_flops
 from domainlm.shape import (
@@ -25,8 +26,6 @@ from domainlm.shape import (
     ffn_for,
     largest_params,
     make_shape,
-    objective_flops_per_token,
-    objective_params,
     shape_for_params,
 )
 from domainlm.units import human
@@ -61,10 +60,9 @@ class PlanRequest:
     # Continued pretraining (train.init_from): `BaseModel.as_dict()` plus its "flops_per_token" at seq_len. N is
     # then the base's, and the plan sizes the tokens only (`_continued`).
     base: dict | None = None
-    # model.objective (train/objectives.py): masked / span train an encoder / encoder-decoder of the plan's shape;
-    # the laws stay those of causal LMs (a note says so), the FLOPs per token are the objective's own.
-    objective: str = "causal"
-    objective_args: dict = field(default_factory=dict)  # span: noise_density, mean_span_length
+    # model.objective with its settings (objectives/): masked / span train an encoder / encoder-decoder of the
+    # plan's shape; the laws stay those of causal LMs (its notes say so), the FLOPs per token are the objective's own.
+    objective: Objective = field(default_factory=Causal)
 
 
 def _compute(req: PlanRequest) -> dict:
@@ -147,22 +145,8 @@ def _size(law: laws.Law, req: PlanRequest, compute: dict) -> tuple[float, float,
 
 
 def _fpt(req: PlanRequest, shape: ModelShape) -> float:
-    """Training FLOPs per token of the window for the run's objective (shape.py)."""
-    return objective_flops_per_token(shape, req.seq_len, req.objective, **req.objective_args)
-
-
-def objective_notes(objective: str) -> list[str]:
-    """What the plan of a masked / span run means: its laws were fitted on causal decoders."""
-    model = "a ModernBERT encoder (masked LM)" if objective == "masked" else "a T5 encoder-decoder (span corruption)"
-    return [
-        f"model.objective {objective}: the scaling laws here (Kaplan et al. 2020, Hoffmann et al. 2022, Muennighoff "
-        f"et al. 2023) were fitted on causal decoder LMs; for {model} the law's N and D are a starting point, not "
-        "a compute-optimal size, and predicted_loss is a causal LM's next-token loss, not this objective's.",
-        "FLOPs per token count every position of the window, forward and backward"
-        + (" — though only the masked ones produce loss (6·N per token processed, not per masked token)"
-           if objective == "masked" else " — the encoder's input and the decoder's targets, per window token")
-        + "; the CPU speed probe measures the decoder of the same shape.",
-    ]
+    """Training FLOPs per token of the window for the run's objective (`Objective.flops_per_token`)."""
+    return req.objective.flops_per_token(shape, req.seq_len)
 
 
 def _probe(req: PlanRequest, shape: ModelShape) -> dict:
@@ -226,7 +210,7 @@ def _run(req: PlanRequest, law: laws.Law, compute: dict, shape: ModelShape, d_op
                     f"{req.vocab_size}, too small a transformer to learn much")
         overrides.append({"what": "model", "plan": f"{shape.n_layers} layers × d_model {shape.d_model} "
                           f"({shape.params_total:,} params)", "run": f"{fixed.n_layers} layers × d_model "
-                          f"{fixed.d_model} ({objective_params(fixed, req.objective):,} params)", "reason": why})
+                          f"{fixed.d_model} ({req.objective.params(fixed):,} params)", "reason": why})
     fpt = _fpt(req, run_shape)
     rate = compute.get("hardware_flops_per_s")  # FLOP/s this plan trains at: measured on CPU, MFU-assumed on GPU
     tokens_per_s = rate / fpt if rate else None
@@ -249,7 +233,7 @@ def _run(req: PlanRequest, law: laws.Law, compute: dict, shape: ModelShape, d_op
     else:
         tokens = d_opt
     out = {
-        "params": objective_params(run_shape, req.objective),  # the encoder's / encoder-decoder's own count
+        "params": req.objective.params(run_shape),  # the encoder's / encoder-decoder's own count
         "tokens": tokens,
         "model": run_shape.as_dict(),
         "follows_plan": not overrides,
@@ -533,8 +517,7 @@ def make_plan(req: PlanRequest) -> dict:
         "hardware cost of a token, used for hours; the laws' budget is C = 6·N·D "
         f"({flops:.4g} here, {d_opt * fpt:.4g} hardware FLOPs).",
     ]
-    if req.objective != "causal":
-        notes += objective_notes(req.objective)
+    notes += req.objective.plan_notes()
     if abs(shape_n / n_opt - 1) > 0.05:
         cap = largest_params(req.vocab_size, count=count, tie_embeddings=req.tie_embeddings)
         if n_opt > cap:

@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 from rich.markup import escape as rich_escape
 
-from domainlm import __version__, faults
+from domainlm import __version__, faults, objectives
 from domainlm.config import validate
 from domainlm.errors import ConfigError, UserError
 from domainlm.model.base import base_of
@@ -32,7 +32,7 @@ from domainlm.units import human
 REPORT_DIR = str(Path(RunDir.REPORT).parent)
 # Every PNG this module may write; ones not made this time are deleted, so the folder never shows a stale chart.
 PNGS = (RunDir.PLAN_CHART, "drops.png", "tokens.png", "epochs.png", "bytes_per_token.png", "loss.png", "eval_bpb.png",
-        "probes.png", "ablation.png", "decide.png")
+        "probes.png", "ablation.png", "decide.png", "mix.png")
 
 
 
@@ -374,7 +374,7 @@ def eval_section(r: Report) -> Section:
 
 def _objective_eval(s: Section, ev: ObjectiveEvalOutput, baselines: list[tuple[str, AnyEval]]) -> Section:
     """eval.json of a masked / span model: its loss and accuracy on fixed masks (no bpb), next to the baseline's."""
-    what = "masked tokens" if ev.objective == "masked" else "span-corruption targets"
+    what = objectives.get(ev.objective).targets_title
     s.title = f"Evaluation: {what} ({ev.objective} model)"
     header = ["text", "role", "loss (nats/target)", "accuracy"]
     for label, _ in baselines:
@@ -431,6 +431,47 @@ def ablation_section(r: Report) -> Section | None:
             for x in sorted(ab.results, key=lambda x: x.domain_weight)]
     s.body.append(_table(["domain weight", *(f"{k} bpb" for k in sources), "domain (mean)", "general (mean)"], rows))
     r.figure(s, plots.ablation_chart, "ablation.png", ab)
+    return s
+
+
+def mix_section(r: Report) -> Section | None:
+    """Only when `domainlm mix` has run (mix/stage.py): the fitted law per source, the held-out weight's prediction
+    beside its measured bpb, the recommended weight with its interval, and the frontier."""
+    opened = r.optional(RunDir.MIX, "mix", "The mixture, chosen by a law")
+    if opened is None:
+        return None
+    m, s = opened
+    if m is None:
+        return s
+    rec = m.recommended
+    d = m.design
+    s.body.append(f"<p>{len(m.runs)} runs ({len(d['weights'])} domain weights × {d['seeds']} seeds × "
+                  f"{len(d['budgets'])} budgets: {', '.join(human(b) for b in d['budgets'])} tokens) of the run's "
+                  "model fitted per source to bpb = c + k·exp(t·ρ)·(D′/D_ref)^−β (Ye et al. 2024's mixing law, "
+                  "with Muennighoff et al. 2023's effective data D′ for a repeated corpus; ρ is the domain share "
+                  "of D′). 95% bootstrap intervals over runs.</p>")
+
+    def ci(x, fmt="{:.3f}"):
+        return f"{fmt.format(x.value)} [{fmt.format(x.ci95[0])}, {fmt.format(x.ci95[1])}]"
+
+    rows = [[escape(k), escape(m.sources[k].role), ci(v.c), ci(v.k), ci(v.t), ci(v.beta), _num(v.rmse, "{:.4f}")]
+            for k, v in m.law.items()]
+    s.body.append(_table(["source", "role", "c", "k", "t", "β", "rmse"], rows))
+    h = m.held_out
+    rows = [[escape(x.source), human(x.tokens), f"{x.measured:.4f}", f"{x.predicted:.4f}",
+             f"[{x.pi95[0]:.4f}, {x.pi95[1]:.4f}]", "yes" if x.inside else "<b>no</b>"] for x in h.rows]
+    s.body.append(f"<p>Held-out check: the law fitted without domain weight {h.weight:g} ({h.runs_fitted} runs) "
+                  "predicts it:</p>")
+    s.body.append(_table(["source", "tokens", "measured (mean of seeds)", "predicted",
+                          "95% interval for that mean", "inside"], rows))
+    preds = "; ".join(f"{escape(k)} {p.bpb:.4f} [{p.ci95[0]:.4f}, {p.ci95[1]:.4f}] (general-only "
+                      f"{p.general_only_bpb:.4f})" for k, p in rec.predicted.items())
+    s.body.append(f"<p><b>Recommended domain weight at {human(rec.tokens)} tokens: {rec.domain_weight:.3f} "
+                  f"(95% CI {rec.ci95[0]:.3f}–{rec.ci95[1]:.3f})</b> — {escape(rec.objective)}. Predicted bpb: "
+                  f"{preds}.</p>")
+    for note in m.notes:
+        s.body.append(f"<p class=note>{escape(note)}</p>")
+    r.figure(s, plots.mix_chart, "mix.png", m)
     return s
 
 

@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import FuncFormatter  # noqa: E402
 
-from domainlm.outputs import Ablation, Audit, Counts, Decision, EvalOutput, ProbeScores, Stats  # noqa: E402
+from domainlm.outputs import Ablation, Audit, Counts, Decision, EvalOutput, Mix, ProbeScores, Stats  # noqa: E402
 from domainlm.plan.laws import MAX_USEFUL_EPOCHS  # noqa: E402
 from domainlm.rundir import publish, temp_path  # noqa: E402
 from domainlm.units import human  # noqa: E402
@@ -254,4 +254,60 @@ def decide_chart(d: Decision, path: Path) -> Path:
     ax.set_title(f"From scratch or continued? ({human(d.tokens)} training tokens each)")
     ax.legend(fontsize=8, loc="lower right")
     ax.margins(y=0.15)
+    return save(fig, path)
+
+
+def mix_chart(m: Mix, path: Path) -> Path:
+    """`domainlm mix`: left, each source's bpb against the domain weight — the runs (mean over seeds; hollow: the
+    held-out weight), the law at each fitted budget (thin) and at the target budget (thick, 95% band); right, the
+    frontier at the target budget — domain against general bpb as the weight moves, the recommended weight on it."""
+    sources = list(m.law)
+    col = colours(sources)
+    fig, (ax, fx) = plt.subplots(1, 2, figsize=(11, 4.5))
+    target = m.curves[0]
+    markers = "osD^v"
+    budgets = sorted({r.tokens for r in m.runs})
+    for s in sources:
+        for c in m.curves[1:]:
+            ax.plot(c.weights, c.bpb[s], "-", color=col[s], lw=0.8, alpha=0.5)
+        ax.plot(target.weights, target.bpb[s], "-", color=col[s], lw=2, label=f"{s}: law at {human(target.tokens)}")
+        ax.fill_between(target.weights, target.lo[s], target.hi[s], color=col[s], alpha=0.15, lw=0)
+        for j, d in enumerate(budgets):
+            for w in sorted({r.domain_weight for r in m.runs}):
+                vals = [r.bpb[s] for r in m.runs if r.tokens == d and r.domain_weight == w]
+                held = w == m.held_out.weight
+                ax.plot([w], [float(np.mean(vals))], markers[j % len(markers)], color=col[s],
+                        mfc="none" if held else col[s], ms=6)
+    for j, d in enumerate(budgets):
+        ax.plot([], [], markers[j % len(markers)], color="0.4", label=f"runs at {human(d)} tokens")
+    ax.axvline(m.recommended.domain_weight, color="0.3", ls="--", lw=1)
+    ax.set_xlabel("domain weight")
+    ax.set_ylabel("bits per byte on the val split (lower is better)")
+    ax.set_title("Each source's bpb vs the domain weight")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+
+    def role_mean(c, role):
+        rows = [np.array(c.bpb[s]) for s in sources if m.sources[s].role == role]
+        return np.mean(rows, axis=0)
+
+    dom, gen = role_mean(target, "domain"), role_mean(target, "general")
+    fx.plot(gen, dom, "-", color="tab:purple", lw=2)
+    for w in (0.0, 0.25, 0.5, 0.75, 1.0):
+        i = int(round(w * (len(target.weights) - 1)))
+        fx.plot(gen[i], dom[i], "o", color="tab:purple", ms=4)
+        fx.annotate(f"{w:.0%}", (gen[i], dom[i]), xytext=(4, 3), textcoords="offset points", fontsize=7)
+    rec = m.recommended
+    rd = np.mean([p.bpb for s, p in rec.predicted.items() if m.sources[s].role == "domain"])
+    rg = np.mean([p.bpb for s, p in rec.predicted.items() if m.sources[s].role == "general"])
+    fx.plot(rg, rd, "*", color="tab:red", ms=14,
+            label=f"recommended {rec.domain_weight:.0%} [{rec.ci95[0]:.0%}, {rec.ci95[1]:.0%}]")
+    cap = (m.design.get("objective") or {}).get("max_general_cost")
+    if cap is not None:
+        fx.axvline(gen[0] * (1 + cap), color="0.5", ls=":", lw=1, label=f"general-only + {cap:.1%}")
+    fx.set_xlabel("general bits per byte")
+    fx.set_ylabel("domain bits per byte")
+    fx.set_title(f"Frontier at {human(target.tokens)} tokens (the law)")
+    fx.legend(fontsize=7)
+    fx.grid(alpha=0.3)
     return save(fig, path)

@@ -23,7 +23,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from domainlm import faults
+from domainlm import faults, objectives
 from domainlm.config import RunConfig, load_config
 from domainlm.data.tokens import load_counts
 from domainlm.errors import UserError
@@ -163,7 +163,7 @@ def run_sweep(config: Path | None, budgets: str, sizes: int, *, law_out: Path | 
               step_tokens: int | None = None, console: Console) -> dict:
 
     cfg = load_config(config)
-    if cfg.model.objective != "causal":  # the sweep fits L(N, D) to bits per byte, which only a causal LM has
+    if not objectives.get(cfg.model.objective).bits_per_byte:  # the sweep fits L(N, D) to bits per byte
         raise UserError(f"model.objective: {cfg.model.objective}: domainlm scaling fits laws to a causal LM's bits "
                         "per byte; run it with model.objective: causal")
     run_dir = cfg.directory()

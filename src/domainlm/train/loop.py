@@ -9,13 +9,12 @@ CONFIG``). Outputs under the run directory: ``checkpoints/``, ``logs/metrics.jso
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import re
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -26,20 +25,20 @@ from rich.markup import escape
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 from transformers import AutoTokenizer
 
-from domainlm import faults, stages
+from domainlm import faults, objectives, stages
 from domainlm.config import RunConfig, load_config
 from domainlm.data.tokens import counts_path, load_counts, open_tokens
 from domainlm.errors import UserError
 from domainlm.hardware import ACCELERATORS
 from domainlm.model import MODEL_DIR, TOKENIZER_DIR, build_model, export_hf, load_base_model, resolve_shape
 from domainlm.model.base import BaseModel, base_of
+from domainlm.objectives import Batches, Causal, Objective
 from domainlm.outputs import Plan, TrainSummary
 from domainlm.rundir import RunDir, write_json
-from domainlm.shape import ModelShape, objective_flops_per_token, objective_params
+from domainlm.shape import ModelShape
 from domainlm.train import checkpoint as ckpt
 from domainlm.train.data import MixtureLoader, val_windows
 from domainlm.train.driver import Driver, Eval
-from domainlm.train.objectives import CAUSAL, Objective, add_objective_tokens, added_tokens, objective_from_config
 from domainlm.train.parallel import (
     Dist,
     barrier,
@@ -50,12 +49,11 @@ from domainlm.train.parallel import (
     unwrap,
 )
 from domainlm.train.schedule import lr_at
-from domainlm.train.step import IGNORE, make_optimizer, train_step, validation_nll
+from domainlm.train.step import make_optimizer, train_step, validation_nll
 
 STAGE = "train"
 # model section keys a base model (train.init_from) decides instead
 SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings", "max_position_embeddings")
-LOG2 = math.log(2.0)
 
 
 def run_training(config: Path | None, *, restart: bool = False, max_steps: int | None = None,
@@ -113,16 +111,21 @@ def _check_batch(cfg: RunConfig, world: Dist) -> tuple[int, int]:
 
 @torch.no_grad()
 def evaluate(model, val: dict[str, np.ndarray], counts: dict, *, seq_len: int, micro_batch: int, max_tokens: int,
-             world: Dist, precision: str) -> dict[str, dict[str, float]]:
-    """Validation loss (nats/token) and bits per byte per source, by the one definition `domainlm eval` uses
-    (evaluate/bpb.py): NLL of the text tokens in bits ÷ the text's UTF-8 bytes; the EOS after each document is
-    context, never scored (it has no bytes), so neither the loss nor the bpb counts it.
+             world: Dist, precision: str, batches: Batches = Causal().batches()) -> dict[str, dict[str, float]]:
+    """Validation per source under the objective's batches (objectives/): the loss in nats per target and the
+    objective's metric.
 
-    Unlike `domainlm eval` (each document alone, after its start-of-document context), the windows here are
-    ``seq_len`` chunks of the split's token stream (documents joined by EOS), so a window's first tokens have
-    little context and the split's first token is never a target. We score windows covering ``text_scored`` of the
-    split's ``text_total`` text tokens and count their bytes as ``val_bytes · text_scored / text_total`` — exact
-    when the whole split is scored, else it assumes bytes per token is uniform over the split."""
+    Causal: loss and bits per byte by the one definition `domainlm eval` uses (evaluate/bpb.py): NLL of the text
+    tokens in bits ÷ the text's UTF-8 bytes; the EOS after each document is context, never scored (it has no bytes),
+    so neither the loss nor the bpb counts it. Unlike `domainlm eval` (each document alone, after its
+    start-of-document context), the windows here are ``seq_len`` chunks of the split's token stream (documents
+    joined by EOS), so a window's first tokens have little context and the split's first token is never a target.
+    We score windows covering ``text_scored`` of the split's ``text_total`` text tokens and count their bytes as
+    ``val_bytes · text_scored / text_total`` — exact when the whole split is scored, else it assumes bytes per token
+    is uniform over the split.
+
+    Masked / span: the masked-token (or span-corruption target) loss and top-1 accuracy, on windows corrupted with
+    the fixed validation seed, so every model — whatever mask rate it trained with — is scored on the same masks."""
     out = {}
     eos = counts.get("eos_id")
     for name, arr in val.items():
@@ -130,24 +133,14 @@ def evaluate(model, val: dict[str, np.ndarray], counts: dict, *, seq_len: int, m
         if n == 0:
             continue
         mine = list(range(world.rank, n, world.world_size))
-        nll, scored = validation_nll(model, _windows(arr, mine, seq_len, micro_batch, eos), world.device, precision)
+        nll, scored, hits = validation_nll(model, batches.val(arr, mine, seq_len, micro_batch, eos), world.device,
+                                           precision, batches.loss, hits=True)
         if dist.is_initialized():
-            dist.all_reduce(nll)
-            dist.all_reduce(scored)
-        src = counts["sources"][name]
-        text_total = len(arr) - (int(np.count_nonzero(np.asarray(arr) == eos)) if eos is not None else 0)
-        text_scored = scored.item()
-        bytes_scored = src["val_bytes"] * text_scored / max(text_total, 1)
-        out[name] = {"loss": nll.item() / max(text_scored, 1), "bpb": nll.item() / LOG2 / max(bytes_scored, 1e-9)}
+            for x in (nll, scored, hits):
+                dist.all_reduce(x)
+        out[name] = batches.scores(nll.item(), scored.item(), hits.item(), arr, eos,
+                                   counts["sources"][name]["val_bytes"])
     return out
-
-
-def _windows(arr: np.ndarray, mine: list[int], seq_len: int, micro_batch: int, eos: int | None):
-    """(ids, labels) batches of the windows ``mine``; EOS is context, never a target."""
-    for i in range(0, len(mine), micro_batch):
-        rows = [np.asarray(arr[j * seq_len : (j + 1) * seq_len + 1], dtype=np.int64) for j in mine[i : i + micro_batch]]
-        batch = torch.from_numpy(np.stack(rows))
-        yield batch, (batch.masked_fill(batch == eos, IGNORE) if eos is not None else batch)
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -171,7 +164,7 @@ class Setup:
     precision: str
     plan: Plan | None
     base: BaseModel | None = None  # continued pretraining (train.init_from): the model, shape and tokenizer's source
-    objective: str = CAUSAL  # model.objective (train/objectives.py)
+    objective: Objective = field(default_factory=Causal)  # model.objective with its settings (objectives/)
 
 
 def setup(cfg: RunConfig, data_dir: Path, world: Dist, max_steps: int | None) -> Setup:
@@ -195,13 +188,11 @@ def setup(cfg: RunConfig, data_dir: Path, world: Dist, max_steps: int | None) ->
         raise UserError(f"{tok_dir}: no tokenizer; run `domainlm tokenizer CONFIG` (the export ships it)")
     shape = base_shape(base, t.seq_len, int(counts["vocab_size"])) if base else \
         resolve_shape(cfg, data_dir, int(counts["vocab_size"]))
-    objective = cfg.model.objective
-    if objective != CAUSAL:  # its tokens come after the run tokenizer's vocabulary; no grouped-query attention
-        if base:
-            raise UserError(f"train.init_from: continued pretraining starts from a causal LM, not with "
-                            f"model.objective: {objective}")
-        shape = dataclasses.replace(shape, vocab_size=shape.vocab_size + added_tokens(objective),
-                                    n_kv_heads=shape.n_heads)
+    objective = objectives.from_config(cfg.model)
+    if base and not objective.init_from_causal:
+        raise UserError(f"train.init_from: continued pretraining starts from a causal LM, not with "
+                        f"model.objective: {objective.name}")
+    shape = objective.model_shape(shape)  # its tokens after the run tokenizer's vocabulary; its attention heads
     tokens_per_step, global_batch = _check_batch(cfg, world)
     plan = plan_of(data_dir)
     budget = t.max_tokens or planned_tokens(plan)
@@ -271,7 +262,7 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
 
 
     tok = AutoTokenizer.from_pretrained(z.tokenizer)
-    objective = objective_from_config(cfg.model, add_objective_tokens(tok, z.objective), t.seed)  # None: causal
+    batches = z.objective.batches(z.objective.add_tokens(tok), t.seed)  # the mask token or sentinels appended
     model = initial_model(z, t.seed, tok, counts.get("eos_id")).to(world.device)
     hf_config, model_class = model.config, type(model)  # the class before FSDP2 renames it
     generation = model.generation_config if z.base else None  # a base's own generation settings travel on
@@ -284,7 +275,7 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
     optimizer = make_optimizer(unwrap(model), lr=t.lr, weight_decay=t.weight_decay, device=world.device)
     loader = MixtureLoader(z.train, z.weights, seq_len=t.seq_len, global_batch=z.global_batch,
                            rank=world.rank, world_size=world.world_size, seed=t.seed)
-    driver = _driver(cfg, run_dir, data_dir, world, model, optimizer, loader, z, mode, amp, console, objective)
+    driver = _driver(cfg, run_dir, data_dir, world, model, optimizer, loader, z, mode, amp, console, batches)
 
     resumed = driver.resume()
     if resumed:
@@ -308,14 +299,15 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
                           markup=False)
     driver.run()
     faults.hit("train.before_export")
-    tok_dir = z.tokenizer if objective is None else Path(tempfile.mkdtemp(prefix="domainlm-tokenizer-"))
-    if objective is not None and world.is_main:  # the run tokenizer with the objective's tokens (mask, sentinels)
+    added = z.objective.added_tokens > 0  # the export ships the run tokenizer with them (mask, sentinels)
+    tok_dir = Path(tempfile.mkdtemp(prefix="domainlm-tokenizer-")) if added else z.tokenizer
+    if added and world.is_main:
         tok.save_pretrained(tok_dir)
     try:
         export(model, hf_config, tok_dir, run_dir / MODEL_DIR, world, model_class=model_class,
                generation_config=generation)
     finally:
-        if objective is not None:
+        if added:
             shutil.rmtree(tok_dir, ignore_errors=True)
     summary = TrainSummary(
         steps=driver.step, final_loss=driver.last_loss if math.isfinite(driver.last_loss) else None,
@@ -335,9 +327,9 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
 
 
 def _driver(cfg: RunConfig, run_dir: Path, data_dir: Path, world: Dist, model, optimizer, loader: MixtureLoader,
-            z: Setup, mode: str, amp: str, console: Console, objective: Objective | None = None) -> Driver:
-    """Pretraining's batches (the mixture loader), step, eval and checkpoint state, for the shared driver.
-    ``objective``: masked LM or span corruption (train/objectives.py) instead of next-token prediction."""
+            z: Setup, mode: str, amp: str, console: Console, batches: Batches) -> Driver:
+    """Pretraining's batches (the mixture loader, made into the objective's ``batches``), step, eval and
+    checkpoint state, for the shared driver."""
     t = cfg.train
     driver: Driver
 
@@ -347,34 +339,28 @@ def _driver(cfg: RunConfig, run_dir: Path, data_dir: Path, world: Dist, model, o
 
     def one_step(lr: float):
         batch, _ = loader.next_batch()
-        if objective is None:
-            res = train_step(model, optimizer, batch.to(world.device, non_blocking=True), lr=lr,
-                             micro_batch=t.micro_batch, grad_clip=t.grad_clip, precision=amp)
-        else:  # masks: a function of (seed, the loader's step, the row of the global batch) — exact on resume
-            inputs, labels = objective.train_batch(batch, loader.step - 1, world.rank * loader.local_batch)
-            res = train_step(model, optimizer, inputs.to(world.device), lr=lr, micro_batch=t.micro_batch,
-                             grad_clip=t.grad_clip, precision=amp, labels=labels.to(world.device),
-                             objective=objective.loss)
+        # masks: a function of (seed, the loader's step, the row of the global batch) — exact on resume
+        inputs, labels = batches.train(batch, loader.step - 1, world.rank * loader.local_batch)
+        res = train_step(model, optimizer, inputs.to(world.device, non_blocking=True), lr=lr,
+                         micro_batch=t.micro_batch, grad_clip=t.grad_clip, precision=amp,
+                         labels=labels if labels is None else labels.to(world.device), objective=batches.loss)
         fields = {"tokens": (driver.step + 1) * z.tokens_per_step,
                   **{f"epochs/{k}": v for k, v in loader.epochs().items()}}
         return res, z.tokens_per_step, fields
 
     def run_eval() -> Eval:
-        if objective is not None:
-            return _objective_eval(evaluate_objective(unwrap(model), z.val, objective, seq_len=t.seq_len,
-                                                      micro_batch=t.micro_batch, max_tokens=t.eval_tokens,
-                                                      world=world, precision=amp))
+        """The loss and the objective's metric per source: bits per byte (causal), or the top-1 accuracy of the
+        masked tokens / span targets (a masked-token loss is not a probability of the text)."""
         res = evaluate(unwrap(model), z.val, z.counts, seq_len=t.seq_len, micro_batch=t.micro_batch,
-                       max_tokens=t.eval_tokens, world=world, precision=amp)
-        shown = ", ".join(f"{k} {v['loss']:.3f} ({v['bpb']:.3f} bpb)" for k, v in res.items())
+                       max_tokens=t.eval_tokens, world=world, precision=amp, batches=batches)
+        metric = z.objective.metric
+        shown = ", ".join(f"{k} {v['loss']:.3f} ({z.objective.show_metric(v[metric])})" for k, v in res.items())
         fields = {**{f"val_loss/{k}": v["loss"] for k, v in res.items()},
-                  **{f"bpb/{k}": v["bpb"] for k, v in res.items()}}
-        scalars = {f"val/{k}/{m}": v[m] for k, v in res.items() for m in ("loss", "bpb")}
+                  **{f"{metric}/{k}": v[metric] for k, v in res.items()}}
+        scalars = {f"val/{k}/{m}": v[m] for k, v in res.items() for m in ("loss", metric)}
         return Eval(fields, f"val loss {shown}", scalars)
 
-    flops_per_token = (z.base or z.shape).flops_per_token(t.seq_len) if objective is None else \
-        objective_flops_per_token(z.shape, t.seq_len, cfg.model.objective, cfg.model.noise_density,
-                                  cfg.model.mean_span_length)
+    flops_per_token = z.base.flops_per_token(t.seq_len) if z.base else z.objective.flops_per_token(z.shape, t.seq_len)
     peak = peak_flops(world.device, z.precision, data_dir, world.world_size)
     driver = Driver(
         STAGE, run_dir, world, model, optimizer, z.total_steps, lr, one_step, run_eval if z.val else None,
@@ -384,44 +370,9 @@ def _driver(cfg: RunConfig, run_dir: Path, data_dir: Path, world: Dist, model, o
     return driver
 
 
-def _objective_eval(res: dict[str, dict[str, float]]) -> Eval:
-    """The metrics rows of a masked / span model's validation: no bits per byte (a masked-token loss is not a
-    probability of the text), the loss per predicted token and its top-1 accuracy."""
-    shown = ", ".join(f"{k} {v['loss']:.3f} (acc {v['accuracy']:.1%})" for k, v in res.items())
-    fields = {**{f"val_loss/{k}": v["loss"] for k, v in res.items()},
-              **{f"accuracy/{k}": v["accuracy"] for k, v in res.items()}}
-    scalars = {f"val/{k}/{m}": v[m] for k, v in res.items() for m in ("loss", "accuracy")}
-    return Eval(fields, f"val loss {shown}", scalars)
-
-
-@torch.no_grad()
-def evaluate_objective(model, val: dict[str, np.ndarray], objective: Objective, *, seq_len: int, micro_batch: int,
-                       max_tokens: int, world: Dist, precision: str) -> dict[str, dict[str, float]]:
-    """Masked-token (or span-corruption target) loss in nats per predicted token and top-1 accuracy per source,
-    on ``seq_len`` windows of the val token stream corrupted with the fixed validation seed (train/objectives.py),
-    so every model — whatever mask rate it trained with — is scored on the same masks."""
-    out = {}
-    for name, arr in val.items():
-        n = val_windows(arr, seq_len, max_tokens, world.world_size)
-        if n == 0:
-            continue
-        mine = list(range(world.rank, n, world.world_size))
-        batches = (objective.eval_batch([arr[j * seq_len : (j + 1) * seq_len] for j in mine[i : i + micro_batch]],
-                                        mine[i : i + micro_batch]) for i in range(0, len(mine), micro_batch))
-        nll, scored, hits = validation_nll(model, batches, world.device, precision, objective.loss, hits=True)
-        if dist.is_initialized():
-            for x in (nll, scored, hits):
-                dist.all_reduce(x)
-        out[name] = {"loss": nll.item() / max(scored.item(), 1), "accuracy": hits.item() / max(scored.item(), 1),
-                     "targets": int(scored.item())}
-    return out
-
-
 def params_of(z: Setup) -> int:
-    """Parameters trained: the base model's exact count, or the Llama shape's."""
-    if z.objective != CAUSAL:  # an encoder or encoder-decoder of the shape
-        return objective_params(z.shape, z.objective)
-    return z.base.params if z.base else z.shape.params_total
+    """Parameters trained: the base model's exact count, or the objective's model's on the shape."""
+    return z.base.params if z.base else z.objective.params(z.shape)
 
 
 def export(model, hf_config, tokenizer_dir: Path, out: Path, world: Dist, **kw) -> None:

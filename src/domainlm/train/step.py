@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-IGNORE = -100  # label of a token that contributes no loss (the transformers / PyTorch convention)
+from domainlm.objectives.base import IGNORE as IGNORE  # re-exported: fine-tuning's labels
+from domainlm.objectives.base import Loss
+from domainlm.objectives.causal import NEXT_TOKEN
 
 
 @dataclass
@@ -34,42 +35,6 @@ def autocast_for(device: torch.device, precision: str):
     if precision == "bf16-mixed":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
-
-
-@dataclass(frozen=True)
-class Loss:
-    """The loss of a batch under a pretraining objective (train/objectives.py): ``forward(model, batch, labels)``
-    gives (logits [B, T, V], targets [B, T]) with -100 on positions that are not targets; the loss is their
-    cross-entropy. ``shift``: how far the targets are shifted from ``labels`` — 1 for next-token prediction
-    (targets ``labels[:, 1:]``), 0 for masked LM and span corruption (targets where labels ≠ -100)."""
-
-    forward: Callable
-    shift: int = 1
-    name: str = "causal"
-
-    def __call__(self, model: torch.nn.Module, batch: torch.Tensor, reduction: str = "mean",
-                 labels: torch.Tensor | None = None) -> torch.Tensor:
-        logits, y = self.forward(model, batch, labels)
-        return F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction=reduction, ignore_index=IGNORE)
-
-    def count(self, labels: torch.Tensor) -> torch.Tensor:
-        """The number of targets in ``labels``."""
-        return (labels[:, self.shift:] != IGNORE).sum()
-
-    def nll_and_hits(self, model: torch.nn.Module, batch: torch.Tensor,
-                     labels: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Σ NLL of the targets and how many of them are the model's top-1 prediction (accuracy's numerator)."""
-        logits, y = self.forward(model, batch, labels)
-        nll = F.cross_entropy(logits.float().flatten(0, 1), y.flatten(), reduction="sum", ignore_index=IGNORE)
-        return nll, ((logits.argmax(-1) == y) & (y != IGNORE)).sum()
-
-
-def _next_token(model: torch.nn.Module, batch: torch.Tensor, labels: torch.Tensor | None):
-    x, y = batch[:, :-1], (batch if labels is None else labels)[:, 1:]
-    return model(input_ids=x, use_cache=False).logits, y  # [B, T, V], [B, T]
-
-
-NEXT_TOKEN = Loss(_next_token, shift=1)
 
 
 def next_token_loss(model: torch.nn.Module, batch: torch.Tensor, reduction: str = "mean",
@@ -106,7 +71,7 @@ def validation_nll(model: torch.nn.Module, batches, device: torch.device, precis
     source); fine-tuning scores conversations with the prompt masked (loss per response token). `domainlm eval`
     (evaluate/bpb.py) differs on purpose: each document alone after its start-of-document context.
 
-    ``objective``: the loss of another pretraining objective (masked LM, span corruption: train/objectives.py);
+    ``objective``: the loss of another pretraining objective (masked LM, span corruption: objectives/);
     ``hits``: also return how many targets were the model's top-1 prediction (masked-token accuracy)."""
     model.eval()
     nll = torch.zeros((), dtype=torch.float64, device=device)
@@ -148,9 +113,9 @@ def train_step(
     loss_fn: the mean loss of the micro-batch ``rows`` (a slice of the batch), for a loss other than next-token
     prediction (a classification head: finetune/classify.py); the caller's closure holds its own tensors.
 
-    objective: the pretraining objective's loss (train/objectives.py). Masked LM and span corruption pass their
-    inputs as ``batch`` and their targets as ``labels`` (-100 where nothing is predicted), so their loss is the
-    mean over the global batch's targets like fine-tuning's."""
+    objective: the pretraining objective's loss (`Objective.loss`, objectives/). Masked LM and span corruption pass
+    their inputs as ``batch`` and their targets as ``labels`` (-100 where nothing is predicted), so their loss is
+    the mean over the global batch's targets like fine-tuning's."""
     n_micro = batch.shape[0] // micro_batch
     device = batch.device
     total = torch.zeros((), device=device)

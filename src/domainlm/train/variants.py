@@ -38,16 +38,21 @@ def reweighted(cfg: RunConfig, domain_weight: float) -> dict[str, float]:
     return out
 
 
-def variant_config(cfg: RunConfig, run_dir: Path, domain_weight: float) -> RunConfig:
+def variant_config(cfg: RunConfig, run_dir: Path, domain_weight: float, *, tokens: float | None = None,
+                   seed: int | None = None, folder: Path | None = None) -> RunConfig:
     """The run's config with new weights, the run's shape and budget fixed, and its own directory. A continued
-    run's variants (``train.init_from``) continue the same base: its shape, its tokenizer's token files."""
+    run's variants (``train.init_from``) continue the same base: its shape, its tokenizer's token files.
+    `domainlm mix` gives each variant its own ``tokens`` budget, training ``seed`` and ``folder``."""
     base = base_of(cfg)
     shape = base.shape if base else resolve_shape(cfg, run_dir, int(load_counts(run_dir)["vocab_size"]))
-    budget = cfg.train.max_tokens or planned_tokens(plan_of(run_dir))
+    budget = tokens or cfg.train.max_tokens or planned_tokens(plan_of(run_dir))
     if budget is None:
         raise UserError("train.max_tokens: no token budget; set it or run `domainlm plan CONFIG` first")
-    return fixed_config(cfg, shape, float(budget), name=f"{cfg.name}-w{domain_weight:g}",
-                        run_dir=RunDir(run_dir).variant(domain_weight), weights=reweighted(cfg, domain_weight))
+    name = f"{cfg.name}-w{domain_weight:g}" if folder is None else f"{cfg.name}-{Path(folder).name}"
+    folder = Path(folder) if folder is not None else RunDir(run_dir).variant(domain_weight)
+    train = {} if seed is None else {"seed": seed}
+    return fixed_config(cfg, shape, float(budget), name=name, run_dir=folder,
+                        weights=reweighted(cfg, domain_weight), **train)
 
 
 def fixed_config(cfg: RunConfig, shape: ModelShape, max_tokens: float, *, name: str, run_dir: Path,

@@ -1,0 +1,1 @@
+"""`domainlm mix`: the domain weight chosen by a fitted mixing law (law.py) over small runs (stage.py)."""
