@@ -12,12 +12,19 @@ On CPU (fp32, one process) it is activation checkpointing's trade-off: step time
 
     python benchmarks/train_memory.py                                  # CPU: the demo shape, checkpointing off/on
     python benchmarks/train_memory.py --preset 350m 125m 1b --compile off on   # CUDA (benchmarks/gpu.sh)
+    torchrun --standalone --nproc_per_node 8 benchmarks/train_memory.py --preset 1b --json out.json  # 8 GPUs
+
+Under torchrun it is FSDP2 over all the processes' GPUs (NCCL): tokens/s and MFU are the job's (MFU against
+the GPUs' summed peak), memory is rank 0's, and `benchmarks/gpu.sh` divides tokens/s by N × the one-GPU rate for
+the scaling efficiency. The model is built on the meta device and materialised shard by shard, as the trainer
+does.
 """
 
 from __future__ import annotations
 
 import argparse
 import gc
+import json
 import statistics
 import sys
 import time
@@ -27,11 +34,11 @@ import torch
 
 from domainlm import memory as M
 from domainlm.config import TrainConfig
-from domainlm.model import build_model
+from domainlm.model import build_model, seeded_init
 from domainlm.shape import make_shape
 from domainlm.train.loop import peak_flops
 from domainlm.train.memory_probe import measure_cpu
-from domainlm.train.parallel import Dist, parallelize, shutdown, step_precision
+from domainlm.train.parallel import Dist, init_distributed, parallelize, shutdown, step_precision
 from domainlm.train.step import make_optimizer, train_step
 
 # (d_model, n_layers, vocab, seq_len, micro_batch): demo = ANCHORS.md's CPU shape (7.4M); 125m/350m = GPT-3
@@ -44,15 +51,16 @@ PRESETS = {
 }
 
 
-def run_config(preset: str, device: torch.device, *, compile: bool, ac: bool, steps: int, warmup: int) -> dict:
+def run_config(preset: str, world: Dist, *, compile: bool, ac: bool, steps: int, warmup: int) -> dict:
     d, n_layers, vocab, seq_len, micro = PRESETS[preset]
     shape = make_shape(d, n_layers, vocab)
+    device = world.device
     cuda = device.type == "cuda"
-    world = Dist(0, 1, 0, device)
     precision = "bf16-mixed" if cuda else "fp32"
     mode = "fsdp" if cuda else "none"
-    model = build_model(shape, seq_len, seed=0).to(device)
-    model = parallelize(model, mode, world, compile=compile, activation_checkpointing=ac, precision=precision)
+    model = build_model(shape, seq_len, seed=0, meta=True)
+    model = parallelize(model, mode, world, compile=compile, activation_checkpointing=ac, precision=precision,
+                        init=lambda m: seeded_init(m, 0))
     t = TrainConfig()
     optimizer = make_optimizer(model, lr=t.lr, weight_decay=t.weight_decay, device=device)
     amp = step_precision(mode, world, precision)
@@ -73,16 +81,17 @@ def run_config(preset: str, device: torch.device, *, compile: bool, ac: bool, st
         t0 = time.perf_counter()
         step()  # reads the loss back (.item()): synchronises CUDA
         times.append(time.perf_counter() - t0)
-    est = M.estimate(shape.params_total, precision=precision, sharding="zero3" if cuda else "ddp", gpus=1,
-                     seq_len=seq_len, micro_batch=micro, n_layers=n_layers, d_model=d, vocab_size=vocab,
-                     n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads, ffn_dim=shape.ffn_dim,
+    est = M.estimate(shape.params_total, precision=precision, sharding="zero3" if cuda else "ddp",
+                     gpus=world.world_size, seq_len=seq_len, micro_batch=micro, n_layers=n_layers, d_model=d,
+                     vocab_size=vocab, n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads, ffn_dim=shape.ffn_dim,
                      activation_checkpointing=ac)
-    tokens_per_s = micro * seq_len / statistics.median(times)
+    tokens_per_s = micro * seq_len * world.world_size / statistics.median(times)  # the job's: every rank's batch
     row = {"preset": preset, "params": shape.params_total, "compile": compile, "ac": ac, "warm_s": warm_s,
            "ms_per_step": statistics.median(times) * 1e3, "tokens_per_s": tokens_per_s,
            "flops_per_token": shape.flops_per_token(seq_len)}
     if cuda:
-        row["peak"] = peak_flops(device, precision, Path("."), 1)
+        row["peak"] = peak_flops(device, precision, Path("."), world.world_size)
+        row["gpus"] = world.world_size
         row["measured_gb"] = torch.cuda.max_memory_allocated(device) / 1e9
         row["predicted_gb"] = est.total_gb
     else:  # activations only, one extra tracked step (slower: a Python hook per op, so not timed)
@@ -101,40 +110,48 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=None, help="untimed first steps (default 3 CUDA, 1 CPU)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--threads", type=int, default=None, help="CPU threads (default: torch's choice)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the rows here (rank 0)")
     args = ap.parse_args()
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
+    world = init_distributed() if args.device == "cuda" else Dist(0, 1, 0, torch.device(args.device))
+    device = world.device
     cuda = device.type == "cuda"
+    main_rank = world.is_main
     presets = args.preset or (["350m"] if cuda else ["demo"])
     steps = args.steps or (10 if cuda else 3)
     warmup = args.warmup if args.warmup is not None else (3 if cuda else 1)
     where = torch.cuda.get_device_name(device) if cuda else f"CPU, {torch.get_num_threads()} threads"
     what = "FSDP2 on 1 GPU, bf16 params / fp32 reduce, fused AdamW" if cuda else "1 process, fp32"
-    print(f"{where}; {what}; {steps} timed steps after {warmup} warm-up; torch {torch.__version__}")
+    if world.world_size > 1:
+        what = f"FSDP2 over {world.world_size} GPUs (NCCL), bf16 params / fp32 reduce, fused AdamW"
+    say = print if main_rank else (lambda *a, **k: None)
+    say(f"{where}; {what}; {steps} timed steps after {warmup} warm-up; torch {torch.__version__}")
     memory = "peak GB (max allocated)" if cuda else "activations peak MB"
-    print(f"\n| preset | params | compile | act. ckpt | warm-up s | ms/step | tokens/s | MFU | {memory} | predicted |"
+    say(f"\n| preset | params | compile | act. ckpt | warm-up s | ms/step | tokens/s | MFU | {memory} | predicted |"
           " measured/predicted |\n|---|---|---|---|---|---|---|---|---|---|---|", flush=True)
     rows = []
     try:
         for preset in presets:
             for comp in args.compile:
                 for ac in args.ac:
-                    r = run_config(preset, device, compile=comp == "on", ac=ac == "on", steps=steps, warmup=warmup)
+                    r = run_config(preset, world, compile=comp == "on", ac=ac == "on", steps=steps, warmup=warmup)
                     rows.append(r)
                     gc.collect()  # the configuration's model and optimizer are gone with its frame
                     if cuda:
                         torch.cuda.empty_cache()
                     mfu = f"{r['flops_per_token'] * r['tokens_per_s'] / r['peak']:.1%}" if r.get("peak") else "n/a"
                     scale = 1.0 if cuda else 1e3
-                    print(f"| {preset} | {r['params'] / 1e6:.0f}M | {comp} | {ac} | {r['warm_s']:.1f} | "
+                    say(f"| {preset} | {r['params'] / 1e6:.0f}M | {comp} | {ac} | {r['warm_s']:.1f} | "
                           f"{r['ms_per_step']:.1f} | {r['tokens_per_s']:,.0f} | {mfu} | "
                           f"{r['measured_gb'] * scale:.2f} | {r['predicted_gb'] * scale:.2f} | "
                           f"{r['measured_gb'] / r['predicted_gb']:.3f} |", flush=True)
     finally:
         shutdown()
-    for preset in presets:  # checkpointing's trade-off per preset (eager rows)
+    if args.json and main_rank:
+        args.json.write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    for preset in presets if main_rank else ():  # checkpointing's trade-off per preset (eager rows)
         off = [r for r in rows if r["preset"] == preset and not r["ac"] and not r["compile"]]
         on = [r for r in rows if r["preset"] == preset and r["ac"] and not r["compile"]]
         if off and on:

@@ -434,12 +434,28 @@ def test_user_text_is_not_rich_markup(tmp_path, model_dir, monkeypatch, cli):
 
 
 def test_changed_model_shape_is_not_called_corruption(trained, tmp_path, cli):
+    """Checkpoints that recorded their inputs: another d_model restarts and says so (tests/test_resume_inputs.py).
+    Ones that did not (an earlier version wrote them): the shape check tells a changed config from corruption."""
+    import hashlib
+
     cfg = clone_run(trained, tmp_path)
     data = yaml.safe_load(cfg.read_text())
     data["model"]["d_model"] = 64
     cfg.write_text(yaml.safe_dump(data))
+    for ck in (run_dir(cfg) / "checkpoints").iterdir():  # as written before checkpoints recorded their inputs
+        state = json.loads((ck / "state.json").read_text())
+        del state["inputs"]
+        (ck / "state.json").write_text(json.dumps(state))
+        manifest = json.loads((ck / "manifest.json").read_text())
+        manifest["state.json"] = hashlib.sha256((ck / "state.json").read_bytes()).hexdigest()
+        (ck / "manifest.json").write_text(json.dumps(manifest))
     msg = one_line(cli("train", str(cfg), "--max-steps", "12"), "another model shape", "--restart")
     assert "corrupted" not in msg and "delete" not in msg and len(msg) < 400
+
+    cfg = clone_run(trained, tmp_path / "recorded")
+    cfg.write_text(yaml.safe_dump({**data, "run_dir": str(run_dir(cfg))}))
+    code, _, err = cli("train", str(cfg), "--max-steps", "12")
+    assert code == 0 and "changed: model.d_model, shape)" in " ".join(err.split()), err[-2000:]
 
 
 def test_fitted_law_in_the_config_names_the_key(tmp_path, cli):
@@ -508,9 +524,12 @@ def test_crafted_fsdp_checkpoint_metadata_is_refused(trained, tmp_path, cli):
 
     (ck / "dcp").mkdir()
     (ck / "dcp" / ".metadata").write_bytes(pickle.dumps(Evil()))
-    manifest = json.loads((ck / "manifest.json").read_text())  # a crafted checkpoint has a matching manifest
+    manifest = json.loads((ck / "manifest-0.json").read_text())  # a crafted checkpoint has matching manifests
     manifest["dcp/.metadata"] = hashlib.sha256((ck / "dcp" / ".metadata").read_bytes()).hexdigest()
-    (ck / "manifest.json").write_text(json.dumps(manifest))
+    (ck / "manifest-0.json").write_text(json.dumps(manifest))
+    index = json.loads((ck / "manifest.json").read_text())
+    index["manifests"]["manifest-0.json"] = hashlib.sha256((ck / "manifest-0.json").read_bytes()).hexdigest()
+    (ck / "manifest.json").write_text(json.dumps(index))
     one_line(cli("train", str(cfg), "--max-steps", "12"), str(ck / "dcp" / ".metadata"), "refusing posix.system")
     assert not marker.exists()
 

@@ -228,3 +228,47 @@ def test_exclude_ids_licensedb_test_drops_the_test_licenses():
     train_key = next(k for k, v in split.items() if v == "train")
     files = [f"/r/licenses/{test_key}.LICENSE", f"/r/licenses/{train_key}.LICENSE"]
     assert _exclude(files, "/r", "licensedb:test", "sources[0].input") == files[1:]
+
+
+def test_compare_with_seeds_warns_of_seen_test_items_and_scores_at_the_training_length(decoder, task_files, tmp_path,
+                                                                                         cli, monkeypatch):
+    """--seeds 2: each classifier fine-tuned twice (seed 0 in domain/, seed 1 in domain-seed1/); metrics are seed
+    means with intervals over seeds and items, per-seed values listed. A domain run whose config reads LicenseDB
+    without exclude_ids: one warning line. Test texts are cut to the --max-len the classifier trained with, and
+    `domainlm eval` refuses the classifier export in one line."""
+    import yaml
+
+    run = tmp_path / "run"
+    shutil.copytree(decoder, run / "model")
+    (run / "config.yaml").write_text(yaml.safe_dump({"name": "leaky", "sources": [
+        {"name": "legal", "role": "domain", "weight": 0.5, "input": "package:licensedcode"},
+        {"name": "news", "role": "general", "weight": 0.5, "input": "package:bbc-news"}]}))
+    lengths = []
+    encode = C.encode
+
+    def spy(tok, data, labels, max_len, *a, **k):
+        lengths.append(max_len)
+        return encode(tok, data, labels, max_len, *a, **k)
+
+    monkeypatch.setattr(C, "encode", spy)
+    code, out, err = cli("finetune", str(run), "--head", "classification", "--compare", str(decoder), "--data",
+                         str(task_files["train"]), "--test", str(task_files["test"]), "--steps", "2", "--batch-size",
+                         "4", "--lr", "1e-3", "--max-len", "24", "--seeds", "2")
+    assert code == 0, err
+    warn = [ln for ln in err.splitlines() if "saw the test items" in ln]
+    assert len(warn) == 1 and "domain model" in warn[0] and "exclude_ids: licensedb:test" in warn[0], err
+    assert set(lengths) == {24}  # training and scoring: one maximum length (the model's context is 64)
+    res = json.loads((run / "eval" / "classify.json").read_text())
+    assert res["seeds"] == [0, 1] and "2 fine-tuning seeds each" in res["verdict"]
+    for label in ("domain", "general"):
+        assert (run / "finetune" / "classify" / f"{label}-seed1" / "model" / "config.json").is_file()
+        m = res["tasks"][C.TASK][label]
+        for name, iv in m["metrics"].items():
+            assert iv["value"] == pytest.approx(sum(p["metrics"][name] for p in m["seeds"]) / 2)
+            assert iv["ci95"][0] <= iv["value"] <= iv["ci95"][1]
+    assert json.loads((run / "finetune" / "classify" / "domain" / "finetune.json").read_text())["args"]["seed"] == 0
+    assert json.loads((run / "finetune" / "classify" / "domain-seed1" / "finetune.json").read_text())["args"][
+        "seed"] == 1
+    code, _, err = cli("eval", str(run / "finetune" / "classify" / "domain" / "model"), "--text", f"x={tmp_path}")
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and "a classifier (LlamaForSequenceClassification)" in lines[0], err

@@ -18,8 +18,9 @@ def test_every_shipped_recipe_loads(path):
     cfg = load_config(path)
     assert cfg.sources and abs(sum(s.weight for s in cfg.sources) - 1) < 1e-9
     quick = quick_config(cfg)  # recipes/overlays/quick.yaml on top
-    assert quick.name == f"{cfg.name}-quick" and quick.model.d_model == 64 and quick.train.max_tokens == 60_000
-    assert all(s.max_files <= 400 for s in quick.sources) and quick.budget.flops == 1e12
+    # Quick follows its plan like the demo: a small FLOPs budget, no token count, the config's own model keys.
+    assert quick.name == f"{cfg.name}-quick" and quick.model == cfg.model and quick.train.max_tokens is None
+    assert all(s.max_files <= 400 for s in quick.sources) and quick.budget.flops == 2e11 and not quick.budget.hours
 
 
 def test_default_is_the_legal_demo():

@@ -277,3 +277,106 @@ def test_train_record_of_a_run_without_logs_train_json(decided, tmp_path):
         decide.train_record(tmp_path)
     assert str(e.value).startswith(f"{tmp_path / 'logs' / 'train.json'}: no training summary; run `domainlm train`")
     assert "\n" not in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------ seeds, changed inputs
+
+
+def _copy_done(decided, dst: Path) -> Path:
+    """The finished decide run, copied (its config pointing at the copy)."""
+    shutil.copytree(decided["tmp"] / "done", dst)
+    cfg = dst / "tiny.yaml"
+    cfg.write_text(decided["cfg"].read_text().replace(str(decided["tmp"] / "done"), str(dst)))
+    return cfg
+
+
+def _models(run: Path) -> dict[str, bytes]:
+    """Each trained arm's exported weights, by arm folder (scratch: the run's own model)."""
+    out = {"scratch": (run / "model" / "model.safetensors").read_bytes()}
+    for p in sorted((run / "decide").glob("*/model/model.safetensors")):
+        out[p.parent.parent.name] = p.read_bytes()
+    return out
+
+
+def test_seeds_then_changed_inputs_retrain_exactly_the_affected_arms(decided, tmp_path):
+    """--seeds 2 trains one more model per trained arm (seed 1, in <arm>-seed1/) and reuses seed 0's; the margins
+    get hierarchical intervals and the arms their per-seed points. Then a rerun with another --lr retrains the
+    continued arms only, another --base the continued arms only, another train.seed every trained arm."""
+    from rich.console import Console
+
+    from domainlm.evaluate import bootstrap
+
+    cfg = _copy_done(decided, tmp_path / "c")
+    run = Path(decided["result"]["run_dir"].replace(str(decided["tmp"] / "done"), str(tmp_path / "c")))
+    kw = {"texts": decided["texts"], "base_tokens": 1e6, "console": Console(quiet=True)}
+    before = _models(run)
+    d = decide.run_decide(cfg, base=decided["base"], seeds=2, **kw)
+    after = _models(run)
+    assert set(after) == set(before) | {"scratch-seed1", "continued-seed1"}
+    assert all(after[k] == before[k] for k in before)  # seed 0's models reused
+    assert after["scratch-seed1"] != after["scratch"] and after["continued-seed1"] != after["continued"]
+    assert d["seeds"] == [0, 1] and list(d["arms"]) == ["scratch", "continued", "base"]
+    for arm in ("scratch", "continued"):
+        pts = d["arms"][arm]["seeds"]
+        assert [p["seed"] for p in pts] == [0, 1]
+        for name, v in d["arms"][arm]["bpb"].items():
+            assert v == pytest.approx(np.mean([p["bpb"][name] for p in pts]))
+    assert "seeds" not in d["arms"]["base"]
+    for name, t in d["texts"].items():
+        evs = {a: [json.loads((run / "decide" / f / "eval.json").read_text())["sources"][name]
+                   for f in ((a, f"{a}-seed1") if a != "base" else (a,))] for a in (t["winner"], t["runner_up"])}
+        ref = bootstrap.ratio_diff(np.array([e["doc_bits"] for e in evs[t["runner_up"]]]),
+                                   np.array([e["doc_bits"] for e in evs[t["winner"]]]),
+                                   np.array(evs[t["winner"]][0]["doc_bytes"]))
+        assert t["margin"]["value"] == pytest.approx(ref["value"]) and t["margin"]["ci95"] == pytest.approx(ref["ci95"])
+        assert "and documents" in t["verdict"]
+
+    def rerun(**change):
+        nonlocal before
+        before = _models(run)
+        data = yaml.safe_load(cfg.read_text())
+        data["train"].update(change.pop("train", {}))
+        cfg.write_text(yaml.safe_dump(data))
+        decide.run_decide(cfg, **{"base": decided["base"], "seeds": 2, **change}, **kw)
+        now = _models(run)
+        return {k for k in now if now[k] != before.get(k)}
+
+    continued = {"continued", "continued-seed1"}
+    assert rerun(lr=5e-3) == continued
+    other = tmp_path / "other-base"  # a general model of the same shape with other weights
+    shutil.copytree(decided["base"], other)
+    from safetensors.torch import load_file, save_file
+
+    w = load_file(str(other / "model.safetensors"))
+    save_file({k: v + 0.01 for k, v in w.items()}, str(other / "model.safetensors"), metadata={"format": "pt"})
+    assert rerun(lr=5e-3, base=other) == continued
+    # seeds 1, 2 now: seed 1 in the arms' own folders, seed 2 in new -seed2 ones; -seed1's models are left alone
+    assert rerun(lr=5e-3, base=other, train={"seed": 1}) == {"scratch", "continued", "scratch-seed2",
+                                                             "continued-seed2"}
+
+
+def test_ablate_rerun_with_changed_inputs_and_seeds(decided, tmp_path):
+    """`ablate` with seeds: each weight trained twice (w<weight>/ and w<weight>-seed1/), intervals over seeds and
+    documents per source; another lr retrains every variant."""
+    from rich.console import Console
+
+    from domainlm.ablate import run_ablate
+
+    cfg = _copy_done(decided, tmp_path / "a")
+    run = tmp_path / "a" / "run"
+    ab = run_ablate(cfg, "0,1", seeds=2, console=Console(quiet=True))
+    assert [r["domain_weight"] for r in ab["results"]] == [0.0, 1.0]
+    for r in ab["results"]:
+        assert [p["seed"] for p in r["seeds"]] == [0, 1]
+        for name, v in r["bpb"].items():
+            lo, hi = r["ci95"][name]
+            assert lo <= v <= hi and v == pytest.approx(np.mean([p["bpb"][name] for p in r["seeds"]]))
+    w = {p.parent.parent.name: p.read_bytes() for p in (run / "ablate").glob("*/model/model.safetensors")}
+    assert set(w) == {"w0", "w0-seed1", "w1", "w1-seed1"}
+    assert w["w0"] != w["w0-seed1"]
+    data = yaml.safe_load(cfg.read_text())
+    data["train"]["lr"] = 5e-3
+    cfg.write_text(yaml.safe_dump(data))
+    run_ablate(cfg, "0,1", seeds=2, console=Console(quiet=True))
+    w2 = {p.parent.parent.name: p.read_bytes() for p in (run / "ablate").glob("*/model/model.safetensors")}
+    assert all(w2[k] != w[k] for k in w)

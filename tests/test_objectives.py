@@ -335,10 +335,10 @@ def test_a_new_objective_is_one_class_and_one_registry_line(tmp_path, monkeypatc
 
 
 FORBIDDEN = [  # a branch on an objective's name or on None for causal (issue 20): ask the Objective instead
-    (r"\bobjective\w*(\.name)?\s+is\s+(not\s+)?None", "if objective is None:"),
+    (r"\bobjective(\.name)?\s+is\s+(not\s+)?None", "if objective is None:"),  # not e.g. objective_weights
     (r"[!=]=\s*[\"'](causal|masked|span)[\"']", "kind = 1 if x == 'masked' else 2"),
     (r"[\"'](causal|masked|span)[\"']\s*[!=]=", 'if "span" != objective:'),
-    (r"\bobjective\w*(\.name)?\s*[!=]=", "if cfg.model.objective != CAUSAL:"),
+    (r"\bobjective(\.name)?\s*[!=]=", "if cfg.model.objective != CAUSAL:"),
     (r"\bin\s*[(\[{][^)\]}]*[\"'](causal|masked|span)[\"']", 'if kind in ("masked", "span"):'),
     (r"\b(CAUSAL|MASKED|SPAN)\b", "return {CAUSAL: 0, MASKED: 1}[objective]"),
 ]

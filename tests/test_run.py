@@ -1,6 +1,8 @@
 """End to end: `domainlm run --quick` on the packaged legal demo, then a rerun that does nothing."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -111,6 +113,29 @@ def test_run_killed_in_every_stage_finishes_with_the_same_summary(quick, tmp_pat
     assert tree(run, "data", "tokens", "tokenizer/tokenizer.json") == tree(
         ref_run, "data", "tokens", "tokenizer/tokenizer.json")
     assert not [p for p in run.rglob("*") if is_temp(str(p.relative_to(run)))]
+
+
+@pytest.mark.slow
+def test_quick_demo_gives_the_same_summary_beside_a_busy_core(quick, tmp_path):
+    """The demo fixes its token count and every seed (a FLOPs budget: no speed probe sizes anything), so
+    `domainlm run --quick` beside a process keeping a core busy gives the undisturbed run's summary bit for bit."""
+    ref_run, ref_summary = quick
+    hog = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        proc = domainlm(["run", "--quick", "--json"], cwd=tmp_path)
+    finally:
+        hog.kill()
+        hog.wait()
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads(proc.stdout)
+    assert _comparable(summary) == _comparable(ref_summary)  # floats compared exactly
+    same = ("planned_tokens", "params", "steps")
+    assert {k: summary["training"][k] for k in same} == {k: ref_summary["training"][k] for k in same}
+    run = tmp_path / "runs" / "legal-demo-quick"
+    plan, ref_plan = (json.loads((r / "plan.json").read_text()) for r in (run, ref_run))
+    assert plan["run"] == ref_plan["run"] and plan["compute"] == ref_plan["compute"]
+    assert plan["compute"]["method"] == "flops" and "shape_probe" not in plan["compute"]
+    assert plan["run"]["follows_plan"] and not summary["training"]["overrides"]
 
 
 def test_domain_weights_parsing():

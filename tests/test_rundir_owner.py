@@ -111,9 +111,10 @@ def test_child_runs_keep_their_folder_names_and_take_a_seed(tmp_path):
     assert rd.finetuning("sft") == tmp_path / "finetune" / "sft"
     assert tmp_path / RunDir.DOWNSTREAM == rd.finetuning("classify")
     # another training seed: a folder of its own beside the seedless one (the last name carries it)
-    assert rd.variant(0.51, seed=2) == tmp_path / "ablate" / "w0.51-s2"
-    assert rd.scaling_point(3e12, 1234, seed=0) == tmp_path / "scaling" / "C3e12" / "N1234-s0"
-    assert rd.arm("scratch", seed=1) == tmp_path / "decide" / "scratch-s1"
+    assert rd.variant(0.51, seed=2) == tmp_path / "ablate" / "w0.51-seed2"
+    assert rd.scaling_point(3e12, 1234, seed=0) == tmp_path / "scaling" / "C3e12" / "N1234-seed0"
+    assert rd.arm("scratch", seed=1) == tmp_path / "decide" / "scratch-seed1"
+    assert rd.mix_variant(3e4, 0.5, 1) == tmp_path / "mix" / "D3e04-w0.5-s1"
     with pytest.raises(ValueError, match="child run kind"):
         rd.child("nope", "x")
     with pytest.raises(ValueError, match="needs a name"):

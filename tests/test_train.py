@@ -9,6 +9,7 @@ import torch
 
 from crashkit import KILLED, domainlm
 from domainlm.errors import UserError
+from domainlm.train.parallel import Dist
 from test_train_fixtures import (  # noqa: F401 (one_thread: autouse fixture)
     clone_run,
     losses,
@@ -181,7 +182,7 @@ def test_disk_full_while_checkpointing(straight, tmp_path, monkeypatch):
     ck = run_dir(cfg) / "checkpoints"
     assert sorted(p.name for p in ck.iterdir()) == ["step-00000010", "step-00000020"]
     monkeypatch.undo()
-    C._verify(ck / "step-00000020")  # still whole
+    C._verify(ck / "step-00000020", Dist(0, 1, 0, torch.device("cpu")))  # still whole
 
 
 def test_nan_loss_stops_after_k_steps(tmp_path):

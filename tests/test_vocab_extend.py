@@ -83,14 +83,17 @@ def test_extend_model_keeps_old_rows_and_logits(toks, make):
     seq = torch.tensor([base(NEWS[0] + " " + LEGAL[0], add_special_tokens=False)["input_ids"][:60]])
     with torch.no_grad():
         before = model(seq).logits
-    tx.extend_model(model, chosen, ids)
+    tied = model.get_output_embeddings().weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert tx.extend_model(model, chosen, ids) == {"untied": tied}
 
     emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    assert emb.data_ptr() != head.data_ptr() and not model.config.tie_word_embeddings
     assert emb.shape[0] == head.shape[0] == model.config.vocab_size == len(ext)
     assert torch.equal(emb[: len(base)], old_emb) and torch.equal(head[: len(base)], old_head)
-    for t, i in zip(chosen, ids, strict=True):  # mean of the base pieces' rows (Gee et al. 2022)
+    for t, i in zip(chosen, ids, strict=True):
+        # input: the mean of the base pieces' rows (Gee et al. 2022); output: the mean of all old rows (Hewitt 2021)
         torch.testing.assert_close(emb[i], old_emb[list(t.base_ids)].mean(dim=0), rtol=0, atol=0)
-        torch.testing.assert_close(head[i], old_head[list(t.base_ids)].mean(dim=0), rtol=0, atol=0)
+        torch.testing.assert_close(head[i], old_head.mean(dim=0), rtol=0, atol=0)
     with torch.no_grad():
         after = model(seq).logits
     assert after.shape[-1] == len(ext)
@@ -110,3 +113,59 @@ def test_extend_writes_a_loadable_folder(toks, tmp_path):
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     assert len(tok) == model.get_input_embeddings().weight.shape[0] == 304
     assert {t["id"] for t in info["tokens"]} & set(tok(LEGAL[0])["input_ids"])
+    assert info["untied"] and not model.config.tie_word_embeddings  # GPT-2's tied head: untied, saved, reloaded
+    new = [t["id"] for t in info["tokens"]]
+    torch.testing.assert_close(model.get_output_embeddings().weight[new[0]],
+                               model.get_output_embeddings().weight[:300].mean(dim=0))
+
+
+def _trained_llama(tok, texts: list[str], steps: int = 40):
+    """A tiny Llama fitted to ``texts`` (peaked predictions, as a pretrained base has), eval mode."""
+    model = _llama(len(tok)).train()
+    batch = [torch.tensor([tok(t, add_special_tokens=False)["input_ids"]]) for t in texts]
+    opt = torch.optim.AdamW(model.parameters(), lr=2e-2)
+    for _ in range(steps):
+        loss = sum(model(x, labels=x).loss for x in batch) / len(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval()
+
+
+def test_extended_base_keeps_its_predictions_on_general_text(toks):
+    """Before any training, the extended base scores general text within 1% of the base's bits per byte (text
+    the new tokens do not occur in: a new token as the target is what training has to learn), and at every
+    position the new tokens together get at most N/V of the probability (Hewitt 2021's bound; Jensen's
+    inequality). The mean of the pieces' output rows breaks the bound."""
+    import copy
+
+    from domainlm.evaluate import bpb
+
+    base, dom = toks
+    model = _trained_llama(base, NEWS + LEGAL)
+    chosen = tx.choose(dom, base, LEGAL, 8)
+    ext, ids = tx.extend_tokenizer(base, chosen)
+    general = [t for t in NEWS + [n.replace("The ", "A ") for n in NEWS]
+               if not set(ids) & set(ext(t, add_special_tokens=False)["input_ids"])]
+    assert len(general) >= 4
+    extended = copy.deepcopy(model)
+    tx.extend_model(extended, chosen, ids)
+
+    def score(m, tok):
+        s = bpb.score_texts(m, tok, general, context=64, stride=32)
+        return s.nll_nats / bpb.LN2 / s.bytes
+
+    before, after = score(model, base), score(extended, ext)
+    assert abs(after / before - 1) < 0.01, (before, after)
+
+    def new_mass(m) -> float:  # the largest total probability the new tokens get at any position
+        seq = torch.tensor([ext(" ".join(NEWS + LEGAL), add_special_tokens=False)["input_ids"][:64]])
+        with torch.no_grad():
+            return m(seq).logits.softmax(-1)[0, :, ids].sum(-1).max().item()
+
+    assert new_mass(extended) <= len(ids) / len(base)
+    pieces = copy.deepcopy(extended)  # the earlier initialisation: output rows = the mean of the pieces' rows
+    with torch.no_grad():
+        for t, i in zip(chosen, ids, strict=True):
+            pieces.lm_head.weight[i] = pieces.lm_head.weight[list(t.base_ids)].mean(dim=0)
+    assert new_mass(pieces) > len(ids) / len(base)

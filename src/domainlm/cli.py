@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from domainlm import __version__, stages
-from domainlm.errors import ConfigError, UserError
+from domainlm.errors import ConfigError, Preempted, UserError
 from domainlm.lazy import lazy
 from domainlm.rundir import RunDir, resolve_model_ref
 from domainlm.stages import describe_environment_error, environment_error
@@ -64,6 +64,8 @@ DEBUG = False
 
 ConfigArg = Annotated[Path | None, typer.Argument(help="run config YAML (see recipes/legal-demo.yaml)")]
 JsonOpt = Annotated[bool, typer.Option("--json", help="print the result as JSON")]
+SeedsOpt = Annotated[int | None, typer.Option("--seeds", min=1, help="train each arm K times (seeds +0…+K−1); "
+                                              "intervals over seeds and documents [compare.seeds, 1]")]
 
 
 def _version(value: bool) -> None:
@@ -180,9 +182,12 @@ def plan(
     weights_from: Annotated[Path | None, typer.Option("--weights-from", help="the weights `domainlm mix` "
                                                       "recommends: <run>/mix/mix.json")] = None,
     law: Annotated[
-        str | None, typer.Option(help="chinchilla-1|chinchilla-2|chinchilla-3|epoch-2024|kaplan|fitted:PATH")
+        str | None, typer.Option(help="chinchilla-1|chinchilla-2|chinchilla-3|epoch-2024|kaplan|fitted:PATH "
+                                      "[epoch-2024]")
     ] = None,
-    vocab_size: Annotated[str | None, typer.Option(help="vocabulary size for the model shape [32768]")] = None,
+    vocab_size: Annotated[
+        str | None, typer.Option(help="vocabulary size for the model shape [planned: Tao et al. 2024]")
+    ] = None,
     seq_len: Annotated[str | None, typer.Option(help="sequence length for FLOPs and memory [2048]")] = None,
     plot: Annotated[Path | None, typer.Option(help="write the params-vs-tokens chart here (.png/.svg/.pdf; a folder: "
                                                    "FOLDER/plan.png)")] = None,
@@ -345,6 +350,8 @@ def finetune(
     restart: Annotated[bool, typer.Option("--restart", help="delete the output folder; start over")] = False,
     head: Annotated[str, typer.Option(help="lm: instruction-tune the LM | classification: a sequence "
                                       "classification head ({text, label} lines or licensedb-category items)")] = "lm",
+    seeds: Annotated[int, typer.Option("--seeds", min=1, help="--compare: fine-tune each model K times (--seed "
+                                       "+0…+K−1); intervals over seeds and test items")] = 1,
 ) -> None:
     """Instruction-tune a model (loss on responses only), or --head classification; --compare GENERAL: domain vs
     general downstream."""
@@ -356,14 +363,16 @@ def finetune(
     run_dir = _run_of(model_or_run)
     if run_dir is not None:
         with _locked(run_dir, "finetune"):  # a run directory: the output goes to <run>/finetune/
-            _finetune(model_or_run, data, val, out, args, compare, test, task, restart, head)
+            _finetune(model_or_run, data, val, out, args, compare, test, task, restart, head, seeds)
     else:
-        _finetune(model_or_run, data, val, out, args, compare, test, task, restart, head)
+        _finetune(model_or_run, data, val, out, args, compare, test, task, restart, head, seeds)
 
 
-def _finetune(model_or_run, data, val, out, args, compare, test, task, restart, head="lm") -> None:
+def _finetune(model_or_run, data, val, out, args, compare, test, task, restart, head="lm", seeds=1) -> None:
     if head not in ("lm", "classification"):
         raise UserError(f"--head: expected lm or classification, got {head!r}")
+    if seeds > 1 and compare is None:
+        raise UserError("--seeds: compares fine-tuned models; give --compare GENERAL_MODEL")
     if compare is None:
 
         fit = finetune_loop.finetune if head == "lm" else finetune_classify.finetune_classifier
@@ -371,7 +380,8 @@ def _finetune(model_or_run, data, val, out, args, compare, test, task, restart, 
         return
 
     result, written = finetune_compare.compare(model_or_run, compare, data, val=val, test=test, out=out, args=args,
-                                               tasks=task, head=head, restart=restart, console=err_console)
+                                               tasks=task, head=head, seeds=seeds, restart=restart,
+                                               console=err_console)
     finetune_compare.print_compare(result, console)
     for p in written:
         _wrote(p)
@@ -527,12 +537,14 @@ def run(
 def ablate(
     config: ConfigArg = None,
     domain_weights: Annotated[str, typer.Option(help="comma-separated domain weights to train")] = "0,0.51,1",
+    seeds: SeedsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """Train the same model shape on the same token budget per domain weight; bpb of each on every source."""
 
     with _locked(_config_dir(config), "ablate"):
-        result = ablate_.run_ablate(config, domain_weights, console=err_console if as_json else console)
+        result = ablate_.run_ablate(config, domain_weights, console=err_console if as_json else console,
+                                    seeds=seeds)
     print_json(result) if as_json else ablate_.print_ablation(result, console)
 
 
@@ -583,13 +595,14 @@ def decide(
                                                       "(for its compute; a domainlm run records its own)")] = None,
     lr: Annotated[float | None, typer.Option("--lr", help="peak learning rate of the continued arms, re-warmed "
                                              "[train.lr]")] = None,
+    seeds: SeedsOpt = None,
     as_json: JsonOpt = False,
 ) -> None:
     """From scratch or continued? Train both at equal tokens; bpb per source, probes, compute, and a verdict."""
 
     with _locked(_config_dir(config), "decide"):
         result = decide_.run_decide(config, base=base, extend_vocab=extend_vocab, texts=text, base_tokens=base_tokens,
-                            lr=lr, console=err_console if as_json else console)
+                            lr=lr, seeds=seeds, console=err_console if as_json else console)
     print_json(result) if as_json else decide_.print_decide(result, console)
 
 
@@ -608,18 +621,31 @@ def launch_slurm(
     cpus_per_task: Annotated[int | None, typer.Option(min=1, help="CPUs per node's torchrun [processes per node]")] = None,
     partition: Annotated[str | None, typer.Option(help="Slurm partition [the cluster's default]")] = None,
     time: Annotated[str | None, typer.Option(help="time limit, e.g. 2-00:00:00 [the partition's]")] = None,
+    account: Annotated[str | None, typer.Option(help="Slurm account to charge [your default]")] = None,
+    qos: Annotated[str | None, typer.Option(help="quality of service [the account's default]")] = None,
+    mem: Annotated[str | None, typer.Option(help="memory per node, e.g. 512G; 0: all of it [the cluster's]")] = None,
+    exclusive: Annotated[bool, typer.Option("--exclusive", help="whole nodes, shared with no other job")] = False,
+    constraint: Annotated[str | None, typer.Option(help="node features, e.g. h100&ib")] = None,
+    gres: Annotated[str | None, typer.Option(help="GPUs as generic resources, e.g. gpu:8 (no cons_tres)")] = None,
+    signal_seconds: Annotated[int, typer.Option(help="USR1 this long before the time limit: checkpoint, requeue "
+                                                     "(0: none)")] = 300,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="write the sbatch script, do not submit it")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Write <run>/launch/train.sbatch (srun + torchrun -m domainlm train, requeue-safe) and submit it."""
 
-    res = slurm_launcher.launch_train(config, nodes=nodes, gpus_per_node=gpus_per_node, procs_per_node=procs_per_node,
-                       cpus_per_task=cpus_per_task, partition=partition, time_limit=time, dry_run=dry_run)
+    res = slurm_launcher.launch_train(
+        config, nodes=nodes, gpus_per_node=gpus_per_node, procs_per_node=procs_per_node, cpus_per_task=cpus_per_task,
+        partition=partition, time_limit=time, account=account, qos=qos, mem=mem, exclusive=exclusive,
+        constraint=constraint, gres=gres, signal_s=signal_seconds, dry_run=dry_run)
     if as_json:
         print_json(res)
         return
     console.print(f"wrote {res['script']} ({res['nodes']} node(s) × {res['procs_per_node']} process(es))",
                   markup=False, highlight=False)
+    if not res["data_ready"]:
+        console.print("note: no token files yet: run `domainlm prepare`, `domainlm tokenizer` and `domainlm "
+                      "tokenize` before submitting it", markup=False, highlight=False)
     if res["job_id"]:
         console.print(f"submitted job {res['job_id']}: `squeue -j {res['job_id']}`, log {res['log']}",
                       markup=False, highlight=False)
@@ -668,6 +694,9 @@ def main(argv: list[str] | None = None) -> None:
         if DEBUG:
             raise
         _error(str(e))
+        sys.exit(e.exit_code)
+    except Preempted as e:  # a checkpoint is written; the requeued job (or a rerun) resumes from it
+        err_console.print(_one_line(str(e)), markup=False, highlight=False, soft_wrap=True)
         sys.exit(e.exit_code)
     except KeyboardInterrupt:
         err_console.print("interrupted; rerun the same command to resume")

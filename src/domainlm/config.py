@@ -111,7 +111,7 @@ class BudgetConfig(_Section):
     gpus: int = Field(default=1, ge=1)
     hours: float | None = Field(default=None, gt=0)
     mfu: float | None = Field(default=None, gt=0, le=1)
-    law: str = "chinchilla-3"
+    law: str = "epoch-2024"  # Besiroglu et al. 2024's refit of Chinchilla approach 3 (plan/laws.py)
     buffer: float = Field(default=0.3, ge=0, lt=1, description="compute kept in reserve (BloombergGPT: ~30%)")
 
     @field_validator("law")
@@ -131,7 +131,8 @@ class TokenizerConfig(_Section):
     """`domainlm tokenizer`: byte-level BPE (default) or Unigram (BloombergGPT's choice), digits split."""
 
     kind: Literal["bpe", "unigram"] = "bpe"
-    vocab_size: int = 32768
+    # None: the plan's vocabulary (plan.json model.vocab_size), sized with the model by Tao et al. 2024's law.
+    vocab_size: int | None = None
     domain_terms: list[str] = Field(default_factory=list)
     sample_bytes: int = Field(default=20_000_000, ge=1, description="train text sampled by mixture weight")
     audit_bytes: int = Field(default=1_000_000, ge=1, description="val text per source for the audit")
@@ -142,8 +143,8 @@ class TokenizerConfig(_Section):
 
     @field_validator("vocab_size")
     @classmethod
-    def _fits_bytes(cls, v: int) -> int:
-        if v < MIN_VOCAB_SIZE:
+    def _fits_bytes(cls, v: int | None) -> int | None:
+        if v is not None and v < MIN_VOCAB_SIZE:
             specials = " ".join(SPECIAL_TOKENS)
             raise ValueError(f"must be at least {MIN_VOCAB_SIZE} (256 byte tokens + special tokens {specials})")
         return v
@@ -211,7 +212,9 @@ class TrainConfig(_Section):
     weight_decay: float = Field(default=0.1, ge=0)
     grad_clip: float = Field(default=1.0, gt=0)
     precision: Literal["auto", "fp32", "bf16-mixed"] = "auto"
-    parallel: Literal["auto", "ddp", "fsdp"] = "auto"
+    # zero2: FSDP2 that keeps the layers' weights gathered from forward to backward (ZeRO-2: states and grads
+    # sharded); fsdp: resharded after each layer's forward (ZeRO-3)
+    parallel: Literal["auto", "ddp", "zero2", "fsdp"] = "auto"
     activation_checkpointing: bool = Field(default=False, description="recompute each decoder layer in backward")
     cpu_offload: bool = Field(default=False, description="FSDP: keep sharded states and the optimizer step on the host")
     compile: bool = False
@@ -229,7 +232,7 @@ class TrainConfig(_Section):
     @classmethod
     def _offload_needs_fsdp(cls, v: bool, info) -> bool:
         if v and info.data.get("parallel") == "ddp":
-            raise ValueError("needs train.parallel: fsdp (or auto), not ddp: only FSDP2 offloads to the host")
+            raise ValueError("needs train.parallel: fsdp, zero2 (or auto), not ddp: only FSDP2 offloads to the host")
         return v
 
     @model_validator(mode="after")
@@ -271,6 +274,15 @@ class DownstreamConfig(_Section):
     seed: int = 0
 
 
+class CompareConfig(_Section):
+    """How comparisons of trained arms are made (`decide`, `ablate`, `finetune --compare`, `domainlm run`'s
+    baseline and downstream stage): each arm is trained ``seeds`` times (seeds train.seed, +1, …; the finetune's
+    seed, +1, …) and intervals come from the hierarchical bootstrap over seeds and documents/items
+    (evaluate/bootstrap.py). 1: one model per arm, intervals over documents/items only. ``--seeds`` overrides it."""
+
+    seeds: int = Field(default=1, ge=1, le=64)
+
+
 class RunConfig(_Section):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
     run_dir: str | None = None  # default: runs/<name>
@@ -282,6 +294,7 @@ class RunConfig(_Section):
     train: TrainConfig = Field(default_factory=TrainConfig)
     eval: EvalConfig = Field(default_factory=EvalConfig)
     downstream: DownstreamConfig = Field(default_factory=DownstreamConfig)
+    compare: CompareConfig = Field(default_factory=CompareConfig)
 
     @field_validator("sources")
     @classmethod
@@ -367,9 +380,20 @@ def demo_recipe_path() -> Path:
     return Path(str(resources.files("domainlm") / "recipes" / DEMO_RECIPE))
 
 
+def config_path(path: str | Path) -> Path:
+    """``path``; or, when it does not exist and reads ``recipes/<file>``, the packaged recipe of that name (the
+    docs' commands, run outside a clone of the repository)."""
+    p = Path(path)
+    if not p.exists() and len(p.parts) == 2 and p.parts[0] == "recipes":
+        packaged = Path(str(resources.files("domainlm") / "recipes" / p.name))
+        if packaged.is_file():
+            return packaged
+    return p
+
+
 def load_config(path: str | Path | None) -> RunConfig:
     """Load and validate a YAML run config; ``None`` loads the packaged legal demo."""
-    p = Path(path) if path is not None else demo_recipe_path()
+    p = config_path(path) if path is not None else demo_recipe_path()
     if not p.exists():
         raise UserError(f"{p}: config file not found")
     if p.is_dir():

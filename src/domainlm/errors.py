@@ -20,3 +20,11 @@ class ConfigError(UserError):
     def __init__(self, problems: list[str]):
         self.problems = problems
         super().__init__("\n".join(problems))
+
+
+class Preempted(Exception):  # noqa: N818 - not an error: a run asked to stop
+    """Training stopped on a signal (Slurm's ``--signal`` ahead of a time limit or a preemption) after writing a
+    checkpoint at a step boundary; the requeued job, or the same command rerun, resumes from it. The CLI prints
+    the message and exits with 75, EX_TEMPFAIL of sysexits.h ("temporary failure; the user is invited to retry")."""
+
+    exit_code = 75

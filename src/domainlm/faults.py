@@ -5,11 +5,16 @@ any process of its process group reaches ``hit("<site>")``, that process SIGKILL
 thing ``kill -9 -PGID`` does to a run and its worker processes. Hits are counted across the process group
 (datatrove's forked workers) in a small counter file keyed by the group id, so "the 3rd completed datatrove
 task" means the same thing whichever worker completes it. (torchrun starts each rank in a session of its own:
-there each rank counts its own hits, the fault kills that rank, and its agent then stops the job.) A crash test therefore picks its
-kill point by *what has been done*, never by how long it has run: it passes at any machine speed.
+there each rank counts its own hits, the fault kills that rank, and its agent then stops the job.) A crash test
+therefore picks its kill point by *what has been done*, never by how long it has run: it passes at any machine speed.
 
 Start the command in a new session (``subprocess.Popen(..., start_new_session=True)``) so the group it kills is
 its own. In production the variable is unset: ``hit`` is one dict lookup.
+
+``<site>:<n>:<SIGNAL>`` (e.g. ``train.step:3:USR1``) sends that signal to this process alone instead — what Slurm
+does ahead of a time limit or a preemption (``#SBATCH --signal``) — and returns once Python has run its handler,
+so the process sees it at a known point. ``DOMAINLM_FAULT_RANK=<r>`` arms only the process whose ``RANK`` is r
+(one rank of a torchrun job).
 
 The sites (grep ``faults.hit`` for where each one is):
 
@@ -43,17 +48,25 @@ from pathlib import Path
 ENV = "DOMAINLM_FAULT"
 
 
-def _parse(spec: str) -> dict[str, int]:
+def _parse(spec: str) -> dict[str, tuple[int, signal.Signals]]:
     armed = {}
     for item in filter(None, (s.strip() for s in spec.split(","))):
         site, _, n = item.rpartition(":")
+        sig = signal.SIGKILL
+        if not n.isdigit() and ":" in site:  # <site>:<n>:<SIGNAL>
+            name = n.upper().removeprefix("SIG")
+            site, _, n = site.rpartition(":")
+            if not hasattr(signal, "SIG" + name):
+                raise ValueError(f"{ENV}: {item!r}: no signal SIG{name}")
+            sig = getattr(signal, "SIG" + name)
         if not site or not n.isdigit() or int(n) < 1:
-            raise ValueError(f"{ENV}: expected <site>:<n> with n ≥ 1, got {item!r}")
-        armed[site] = int(n)
+            raise ValueError(f"{ENV}: expected <site>:<n>[:<SIGNAL>] with n ≥ 1, got {item!r}")
+        armed[site] = (int(n), sig)
     return armed
 
 
-_ARMED: dict[str, int] = _parse(os.environ.get(ENV, ""))
+_ARMED: dict[str, tuple[int, signal.Signals]] = _parse(os.environ.get(ENV, "")) if os.environ.get(
+    f"{ENV}_RANK", os.environ.get("RANK", "0")) == os.environ.get("RANK", "0") else {}
 
 
 def _counter(site: str) -> Path:
@@ -67,10 +80,11 @@ def armed(site: str) -> bool:
 
 
 def hit(site: str) -> None:
-    """Count one pass through ``site``; on the armed n-th pass, SIGKILL this process group."""
-    n = _ARMED.get(site)
-    if n is None:
+    """Count one pass through ``site``; on the armed n-th pass, SIGKILL this process group (or send the armed
+    signal to this process)."""
+    if site not in _ARMED:
         return
+    n, sig = _ARMED[site]
     path = _counter(site)
     with open(path, "a+") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
@@ -80,4 +94,7 @@ def hit(site: str) -> None:
         f.flush()
     if count == n:
         path.unlink(missing_ok=True)
+        if sig != signal.SIGKILL:
+            signal.raise_signal(sig)  # Python runs the handler before the next bytecode: before `hit` returns
+            return
         os.killpg(os.getpgid(0), signal.SIGKILL)

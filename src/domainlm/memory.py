@@ -43,11 +43,13 @@ PRECISIONS = ("fp32", "bf16-mixed", "bf16")
 OPTIMIZERS = ("adamw", "sgd", "adafactor")
 SHARDINGS = ("ddp", "zero1", "zero2", "zero3")
 SHARDING_NAMES = {
-    "ddp": "DDP (replicated)",
-    "zero1": "ZeRO-1 (optimizer states sharded)",
-    "zero2": "ZeRO-2 / FSDP SHARD_GRAD_OP (optimizer states + grads)",
-    "zero3": "ZeRO-3 / FSDP FULL_SHARD (optimizer states + grads + params)",
+    "ddp": "DDP (replicated; train.parallel: ddp)",
+    "zero1": "ZeRO-1 (optimizer states sharded; estimated only, the trainer has no ZeRO-1)",
+    "zero2": "ZeRO-2 / FSDP2 without resharding after forward (optimizer states + grads; train.parallel: zero2)",
+    "zero3": "ZeRO-3 / FSDP2 (optimizer states + grads + params; train.parallel: fsdp)",
 }
+# The shardings the trainer runs, and the train.parallel value of each: what `recommend` chooses from.
+TRAIN_PARALLEL = {"ddp": "ddp", "zero2": "zero2", "zero3": "fsdp"}
 RULE_OF_THUMB_ACT_BYTES = 8.0  # per parameter, fp32 (course rule; see module docstring)
 
 
@@ -180,9 +182,10 @@ def estimate(
 
 
 def recommend(gpu_memory_gb: float, **kwargs) -> tuple[str | None, dict[str, MemoryEstimate]]:
-    """The least sharding that fits in ``gpu_memory_gb`` (None when even ZeRO-3 does not), and all estimates."""
+    """The least sharding the trainer runs (`TRAIN_PARALLEL`: not ZeRO-1) that fits in ``gpu_memory_gb`` (None when
+    even ZeRO-3 does not), and the estimates of all of them."""
     ests = {sh: estimate(sharding=sh, **kwargs) for sh in SHARDINGS}
-    for sh in SHARDINGS:
+    for sh in TRAIN_PARALLEL:
         if ests[sh].total_gb <= gpu_memory_gb:
             return sh, ests
     return None, ests

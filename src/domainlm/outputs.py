@@ -106,6 +106,8 @@ class Plan(Output):
     alternatives: list[dict[str, Any]]
     notes: list[str]
     data_constrained: dict[str, Any] | None = None
+    vocabulary: dict[str, Any] | None = None  # the planned vocabulary, N_v and N_nv apart (plan/vocab.py)
+    small_scale: dict[str, Any] | None = None  # below the law's fitted range: the law's N, D and the rule used
     config: str | None = None
 
 
@@ -329,10 +331,13 @@ class AblationResult(Part):
     bpb: dict[str, float]
     roles: dict[str, str]
     model: str
+    ci95: dict[str, list[float]] | None = None  # per source: over seeds and val documents (one seed: documents)
+    seeds: list[dict[str, Any]] | None = None  # --seeds K > 1: each seed's model and bpb (``bpb`` is their mean)
 
-    def role_bpb(self, role: str) -> float | None:
-        """Mean bpb over the sources of ``role`` (with one source per role, the usual case, that source's)."""
-        vals = [v for k, v in self.bpb.items() if self.roles.get(k) == role]
+    def role_bpb(self, role: str, bpb: dict[str, float] | None = None) -> float | None:
+        """Mean bpb over the sources of ``role`` (with one source per role, the usual case, that source's); of
+        ``bpb`` (one seed's) instead of the mean over seeds when given."""
+        vals = [v for k, v in (self.bpb if bpb is None else bpb).items() if self.roles.get(k) == role]
         return sum(vals) / len(vals) if vals else None
 
 
@@ -399,8 +404,9 @@ class Interval(Part):
 
 
 class ModelTaskScores(Part):
-    metrics: dict[str, Interval]
-    predictions: list[dict[str, Any]]
+    metrics: dict[str, Interval]  # the mean over fine-tuning seeds, interval over seeds and items
+    predictions: list[dict[str, Any]]  # the first seed's
+    seeds: list[dict[str, Any]] | None = None  # --seeds K > 1: each seed's metric values
 
 
 class TaskComparison(Part):
@@ -423,6 +429,7 @@ class FinetuneComparison(Output):
     models: dict[str, str]
     finetune: dict[str, dict[str, Any]]  # domain | general -> final_loss, val_loss, steps, truncated
     tasks: dict[str, TaskComparison]
+    seeds: list[int] | None = None  # --seeds K > 1: the fine-tuning seeds of both models
     verdict: str
 
 
@@ -458,6 +465,7 @@ class DecideArm(Part):
     bytes_per_token: dict[str, float]
     probes: dict[str, Num] | None
     extension: dict[str, Any] | None = None  # continued-vocab<N>: the tokens added (tokenizer_extend.extend)
+    seeds: list[dict[str, Any]] | None = None  # --seeds K > 1: each seed's model and bpb (``bpb`` is their mean)
 
 
 class DecideText(Part):
@@ -466,7 +474,8 @@ class DecideText(Part):
     winner: str
     runner_up: str | None
     bpb: dict[str, float]  # arm -> bpb, best first
-    margin: Interval | None = None  # runner-up − winner, paired bootstrap over documents
+    margin: Interval | None = None  # runner-up − winner, paired bootstrap over documents (and seeds)
+    compute_ratio: float | None = None  # winner's total training FLOPs ÷ the runner-up's (None: unknown)
     verdict: str
 
 
@@ -478,6 +487,7 @@ class Decision(Output):
     run_dir: str
     tokens: Num
     extend_vocab: int
+    seeds: list[int] | None = None  # --seeds K > 1: the training seeds of every trained arm
     base: DecideBase
     arms: dict[str, DecideArm]
     skipped: dict[str, str]

@@ -34,7 +34,7 @@ def quick_config(cfg: RunConfig) -> RunConfig:
     for s in data["sources"]:
         s["max_files"] = min(s.get("max_files") or quick["max_files"], quick["max_files"])
     for section in ("budget", "tokenizer", "model", "train", "eval", "downstream"):
-        data[section].update(quick[section])
+        data[section].update(quick.get(section, {}))
     return RunConfig.model_validate(data)
 
 

@@ -124,7 +124,7 @@ class RunDir:
     FINETUNE_DIR = "finetune"  # finetune/<name>/: a fine-tuning of the run's model — domainlm finetune
     MIX_DIR = "mix"  # mix/D<tokens>-w<weight>-s<seed>/: one variant of the design — domainlm mix
     CHILD_KINDS = (ABLATE_DIR, SCALING_DIR, DECIDE_DIR, FINETUNE_DIR, MIX_DIR)
-    SEED_SUFFIX = "-s"  # a child run trained with another seed: <name>-s<seed>
+    SEED_SUFFIX = "-seed"  # a child run trained with another seed than the run's: <name>-seed<S>
     ABLATE = f"{ABLATE_DIR}/ablate.json"  # domainlm ablate
     ABLATE_CHART = f"{ABLATE_DIR}/ablate.png"
     VARIANT_EVAL = "eval.json"  # in a variant's or an arm's folder (ablate/w<W>/, decide/<arm>/): its bpb, probes
@@ -221,7 +221,7 @@ class RunDir:
     def child(self, kind: str, *names: str, seed: int | None = None) -> Path:
         """The folder of a child run of this run (the one place their paths are made): ``<run>/<kind>/<names>``,
         ``kind`` one of `CHILD_KINDS`. ``seed``: a child trained with another training seed, in its own folder
-        (``<last name>-s<seed>``); None gives the folder a child without a seed has always had."""
+        (``<last name>-seed<S>``); None gives the folder a child without a seed has always had."""
         if kind not in self.CHILD_KINDS:
             raise ValueError(f"child run kind {kind!r}: expected one of {', '.join(self.CHILD_KINDS)}")
         if not names or not all(names):
@@ -242,9 +242,9 @@ class RunDir:
         """``decide/<arm>/``: an arm of `domainlm decide` (its training run, or only its eval.json)."""
         return self.child(self.DECIDE_DIR, arm, seed=seed)
 
-    def mix_variant(self, tokens: float, domain_weight: float, *, seed: int | None = None) -> Path:
+    def mix_variant(self, tokens: float, domain_weight: float, seed: int) -> Path:
         """``mix/D<tokens>-w<W>-s<seed>/``: one run of `domainlm mix`'s design (its seed always named)."""
-        return self.child(self.MIX_DIR, f"D{budget_label(tokens)}-w{domain_weight:g}", seed=seed)
+        return self.child(self.MIX_DIR, f"D{budget_label(tokens)}-w{domain_weight:g}-s{seed}")
 
     def finetuning(self, name: str, *, seed: int | None = None) -> Path:
         """``finetune/<name>/``: a fine-tuning of the run's model (the default ``--out``)."""

@@ -96,18 +96,20 @@ def largest_params(vocab_size: int, *, count: str = "total", tie_embeddings: boo
 
 
 def shape_for_params(
-    params: float, vocab_size: int, *, count: str = "total", tie_embeddings: bool = False
+    params: float, vocab_size: int, *, count: str = "total", tie_embeddings: bool = False, min_layers: int = 1,
+    min_d_model: int = 32,
 ) -> ModelShape:
-    """The shape whose parameter count (``count`` = "total" or "non-embedding") is closest to ``params``."""
+    """The shape whose parameter count (``count`` = "total" or "non-embedding") is closest to ``params``, with at
+    least ``min_layers`` layers and ``min_d_model`` width (the planner's small-scale rule sets them)."""
     aspect = target_aspect(params)
 
     def n_of(s: ModelShape) -> int:
         return s.params_total if count == "total" else s.params_non_embedding
 
     candidates = []
-    for n_layers in range(1, MAX_LAYERS + 1):
+    for n_layers in range(min_layers, MAX_LAYERS + 1):
         # Solve for d on a grid of head_dim multiples around the continuous solution.
-        lo, hi = 32, MAX_D_MODEL
+        lo, hi = min_d_model, MAX_D_MODEL
         while hi - lo > 32:  # bisection on d for this depth
             mid = (lo + hi) // 2
             if n_of(make_shape(mid, n_layers, vocab_size, tie_embeddings)) < params:
@@ -116,7 +118,7 @@ def shape_for_params(
                 hi = mid
         for d0 in (lo, hi):
             step = head_dim_for(d0)
-            for d in {max(step, step * (d0 // step)), step * math.ceil(d0 / step)}:
+            for d in {max(step, step * (d0 // step), min_d_model), step * math.ceil(d0 / step)}:
                 s = make_shape(d, n_layers, vocab_size, tie_embeddings)
                 err = abs(math.log(n_of(s) / params))
                 candidates.append((err, abs(math.log((d / n_layers) / aspect)), s))

@@ -31,7 +31,7 @@ from domainlm import faults
 from domainlm.config import SPECIAL_TOKENS, RunConfig, SourceConfig, load_config
 from domainlm.data.pipeline import document_files, iter_documents
 from domainlm.errors import UserError
-from domainlm.outputs import Audit
+from domainlm.outputs import Audit, Plan
 from domainlm.rundir import RunDir, load_output, swap_dir, write_json
 from domainlm.stages import Stage, file_fingerprint
 
@@ -58,6 +58,18 @@ def _check_prepared(cfg: RunConfig, run_dir: Path, config_name: str) -> None:
         if not folder.is_dir():
             raise UserError(f"{folder}: no prepared data for source {s.name!r}; run `domainlm prepare {config_name}` "
                             "first")
+
+
+def planned_vocab_size(cfg: RunConfig, run_dir: Path, config_name: str) -> int:
+    """``tokenizer.vocab_size``, or when unset the plan's vocabulary (plan.json, sized with the model by Tao et
+    al. 2024's law: plan/vocab.py)."""
+    if cfg.tokenizer.vocab_size is not None:
+        return cfg.tokenizer.vocab_size
+    plan = RunDir(run_dir).load(RunDir.PLAN, Plan)
+    if plan is None:
+        raise UserError(f"{RunDir(run_dir).plan}: no plan, and tokenizer.vocab_size is unset (the plan sizes the "
+                        f"vocabulary); run `domainlm plan {config_name}` first or set tokenizer.vocab_size")
+    return plan.model.vocab_size
 
 
 def _data_fingerprint(cfg: RunConfig, run_dir: Path) -> dict[str, str]:
@@ -257,9 +269,10 @@ def run_tokenizer(config: Path | str | None, *, console: Console | None = None) 
     run_dir = cfg.directory()
     out = RunDir(run_dir).tokenizer
     _check_prepared(cfg, run_dir, config_name)
+    tc = cfg.tokenizer.model_copy(update={"vocab_size": planned_vocab_size(cfg, run_dir, config_name)})
     stage = Stage(run_dir, STAGE, out / AUDIT_FILE,
                   ({"stage": STAGE, "version": AUDIT_VERSION, "tokenizers": tokenizers.__version__},
-                   cfg.tokenizer.model_dump(mode="json"), [(s.name, s.role, s.weight) for s in cfg.sources],
+                   tc.model_dump(mode="json"), [(s.name, s.role, s.weight) for s in cfg.sources],
                    _data_fingerprint(cfg, run_dir)), intact=(out / "tokenizer.json").exists)
     if stage.done():
         _say(console, f"[dim]tokenizer: up to date ({out}); nothing to do[/]")
@@ -268,7 +281,6 @@ def run_tokenizer(config: Path | str | None, *, console: Console | None = None) 
 
     for stale in run_dir.glob(".tokenizer.tmp-*"):  # left by a killed run
         shutil.rmtree(stale, ignore_errors=True)
-    tc = cfg.tokenizer
     totals = {s.name: train_bytes(run_dir, s.name) for s in cfg.sources}
 
     t0 = time.perf_counter()

@@ -252,13 +252,20 @@ def _column_names(ds) -> list[str]:
 
 
 def _hub_unreachable() -> str | None:
-    """Why the Hugging Face Hub cannot be reached (one DNS lookup and TCP connect, ≤ 3 s), or None."""
+    """Why the Hugging Face Hub cannot be reached (one DNS lookup and TCP connect, ≤ 3 s), or None. The Hub is
+    ``HF_ENDPOINT`` when set (a mirror: its scheme's port, or the one it names), as huggingface_hub reads it."""
 
-    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    url = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co")
+    host = url.hostname or "huggingface.co"
     try:
-        socket.create_connection((host, 443), timeout=3).close()
+        port = url.port or (80 if url.scheme == "http" else 443)
+    except ValueError:  # a port that is not a number
+        return f"HF_ENDPOINT {os.environ.get('HF_ENDPOINT')!r}: not a URL with a valid port"
+    where = host if url.port is None else f"{host}:{port}"
+    try:
+        socket.create_connection((host, port), timeout=3).close()
     except OSError as e:
-        return f"{host}: {e.strerror or e}"
+        return f"{where}: {e.strerror or e}"
     return None
 
 

@@ -62,6 +62,7 @@ def run_eval(
     bootstrap)."""
     t0 = time.perf_counter()
     target = inputs.resolve(model_or_run, run)
+    inputs.refuse_classifier(target.model_dir)
     ecfg = target.cfg.eval if target.cfg is not None else EvalConfig()
     max_bytes = max_bytes or ecfg.max_bytes_per_source
     batch_tokens = batch_tokens or ecfg.batch_tokens
@@ -151,30 +152,32 @@ def _write(result: dict, schema, out: Path | None, target, world, fingerprint) -
 
 
 def run_eval_cached(model_or_run: Path, *, stage: str = "eval", run: Path | None = None, out: Path | None = None,
-                    console: Console | None = None) -> tuple[dict, bool]:
+                    console: Console | None = None, per_doc: bool = False) -> tuple[dict, bool]:
     """`run_eval` with the default probes, skipped when its output exists and the run's ``stage`` marker
     matches (model files, eval config, probe file). Returns (result, whether it ran). For `domainlm run` and
     `domainlm ablate`; a plain `domainlm eval` always scores."""
     target = inputs.resolve(model_or_run, run)
     ecfg = target.cfg.eval if target.cfg is not None else EvalConfig()
     dest = Path(out) if out is not None else RunDir(target.run_dir).eval
-    s = Stage(target.run_dir, stage, dest, (eval_fingerprint(target.model_dir, ecfg, _probe_file(None, target), None),))
+    # per_doc: with each document's bits (the hierarchical bootstrap's input); a marker of its own
+    s = Stage(target.run_dir, stage, dest, (eval_fingerprint(target.model_dir, ecfg, _probe_file(None, target), None),
+                                            *(["per_doc"] if per_doc else [])))
     if s.done():
         with contextlib.suppress(UserError):  # one this version cannot read is scored again
             done = load_output(dest, AnyEval)
             if done is not None:
                 return done.model_dump(exclude_unset=True), False
-    result, _ = run_eval(model_or_run, run=run, out=out, console=console)
+    result, _ = run_eval(model_or_run, run=run, out=out, console=console, per_doc=per_doc)
     s.finish()
     return result, True
 
 
 def evaluate_variant(variant_dir: Path, run_dir: Path, console: Console | None) -> dict:
-    """bpb of a variant's model (train/variants.py) on the run's val splits and probes, into the variant's
-    folder; skipped when already done."""
+    """bpb of a variant's model (train/variants.py) on the run's val splits (with each document's bits, for
+    intervals over seeds and documents) and probes, into the variant's folder; skipped when already done."""
     v = RunDir(variant_dir)
     result, _ = run_eval_cached(v.model, stage=f"eval-{v.root.name}", run=run_dir, out=v / RunDir.VARIANT_EVAL,
-                                console=console)
+                                console=console, per_doc=True)
     return result
 
 

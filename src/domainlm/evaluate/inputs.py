@@ -47,6 +47,20 @@ def resolve(model_or_run: Path, run: Path | None = None) -> Target:
     return Target(ref.model_dir, ref.run_dir, cfg, is_run=True)
 
 
+def refuse_classifier(model_dir: Path) -> None:
+    """A sequence-classification export (`domainlm finetune --head classification`) has no language-model head:
+    loaded as a causal LM it would get a random one and score nonsense. One line instead."""
+    try:
+        arch = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8")).get("architectures") or []
+    except (OSError, json.JSONDecodeError, AttributeError):
+        return  # unreadable: loading the model says so
+    cls = next((a for a in arch if isinstance(a, str) and a.endswith("ForSequenceClassification")), None)
+    if cls:
+        raise UserError(f"{model_dir}: a classifier ({cls}), not a language model; `domainlm eval` scores text "
+                        "with an LM head — score the classifier on its task with `domainlm finetune --head "
+                        "classification --compare`, or evaluate the model it was fine-tuned from")
+
+
 def load_run_config(run_dir: Path) -> RunConfig:
     """The resolved config a run directory was made with. One that no longer validates was written by another
     (incompatible) version of domainlm: say so instead of failing later on a missing file or key."""

@@ -48,6 +48,7 @@ from domainlm.finetune.loop import (
     finished_or_start,
     inputs_fingerprint,
     resolve_model,
+    weight_inputs,
 )
 from domainlm.outputs import ClassifierSummary
 from domainlm.rundir import RunDir, write_json
@@ -285,13 +286,11 @@ def finetune_classifier(model_or_run: Path, data: Path, *, val: Path | None = No
     driver = Driver("finetune", out, Dist(0, 1, 0, device), model, optimizer, args.steps,
                     lambda step: lr_at(step, lr=args.lr, total_steps=args.steps, warmup_steps=warmup), one_step,
                     evaluate if venc else None, lambda: {"fingerprint": fp}, args.eval_every, args.checkpoint_every,
-                    args.keep_checkpoints, console)
+                    args.keep_checkpoints, console,
+                    inputs=weight_inputs(args, model_dir, data, head="classification", labels=labels, max_len=max_len))
     resumed = driver.resume()
     if resumed:
         path, state = resumed
-        if state.get("fingerprint") != fp:
-            raise UserError(f"{path}: a checkpoint of another fine-tuning (model, data or flags differ); use "
-                            "--restart or another --out")
         console.print(f"resuming from {path} at step {driver.step}", markup=False)
 
     balance = Counter(labels[e.label] for e in enc)
@@ -304,6 +303,7 @@ def finetune_classifier(model_or_run: Path, data: Path, *, val: Path | None = No
     driver.run()
     last_val = (driver.last_eval or {}).get("val_loss")
 
+    model.config.domainlm_max_len = max_len  # what `score_items` cuts test texts to: the length it trained on
     _save_hf(model, tok, out / RunDir.MODEL)
     summary = {"head": "classification", "model": str(model_dir), "run_dir": str(run_dir) if run_dir else None,
                "data": str(data), "val": str(val) if val else None, "out": str(out / RunDir.MODEL),
@@ -335,7 +335,8 @@ def score_items(model_dir: Path, items: list[dict], task: str = TASK) -> dict:
     if len(rows) != len(items):
         raise UserError(f"{task}: {len(items) - len(rows)} test item(s) of another task")
     context = int(getattr(model.config, "max_position_embeddings", 0) or 512)
-    examples, _ = encode(tok, rows, labels, context, "truncate", unknown="keep")
+    max_len = min(int(getattr(model.config, "domainlm_max_len", 0) or context), context)  # the training length
+    examples, _ = encode(tok, rows, labels, max_len, "truncate", unknown="keep")
     logits = logits_of(model, examples, pad_id_of(tok), device,
                        "bf16-mixed" if device.type == "cuda" else "fp32")
     preds = [labels[int(k)] for k in logits.argmax(-1)]

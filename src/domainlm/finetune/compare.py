@@ -2,21 +2,31 @@
 
 Both models are fine-tuned with the same data, steps, seed and flags, then scored on the same test items;
 differences carry a paired-bootstrap 95% CI (the same resampled items for both models), so "domain − general"
-is significant only when its interval excludes 0. The result goes to ``<out>/compare.json`` and, when DOMAIN
+is significant only when its interval excludes 0. With ``--seeds K`` each model is fine-tuned K times (seeds
+--seed, +1, …; the others in ``<out>/<domain|general>-seed<S>/``) and every interval is the hierarchical
+bootstrap over fine-tuning seeds and test items (evaluate/bootstrap.py): changing the fine-tuning seed
+alone can flip a single-seed verdict. A compared model whose pretraining (its run's config) read LicenseDB
+without leaving the test licenses out is named in a one-line warning: it saw the test items' texts.
+
+The result goes to ``<out>/compare.json`` and, when DOMAIN
 is a run directory, ``<run>/eval/finetune.json`` (shown by `domainlm report`).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from domainlm.config import LICENSEDB_TEST
 from domainlm.errors import UserError
+from domainlm.evaluate import bootstrap
 from domainlm.evaluate import tasks as downstream
+from domainlm.evaluate.inputs import load_run_config
 from domainlm.finetune import classify
 from domainlm.finetune.loop import FinetuneArgs, finetune, resolve_model
 from domainlm.outputs import ClassifyComparison, FinetuneComparison
@@ -33,9 +43,25 @@ def _licenses_in(path: Path) -> set[str]:
     return out
 
 
+def saw_test_items(model_dir: Path, run_dir: Path | None = None) -> str | None:
+    """Why ``model_dir``'s pretraining contained LicenseDB's test licenses (its run config reads the package
+    without ``exclude_ids``), or None (it did not, or nothing says: a folder without a domainlm run config)."""
+    run = run_dir or (model_dir.parent if model_dir.name == RunDir.MODEL else None)
+    if run is None or not RunDir(run).config.is_file():
+        return None
+    try:
+        cfg = load_run_config(run)
+    except UserError:
+        return None
+    leaky = [s.name for s in cfg.sources if s.input == "package:licensedcode" and s.weight > 0 and not s.exclude_ids]
+    return (f"its pretraining source {leaky[0]!r} ({RunDir(run).config}) reads LicenseDB without "
+            f"exclude_ids: {LICENSEDB_TEST}") if leaky else None
+
+
 def compare(domain: Path, general: Path, data: Path, *, val: Path | None = None, test: Path | None = None,
             out: Path | None = None, args: FinetuneArgs | None = None, tasks: list[str] | None = None,
-            restart: bool = False, console: Console | None = None, head: str = "lm") -> tuple[dict, list[Path]]:
+            restart: bool = False, console: Console | None = None, head: str = "lm",
+            seeds: int = 1) -> tuple[dict, list[Path]]:
     """``head``: ``lm`` (instruction fine-tuning, answers scored by the LM) or ``classification`` (a sequence
     classification head, finetune/classify.py: the category task only; written to ``eval/classify.json``)."""
 
@@ -58,38 +84,56 @@ def compare(domain: Path, general: Path, data: Path, *, val: Path | None = None,
     name = "compare" if head == "lm" else "classify"
     out = Path(out) if out is not None else ref.finetune_out(name, standalone=Path(f"finetune-{name}"))
 
+    if seeds < 1:
+        raise UserError(f"--seeds: expected a number ≥ 1, got {seeds}")
     models = {"domain": domain_dir, "general": general_dir}
-    runs = {}
     for label, model_dir in models.items():
-        console.print(f"[bold]{label}[/]: fine-tuning {escape(str(model_dir))}")
-        runs[label] = fit(model_dir, data, val=val, out=out / label, args=args, restart=restart, console=console)
+        why = saw_test_items(model_dir, run_dir if label == "domain" else None)
+        if why:
+            console.print(f"warning: the {label} model saw the test items in pretraining: {why}", highlight=False,
+                          markup=False, soft_wrap=True)
+    seed_list = [args.seed + i for i in range(seeds)]
+    runs: dict[str, list[dict]] = {}
+    for label, model_dir in models.items():
+        runs[label] = []
+        for s in seed_list:
+            console.print(f"[bold]{label}[/]: fine-tuning {escape(str(model_dir))}"
+                          + (f" (seed {s})" if seeds > 1 else ""))
+            folder = out / (label if s == args.seed else f"{label}-seed{s}")
+            runs[label].append(fit(model_dir, data, val=val, out=folder, args=replace(args, seed=s), restart=restart,
+                                   console=console))
 
     result = {"data": str(data), "test": str(test) if test else "built (domainlm tasks licensedb defaults)",
-              "args": runs["domain"]["args"], "models": {k: str(v) for k, v in models.items()},
-              "finetune": {k: {x: r[x] for x in ("final_loss", "val_loss", "steps", "truncated")}
+              "args": runs["domain"][0]["args"], "models": {k: str(v) for k, v in models.items()},
+              "finetune": {k: {x: r[0][x] for x in ("final_loss", "val_loss", "steps", "truncated")}
                            for k, r in runs.items()},
-              "tasks": {}, **({"head": head} if head != "lm" else {})}
+              "tasks": {}, **({"head": head} if head != "lm" else {}), **({"seeds": seed_list} if seeds > 1 else {})}
     for task in tasks:
         items = test_items[task]
-        scored = {}
+        scored: dict[str, list[dict]] = {}
         for label in models:
-            console.print(f"scoring {label} on {task} ({len(items)} items)")
-            scored[label] = (downstream.score_task(Path(runs[label]["out"]), task, items=items) if head == "lm"
-                             else classify.score_items(Path(runs[label]["out"]), items, task))
+            console.print(f"scoring {label} on {task} ({len(items)} items"
+                          + (f", {seeds} seeds)" if seeds > 1 else ")"))
+            scored[label] = [downstream.score_task(Path(r["out"]), task, items=items) if head == "lm"
+                             else classify.score_items(Path(r["out"]), items, task) for r in runs[label]]
         gold = [it["response"] for it in items]
-        idx = downstream.bootstrap_indices(len(items))
-        preds = {k: [p["pred"] for p in v["predictions"]] for k, v in scored.items()}
+        preds = {k: [[p["pred"] for p in sc["predictions"]] for sc in v] for k, v in scored.items()}
+        fns = downstream.metric_fns(task)
         result["tasks"][task] = {
             "items": len(items),
-            **{k: {"metrics": downstream.summarise(task, gold, preds[k], idx), "predictions": v["predictions"]}
+            **{k: {"metrics": {name: bootstrap.metric_ci(fn, gold, preds[k]) for name, fn in fns.items()},
+                   "predictions": v[0]["predictions"],
+                   **({"seeds": [{"seed": s, "metrics": {name: fn(gold, p) for name, fn in fns.items()}}
+                                 for s, p in zip(seed_list, preds[k], strict=True)]} if seeds > 1 else {})}
                for k, v in scored.items()},
-            "domain_minus_general": downstream.paired_diff(task, gold, preds["domain"], preds["general"], idx),
-            **{k: v for k, v in scored["domain"].items() if k in ("chance_accuracy", "majority_accuracy",
-                                                                  "majority_class")},
+            "domain_minus_general": {name: bootstrap.metric_diff(fn, gold, preds["domain"], preds["general"])
+                                     for name, fn in fns.items()},
+            **{k: v for k, v in scored["domain"][0].items() if k in ("chance_accuracy", "majority_accuracy",
+                                                                     "majority_class")},
         }
-        if "majority_class" in scored["domain"]:  # the macro-F1 of always answering the majority class
+        if "majority_class" in scored["domain"][0]:  # the macro-F1 of always answering the majority class
             result["tasks"][task]["majority_macro_f1"] = downstream.macro_f1(
-                gold, [scored["domain"]["majority_class"]] * len(gold))
+                gold, [scored["domain"][0]["majority_class"]] * len(gold))
     result["verdict"] = verdict(result)
     checked = (FinetuneComparison if head == "lm" else ClassifyComparison).checked(result)
     written = [write_json(out / RunDir.COMPARISON, checked, indent=1)]
@@ -106,7 +150,8 @@ def verdict(result: dict) -> str:
         for name, d in r["domain_minus_general"].items():
             lo, hi = d["ci95"]
             word = "better" if lo > 0 else "worse" if hi < 0 else "no detectable difference"
-            lines.append(f"{task} {name}: domain − general = {d['value']:+.1%} [{lo:+.1%}, {hi:+.1%}] → {word}")
+            over = f"; {len(result['seeds'])} fine-tuning seeds each" if result.get("seeds") else ""
+            lines.append(f"{task} {name}: domain − general = {d['value']:+.1%} [{lo:+.1%}, {hi:+.1%}{over}] → {word}")
     return "; ".join(lines)
 
 

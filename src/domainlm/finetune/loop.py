@@ -117,6 +117,18 @@ def inputs_fingerprint(model_dir: Path, data: Path, val: Path | None) -> tuple:
             stages.file_fingerprint(Path(data)), stages.file_fingerprint(Path(val)) if val else None)
 
 
+# flags that do not change what a step computes (cadence, gradient accumulation) or only the schedule's length
+NOT_WEIGHT_ARGS = {"eval_every", "checkpoint_every", "keep_checkpoints", "micro_batch", "steps"}
+
+
+def weight_inputs(args: FinetuneArgs, model_dir: Path, data: Path, **extra) -> dict:
+    """What determines a fine-tuning's weights, as flat keys for its checkpoints (train/driver.py): the flags
+    (less `NOT_WEIGHT_ARGS`), the model folder's files and the training data (content hashes), and ``extra``."""
+    return {**{f"finetune.{k}": v for k, v in asdict(args).items() if k not in NOT_WEIGHT_ARGS},
+            "model": {f.name: stages.file_fingerprint(f) for f in sorted(Path(model_dir).iterdir()) if f.is_file()},
+            "data": stages.file_fingerprint(Path(data)), **extra}
+
+
 def finished_or_start(out: Path, fp: str, restart: bool, console: Console) -> tuple[dict | None, stages.Stage]:
     """The fine-tuning into ``out`` as a `stages.Stage` (its marker in ``<out>/.stages/``, its summary written
     last): (the summary of a finished one with fingerprint ``fp``: nothing to do, the stage), else (None, the stage)
@@ -198,13 +210,10 @@ def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Pa
     driver = Driver("finetune", out, Dist(0, 1, 0, device), model, optimizer, args.steps,
                     lambda step: lr_at(step, lr=args.lr, total_steps=args.steps, warmup_steps=warmup), one_step,
                     evaluate if venc else None, lambda: {"fingerprint": fp}, args.eval_every, args.checkpoint_every,
-                    args.keep_checkpoints, console)
+                    args.keep_checkpoints, console, inputs=weight_inputs(args, model_dir, data))
     resumed = driver.resume()
     if resumed:
         path, state = resumed
-        if state.get("fingerprint") != fp:
-            raise UserError(f"{path}: a checkpoint of another fine-tuning (model, data or flags differ); use "
-                            "--restart or another --out")
         console.print(f"resuming from {path} at step {driver.step}", markup=False)
 
     n_params = sum(p.numel() for p in model.parameters())

@@ -180,7 +180,7 @@ def train_design(cfg: RunConfig, run_dir: Path, ws: list[float], seeds: int, ds:
     for i, (d, w, k) in enumerate(design, 1):
         console.rule(f"mix {i}/{len(design)}: {d:,.0f} tokens, domain weight {w:g}, seed {k}")
         vcfg = variant_config(cfg, run_dir, w, tokens=d, seed=cfg.train.seed + k,
-                              folder=RunDir(run_dir).mix_variant(d, w, seed=k))
+                              folder=RunDir(run_dir).mix_variant(d, w, k))
         train_variant(vcfg, run_dir, console)
         ev = evaluate_variant(vcfg.directory(), run_dir, console)
         runs.append({"domain_weight": w, "seed": k, "tokens": d,

@@ -8,13 +8,17 @@ from outside, in `domainlm.train.parallel` and `domainlm.train.step`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import shutil
 from pathlib import Path
 
 import torch
+from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import (
     AutoModelForCausalLM,
     LlamaForCausalLM,
+    PreTrainedModel,
 )
 from transformers.utils import logging as hf_logging
 
@@ -65,16 +69,67 @@ def resolve_shape(cfg: RunConfig, run_dir: Path, vocab_size: int) -> ModelShape:
 
 
 def build_model(shape: ModelShape, max_positions: int, *, seed: int = 0, objective: Objective = Causal(),
-                **special_ids) -> torch.nn.Module:
+                meta: bool = False, **special_ids) -> torch.nn.Module:
     """A randomly initialised model of ``objective`` (its `Objective.hf_model`: LlamaForCausalLM for causal; fp32,
-    CPU), the same weights for the same seed."""
+    CPU), the same weights for the same seed. ``meta`` (causal only): the model on the meta device, no memory, no
+    values — shard it, ``to_empty`` it and `seeded_init` it (`train/parallel.py`), and each rank holds only its
+    shard, with the weights this function would have given."""
     model_class, config = objective.hf_model(shape, max_positions, **special_ids)
     # fused attention (flash / memory-efficient kernels on CUDA) where the architecture has it (T5 does not)
     config._attn_implementation = "sdpa" if model_class._supports_sdpa else "eager"
+    if meta:
+        if not isinstance(objective, Causal):
+            raise ValueError(f"meta initialisation is for the causal LM, not {type(objective).__name__}")
+        with torch.device("meta"):
+            return model_class(config)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = model_class(config)
+    if isinstance(objective, Causal):
+        seeded_init(model, seed)
     return model
+
+
+def _module_seed(seed: int, name: str) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
+
+
+@torch.no_grad()
+def seeded_init(model: torch.nn.Module, seed: int) -> None:
+    """Initialise every weight and buffer as transformers' ``_init_weights`` does (normal(0, 0.02) linear and
+    embedding weights, unit norms, RoPE frequencies), each module from a generator seeded by (``seed``, its name)
+    alone: the values depend neither on the order modules are visited in nor on where the tensors live. Each
+    module's tensors are drawn whole on the CPU (one module at a time: at most the embedding's memory) and copied
+    in — for an FSDP2-sharded (DTensor) weight only this rank's shard — so a model materialised from the meta
+    device after sharding gets the same values, bit for bit, as one built whole (torchtitan's ``init_weights``
+    after ``to_empty``, with values that do not depend on the number of shards)."""
+    owners: dict[str, torch.nn.Module] = {}
+    for name, module in model.named_modules():
+        owner = module if isinstance(module, PreTrainedModel) else owners.get(name.rpartition(".")[0], model)
+        owners[name] = owner
+        slots = [(module._parameters, k) for k, v in module._parameters.items() if v is not None] + \
+                [(module._buffers, k) for k, v in module._buffers.items() if v is not None]
+        if not slots:
+            continue
+        real = [d[k] for d, k in slots]
+        whole = [torch.full(tuple(t.shape), float("nan"), dtype=t.dtype) for t in real]  # NaN: "not initialised"
+        for (d, k), w in zip(slots, whole, strict=True):
+            d[k] = w
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(_module_seed(seed, name.replace("._checkpoint_wrapped_module", "")))
+                owner._init_weights(module)
+        finally:
+            for (d, k), t in zip(slots, real, strict=True):
+                d[k] = t
+        for (_, k), t, w in zip(slots, real, whole, strict=True):
+            if w.is_floating_point() and torch.isnan(w).any():
+                raise ValueError(f"{name}.{k}: not initialised by {type(owner).__name__}._init_weights")
+            if isinstance(t, DTensor):  # this rank's shard of the whole tensor, no communication
+                t.to_local().copy_(distribute_tensor(w.to(t.device), t.device_mesh, t.placements,
+                                                     src_data_rank=None).to_local())
+            else:
+                t.copy_(w)
 
 
 def load_base_model(base) -> torch.nn.Module:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import numpy as np
+from matplotlib.transforms import Bbox
 
 from domainlm.plan.laws import LAWS, get_law
 
@@ -23,7 +24,43 @@ KNOWN_MODELS = [
 ]
 
 
+# Where a label may go around its point (offset in points, horizontal alignment), in order of preference.
+LABEL_SPOTS = [((4, 3), "left"), ((4, -9), "left"), ((-4, 3), "right"), ((-4, -9), "right"), ((0, 7), "center"),
+               ((0, -15), "center"), ((8, -3), "left"), ((-8, -3), "right"), ((4, 12), "left"), ((-4, 12), "right"),
+               ((4, -18), "left"), ((-4, -18), "right")]
+
+
+def place_labels(ax, points: list[tuple[str, float, float, dict]], avoid: list | None = None) -> list:
+    """Label each (name, x, y, text style) at the first spot (LABEL_SPOTS) where its text overlaps no label placed
+    before it nor a box of ``avoid`` (display coordinates) — neighbours such as Chinchilla / LLaMA / Llama-2 or
+    OPT / GPT-3 / BLOOM print over each other at one fixed offset; the first spot if none is free. Returns the
+    Text artists."""
+    renderer = ax.figure.canvas.get_renderer()
+    placed, boxes = [], list(avoid or [])
+    for name, x, y, style in points:
+        for i, (offset, ha) in enumerate(LABEL_SPOTS):
+            t = ax.annotate(name, (x, y), textcoords="offset points", xytext=offset, ha=ha, **style)
+            box = t.get_window_extent(renderer).expanded(1.05, 1.1)
+            if not any(box.overlaps(b) for b in boxes) or i == len(LABEL_SPOTS) - 1:
+                break
+            t.remove()
+        placed.append(t)
+        boxes.append(box)
+    return placed
+
+
 def plot_plan(plan: dict, path: str | Path) -> Path:
+    import matplotlib.pyplot as plt
+
+    fig = plan_figure(plan)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out)
+    plt.close(fig)
+    return out
+
+
+def plan_figure(plan: dict):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -54,16 +91,16 @@ def plot_plan(plan: dict, path: str | Path) -> Path:
         ax.plot(cs / (6 * law.optimal_params(cs)), law.optimal_params(cs), color="tab:green", lw=1.5, ls=":",
                 label=f"{law.name} optimum", zorder=2)
 
-    for name, p, t in KNOWN_MODELS:
+    for _, p, t in KNOWN_MODELS:
         ax.scatter(t, p, color="0.3", s=18, zorder=3)
-        ax.annotate(name, (t, p), textcoords="offset points", xytext=(4, 3), fontsize=7, color="0.25")
 
+    labels = []
     for alt in plan.get("alternatives", []):
         odd = alt.get("outside_range")  # a heuristic outside its range is marked, not offered
         color = "0.6" if odd else "tab:purple"
         ax.scatter(alt["tokens"], alt["params"], marker="x" if odd else "D", s=30, color=color, zorder=4)
-        ax.annotate(alt["name"] + (" (outside its range)" if odd else ""), (alt["tokens"], alt["params"]),
-                    textcoords="offset points", xytext=(5, -9), fontsize=7, color=color)
+        labels.append((alt["name"] + (" (outside its range)" if odd else ""), alt["tokens"], alt["params"],
+                       {"fontsize": 7, "color": color}))
     ax.scatter(d_plan, n_plan, marker="*", s=260, color="tab:red", edgecolor="k", zorder=5,
                label=f"this plan: {n_plan:.3g} params, {d_plan:.3g} tokens")
 
@@ -76,9 +113,9 @@ def plot_plan(plan: dict, path: str | Path) -> Path:
     ax.set_title(f"Plan: {c_plan:.3g} FLOPs, law {plan['law']['name']}  (grey: iso-FLOP lines)")
     ax.grid(True, which="major", alpha=0.3)
     ax.legend(loc="upper left", fontsize=8)
-    fig.tight_layout()
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    fig.tight_layout()  # the layout first: label positions are measured in display coordinates
+    known = [(name, t, p, {"fontsize": 7, "color": "0.25"}) for name, p, t in KNOWN_MODELS]
+    x, y = ax.transData.transform((d_plan, n_plan))
+    r = 9 * fig.dpi / 72  # the star's radius: s=260 points² is ~16 points across
+    place_labels(ax, labels + known, avoid=[Bbox([[x - r, y - r], [x + r, y + r]])])
+    return fig

@@ -47,6 +47,9 @@ class Law:
     alpha: float | None = None
     beta: float | None = None
     notes: list[str] = field(default_factory=list)
+    # The parameter counts (in ``params_counted``) of the models the law was fitted on; below it, N and D are an
+    # extrapolation and the planner picks the shape by its small-scale rule instead (planner._small_scale).
+    fitted_params: tuple[float, float] | None = None
 
     @property
     def b(self) -> float:
@@ -83,13 +86,14 @@ class Law:
         return out
 
 
-def _parametric(name: str, E: float, A: float, B: float, alpha: float, beta: float, source: str) -> Law:
+def _parametric(name: str, E: float, A: float, B: float, alpha: float, beta: float, source: str,
+                fitted_params: tuple[float, float] | None = None) -> Law:
     """Closed-form optimum of L(N,D) = E + A/N^α + B/D^β subject to C = 6ND (Chinchilla eq. 4):
     N_opt = G (C/6)^(β/(α+β)), G = (αA / (βB))^(1/(α+β))."""
     a = beta / (alpha + beta)
     G = (alpha * A / (beta * B)) ** (1.0 / (alpha + beta))
     g = G * 6.0 ** (-a)
-    return Law(name, a, g, "total", source, E, A, B, alpha, beta)
+    return Law(name, a, g, "total", source, E, A, B, alpha, beta, fitted_params=fitted_params)
 
 
 # Approach 1 as a power law N_opt = g·C^a fitted to Chinchilla Table 3. Each row gives N twice: its params
@@ -100,27 +104,37 @@ def _parametric(name: str, E: float, A: float, B: float, alpha: float, beta: flo
 CHINCHILLA_1_A = 0.49819497
 CHINCHILLA_1_G = 0.09594818
 GOPHER_FLOPS = 5.76e23  # Gopher's (and Chinchilla's) training compute, Chinchilla Table 3
+# Hoffmann et al. 2022 (abstract, §3): "over 400 language models ranging from 70 million to over 16 billion
+# parameters"; Besiroglu et al. 2024 refit approach 3 on the same models (their Fig. 4 data, reconstructed).
+CHINCHILLA_FITTED = (70e6, 16e9)
+# Kaplan et al. 2020 (abstract, §3): "models ranging in size from 768 to 1.5 billion non-embedding parameters".
+KAPLAN_FITTED = (768.0, 1.5e9)
 
+DEFAULT_LAW = "epoch-2024"
 LAWS: dict[str, Law] = {
     # Approach 1 (fixed model sizes, varying tokens): a = 0.50; fitted to Table 3 (see above).
-    "chinchilla-1": Law("chinchilla-1", CHINCHILLA_1_A, CHINCHILLA_1_G, "total", "Hoffmann et al. 2022, approach 1 (Table 3)"),
+    "chinchilla-1": Law("chinchilla-1", CHINCHILLA_1_A, CHINCHILLA_1_G, "total",
+                        "Hoffmann et al. 2022, approach 1 (Table 3)", fitted_params=CHINCHILLA_FITTED),
     # Approach 2 (IsoFLOP profiles): a = 0.49, b = 0.51; anchored at 63B params for Gopher's budget
     # (Chinchilla Fig. 1 / Table A3).
     "chinchilla-2": Law(
-        "chinchilla-2", 0.49, 63e9 / GOPHER_FLOPS**0.49, "total", "Hoffmann et al. 2022, approach 2 (IsoFLOP)"
-    ),
+        "chinchilla-2", 0.49, 63e9 / GOPHER_FLOPS**0.49, "total", "Hoffmann et al. 2022, approach 2 (IsoFLOP)",
+        fitted_params=CHINCHILLA_FITTED),
     # Approach 3 (parametric fit), Chinchilla eq. 10: E=1.69, A=406.4, B=410.7, α=0.34, β=0.28 → a ≈ 0.46.
     "chinchilla-3": _parametric(
-        "chinchilla-3", 1.69, 406.4, 410.7, 0.34, 0.28, "Hoffmann et al. 2022, approach 3 (parametric L(N,D))"
-    ),
-    # Epoch AI's refit of approach 3 (Besiroglu et al. 2024, arXiv 2404.10102).
+        "chinchilla-3", 1.69, 406.4, 410.7, 0.34, 0.28, "Hoffmann et al. 2022, approach 3 (parametric L(N,D))",
+        CHINCHILLA_FITTED),
+    # Epoch AI's refit of approach 3 (Besiroglu et al. 2024, arXiv 2404.10102, Table 1): E=1.8172, A=482.01,
+    # B=2085.43, α=0.3478, β=0.3658 → a = 0.513, agreeing with approaches 1 and 2 where the published approach-3
+    # fit (a = 0.45) does not. The default law: its optimum at Gopher's budget is 72.2B (approach 1: 66.0B,
+    # approach 2: 63.0B, published approach 3: 32.2B).
     "epoch-2024": _parametric(
-        "epoch-2024", 1.8172, 482.01, 2085.43, 0.3478, 0.3658, "Besiroglu et al. 2024 (Epoch AI refit)"
-    ),
+        "epoch-2024", 1.8172, 482.01, 2085.43, 0.3478, 0.3658, "Besiroglu et al. 2024 (Epoch AI refit)",
+        CHINCHILLA_FITTED),
     # Kaplan et al. 2020, eq. 6.1/Table 6: N_opt ≈ 1.3e9 · (C / PF-day)^0.73, non-embedding parameters.
     "kaplan": Law(
-        "kaplan", 0.73, 1.3e9 / PF_DAY**0.73, "non-embedding", "Kaplan et al. 2020 (N ∝ C^0.73, non-embedding)"
-    ),
+        "kaplan", 0.73, 1.3e9 / PF_DAY**0.73, "non-embedding", "Kaplan et al. 2020 (N ∝ C^0.73, non-embedding)",
+        fitted_params=KAPLAN_FITTED),
 }
 
 # Kaplan's own L(N, D) (eq. 1.5): [(N_c/N)^(α_N/α_D) + D_c/D]^α_D, WebText2 nats/token with GPT-2's tokenizer.

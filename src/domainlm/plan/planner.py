@@ -17,7 +17,7 @@ from domainlm.memory import MemoryEstimate, estimate, recommend
 from domainlm.model import load_base_model
 from domainlm.model.base import resolve_base
 from domainlm.objectives import Causal, Objective
-from domainlm.plan import hardware, laws
+from domainlm.plan import hardware, laws, vocab
 from domainlm.plan.hardware import measure_cpu_flops
 from domainlm.shape import (
     MAX_D_MODEL,
@@ -31,6 +31,12 @@ from domainlm.shape import (
 from domainlm.units import human
 
 TOKENS_PER_PARAM_RULE = 20.0  # Chinchilla's rule of thumb: ~20 training tokens per parameter
+# The small-scale rule (below the range a law was fitted on, `_small_scale`): at least 2 layers — induction heads,
+# the circuit behind in-context copying, need two attention layers composing (Olsson et al. 2022, "In-context
+# Learning and Induction Heads") — and d_model 128 (4 heads of 32, head_dim_for's smallest); the vocabulary from
+# Tao et al. 2024's law at that shape, as at any scale.
+MIN_LAYERS = 2
+MIN_D_MODEL = 128
 
 
 @dataclass
@@ -42,11 +48,11 @@ class PlanRequest:
     gpus: int = 1
     hours: float | None = None
     mfu: float | None = None
-    law: str = "chinchilla-3"
+    law: str = laws.DEFAULT_LAW
     weights: dict[str, float] = field(default_factory=dict)
     unique_tokens: dict[str, float] = field(default_factory=dict)
     roles: dict[str, str] = field(default_factory=dict)  # source -> "domain" | "general"
-    vocab_size: int = 32768
+    vocab_size: int | None = None  # None: planned with the model (Tao et al. 2024, plan/vocab.py)
     seq_len: int = 2048
     micro_batch: int = 1
     tie_embeddings: bool = False
@@ -118,10 +124,8 @@ def _size(law: laws.Law, req: PlanRequest, compute: dict) -> tuple[float, float,
     flops_per_token(shape), and C = 6·N·D must be the budget whose optimum is N — a fixed point, solved in
     closed form per shape (C = (6·g·D)^(1/(1−a))) and iterated until the shape stops changing. So the plan's
     GPU-hours give back exactly the hours asked for."""
-    count = "non-embedding" if law.params_counted == "non-embedding" else "total"
-
     def shape_of(n: float) -> ModelShape:
-        return shape_for_params(n, req.vocab_size, count=count, tie_embeddings=req.tie_embeddings)
+        return shape_for(law, req, n)
 
     if compute["method"] == "flops":
         n, d = law.optimal(compute["flops"])
@@ -142,6 +146,81 @@ def _size(law: laws.Law, req: PlanRequest, compute: dict) -> tuple[float, float,
     n = law.optimal_params((6.0 * law.g * d) ** (1.0 / (1.0 - law.a)))
     compute["flops"] = 6.0 * n * d
     return n, d, shape
+
+
+def below_range(law: laws.Law, n: float) -> bool:
+    """Is ``n`` (in the law's parameter count) below the smallest model the law was fitted on?"""
+    return law.fitted_params is not None and n < law.fitted_params[0] * 0.999
+
+
+def law_flops(law: laws.Law, n: float) -> float:
+    """The budget C whose optimum is ``n``: N_opt = g·C^a solved for C."""
+    return (n / law.g) ** (1.0 / law.a)
+
+
+def shape_for(law: laws.Law, req: PlanRequest, n: float) -> ModelShape:
+    """The shape for ``n`` parameters (in the law's count) and its vocabulary: the config's, else Tao et al. 2024's
+    optimum for the shape's non-vocabulary parameters and width at the budget whose optimum is ``n`` (a fixed point:
+    the vocabulary moves the split between N_nv and N_v, which moves the vocabulary). Below the law's fitted range
+    the shape has at least MIN_LAYERS layers and MIN_D_MODEL width (the small-scale rule)."""
+    count = "non-embedding" if law.params_counted == "non-embedding" else "total"
+    mins = {"min_layers": MIN_LAYERS, "min_d_model": MIN_D_MODEL} if below_range(law, n) else {}
+
+    def shape(v: int) -> ModelShape:
+        return shape_for_params(n, v, count=count, tie_embeddings=req.tie_embeddings, **mins)
+
+    if req.vocab_size:
+        return shape(req.vocab_size)
+    flops, v, seen = law_flops(law, n), 32768, []
+    s = shape(v)
+    for _ in range(12):
+        nxt = vocab.optimal_vocab(s.params_non_embedding, s.d_model, flops)
+        if nxt == v or nxt in seen:  # converged (or alternating between neighbours: keep this one)
+            break
+        seen.append(v)
+        v, s = nxt, shape(nxt)
+    return s
+
+
+def vocabulary(law: laws.Law, req: PlanRequest, shape: ModelShape, flops: float) -> dict:
+    """The plan's vocabulary: vocabulary and non-vocabulary parameters counted apart (Tao et al. 2024's N_v = V·d,
+    the output head; the input embedding is a lookup) and the law's recommendation at this shape and budget."""
+    exact = vocab.optimal_vocab_exact(shape.params_non_embedding, shape.d_model, flops)
+    recommended = vocab.optimal_vocab(shape.params_non_embedding, shape.d_model, flops)
+    out = {
+        "vocab_size": shape.vocab_size,
+        "from": "tokenizer.vocab_size (config)" if req.vocab_size else "planned (Tao et al. 2024, approach 3)",
+        "recommended": recommended,
+        "recommended_exact": exact,
+        "approach2": vocab.derivative_vocab_params(shape.params_non_embedding) / shape.d_model,
+        "params_non_vocabulary": shape.params_non_embedding,
+        "params_vocabulary": shape.vocab_size * shape.d_model,  # N_v = V·d
+        "params_embedding": shape.params_embedding,  # input embedding + output head (one when tied)
+        "embedding_share": shape.params_embedding / shape.params_total,
+        "in_fitted_range": vocab.in_fitted_range(shape.params_non_embedding, flops),
+        "law": "Tao et al. 2024 (arXiv 2407.13623) approach 3: L_u = −E + A1/N_nv^α1 + A2/(V·d)^α2 + B/D^β, "
+               "∂L_u/∂V = 0 at C = 6·N·D; approach 2 (N_v ∝ N_nv^0.835) shown as a check",
+    }
+    return out
+
+
+def _small_scale(law: laws.Law, n_law: float, d_law: float, shape: ModelShape, count: str) -> dict | None:
+    """Below the range the law was fitted on, its N_opt is an extrapolation (at the demo's budget ~300× below
+    Chinchilla's smallest model: 1 layer × d_model 32 with 97% of the parameters in the vocabulary), and so is its
+    loss. The plan says so, shows no predicted loss, and trains the small-scale rule's shape instead (`shape_for`):
+    ≥ MIN_LAYERS layers, ≥ MIN_D_MODEL wide, the vocabulary from Tao et al. 2024, spending the whole budget."""
+    if not below_range(law, n_law):
+        return None
+    lo, hi = law.fitted_params
+    return {
+        "law_params": n_law,
+        "law_tokens": d_law,
+        "fitted_params": [lo, hi],
+        "params_counted": count,
+        "rule": (f"below {law.name}'s fitted range ({human(lo)}–{human(hi)} {count} params) the shape has at least "
+                 f"{MIN_LAYERS} layers (induction heads need two: Olsson et al. 2022) and d_model ≥ {MIN_D_MODEL}, "
+                 "the vocabulary from Tao et al. 2024's law, and the budget buys the tokens of that shape"),
+    }
 
 
 def _fpt(req: PlanRequest, shape: ModelShape) -> float:
@@ -188,12 +267,12 @@ def _fixed_shape(req: PlanRequest, planned: ModelShape) -> ModelShape | None:
     if not any(f.get(k) for k in ("d_model", "n_layers")):
         return None
     d = f.get("d_model") or planned.d_model
-    default = make_shape(d, f.get("n_layers") or planned.n_layers, req.vocab_size, req.tie_embeddings)
+    v = req.vocab_size or planned.vocab_size
+    default = make_shape(d, f.get("n_layers") or planned.n_layers, v, req.tie_embeddings)
     same = d == planned.d_model
     heads = f.get("n_heads") or (same and planned.n_heads) or default.n_heads
     return ModelShape(default.n_layers, d, heads, f.get("n_kv_heads") or (same and planned.n_kv_heads) or heads,
-                      f.get("ffn_dim") or (same and planned.ffn_dim) or ffn_for(d), req.vocab_size,
-                      req.tie_embeddings)
+                      f.get("ffn_dim") or (same and planned.ffn_dim) or ffn_for(d), v, req.tie_embeddings)
 
 
 def _run(req: PlanRequest, law: laws.Law, compute: dict, shape: ModelShape, d_opt: float, weights, limits) -> dict:
@@ -206,8 +285,8 @@ def _run(req: PlanRequest, law: laws.Law, compute: dict, shape: ModelShape, d_op
         emb = shape.params_embedding / shape.params_total
         why = "the config fixes the model shape (model section)"
         if emb > 0.5:
-            why += (f"; the law's optimum ({shape.params_total:,} params) is {emb:.0%} embeddings at vocab "
-                    f"{req.vocab_size}, too small a transformer to learn much")
+            why += (f"; the plan's shape ({shape.params_total:,} params) is {emb:.0%} embeddings at vocab "
+                    f"{shape.vocab_size}, too small a transformer to learn much")
         overrides.append({"what": "model", "plan": f"{shape.n_layers} layers × d_model {shape.d_model} "
                           f"({shape.params_total:,} params)", "run": f"{fixed.n_layers} layers × d_model "
                           f"{fixed.d_model} ({req.objective.params(fixed):,} params)", "reason": why})
@@ -314,15 +393,31 @@ def _loss(law: laws.Law, shape: ModelShape, n: float, d: float) -> float | None:
     return None
 
 
+STAND_IN_LAW = "epoch-2024"  # fitted to the same models as approaches 1 and 2, and agreeing with them (a ≈ 0.51)
+
+
 def loss_law(law: laws.Law) -> tuple[laws.Law, Callable[[float, float], float], str]:
     """The L(N, D) the data-constrained numbers use, and a sentence saying which: the law's own (approach-3
-    form, a fitted law, Kaplan's eq. 1.5 in non-embedding N), else Chinchilla approach 3's — stated, never silent."""
+    form, a fitted law, Kaplan's eq. 1.5 in non-embedding N), else Besiroglu et al. 2024's refit of approach 3 on
+    the same Chinchilla models — stated, never silent (`stand_in_shift` says how much that alone moves N)."""
     if law.has_loss:
         return law, law.loss, f"{law.name}'s own L(N, D)"
     if law.name == "kaplan":
         return law, laws.kaplan_loss, "Kaplan et al. 2020 eq. 1.5 L(N, D) (non-embedding N, WebText2 nats/token)"
-    c3 = laws.LAWS["chinchilla-3"]
-    return c3, c3.loss, f"{law.name} has no loss formula: chinchilla-3's L(N, D) (Hoffmann et al. 2022 eq. 10) is used"
+    e = laws.LAWS[STAND_IN_LAW]
+    return e, e.loss, f"{law.name} has no loss formula: {STAND_IN_LAW}'s L(N, D) (Besiroglu et al. 2024) stands in"
+
+
+def stand_in_shift(law: laws.Law, flops: float) -> str | None:
+    """For a law without a loss formula: how much the stand-in alone moves the answer — its unconstrained optimum
+    at this budget against the law's (the part of a data-constrained change that is the formula, not the data)."""
+    ll, _, _ = loss_law(law)
+    if ll is law:
+        return None
+    own, other = law.optimal_params(flops), ll.optimal_params(flops)
+    return (f"{law.name} has no loss formula, so {ll.name}'s L(N, D) stands in for the data-constrained numbers; "
+            f"that alone moves the unconstrained optimum at {flops:.3g} FLOPs from {human(own)} to {human(other)} "
+            f"params ({other / own - 1:+.1%}) — compare the data-constrained optimum with {human(other)}")
 
 
 def unique_tokens_seen(tokens: float, weights: dict[str, float], limits: dict[str, float]) -> float:
@@ -355,8 +450,7 @@ def data_constrained(law: laws.Law, n: float, d: float, weights: dict[str, float
 
 
 def _option(name, description, law, req, flops, n, d, weights, limits) -> dict:
-    count = "non-embedding" if law.params_counted == "non-embedding" else "total"
-    shape = shape_for_params(n, req.vocab_size, count=count, tie_embeddings=req.tie_embeddings)
+    shape = shape_for(law, req, n)
     rows, eff = _mixture(d, weights, limits)
     out = {
         "name": name,
@@ -475,8 +569,8 @@ def _data_constrained_optimum(law, req, flops, n_opt, weights, limits) -> dict:
 def _check_bloomberggpt(alt: dict) -> str | None:
     """BloombergGPT's heuristic (the largest model that sees every token once) is only meaningful while the
     model is not far beyond what the unique data can use: Muennighoff's excess parameters are each worth
-    exp(−R_N/R*_N) of a useful one, under 37% once N > U_N·(1 + R*_N). The paper's own choice (50.6B params, U_N
-    ≈ 35B for 708B unique tokens) sits well inside."""
+    exp(−R_N/R*_N) of a useful one, under 37% once N > U_N·(1 + R*_N). The paper's own choice (50.6B params; U_N
+    = 37.3B for its 708B unique tokens with epoch-2024's L(N, D), 9.85B with chinchilla-3's) sits inside."""
     dc = alt.get("data_constrained")
     if dc is None:
         return None
@@ -495,7 +589,7 @@ def _check_bloomberggpt(alt: dict) -> str | None:
 
 def make_plan(req: PlanRequest) -> dict:
     law = laws.get_law(req.law)
-    if req.vocab_size < 256:
+    if req.vocab_size is not None and req.vocab_size < 256:
         raise UserError(f"--vocab-size: expected ≥ 256 (every byte needs a token), got {req.vocab_size}")
     compute = _compute(req)
     weights, limits = _sources(req)
@@ -504,9 +598,17 @@ def make_plan(req: PlanRequest) -> dict:
     n_opt, d_opt, shape = _size(law, req, compute)
     if compute["method"] == "cpu-probe":
         n_opt, d_opt, shape = _calibrate(law, req, compute, shape)
-    flops = compute["flops"]
     count = "non-embedding" if law.params_counted == "non-embedding" else "total"
     shape_n = shape.params_total if count == "total" else shape.params_non_embedding
+    small = _small_scale(law, n_opt, d_opt, shape, count)
+    if small:  # the rule's shape trains, on the tokens the budget buys for it
+        n_opt = float(shape_n)
+        if compute["method"] == "flops":
+            d_opt = compute["flops"] / (6.0 * n_opt)
+        else:  # a time budget: the seconds at this shape's cost per token
+            d_opt = req.hours * 3600.0 * compute["hardware_flops_per_s"] / _fpt(req, shape)
+            compute["flops"] = 6.0 * n_opt * d_opt
+    flops = compute["flops"]
     rows, effective = _mixture(d_opt, weights, limits)
     fpt = _fpt(req, shape)
     compute["hardware_flops"] = d_opt * fpt
@@ -518,13 +620,22 @@ def make_plan(req: PlanRequest) -> dict:
         f"({flops:.4g} here, {d_opt * fpt:.4g} hardware FLOPs).",
     ]
     notes += req.objective.plan_notes()
+    if small:
+        warnings.append(
+            f"below the range {law.name} was fitted on ({human(small['fitted_params'][0])}–"
+            f"{human(small['fitted_params'][1])} {count} params): its optimum at {flops:.3g} FLOPs, "
+            f"{human(small['law_params'])} params on {human(small['law_tokens'])} tokens, is an extrapolation "
+            f"{small['fitted_params'][0] / small['law_params']:,.0f}× below its smallest model, and so would be its "
+            "loss (none is shown); the plan trains the small-scale rule's shape on the tokens the budget buys for it"
+        )
+        notes.append(f"small-scale rule: {small['rule']}.")
     if abs(shape_n / n_opt - 1) > 0.05:
-        cap = largest_params(req.vocab_size, count=count, tie_embeddings=req.tie_embeddings)
+        cap = largest_params(shape.vocab_size, count=count, tie_embeddings=req.tie_embeddings)
         if n_opt > cap:
             why = (f"the target is beyond the shape search's cap ({MAX_LAYERS} layers × d_model {MAX_D_MODEL}, at "
                    f"most {cap:.4g} {count} params): the plan uses the largest shape it builds")
         elif shape_n > n_opt:
-            why = f"at this size the vocabulary ({req.vocab_size}) dominates; use a smaller vocab"
+            why = f"at this size the vocabulary ({shape.vocab_size}) dominates; use a smaller vocab"
         else:
             why = "no shape of the search's family comes closer"
         warnings.append(
@@ -534,7 +645,7 @@ def make_plan(req: PlanRequest) -> dict:
     emb_share = shape.params_embedding / shape.params_total
     if emb_share > 0.5:
         warnings.append(
-            f"embeddings are {emb_share:.0%} of the parameters (vocab {req.vocab_size}, d_model {shape.d_model}); "
+            f"embeddings are {emb_share:.0%} of the parameters (vocab {shape.vocab_size}, d_model {shape.d_model}); "
             "the laws were fitted on models where they are a small share"
         )
     for k, r in rows.items():
@@ -544,9 +655,14 @@ def make_plan(req: PlanRequest) -> dict:
                 f"is worth much less than new data (Muennighoff et al. 2023); its {human(r['tokens'])} tokens are "
                 f"worth ~{human(r['effective_tokens'])} new ones — see the alternatives"
             )
-    if law.has_loss:
+    voc = vocabulary(law, req, shape, flops)
+    if req.vocab_size and abs(voc["recommended"] / req.vocab_size - 1) > 0.25:
+        notes.append(f"tokenizer.vocab_size {req.vocab_size} is fixed by the config; Tao et al. 2024's law recommends "
+                     f"{voc['recommended']} for this shape ({human(shape.params_non_embedding)} non-vocabulary "
+                     f"params, d_model {shape.d_model}) at {flops:.3g} FLOPs.")
+    if law.has_loss and not small:
         notes.append("predicted_loss is nats/token on the law's own data and tokenizer, not on your corpus.")
-    elif law.name == "kaplan":
+    elif law.name == "kaplan" and not small:
         notes.append("predicted_loss: Kaplan eq. 1.5, nats/token on WebText2 with GPT-2's tokenizer.")
 
     run = _run(req, law, compute, shape, d_opt, weights, limits)
@@ -572,6 +688,9 @@ def make_plan(req: PlanRequest) -> dict:
     if limits:
         ll, _, which = loss_law(law)
         notes.append(f"data-constrained numbers (U_N, N', D', L(N', D')) use {which}.")
+        shift = stand_in_shift(law, flops)
+        if shift:
+            notes.append(shift + ".")
     out = {
         "run": run,
         "compute_flops": flops,
@@ -580,7 +699,7 @@ def make_plan(req: PlanRequest) -> dict:
         "params": n_opt,
         "tokens": d_opt,
         "tokens_per_param": d_opt / n_opt,
-        "predicted_loss": _loss(law, shape, n_opt, d_opt),
+        "predicted_loss": None if small else _loss(law, shape, n_opt, d_opt),
         "model": {
             "n_layers": shape.n_layers,
             "d_model": shape.d_model,
@@ -602,9 +721,17 @@ def make_plan(req: PlanRequest) -> dict:
         "warnings": warnings,
         "alternatives": alternatives,
         "notes": notes,
+        "vocabulary": voc,
     }
+    if small:
+        out["small_scale"] = small
     if limits:
         out["data_constrained"] = data_constrained(law, n_opt, d_opt, weights, limits)
+    if small:  # no loss below the fitted range, in the plan or its alternatives
+        for part in [out, *alternatives]:
+            part["predicted_loss"] = None
+            if part.get("data_constrained"):
+                part["data_constrained"]["loss"] = None
     return out
 
 

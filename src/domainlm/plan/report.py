@@ -53,6 +53,18 @@ def print_plan(p: dict, console: Console) -> None:
               f"vocab {m['vocab_size']}")
     t.add_row("", f"{_f(m['params_total'])} total = {_f(m['params_non_embedding'])} non-embedding + "
               f"{_f(m['params_total'] - m['params_non_embedding'])} embedding")
+    voc = p.get("vocabulary")
+    if voc:  # Tao et al. 2024: vocabulary and non-vocabulary parameters apart
+        t.add_row("vocabulary", f"{voc['vocab_size']:,} ({voc['from']}); the law's optimum here "
+                  f"{voc['recommended_exact']:,.0f} → {voc['recommended']:,} (a multiple of 64, ≥ 512; approach 2: "
+                  f"{voc['approach2']:,.0f}); "
+                  f"N_v = V·d {_f(voc['params_vocabulary'])}, N_nv {_f(voc['params_non_vocabulary'])}, embeddings "
+                  f"{voc['embedding_share']:.0%} of the parameters"
+                  + ("" if voc["in_fitted_range"] else "; outside the law's fitted range (33M–2.87B N_nv)"))
+    small = p.get("small_scale")
+    if small:
+        t.add_row("below range", f"the law's own optimum {_f(small['law_params'])} params on "
+                  f"{_f(small['law_tokens'])} tokens is an extrapolation; {small['rule']}")
     t.add_row("FLOPs/token", f"{p['flops_per_token']:.3g} at seq_len {p['seq_len']}")
     if p["gpu_hours"] is not None:
         t.add_row("GPU-hours" if c.get("gpu") != "cpu" else "CPU-hours", f"{p['gpu_hours']:,.1f}")
@@ -77,7 +89,7 @@ def print_plan(p: dict, console: Console) -> None:
     if dc:
         t.add_row("data-constrained", f"U_D {_f(dc['unique_tokens'])} unique tokens → U_N {_f(dc['unique_params'])}; "
                   f"N' {_f(dc['effective_params'])}, D' {_f(dc['effective_tokens'])}, {dc['epochs']:.1f} epochs; "
-                  f"L(N', D') {dc['loss']:.3f} ({dc['loss_law_note']})")
+                  + ("" if dc["loss"] is None else f"L(N', D') {dc['loss']:.3f} ({dc['loss_law_note']})"))
     console.print(t)
     if p["sources"]:
         s = Table(title="mixture", title_justify="left")
@@ -101,7 +113,7 @@ def print_plan(p: dict, console: Console) -> None:
             if dc:
                 ep = dc["max_source_epochs"]
                 row += ["-" if ep is None else f"{ep:.2f}", _f(dc["unique_params"]), _f(dc["effective_params"]),
-                        _f(dc["effective_tokens"]), f"{dc['loss']:.3f}"]
+                        _f(dc["effective_tokens"]), "-" if dc["loss"] is None else f"{dc['loss']:.3f}"]
             else:
                 row += ["-"] * 5 if limited else \
                     ["-" if alt["predicted_loss"] is None else f"{alt['predicted_loss']:.3f}"]
@@ -129,6 +141,7 @@ def print_memory(r: dict, console: Console) -> None:
         verdict = "fits" if r["fits"] else "does NOT fit"
         console.print(f"{verdict} in {r['gpu_memory_gb']:g} GB")
         if r["recommended_sharding"]:
-            console.print(f"recommended: [bold]{SHARDING_NAMES[r['recommended_sharding']]}[/] (the least sharding that fits)")
+            console.print(f"recommended: [bold]{SHARDING_NAMES[r['recommended_sharding']]}[/] "
+                          "(the least sharding that fits)")
         else:
             console.print("[yellow]nothing fits:[/] add GPUs, --activation-checkpointing, or a smaller micro-batch")

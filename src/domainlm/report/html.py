@@ -183,7 +183,12 @@ def plan_section(r: Report) -> Section:
                        f"{human(m.params_total)} total)"],
         ["training tokens", f"{human(plan.tokens)} ({plan.tokens_per_param:.1f} tokens/param)"],
         ["effective tokens (repeats discounted)", human(plan.effective_tokens)],
-        ["predicted loss", _num(plan.predicted_loss)],
+        ["vocabulary", "-" if not plan.vocabulary else
+         escape(f"{plan.vocabulary['vocab_size']:,} ({plan.vocabulary['from']}); N_v = V·d "
+                f"{human(plan.vocabulary['params_vocabulary'])}, non-vocabulary "
+                f"{human(plan.vocabulary['params_non_vocabulary'])}")],
+        ["predicted loss", "none: below the range the law was fitted on (the small-scale rule chose the shape)"
+         if plan.small_scale else _num(plan.predicted_loss)],
         ["GPU hours", _num(plan.gpu_hours, "{:,.1f}")],
     ], cls="kv"))
     run = plan.run  # what the run trains: the plan, or each override of it next to its reason
@@ -426,10 +431,22 @@ def ablation_section(r: Report) -> Section | None:
     if ab is None:
         return s
     sources = list(dict.fromkeys(k for x in ab.results for k in x.bpb))
-    rows = [[_num(x.domain_weight, "{:.0%}"), *(_num(x.bpb.get(k), "{:.4f}") for k in sources),
+
+    def cell(x, k: str) -> str:
+        ci = (x.ci95 or {}).get(k)
+        pts = " ".join(f"{p['bpb'][k]:.4f}" for p in x.seeds or [] if k in p["bpb"])
+        return (_num(x.bpb.get(k), "{:.4f}") + (f" [{ci[0]:.4f}, {ci[1]:.4f}]" if ci else "")
+                + (f"<br><span class=note>seeds: {pts}</span>" if pts else ""))
+
+    rows = [[_num(x.domain_weight, "{:.0%}"), *(cell(x, k) for k in sources),
              _num(x.role_bpb("domain"), "{:.4f}"), _num(x.role_bpb("general"), "{:.4f}")]
             for x in sorted(ab.results, key=lambda x: x.domain_weight)]
     s.body.append(_table(["domain weight", *(f"{k} bpb" for k in sources), "domain (mean)", "general (mean)"], rows))
+    seeds = len(ab.results[0].seeds or [1]) if ab.results else 1
+    s.body.append("<p class=note>95% intervals: hierarchical bootstrap over "
+                  + (f"{seeds} training seeds and " if seeds > 1 else "") + "val documents"
+                  + ("" if seeds > 1 else " (one training seed: `domainlm ablate --seeds K` adds training variance)")
+                  + ".</p>")
     r.figure(s, plots.ablation_chart, "ablation.png", ab)
     return s
 
@@ -484,8 +501,12 @@ def decide_section(r: Report) -> Section | None:
     d, s = opened
     if d is None:
         return s
+    def bpb_cell(a, n: str) -> str:  # the mean, and each seed's point under it
+        pts = " ".join(f"{p['bpb'][n]:.4f}" for p in a.seeds or [] if n in p["bpb"])
+        return _num(a.bpb.get(n), "{:.4f}") + (f"<br><span class=note>seeds: {pts}</span>" if pts else "")
+
     rows = [[f"<b>{escape(arm)}</b><br><span class=note>{escape(a.label)}</span>",
-             *(_num(a.bpb.get(n), "{:.4f}") for n in d.texts), _num(a.probes and a.probes.get("acc"), "{:.1%}"),
+             *(bpb_cell(a, n) for n in d.texts), _num(a.probes and a.probes.get("acc"), "{:.1%}"),
              human(a.trained_tokens), _num(a.flops_run, "{:.3g}"), _num(a.flops_total, "{:.3g}")]
             for arm, a in d.arms.items()]
     s.body.append(f"<p>Every arm trains on the same {human(d.tokens)} tokens of the run's mixture; "
@@ -509,7 +530,10 @@ def decide_section(r: Report) -> Section | None:
     if d.base.flops is None:
         notes.append("the general model's own pretraining compute is unknown (pass --base-tokens): its arms' "
                      "totals are left out")
-    s.body.append("<p class=note>Margins: winner vs runner-up, 95% paired bootstrap interval over documents. "
+    over = (f"hierarchical bootstrap over {len(d.seeds)} training seeds (seeds {', '.join(map(str, d.seeds))}) and "
+            "documents" if d.seeds else "paired bootstrap over documents (one training seed per arm: --seeds K "
+            "adds training variance)")
+    s.body.append(f"<p class=note>Margins: winner vs runner-up, 95% {over}. "
                   "FLOPs ≈ 6·N·D (total: with the general model's own pretraining). " + " ".join(notes) + "</p>")
     r.figure(s, plots.decide_chart, "decide.png", d)
     return s

@@ -235,6 +235,13 @@ def ablation_chart(ab: Ablation, path: Path) -> Path:
     ax.plot([p[1] for p in pts], [p[2] for p in pts], "-o", color="tab:purple")
     for w, domain, general in pts:
         ax.annotate(f"domain {w:.0%}", (domain, general), xytext=(5, 4), textcoords="offset points", fontsize=8)
+    seeds = [(r.role_bpb("domain", p["bpb"]), r.role_bpb("general", p["bpb"])) for r in ab.results
+             for p in r.seeds or []]
+    seeds = [p for p in seeds if None not in p]
+    if seeds:  # each seed's model: the spread the means hide
+        ax.scatter([x for x, _ in seeds], [y for _, y in seeds], s=12, color="tab:purple", alpha=0.35,
+                   label="each seed")
+        ax.legend(fontsize=8)
     ax.set_xlabel("domain bits per byte (lower is better)")
     ax.set_ylabel("general bits per byte (lower is better)")
     ax.set_title("Mixture ablation: domain weight vs held-out bpb")

@@ -124,8 +124,17 @@ class MixtureLoader:
             self.state[n] = SourceState(**st)
 
 
-def val_windows(tokens: np.ndarray, seq_len: int, max_tokens: int, world_size: int) -> int:
-    """How many validation windows to score: at most ``max_tokens`` tokens, a multiple of the world size
-    (every rank must run the same number of forwards — FSDP gathers weights collectively)."""
-    n = min((len(tokens) - 1) // seq_len, max(max_tokens // seq_len, 1))
-    return n - n % world_size
+def val_windows(tokens: np.ndarray, seq_len: int, max_tokens: int) -> int:
+    """How many validation windows to score: at most ``max_tokens`` tokens, at least one window when the split
+    holds one (0 only when it is shorter than ``seq_len + 1`` tokens). They do not depend on the world size, so a
+    validation number is the same on any number of processes (`rank_windows` spreads them)."""
+    return min((len(tokens) - 1) // seq_len, max(max_tokens // seq_len, 1))
+
+
+def rank_windows(n: int, rank: int, world_size: int) -> list[int | None]:
+    """This rank's share of ``n`` windows: every ``world_size``-th from ``rank``, padded with None (a window
+    that is run but scores nothing) to ⌈n / world_size⌉, so every rank runs the same number of forwards — FSDP
+    gathers weights collectively in each, and a rank with fewer windows than the others (or none: fewer windows
+    than ranks) would leave them waiting."""
+    mine: list[int | None] = list(range(rank, n, world_size))
+    return mine + [None] * (-(-n // world_size) - len(mine))

@@ -4,7 +4,8 @@ The caller builds the model, the optimizer and its batches, and gives `Driver` t
 one optimizer step, an eval and its own part of a checkpoint. The driver owns the rest, once: resume from the
 newest checkpoint, the metrics log (``<out>/logs/metrics.jsonl``: one JSON row per step and per eval, and
 TensorBoard if asked), eval and checkpoint cadence (both always at the last step), the NaN/inf-step guard, the
-progress bar, and the crash site ``<name>.step``.
+progress bar, the crash site ``<name>.step``, and preemption: on SIGUSR1 (`train/preempt.py`) a checkpoint at the
+next step boundary, a Slurm requeue, and `Preempted`.
 
 Resume is exact: weights, optimizer and RNG come from the checkpoint (`train/checkpoint.py`), the caller
 restores its batch position from the state `resume` returns, and log rows after the checkpoint's step are
@@ -14,6 +15,7 @@ that step's loss, speed and eval are read back from the log, not redone.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
@@ -28,10 +30,11 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from torch.utils.tensorboard import SummaryWriter
 
 from domainlm import faults
-from domainlm.errors import UserError
+from domainlm.errors import Preempted, UserError
 from domainlm.rundir import RunDir, atomic_write
 from domainlm.train import checkpoint as ckpt
-from domainlm.train.parallel import Dist
+from domainlm.train.parallel import Dist, barrier
+from domainlm.train.preempt import Preemption, requeue
 from domainlm.train.step import StepResult
 
 NOT_CURVES = ("kind", "step", "skipped", "tokens", "trained_tokens")  # row fields TensorBoard does not plot
@@ -65,6 +68,9 @@ class Driver:
     max_bad_steps: int | None = None  # stop after this many NaN/inf steps in a row
     tensorboard: bool = False
     mfu: Callable[[float], float | None] | None = None  # tokens/s → model FLOPs utilisation (logged when given)
+    # what determines the weights (config keys, content hashes of the base, tokenizer and data, the seed):
+    # recorded in every checkpoint; a resume from checkpoints with other inputs restarts from scratch instead
+    inputs: dict | None = None
     # progress: restored by `resume`, advanced by `run`
     step: int = 0
     skipped: int = 0
@@ -81,18 +87,43 @@ class Driver:
 
     def resume(self) -> tuple[Path, dict] | None:
         """Load the newest checkpoint into the model and optimizer; (its path, its state) for the caller to
-        restore its own part, or None."""
+        restore its own part, or None. Checkpoints made from other ``inputs`` are discarded first (one line says
+        which keys changed): never resumed from."""
+        unchecked = self._discard_stale() if self.inputs is not None else False
         found = ckpt.load_latest(self.out, self.model, self.optimizer, self.world)
         if found:
             state = found[1]
             self.step = state["step"]  # ≥ 1: no checkpoint at step 0
             self.skipped, self.bad_in_row = state.get("skipped_steps", 0), state.get("bad_in_row", 0)
+            if unchecked and self.world.is_main:  # not silent: the inputs cannot be checked
+                self.console.print(f"{self.name}: {found[0]} recorded no inputs (an earlier domainlm wrote it); "
+                                   "resuming without checking them (--restart to train from scratch)",
+                                   markup=False, highlight=False, soft_wrap=True)
         return found
 
     def checkpoint(self) -> None:
         state = {"step": self.step, "skipped_steps": self.skipped, "bad_in_row": self.bad_in_row,
-                 "total_steps": self.total_steps, **self.state()}
+                 "total_steps": self.total_steps, **self.state(),
+                 **({ckpt.INPUTS: self.inputs} if self.inputs is not None else {})}
         ckpt.save_checkpoint(self.out, self.step, self.model, self.optimizer, state, self.world, self.keep_checkpoints)
+
+    def _discard_stale(self) -> bool:
+        """Discard checkpoints made from other inputs; True when the newest recorded none (cannot be checked).
+        Every rank reads the same newest checkpoint and agrees; rank 0 discards, the others wait."""
+        stale = ckpt.stale_checkpoint(self.out, self.inputs)
+        barrier()  # every rank has read before rank 0 removes
+        if stale is None:
+            return False
+        path, changed = stale
+        if changed is None:
+            return True
+        if self.world.is_main:
+            self.console.print(f"{self.name}: {path.parent} holds checkpoints of other inputs (changed: "
+                               f"{ckpt.describe_changes(changed)}); discarding them and training from scratch",
+                               markup=False, highlight=False, soft_wrap=True)
+            ckpt.discard_checkpoints(self.out)
+        barrier()
+        return False
 
     def run(self) -> None:
         """Step from ``self.step`` to ``total_steps``; evaluate and checkpoint on cadence and at the end."""
@@ -138,7 +169,7 @@ class Driver:
                             disable=not main, transient=False)
         start, self.first_step = time.perf_counter(), self.step
         try:
-            with progress:
+            with progress, Preemption(self.world) as preemption:
                 task = progress.add_task(self.name, total=self.total_steps, completed=self.step, info="")
                 while self.step < self.total_steps:
                     info = self._step(log)
@@ -153,6 +184,13 @@ class Driver:
                     if self.step % self.checkpoint_every == 0:
                         self.checkpoint()
                         last_ckpt = self.step
+                    if self.step < self.total_steps and preemption.requested():
+                        if last_ckpt != self.step:
+                            self.checkpoint()
+                        stopped = (f"{self.name}: stopped by a signal after step {self.step}/{self.total_steps}; "
+                                   f"checkpoint {ckpt.list_checkpoints(self.out)[-1]} written")
+                        how = requeue(self.world, functools.partial(progress.console.print, stopped, markup=False))
+                        raise Preempted(f"{stopped}; {how}")
                 if self.evaluate is not None and last_eval != self.step:
                     evaluate()
                 if last_ckpt != self.step:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import re
 import shutil
 import tempfile
 import time
@@ -29,15 +28,23 @@ from domainlm import faults, objectives, stages
 from domainlm.config import RunConfig, load_config
 from domainlm.data.tokens import counts_path, load_counts, open_tokens
 from domainlm.errors import UserError
-from domainlm.hardware import ACCELERATORS
-from domainlm.model import MODEL_DIR, TOKENIZER_DIR, build_model, export_hf, load_base_model, resolve_shape
+from domainlm.hardware import accelerator_of
+from domainlm.model import (
+    MODEL_DIR,
+    TOKENIZER_DIR,
+    build_model,
+    export_hf,
+    load_base_model,
+    resolve_shape,
+    seeded_init,
+)
 from domainlm.model.base import BaseModel, base_of
 from domainlm.objectives import Batches, Causal, Objective
-from domainlm.outputs import Plan, TrainSummary
+from domainlm.outputs import Plan, Stats, TrainSummary
 from domainlm.rundir import RunDir, write_json
 from domainlm.shape import ModelShape
 from domainlm.train import checkpoint as ckpt
-from domainlm.train.data import MixtureLoader, val_windows
+from domainlm.train.data import MixtureLoader, rank_windows, val_windows
 from domainlm.train.driver import Driver, Eval
 from domainlm.train.parallel import (
     Dist,
@@ -45,15 +52,21 @@ from domainlm.train.parallel import (
     choose_parallel,
     distributed,
     parallelize,
+    reshard,
     step_precision,
     unwrap,
 )
 from domainlm.train.schedule import lr_at
-from domainlm.train.step import make_optimizer, train_step, validation_nll
+from domainlm.train.step import IGNORE, make_optimizer, train_step, validation_nll
 
 STAGE = "train"
 # model section keys a base model (train.init_from) decides instead
 SHAPE_KEYS = ("d_model", "n_layers", "n_heads", "n_kv_heads", "ffn_dim", "tie_embeddings", "max_position_embeddings")
+# train keys that do not change what a step computes, only when it is logged, checkpointed or how it is laid out on
+# devices (rounding aside), and the schedule's length (a changed budget extends or shortens a run: resume says so)
+NOT_WEIGHT_KEYS = {"max_tokens", "eval_every", "eval_tokens", "checkpoint_every", "keep_checkpoints", "max_bad_steps",
+                   "parallel", "compile", "activation_checkpointing", "cpu_offload", "micro_batch", "precision",
+                   "init_from"}
 
 
 def run_training(config: Path | None, *, restart: bool = False, max_steps: int | None = None,
@@ -79,15 +92,12 @@ def planned_tokens(plan: Plan | None) -> float | None:
 def peak_flops(device: torch.device, precision: str, run_dir: Path, world_size: int) -> float | None:
     """Denominator of MFU: datasheet peak × GPUs on CUDA; on CPU the plan's measured training probe
     (no datasheet exists, so CPU "MFU" is relative to what the probe model achieved)."""
-    if device.type == "cuda":
-        name = torch.cuda.get_device_name(device).lower()
-        mem_gb = torch.cuda.get_device_properties(device).total_memory / 1e9
-        for key, acc in ACCELERATORS.items():
-            kind = key.split("-")[0]
-            size_ok = (key != "a100-40gb" or mem_gb < 60) and (key != "a100-80gb" or mem_gb >= 60)
-            if re.search(rf"\b{kind}\b", name) and size_ok:
-                return (acc.bf16_flops if precision == "bf16-mixed" else acc.fp32_flops) * world_size
-        return None
+    if device.type == "cuda":  # the card's own peak: an H100 PCIe is not an H100 SXM
+        acc = accelerator_of(torch.cuda.get_device_name(device),
+                             torch.cuda.get_device_properties(device).total_memory / 1e9)
+        if acc is None:
+            return None
+        return (acc.bf16_flops if precision == "bf16-mixed" else acc.fp32_flops) * world_size
     plan = plan_of(run_dir)
     return plan.compute.get("measured_flops_per_s") if plan is not None else None
 
@@ -129,18 +139,29 @@ def evaluate(model, val: dict[str, np.ndarray], counts: dict, *, seq_len: int, m
     out = {}
     eos = counts.get("eos_id")
     for name, arr in val.items():
-        n = val_windows(arr, seq_len, max_tokens, world.world_size)
-        if n == 0:
+        n = val_windows(arr, seq_len, max_tokens)
+        if n == 0:  # shorter than one window: left out at setup (`_val_splits`)
             continue
-        mine = list(range(world.rank, n, world.world_size))
-        nll, scored, hits = validation_nll(model, batches.val(arr, mine, seq_len, micro_batch, eos), world.device,
-                                           precision, batches.loss, hits=True)
+        mine = rank_windows(n, world.rank, world.world_size)
+        windows = _scoring(batches.val(arr, [j or 0 for j in mine], seq_len, micro_batch, eos), mine, micro_batch)
+        nll, scored, hits = validation_nll(model, windows, world.device, precision, batches.loss, hits=True)
         if dist.is_initialized():
             for x in (nll, scored, hits):
                 dist.all_reduce(x)
         out[name] = batches.scores(nll.item(), scored.item(), hits.item(), arr, eos,
                                    counts["sources"][name]["val_bytes"])
     return out
+
+
+def _scoring(batches, mine: list[int | None], micro_batch: int):
+    """``batches`` of the windows ``mine`` (window 0 in place of each None: padding, see `rank_windows`), with no
+    target in the rows of the padding."""
+    for i, (ids, labels) in enumerate(batches):
+        pad = [k for k, j in enumerate(mine[i * micro_batch : (i + 1) * micro_batch]) if j is None]
+        if pad:
+            labels = labels.clone()  # may be ``ids`` itself
+            labels[pad] = IGNORE
+        yield ids, labels
 
 
 # ------------------------------------------------------------------------------------------------ the loop
@@ -182,7 +203,8 @@ def setup(cfg: RunConfig, data_dir: Path, world: Dist, max_steps: int | None) ->
         if name not in counts.get("sources", {}):
             raise UserError(f"{counts_path(tokens)}: no tokens for source {name!r}; rerun `domainlm prepare CONFIG`")
     train = {n: open_tokens(tokens, n, "train", counts) for n in weights}
-    val = {n: open_tokens(tokens, n, "val", counts) for n in weights if counts["sources"][n]["val_tokens"]}
+    # a split shorter than one window has no validation loss (`train` says so); any other is spread over the ranks
+    val = {n: open_tokens(tokens, n, "val", counts) for n in weights if counts["sources"][n]["val_tokens"] > t.seq_len}
     tok_dir = base.path if base else data_dir / TOKENIZER_DIR
     if not (tok_dir / "tokenizer.json").exists():
         raise UserError(f"{tok_dir}: no tokenizer; run `domainlm tokenizer CONFIG` (the export ships it)")
@@ -206,6 +228,18 @@ def setup(cfg: RunConfig, data_dir: Path, world: Dist, max_steps: int | None) ->
                  plan, base, objective)
 
 
+def weight_inputs(cfg: RunConfig, z: Setup, data_dir: Path) -> dict:
+    """What determines a training run's weights, as flat keys (recorded in each checkpoint; train/driver.py): the
+    model and train config (less `NOT_WEIGHT_KEYS`), the resolved shape, the mixture weights, the tokenizer's hash,
+    the token files' counts and the prepared data's fingerprint, and the base model's content hash."""
+    stats = RunDir(data_dir).load(RunDir.STATS, Stats)
+    return {**{f"model.{k}": v for k, v in cfg.model.model_dump().items()},
+            **{f"train.{k}": v for k, v in cfg.train.model_dump().items() if k not in NOT_WEIGHT_KEYS},
+            "shape": z.shape.as_dict(), "weights": z.weights, "tokenizer": z.counts.get("tokenizer_sha256"),
+            "data.counts": z.counts["sources"], "data.prepared": stats.fingerprint if stats is not None else None,
+            "base": z.base.fingerprint if z.base else None}
+
+
 def base_shape(base: BaseModel, seq_len: int, token_vocab: int) -> ModelShape:
     """The base model's shape, checked against what training feeds it: windows no longer than its context, and
     token ids (from its tokenizer) inside its embedding table."""
@@ -218,12 +252,13 @@ def base_shape(base: BaseModel, seq_len: int, token_vocab: int) -> ModelShape:
     return base.shape
 
 
-def initial_model(z: Setup, seed: int, tok, eos_id: int | None) -> torch.nn.Module:
+def initial_model(z: Setup, seed: int, tok, eos_id: int | None, *, meta: bool = False) -> torch.nn.Module:
     """Where the model comes from: the base model's weights (continued pretraining, ``train.init_from``) or a
-    new LlamaForCausalLM of the resolved shape (from scratch). fp32, on the CPU."""
+    new model of the resolved shape (from scratch). fp32, on the CPU — with ``meta``, a new causal LM is built on
+    the meta device instead, for `parallelize` to materialise shard by shard (`seeded_init`: the same weights)."""
     if z.base is None:
         return build_model(z.shape, z.max_pos, seed=seed, objective=z.objective, bos_id=tok.bos_token_id,
-                           eos_id=eos_id, pad_id=tok.pad_token_id)
+                           eos_id=eos_id, pad_id=tok.pad_token_id, meta=meta and isinstance(z.objective, Causal))
     model = load_base_model(z.base)
     torch.manual_seed(seed)  # a base with dropout (GPT-2): its masks are a function of the seed (resume: the RNG)
     return model
@@ -263,14 +298,17 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
 
     tok = AutoTokenizer.from_pretrained(z.tokenizer)
     batches = z.objective.batches(z.objective.add_tokens(tok), t.seed)  # the mask token or sentinels appended
-    model = initial_model(z, t.seed, tok, counts.get("eos_id")).to(world.device)
+    model = initial_model(z, t.seed, tok, counts.get("eos_id"), meta=True)
+    meta = next(model.parameters()).is_meta
+    model = model if meta else model.to(world.device)
     hf_config, model_class = model.config, type(model)  # the class before FSDP2 renames it
     generation = model.generation_config if z.base else None  # a base's own generation settings travel on
     mode = choose_parallel(t.parallel, z.shape, world, seq_len=t.seq_len, micro_batch=t.micro_batch,
                            precision=z.precision, activation_checkpointing=t.activation_checkpointing,
                            cpu_offload=t.cpu_offload)
     model = parallelize(model, mode, world, compile=t.compile, activation_checkpointing=t.activation_checkpointing,
-                        precision=z.precision, cpu_offload=t.cpu_offload)
+                        precision=z.precision, cpu_offload=t.cpu_offload,
+                        init=(lambda m: seeded_init(m, t.seed)) if meta else None)
     amp = step_precision(mode, world, z.precision)  # autocast, unless FSDP2 on CUDA already computes in bf16
     optimizer = make_optimizer(unwrap(model), lr=t.lr, weight_decay=t.weight_decay, device=world.device)
     loader = MixtureLoader(z.train, z.weights, seq_len=t.seq_len, global_batch=z.global_batch,
@@ -293,6 +331,10 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
             f"{sh.n_heads}/{sh.n_kv_heads} heads), {z.total_steps} steps × {z.tokens_per_step} tokens, "
             f"{world.world_size} process(es) ({mode}), {z.precision} on {world.device.type}"
         )
+        short = [n for n in z.weights if n not in z.val and counts["sources"][n]["val_tokens"]]
+        for name in short:
+            console.print(f"note: source {name!r}: its val split has {counts['sources'][name]['val_tokens']} tokens, "
+                          f"fewer than train.seq_len + 1 = {t.seq_len + 1}: no validation loss for it", markup=False)
         ignored = [k for k in SHAPE_KEYS if getattr(cfg.model, k, None)] if z.base else []
         if ignored:  # a config written for training from scratch, reused with a base
             console.print(f"note: {', '.join('model.' + k for k in ignored)} not used: the shape is train.init_from's",
@@ -353,6 +395,7 @@ def _driver(cfg: RunConfig, run_dir: Path, data_dir: Path, world: Dist, model, o
         masked tokens / span targets (a masked-token loss is not a probability of the text)."""
         res = evaluate(unwrap(model), z.val, z.counts, seq_len=t.seq_len, micro_batch=t.micro_batch,
                        max_tokens=t.eval_tokens, world=world, precision=amp, batches=batches)
+        reshard(model)  # zero2 keeps the weights a forward gathered until a backward that an eval never runs
         metric = z.objective.metric
         shown = ", ".join(f"{k} {v['loss']:.3f} ({z.objective.show_metric(v[metric])})" for k, v in res.items())
         fields = {**{f"val_loss/{k}": v["loss"] for k, v in res.items()},
@@ -366,7 +409,8 @@ def _driver(cfg: RunConfig, run_dir: Path, data_dir: Path, world: Dist, model, o
         STAGE, run_dir, world, model, optimizer, z.total_steps, lr, one_step, run_eval if z.val else None,
         lambda: {"parallel": mode, "world_size": world.world_size, "data": loader.state_dict()},
         t.eval_every, t.checkpoint_every, t.keep_checkpoints, console, max_bad_steps=t.max_bad_steps,
-        tensorboard=True, mfu=lambda tokens_per_s: flops_per_token * tokens_per_s / peak if peak else None)
+        tensorboard=True, mfu=lambda tokens_per_s: flops_per_token * tokens_per_s / peak if peak else None,
+        inputs=weight_inputs(cfg, z, data_dir))
     return driver
 
 

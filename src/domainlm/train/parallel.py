@@ -1,6 +1,8 @@
 """Parallelism, applied from outside the model: torch.distributed from torchrun's environment, then
-activation checkpointing, `torch.compile` and DDP (replicated) or FSDP2 (`fully_shard` per decoder layer,
-ZeRO-3).
+activation checkpointing, `torch.compile` and DDP (replicated) or FSDP2 (`fully_shard` per decoder layer):
+``fsdp`` reshards each layer's weights after its forward (ZeRO-3), ``zero2`` keeps them gathered until its
+backward (``reshard_after_forward=False``: ZeRO-2, optimizer states and gradients sharded, one all-gather per
+layer per step instead of two).
 
 Order follows torchtitan: checkpoint each decoder layer → compile each decoder layer → shard/replicate. The
 same code runs on 1 CPU process (no process group, no wrapper), N CPU processes (gloo) and N GPUs (nccl),
@@ -18,7 +20,7 @@ import atexit
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -29,8 +31,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from domainlm.memory import estimate
+from domainlm.memory import TRAIN_PARALLEL, estimate
 from domainlm.shape import ModelShape
+
+SHARDED = ("fsdp", "zero2")  # the train.parallel modes that are FSDP2
 
 
 @dataclass(frozen=True)
@@ -80,29 +84,33 @@ def barrier() -> None:
 
 def choose_parallel(mode: str, shape: ModelShape, world: Dist, *, seq_len: int, micro_batch: int,
                     precision: str, activation_checkpointing: bool = False, cpu_offload: bool = False) -> str:
-    """``none`` for one process; ``auto`` → DDP when replicated training fits the device's memory per the
-    plan's memory model (weights + grads + Adam + activations), else FSDP (ZeRO-3). CPU offload is FSDP's."""
+    """``none`` for one process; ``auto`` → the least sharding that fits the device's memory per the plan's
+    memory model (weights + grads + Adam + activations, `memory.py`): DDP, else ``zero2``, else ``fsdp``
+    (ZeRO-3). CPU offload is FSDP's."""
     if cpu_offload and world.device.type == "cuda":
         return "fsdp"
-    if world.world_size == 1 and mode != "fsdp":
+    if world.world_size == 1 and mode not in SHARDED:
         return "none"
     if mode != "auto":
         return mode
     if world.device.type != "cuda":
         return "ddp"  # CPU memory is the host's; replication is the simpler, faster choice
     capacity_gb = torch.cuda.get_device_properties(world.device).total_memory / 1e9
-    est = estimate(
-        shape.params_total, precision="fp32" if precision == "fp32" else "bf16-mixed", sharding="ddp",
-        gpus=world.world_size, seq_len=seq_len, micro_batch=micro_batch, n_layers=shape.n_layers,
-        d_model=shape.d_model, vocab_size=shape.vocab_size, activation_checkpointing=activation_checkpointing,
-        n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads, ffn_dim=shape.ffn_dim,
-    )
-    return "ddp" if est.total_gb <= 0.9 * capacity_gb else "fsdp"  # 10% headroom: allocator, NCCL buffers
+    for sharding, parallel in TRAIN_PARALLEL.items():
+        est = estimate(
+            shape.params_total, precision="fp32" if precision == "fp32" else "bf16-mixed", sharding=sharding,
+            gpus=world.world_size, seq_len=seq_len, micro_batch=micro_batch, n_layers=shape.n_layers,
+            d_model=shape.d_model, vocab_size=shape.vocab_size, activation_checkpointing=activation_checkpointing,
+            n_heads=shape.n_heads, n_kv_heads=shape.n_kv_heads, ffn_dim=shape.ffn_dim,
+        )
+        if est.total_gb <= 0.9 * capacity_gb:  # 10% headroom: allocator, NCCL buffers
+            return parallel
+    return "fsdp"
 
 
 def fsdp_mixed_precision(mode: str, world: Dist, precision: str) -> bool:
     """Whether FSDP2 casts parameters to bf16 itself (CUDA, ``bf16-mixed``) — then the step runs without autocast."""
-    return mode == "fsdp" and world.device.type == "cuda" and precision == "bf16-mixed"
+    return mode in SHARDED and world.device.type == "cuda" and precision == "bf16-mixed"
 
 
 def step_precision(mode: str, world: Dist, precision: str) -> str:
@@ -156,25 +164,42 @@ def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
 
 def parallelize(model: torch.nn.Module, mode: str, world: Dist, *, compile: bool = False,
                 activation_checkpointing: bool = False, precision: str = "fp32",
-                cpu_offload: bool = False) -> torch.nn.Module:
+                cpu_offload: bool = False, init: Callable[[torch.nn.Module], None] | None = None) -> torch.nn.Module:
     """Return the module to train: ``model`` itself (none/fsdp — `fully_shard` works in place) or a DDP wrapper.
 
     ``cpu_offload`` (FSDP only): sharded parameters, gradients and the optimizer step live in host memory
-    (`CPUOffloadPolicy`), for a model whose states do not fit the GPUs even fully sharded."""
+    (`CPUOffloadPolicy`), for a model whose states do not fit the GPUs even fully sharded.
+
+    A model on the meta device (`build_model(meta=True)`) is materialised here and initialised by ``init``: with
+    FSDP after sharding, so each rank only ever allocates its shard (torchtitan's order); otherwise on the
+    training device directly, without a full copy in host memory first."""
+    meta = any(p.is_meta for p in model.parameters())
+    if meta and init is None:
+        raise ValueError("a model on the meta device needs init")
+
+    def materialise(m: torch.nn.Module, device: torch.device) -> None:
+        tied = getattr(m, "config", None) is not None and getattr(m.config, "tie_word_embeddings", False)
+        m.to_empty(device=device)
+        if tied and mode not in SHARDED:  # to_empty gives the head a tensor of its own: share the embedding's again
+            m.tie_weights()
+        init(m)
+
     if activation_checkpointing:
         checkpoint_layers(model)
     if compile:
         for layer in [x for stack in layer_stacks(model) for x in stack]:
             layer.compile()  # per block: small graphs compile fast and reuse (torchtitan)
     cpu_offload = cpu_offload and world.device.type == "cuda"  # on a CPU the states are in host memory already
-    if cpu_offload and mode != "fsdp":
+    if cpu_offload and mode not in SHARDED:
         raise ValueError(f"cpu_offload needs FSDP, not {mode!r}")
+    if meta and mode not in SHARDED:
+        materialise(model, world.device)
     if mode == "none":
         return model
     if mode == "ddp":
 
         return DDP(model, device_ids=[world.device.index] if world.device.type == "cuda" else None)
-    if mode == "fsdp":
+    if mode in SHARDED:
 
         if not dist.is_initialized():  # FSDP on one process (e.g. resuming a sharded run alone)
             _init_single_process_group(world)
@@ -184,8 +209,11 @@ def parallelize(model: torch.nn.Module, mode: str, world: Dist, *, compile: bool
             # bf16 all-gathers and matmuls; fp32 gradient reduce-scatter (a sum over ranks in bf16 loses bits).
             kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         for layer in [x for stack in layer_stacks(model) for x in stack]:
-            fully_shard(layer, **kw)  # one all-gather per layer in forward and backward
+            # fsdp: one all-gather per layer in forward and one in backward; zero2: one, kept until backward
+            fully_shard(layer, reshard_after_forward=mode == "fsdp", **kw)
         fully_shard(model, **kw)  # embeddings, final norm, head
+        if meta:
+            materialise(model, torch.device("cpu") if cpu_offload else world.device)
         return model
     raise ValueError(f"unknown parallel mode {mode!r}")
 
@@ -197,6 +225,13 @@ def _init_single_process_group(world: Dist) -> None:
     atexit.register(shutil.rmtree, folder, ignore_errors=True)
     store = dist.FileStore(os.path.join(folder, "store"), 1)
     dist.init_process_group("nccl" if world.device.type == "cuda" else "gloo", store=store, rank=0, world_size=1)
+
+
+def reshard(model: torch.nn.Module) -> None:
+    """Free the gathered weights a forward without backward (an eval) left behind under ``zero2``."""
+    for m in model.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

@@ -42,16 +42,17 @@ def variant_config(cfg: RunConfig, run_dir: Path, domain_weight: float, *, token
                    seed: int | None = None, folder: Path | None = None) -> RunConfig:
     """The run's config with new weights, the run's shape and budget fixed, and its own directory. A continued
     run's variants (``train.init_from``) continue the same base: its shape, its tokenizer's token files.
-    `domainlm mix` gives each variant its own ``tokens`` budget, training ``seed`` and ``folder``."""
+    `domainlm mix` gives each variant its own ``tokens`` budget, training ``seed`` and ``folder``; without a
+    ``folder``, a ``seed`` other than train.seed trains in ``w<weight>-seed<S>/`` (`domainlm ablate --seeds`)."""
     base = base_of(cfg)
     shape = base.shape if base else resolve_shape(cfg, run_dir, int(load_counts(run_dir)["vocab_size"]))
     budget = tokens or cfg.train.max_tokens or planned_tokens(plan_of(run_dir))
     if budget is None:
         raise UserError("train.max_tokens: no token budget; set it or run `domainlm plan CONFIG` first")
-    name = f"{cfg.name}-w{domain_weight:g}" if folder is None else f"{cfg.name}-{Path(folder).name}"
-    folder = Path(folder) if folder is not None else RunDir(run_dir).variant(domain_weight)
+    other = seed is not None and seed != cfg.train.seed
+    folder = Path(folder) if folder is not None else RunDir(run_dir).variant(domain_weight, seed=seed if other else None)
     train = {} if seed is None else {"seed": seed}
-    return fixed_config(cfg, shape, float(budget), name=name, run_dir=folder,
+    return fixed_config(cfg, shape, float(budget), name=f"{cfg.name}-{folder.name}", run_dir=folder,
                         weights=reweighted(cfg, domain_weight), **train)
 
 
