@@ -9,7 +9,6 @@ from outside, in `domainlm.train.parallel` and `domainlm.train.step`.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from pathlib import Path
 
