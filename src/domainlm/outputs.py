@@ -612,6 +612,7 @@ class Extension(Output):
     added: int
     base_vocab: int
     vocab: int
+    untied: bool  # a tied head was untied first (new output rows can then differ from input rows)
     tokens: list[AddedToken]
 
 
