@@ -15,6 +15,7 @@ from domainlm.errors import UserError
 from domainlm.evaluate import tasks as T
 from domainlm.finetune import classify as C
 from domainlm.finetune.loop import FinetuneArgs
+from outputs_check import check_outputs
 from test_train_fixtures import make_tiny_model, make_tokenizer, one_thread, weights  # noqa: F401
 
 TEXTS = [
@@ -157,6 +158,10 @@ def test_compare_classifiers_majority_and_report(decoder, task_files, tmp_path, 
     assert r["majority_accuracy"] == pytest.approx(gold.count(top) / len(gold))
     assert r["majority_macro_f1"] == pytest.approx(T.macro_f1(gold, [r["majority_class"]] * len(gold)))
     assert "majori" in out  # the table row (rich may wrap the cell)
+    found = check_outputs(run)  # every JSON file the comparison wrote, through its model
+    assert {"eval/classify.json", "finetune/classify/compare.json", "finetune/classify/domain/finetune.json",
+            "finetune/classify/general/finetune.json"} <= set(found)
+    assert found["finetune/classify/domain/finetune.json"].head == "classification"
 
     from domainlm.pipeline import build_report
 

@@ -330,7 +330,8 @@ def test_bad_bases_are_one_line(prepared, tmp_path, cli):
     shutil.copytree(base, tmp_path / "weird")
     conf = json.loads((base / "config.json").read_text())
     (tmp_path / "weird" / "config.json").write_text(json.dumps({**conf, "model_type": "no-such-model"}))
-    cases = [(tmp_path / "missing", "no such folder"), (tmp_path / "empty", "not a Hugging Face model folder"),
+    cases = [(tmp_path / "missing", "no such model folder or run directory"),
+             (tmp_path / "empty", "neither a Hugging Face model folder"),
              (tmp_path / "notok", "no tokenizer.json"), (tmp_path / "noweights", "no weights"),
              (tmp_path / "weird", "transformers cannot read its config.json")]
     for folder, why in cases:
@@ -340,7 +341,7 @@ def test_bad_bases_are_one_line(prepared, tmp_path, cli):
         assert len(err.strip().splitlines()) == 1, err
     code, _, err = cli("train", str(_with(prepared, tmp_path, seq_len=128, tokens_per_step=512)))
     assert code == 2 and "train.seq_len: 128 is longer than the base model's context 64" in err
-    with pytest.raises(UserError, match="train.init_from: .*: no such folder"):
+    with pytest.raises(UserError, match="train.init_from: .*: no such model folder or run directory"):
         from domainlm.model.base import resolve_base
 
         resolve_base(tmp_path / "missing")

@@ -16,6 +16,7 @@ from crashkit import KILLED, domainlm, stamps
 from domainlm import decide
 from domainlm.config import load_config, write_resolved
 from domainlm.errors import UserError
+from outputs_check import check_outputs
 from test_train_fixtures import (  # noqa: F401 (one_thread: autouse fixture)
     LEGAL,
     NEWS,
@@ -49,8 +50,11 @@ def prepared_run(tmp: Path) -> Path:
     for name, texts in (("legal", LEGAL), ("news", NEWS)):
         for split, n in (("train", 40), ("val", 10)):
             _write_docs(run / "data" / name / split, [" ".join(rng.choice(texts, size=2)) for _ in range(n)])
-    (run / "data" / "stats.json").write_text(json.dumps({"version": 1, "fingerprint": "test",
-                                                         "sources": {"legal": {}, "news": {}}}))
+    counts = {"input": "test", "docs_in": 50, "bytes_in": 0, "docs_out": 50, "bytes_out": 0, "train_docs": 40,
+              "train_bytes": 0, "val_docs": 10, "val_bytes": 0, "drops": {}, "invalid_utf8_replaced": 0,
+              "decoded_cp1252": 0, "malformed_lines": 0, "malformed_at": []}  # what `domainlm tokenize` reads
+    (run / "data" / "stats.json").write_text(json.dumps({"version": 1, "fingerprint": "test", "tasks": 1,
+                                                         "sources": {"legal": counts, "news": counts}}))
     tokenize(run)
     cfg = {
         "name": "tiny", "run_dir": str(run),
@@ -123,6 +127,17 @@ def test_three_arms_and_the_extended_one_at_equal_tokens(decided):
         for s in ev["sources"].values():  # per-document bits add up to the text's total
             assert sum(s["doc_bits"]) == pytest.approx(s["nll_bits"], rel=1e-9)
             assert sum(s["doc_bytes"]) == s["bytes"]
+
+
+def test_every_json_decide_writes_has_a_model(decided):
+    """decide.json, each arm's eval.json and training summary, the extended base's extension.json and audit.json,
+    the base tokenizer's counts.json: all load through their models (outputs.py)."""
+    found = check_outputs(Path(decided["result"]["run_dir"]))
+    assert {"decide/decide.json", "decide/scratch/eval.json", "decide/continued/logs/train.json",
+            "decide/continued-vocab8/base/extension.json", "decide/continued-vocab8/base/audit.json",
+            "logs/train.json"} <= set(found)
+    ext = found["decide/continued-vocab8/base/extension.json"]
+    assert ext.added == decided["result"]["arms"]["continued-vocab8"]["extension"]["added"] == len(ext.tokens)
 
 
 def test_verdict_names_the_winner_with_a_paired_interval(decided):
@@ -237,6 +252,7 @@ def test_extend_vocab_in_the_config(decided, tmp_path):
     assert legal["bytes_per_token"] > legal["baseline_bytes_per_token"]  # after > before on domain text
     ext_arm = decided["result"]["arms"]["continued-vocab8"]["extension"]["bytes_per_token"]["legal"]
     assert ext_arm["after"] > ext_arm["before"]
+    assert {"base-extended/extension.json", "base-extended/audit.json"} <= set(check_outputs(tmp_path / "c" / "run"))
 
 
 def test_a_copy_of_the_runs_tokenizer_shares_its_token_files(decided, tmp_path):
@@ -250,13 +266,17 @@ def test_a_copy_of_the_runs_tokenizer_shares_its_token_files(decided, tmp_path):
 
 
 def test_train_record_of_a_run_without_logs_train_json(decided, tmp_path):
-    """A run directory from before logs/train.json (or a rerun that found training done): the stage marker."""
+    """The training summary is read from logs/train.json only, never from the stage marker (bookkeeping, not
+    data): a run directory without it is a one-line error saying how to get it."""
     run = Path(decided["result"]["run_dir"])
     summary = json.loads((run / "logs" / "train.json").read_text())
     (tmp_path / ".stages").mkdir()
     (tmp_path / ".stages" / "train.json").write_text(json.dumps({"fingerprint": "f", "finished": 1.0, **summary}))
-    params = decided["result"]["arms"]["scratch"]["params"]
-    assert decide.train_record(run)["params"] == decide.train_record(tmp_path)["params"] == params
+    assert decide.train_record(run).params == decided["result"]["arms"]["scratch"]["params"]
+    with pytest.raises(UserError) as e:
+        decide.train_record(tmp_path)
+    assert str(e.value).startswith(f"{tmp_path / 'logs' / 'train.json'}: no training summary; run `domainlm train`")
+    assert "\n" not in str(e.value)
 
 
 # ------------------------------------------------------------------------------------------------ seeds, changed inputs

@@ -253,7 +253,7 @@ def test_run_dir_from_incompatible_version(run_dir, cli):
 
 
 def test_not_a_model_or_run(tmp_path, cli):
-    assert "neither an HF model folder" in _one_line_error(cli, "eval", str(tmp_path))
+    assert "neither a Hugging Face model folder" in _one_line_error(cli, "eval", str(tmp_path))
     assert "no such model folder" in _one_line_error(cli, "eval", str(tmp_path / "nope"))
 
 

@@ -15,8 +15,10 @@ from domainlm.errors import UserError
 from domainlm.evaluate import tasks as T
 from domainlm.finetune import data as D
 from domainlm.finetune.loop import FinetuneArgs, example_order, finetune
-from domainlm.outputs import FinetuneComparison
+from domainlm.outputs import FinetuneComparison, TaskResults
+from domainlm.rundir import load_output
 from domainlm.train.step import IGNORE, next_token_loss, train_step
+from outputs_check import check_outputs
 from test_train_fixtures import make_tiny_model
 
 TEXTS = [
@@ -301,6 +303,7 @@ def test_eval_task_scores_a_model_folder(model_dir, tmp_path, cli):
     assert set(cat["metrics"]) == {"accuracy", "macro_f1"} and set(res["licensedb-name"]["metrics"]) == {
         "exact_match", "rouge_l"}
     assert all(p["pred"] in cat["choices"] for p in cat["predictions"])
+    assert load_output(tmp_path / "tasks.json", TaskResults).model_dump(exclude_unset=True) == res  # through its model
     code, _, err = cli("eval", str(model_dir), "--task", "licensedb-nope")
     assert code == 2 and "unknown task" in err
 
@@ -314,6 +317,9 @@ def test_compare_writes_side_by_side_result(model_dir, tmp_path):
     res, written = compare(model_dir, model_dir, data, test=test, out=tmp_path / "cmp",
                            args=FinetuneArgs(steps=2, batch_size=4, micro_batch=4))
     assert written == [tmp_path / "cmp" / "compare.json"]
+    found = check_outputs(tmp_path / "cmp")  # the comparison and both fine-tunings' summaries, each through its model
+    assert set(found) == {"compare.json", "domain/finetune.json", "general/finetune.json"}
+    assert found["domain/finetune.json"].fingerprint == found["general/finetune.json"].fingerprint
     assert FinetuneComparison.model_validate_json(written[0].read_text()).verdict == res["verdict"]
     r = res["tasks"]["licensedb-category"]
     # Same base, data, steps and seed: identical fine-tunes, so the difference is exactly 0.

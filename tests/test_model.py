@@ -10,6 +10,7 @@ import torch
 from domainlm.config import validate
 from domainlm.errors import UserError
 from domainlm.model import build_model, export_hf, resolve_shape
+from domainlm.plan.planner import PlanRequest, make_plan
 from domainlm.shape import ModelShape
 from test_train_fixtures import make_tokenizer
 
@@ -47,8 +48,9 @@ def test_resolve_shape_from_plan_or_config(tmp_path):
     cfg = validate({"name": "x", "model": {"n_kv_heads": 1}})
     with pytest.raises(UserError, match="no plan; run `domainlm plan CONFIG`"):
         resolve_shape(cfg, tmp_path, 512)
-    (tmp_path / "plan.json").write_text(json.dumps({"model": {"n_layers": 3, "d_model": 64, "n_heads": 2,
-                                                              "n_kv_heads": 2, "ffn_dim": 192}}))
+    plan = make_plan(PlanRequest(flops=3e15, vocab_size=512, seq_len=256))  # every field `domainlm plan` writes
+    plan["model"].update(n_layers=3, d_model=64, n_heads=2, n_kv_heads=2, ffn_dim=192)
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
     s = resolve_shape(cfg, tmp_path, 512)
     assert (s.n_layers, s.d_model, s.n_heads, s.n_kv_heads, s.ffn_dim, s.vocab_size) == (3, 64, 2, 1, 192, 512)
     fixed = validate({"name": "x", "model": {"d_model": 96, "n_layers": 1}})

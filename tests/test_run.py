@@ -15,6 +15,7 @@ from domainlm.outputs import Law
 from domainlm.pipeline import SCHEMAS
 from domainlm.rundir import RunDir
 from domainlm.train.variants import reweighted
+from outputs_check import check_outputs
 
 
 def _comparable(summary: dict) -> dict:
@@ -70,6 +71,8 @@ def test_outputs_match_their_models(quick, tmp_path):
     for rel in written:
         assert RunDir(run).load(rel, SCHEMAS[rel]) is not None, rel
     assert RunDir(run).load(RunDir.LAW, Law) is None  # not written: None, not an error
+    found = check_outputs(run)  # and every other JSON file of the run (the baseline's, the downstream stage's)
+    assert set(written) <= set(found) and "ablate/w0/logs/train.json" in found
 
     copy = RunDir(tmp_path)
     for rel, damage in ((RunDir.EVAL, lambda t: t[: len(t) // 2]),  # torn

@@ -14,6 +14,7 @@ from domainlm.outputs import Law, ScalingPoint
 from domainlm.plan.laws import get_law
 from domainlm.rundir import RunDir
 from domainlm.scaling.sweep import batch_overrides, parse_budgets, plan_sweep
+from outputs_check import check_outputs
 from test_train_fixtures import make_run, one_thread, run_dir  # noqa: F401 (one_thread: autouse)
 
 # Vocab 300, seq_len 32, 256 tokens/step: the smallest model (d_model 32, 1 layer) has 35,680 params, and
@@ -46,6 +47,9 @@ def test_sweep_points_law_plot_and_rerun(tiny, cli):
     assert law["points"] == 9 and law["params_counted"] == "total"
     assert RunDir(run_dir(tiny)).load(RunDir.LAW, Law).points == 9  # the file is what its model says
     assert [ScalingPoint.model_validate(r).dir for r in rows] == [r["dir"] for r in rows]
+    found = check_outputs(run_dir(tiny))  # points, law and every point's training summary, through their models
+    assert {"scaling/points.jsonl", "scaling/law.json"} <= set(found)
+    assert sum(rel.endswith("/logs/train.json") for rel in found if rel.startswith("scaling/C")) == 9
     a3 = law["approach3"]
     if a3["alpha"] > 0 and a3["beta"] > 0:
         fitted = get_law(f"fitted:{sdir / 'law.json'}")

@@ -90,7 +90,7 @@ def run_ablate(config: Path | None, domain_weights: str, *, console: Console, se
                   tokens=vcfg.train.max_tokens, configured_domain_weight=domain_share(cfg), results=results)
     write_json(RunDir(run_dir).ablate, ab.model_dump())
 
-    return {**ab.model_dump(), "plot": str(ablation_chart(ab, RunDir(run_dir).ablate.with_suffix(".png")))}
+    return {**ab.model_dump(), "plot": str(ablation_chart(ab, RunDir(run_dir) / RunDir.ABLATE_CHART))}
 
 
 def intervals(evs: list[dict]) -> dict[str, list[float]] | None:

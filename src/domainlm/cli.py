@@ -24,7 +24,7 @@ from rich.markup import escape
 from domainlm import __version__, stages
 from domainlm.errors import ConfigError, Preempted, UserError
 from domainlm.lazy import lazy
-from domainlm.rundir import RunDir
+from domainlm.rundir import RunDir, resolve_model_ref
 from domainlm.stages import describe_environment_error, environment_error
 
 # The commands' implementations, executed on first use (lazy.py): `domainlm --help` loads none of them.
@@ -145,10 +145,18 @@ def _locked(run_dir: Path, command: str):
 
 def _is_run(folder: Path) -> bool:
     """A folder some stage of domainlm wrote into (its resolved config, stage markers or a stage's output)."""
+    try:
+        return resolve_model_ref(folder, need_model=False, outputs=pipeline_.PRODUCERS).is_run
+    except UserError:
+        return False
 
-    folder = Path(folder)
-    return folder.is_dir() and any((folder / rel).exists()
-                                   for rel in (RunDir.CONFIG, RunDir.STAGES, RunDir.MODEL, *pipeline_.PRODUCERS))
+
+def _run_of(model_or_run: Path) -> Path | None:
+    """The run directory a MODEL_OR_RUN argument names (its outputs go there: lock it), else None."""
+    try:
+        return resolve_model_ref(model_or_run, need_model=False).run_dir
+    except UserError:
+        return None  # the command itself says what is wrong with it
 
 
 def _writable_file(path: Path, flag: str) -> Path:
@@ -179,7 +187,7 @@ PLOT_SUFFIXES = (".png", ".svg", ".pdf")
 def _plot_path(plot: Path) -> Path:
     """--plot: a file name with an image suffix, or an existing folder (the chart goes to FOLDER/plan.png)."""
     if plot.is_dir():
-        plot = plot / "plan.png"
+        plot = plot / RunDir.PLAN_CHART
     elif plot.suffix.lower() not in PLOT_SUFFIXES:
         raise UserError(f"--plot {plot}: expected an image file name ending in {', '.join(PLOT_SUFFIXES)} "
                         "(or an existing folder)")
@@ -401,8 +409,9 @@ def finetune(
                                       lr=lr, seed=seed, lora=lora, too_long=too_long, max_len=max_len)
     if out is not None:
         _writable_folder(Path(out), "--out")
-    if not (Path(model_or_run) / "config.json").is_file() and (Path(model_or_run) / "model").is_dir():
-        with _locked(model_or_run, "finetune"):  # a run directory: the output goes to <run>/finetune/
+    run_dir = _run_of(model_or_run)
+    if run_dir is not None:
+        with _locked(run_dir, "finetune"):  # a run directory: the output goes to <run>/finetune/
             _finetune(model_or_run, data, val, out, args, compare, test, task, restart, head, seeds)
     else:
         _finetune(model_or_run, data, val, out, args, compare, test, task, restart, head, seeds)
@@ -430,7 +439,7 @@ def _finetune(model_or_run, data, val, out, args, compare, test, task, restart, 
 @app.command()
 def tasks(
     name: Annotated[str, typer.Argument(help="licensedb (the packaged ScanCode LicenseDB)")],
-    out: Annotated[Path, typer.Option(help="folder for the JSONL splits, exclude_ids.txt")] = Path("tasks/licensedb"),
+    out: Annotated[Path, typer.Option(help="folder for the JSONL splits, exclude_ids.txt")] = Path(RunDir.TASK_DATA),
     test_fraction: Annotated[float, typer.Option(callback=_finite(0.01, hi=0.9), help="licenses held out for "
                                                  "test")] = 0.2,
     seed: Annotated[int, typer.Option(help="split seed")] = 0,
@@ -472,10 +481,8 @@ def eval_(
 
     if out is not None:
         _writable_file(out, "--out")  # before the evaluation, not after it
-    target = Path(model_or_run)
-    writes_run = out is None and not (target / "config.json").is_file() and (
-        (target / RunDir.CONFIG).is_file() or (target / RunDir.MODEL).is_dir())  # eval.json goes to <run>/eval/
-    with _locked(target, "eval") if writes_run else contextlib.nullcontext():
+    target = _run_of(model_or_run) if out is None else None  # a run directory: eval.json goes to <run>/eval/
+    with _locked(target, "eval") if target is not None else contextlib.nullcontext():
         _eval(model_or_run, text, probes, run_dir, out, context, stride, max_bytes, task, task_data, as_json)
 
 

@@ -32,7 +32,7 @@ with per-document bits). A finished arm is never redone: killed between arms, a 
 
 from __future__ import annotations
 
-import json
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -49,11 +49,11 @@ from domainlm.evaluate import bootstrap, inputs
 from domainlm.evaluate.command import _probe_file, eval_fingerprint, run_eval
 from domainlm.evaluate.inputs import load_run_config
 from domainlm.model.base import resolve_base
-from domainlm.outputs import Decision, TrainSummary
-from domainlm.rundir import RunDir, write_json
+from domainlm.outputs import AnyEval, Decision, TrainSummary
+from domainlm.rundir import HF_CONFIG, RunDir, load_output, write_json
 from domainlm.train.loop import plan_of, planned_tokens, train
 from domainlm.train.parallel import distributed
-from domainlm.train.variants import train_variant, variant_dir
+from domainlm.train.variants import train_variant
 
 DECIDE_VERSION = 1
 SCRATCH, CONTINUED, BASE = "scratch", "continued", "base"
@@ -82,8 +82,7 @@ def training_flops(params: float | None, tokens: float | None) -> float | None:
 
 def default_base(run_dir: Path) -> Path:
     """The offline demo's general model: the run's general-only baseline (same shape, trained on news)."""
-
-    return RunDir(variant_dir(run_dir, 0.0)).model
+    return RunDir(RunDir(run_dir).variant(0.0)).model
 
 
 def budget_tokens(cfg: RunConfig, run_dir: Path) -> float:
@@ -93,20 +92,22 @@ def budget_tokens(cfg: RunConfig, run_dir: Path) -> float:
     return float(budget)
 
 
-def train_record(folder: Path) -> dict:
-    """What a finished training run recorded: ``logs/train.json``, else its stage marker (a run directory from
-    before that file; a rerun that finds the training done does not write it)."""
+def train_record(folder: Path) -> TrainSummary:
+    """What a finished training run recorded: its ``logs/train.json`` (one-line error when there is none)."""
     rec = RunDir(folder).load(RunDir.TRAIN, TrainSummary)
-    return rec.model_dump() if rec is not None else stages.recorded(folder, "train")
+    if rec is None:
+        raise UserError(f"{RunDir(folder) / RunDir.TRAIN}: no training summary; run `domainlm train` on this run "
+                        "(a finished training writes it again without retraining)")
+    return rec
 
 
 def trained_tokens(folder: Path, cfg: RunConfig) -> float | None:
     """Tokens a domainlm training run trained on: its summary's steps × tokens per step."""
     rec = train_record(folder)
-    if not rec.get("steps"):
+    if not rec.steps:
         return None
     t = cfg.train
-    return float(rec["steps"] * (t.tokens_per_step or t.micro_batch * t.seq_len * (rec.get("world_size") or 1)))
+    return float(rec.steps * (t.tokens_per_step or t.micro_batch * t.seq_len * (rec.world_size or 1)))
 
 
 def base_pretraining(base_path: Path, base_params: int, base_tokens: float | None) -> dict:
@@ -117,10 +118,10 @@ def base_pretraining(base_path: Path, base_params: int, base_tokens: float | Non
         source, tokens = "--base-tokens", float(base_tokens)
     else:
         run = base_path.parent
-        if base_path.name == RunDir.MODEL and RunDir(run).config.is_file() and train_record(run):
+        record = RunDir(run) / RunDir.TRAIN
+        if base_path.name == RunDir.MODEL and RunDir(run).config.is_file() and record.is_file():
             tokens = trained_tokens(run, load_run_config(run))
-            rec = RunDir.TRAIN if (RunDir(run) / RunDir.TRAIN).is_file() else f"{RunDir.STAGES}/train.json"
-            source = str(RunDir(run) / rec) if tokens else None
+            source = str(record) if tokens else None
     return {"params": base_params, "tokens": tokens, "flops": training_flops(base_params, tokens),
             "tokens_from": source}
 
@@ -134,18 +135,14 @@ def continued_config(cfg: RunConfig, run_dir: Path, arm: str, init_from: Path, t
                          seed=cfg.train.seed if seed is None else seed)
     data["tokenizer"]["extend_vocab"] = 0  # the arm's base is already extended
     data["name"] = f"{cfg.name}-{arm}"
-    data["run_dir"] = str(arm_dir(run_dir, arm))
+    data["run_dir"] = str(RunDir(run_dir).arm(arm))
     return RunConfig.model_validate(data)
-
-
-def arm_dir(run_dir: Path, arm: str) -> Path:
-    return RunDir(run_dir) / RunDir.DECIDE_DIR / arm
 
 
 def seed_arm(arm: str, seed: int, first: int) -> str:
     """The folder name of ``arm`` trained with ``seed``: the arm's own for the run's seed ``first``, else
     ``<arm>-seed<S>``."""
-    return arm if seed == first else f"{arm}-seed{seed}"
+    return arm if seed == first else f"{arm}{RunDir.SEED_SUFFIX}{seed}"
 
 
 def scratch_config(cfg: RunConfig, run_dir: Path, seed: int) -> RunConfig:
@@ -153,7 +150,7 @@ def scratch_config(cfg: RunConfig, run_dir: Path, seed: int) -> RunConfig:
     data = cfg.model_dump()
     data["train"]["seed"] = seed
     data["name"] = f"{cfg.name}-{seed_arm(SCRATCH, seed, cfg.train.seed)}"
-    data["run_dir"] = str(arm_dir(run_dir, seed_arm(SCRATCH, seed, cfg.train.seed)))
+    data["run_dir"] = str(RunDir(run_dir).arm(SCRATCH, seed=seed))
     return RunConfig.model_validate(data)
 
 
@@ -173,7 +170,7 @@ def extended_base(cfg: RunConfig, run_dir: Path, base_path: Path, n: int, consol
     """The base model with ``n`` domain tokens added (tokenizer_extend.build_extended), built once in
     ``<run>/decide/continued-vocab<N>/base/``; returns the folder and what was added (with the audit)."""
 
-    out = arm_dir(run_dir, vocab_arm(n)) / "base"
+    out = RunDir(run_dir).arm(vocab_arm(n)) / RunDir.ARM_BASE
     return out, tokenizer_extend.build_extended(cfg, run_dir, base_path, n, out, key="--base", console=console)
 
 
@@ -194,7 +191,6 @@ def _train_scratch(cfg: RunConfig, run_dir: Path, console: Console) -> Path:
 
 def evaluate_arm(model_dir: Path, run_dir: Path, out: Path, texts: list[str] | None, console: Console) -> dict:
     """bpb (with per-document bits), probes; skipped when ``out`` is from the same model, texts and settings."""
-
     target = inputs.resolve(model_dir, run_dir)
     stage = f"decide-eval-{out.parent.name}"
     text_files = [(n, {str(f): stages.file_fingerprint(f) for f in inputs.text_files(p)})
@@ -202,9 +198,12 @@ def evaluate_arm(model_dir: Path, run_dir: Path, out: Path, texts: list[str] | N
     s = stages.Stage(run_dir, stage, out, (DECIDE_VERSION, eval_fingerprint(target.model_dir, target.cfg.eval,
                                                                           _probe_file(None, target), texts),
                                            text_files))
-    result, _ = s.run(lambda: run_eval(model_dir, run=run_dir, texts=texts, out=out, per_doc=True,
-                                       console=console)[0],
-                      lambda: json.loads(out.read_text(encoding="utf-8")))
+    if s.done():
+        with contextlib.suppress(UserError):  # one this version cannot read is scored again
+            return load_output(out, AnyEval).model_dump(exclude_unset=True)
+    s.start()
+    result, _ = run_eval(model_dir, run=run_dir, texts=texts, out=out, per_doc=True, console=console)
+    s.finish()
     return result
 
 
@@ -249,7 +248,7 @@ def verdicts(evals: dict[str, list[dict]], arms: dict[str, dict] | None = None) 
         if second is not None:
             if any(e["sources"][name]["doc_bytes"] != w["doc_bytes"] for a in (win, second) for e in evals[a]):
                 raise UserError(f"{name}: the arms were scored on different documents; delete "
-                                f"{RunDir.DECIDE_DIR}/*/eval.json and rerun")
+                                f"{RunDir.DECIDE_DIR}/*/{RunDir.VARIANT_EVAL} and rerun")
             m = paired_margin([e["sources"][name]["doc_bits"] for e in evals[second]],
                               [e["sources"][name]["doc_bits"] for e in evals[win]], w["doc_bytes"])
             row["margin"] = m
@@ -290,7 +289,7 @@ def run_decide(config: Path | None, *, base: Path | None = None, extend_vocab: i
     for _, p in inputs.parse_text_args(texts):  # bad --text fails before any training
         inputs.text_files(p)
     base_path = Path(base) if base is not None else default_base(run_dir)
-    if base is None and not (base_path / "config.json").is_file():
+    if base is None and not (base_path / HF_CONFIG).is_file():
         raise UserError(f"--base: no general model given and no general-only baseline in {base_path}; run "
                         "`domainlm run CONFIG` (it trains one) or pass --base MODEL_DIR (any Hugging Face causal LM)")
     b = resolve_base(base_path, "--base")
@@ -309,14 +308,14 @@ def run_decide(config: Path | None, *, base: Path | None = None, extend_vocab: i
         row: dict = {"label": label(arm)}
         trained: list[tuple[int, Path, Path]] = []  # (seed, model, folder for eval.json)
         if arm == SCRATCH:
-            trained.append((first, _train_scratch(cfg, run_dir, console), arm_dir(run_dir, arm)))
+            trained.append((first, _train_scratch(cfg, run_dir, console), RunDir(run_dir).arm(arm)))
             for s in seed_list[1:]:
                 scfg = scratch_config(cfg, run_dir, s)
                 trained.append((s, train_variant(scfg, run_dir, console), scfg.directory()))
-            n_params = train_record(run_dir).get("params")
+            n_params = train_record(run_dir).params
             row.update(trained_tokens=trained_tokens(run_dir, cfg), params=n_params, base_flops=None)
         elif arm == BASE:
-            trained.append((first, b.path, arm_dir(run_dir, arm)))  # not trained: one model whatever the seeds
+            trained.append((first, b.path, RunDir(run_dir).arm(arm)))  # not trained: one model whatever the seeds
             row.update(trained_tokens=0.0, params=b.params, base_flops=pre["flops"])
         else:
             init_from = b.path

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, RootModel
 
 Num = int | float  # a number as the writer computed it: an int stays an int in the file
 
@@ -493,6 +493,136 @@ class Decision(Output):
     skipped: dict[str, str]
     texts: dict[str, DecideText]
     verdict: str
+
+
+# ------------------------------------------------------------------------------------------------ eval/tasks.json
+
+
+class TaskPrediction(Part):
+    id: str
+    gold: str
+    pred: str
+
+
+class TaskScores(Output):
+    """One task's scores of one model folder (evaluate/tasks.score_task)."""
+
+    task: str
+    model: str
+    items: int
+    chat_template: bool  # the model's own chat template (else scored zero-shot with domainlm's)
+    metrics: dict[str, Interval]
+    choices: list[str] | None = None  # licensedb-category: the classes it chooses among
+    chance_accuracy: float | None = None
+    majority_accuracy: float | None = None
+    majority_class: str | None = None
+    predictions: list[TaskPrediction]
+
+
+class TaskResults(RootModel[dict[str, TaskScores]]):
+    """``eval/tasks.json`` — `domainlm eval MODEL_OR_RUN --task NAME` (evaluate/command.run_tasks): task -> scores."""
+
+    @classmethod
+    def checked(cls, data: dict) -> dict:
+        return cls.model_validate(data).model_dump(exclude_unset=True)
+
+
+# ------------------------------------------------------------------------------------------------ tasks/licensedb
+
+
+class TaskData(Output):
+    """``balance.json`` of a task-data folder (``<run>/tasks/licensedb/``, or `domainlm tasks licensedb --out`),
+    written last (evaluate/tasks.write_task_data): the splits' sizes and class balance."""
+
+    dir: str
+    licenses: dict[str, int]  # split -> licenses
+    items: dict[str, int]  # split -> items (both tasks)
+    excluded_files: int  # lines of exclude_ids.txt
+    balance: dict[str, dict[str, int]]  # split -> category -> items
+    params: dict[str, Any]  # the split's arguments (test_fraction, seed, ...)
+
+
+# ------------------------------------------------------------------------------------------------ finetune.json
+
+
+class FinetuneSummary(Output):
+    """``finetune.json`` in a fine-tuning's ``--out`` folder — `domainlm finetune` (finetune/loop.py); its
+    fingerprint makes a finished fine-tuning skip."""
+
+    model: str
+    run_dir: str | None
+    data: str
+    val: str | None
+    out: str
+    steps: int
+    final_loss: float | None
+    val_loss: float | None
+    conversations: int
+    truncated: int
+    response_tokens: int
+    tokens: int
+    tokens_per_s: Num | None
+    args: dict[str, Any]  # FinetuneArgs
+    fingerprint: str
+    chat_template: str  # added | model's
+
+
+class ClassifierSummary(Output):
+    """``finetune.json`` of `domainlm finetune --head classification` (finetune/classify.py)."""
+
+    head: str  # classification
+    model: str
+    run_dir: str | None
+    data: str
+    val: str | None
+    out: str
+    architecture: str
+    labels: list[str]
+    steps: int
+    final_loss: float | None
+    val_loss: float | None
+    val_accuracy: float | None
+    examples: int
+    truncated: int
+    tokens_per_s: Num | None
+    args: dict[str, Any]
+    fingerprint: str
+
+
+AnyFinetune = FinetuneSummary | ClassifierSummary
+AnyComparison = FinetuneComparison | ClassifyComparison  # ``<out>/compare.json``: the --head's
+
+
+# ------------------------------------------------------------------------------------------------ vocabulary extension
+
+
+class AddedToken(Part):
+    text: str
+    count: int  # times the domain tokenizer emits it on the sample
+    base_tokens: int  # pieces the base tokenizer splits its text into
+    saved: int  # tokens saved on the sample: count × (base_tokens − 1)
+    id: int
+
+
+class Extension(Output):
+    """``extension.json`` in an extended base model's folder (``base-extended/``, ``decide/continued-vocab<N>/base/``)
+    — tokenizer_extend.build_extended: the domain tokens added to the base's tokenizer."""
+
+    requested: int
+    added: int
+    base_vocab: int
+    vocab: int
+    untied: bool  # a tied head was untied first (new output rows can then differ from input rows)
+    tokens: list[AddedToken]
+
+
+class ExtensionAudit(Output):
+    """``audit.json`` in an extended base model's folder: the extended tokenizer against the base's ("baseline")
+    on every val split and the domain terms (tokenizer.audit)."""
+
+    bytes_per_token: dict[str, SourceCompression]
+    domain_terms: list[TermSplit]
+    summary: dict[str, dict[str, Num | None]]
 
 
 # ------------------------------------------------------------------------------------------------ mix/mix.json

@@ -37,17 +37,24 @@ from domainlm.mine.command import print_mine, run_mine
 from domainlm.model.base import base_of
 from domainlm.outputs import (
     Ablation,
+    AnyComparison,
     AnyEval,
+    AnyFinetune,
     Audit,
     ClassifyComparison,
     Counts,
     Decision,
+    Extension,
+    ExtensionAudit,
     FinetuneComparison,
     Law,
     Mine,
     Mix,
     Plan,
+    ScalingPoint,
     Stats,
+    TaskData,
+    TaskResults,
     TrainSummary,
 )
 from domainlm.plan.command import run_plan
@@ -230,7 +237,7 @@ REGISTRY: list[StageDecl] = [
         run=_eval, sections=(html.eval_section, html.probes_section)),
     StageDecl(
         "eval-tasks", "domainlm eval {run} --task TASK", "`evaluate/tasks.py`, `evaluate/harness.py`",
-        (Output(RunDir.TASKS, what="task accuracies", readers="you"),)),
+        (Output(RunDir.TASKS, TaskResults, readers="you"),)),
     StageDecl(
         "baseline", "domainlm run CONFIG", "`train/variants.py` (the ablation's weight-0 variant)",
         (Output(RunDir.BASELINE_EVAL, AnyEval, readers="report, run summary"),),
@@ -309,6 +316,34 @@ def _refresh() -> None:
 
 
 _refresh()
+
+# The JSON files of a run directory that no stage declares as its own output: those inside child folders (a
+# variant's or an arm's eval.json, a fine-tuning's summary, an extended base's files) by their path from that
+# folder; `schema_for` finds the model of any JSON file of a run (tests/outputs_check.py checks them all).
+FOLDER_SCHEMAS: dict[str, Any] = {
+    RunDir.POINTS: ScalingPoint,  # one per line
+    RunDir.EXTENDED_AUDIT: ExtensionAudit,
+    RunDir.EXTENSION: Extension,
+    f"{RunDir.ARM_BASE}/{RunDir.AUDIT_FILE}": ExtensionAudit,
+    f"{RunDir.ARM_BASE}/{RunDir.EXTENSION_FILE}": Extension,
+    RunDir.VARIANT_EVAL: AnyEval,
+    RunDir.FINETUNE: AnyFinetune,
+    RunDir.COMPARISON: AnyComparison,
+    RunDir.TASK_BALANCE: TaskData,
+    RunDir.COUNTS_FILE: Counts,  # in another tokenizer's token folder (tokens-<sha>/)
+}
+
+
+def schema_for(rel: str):
+    """The model of the JSON file at ``rel`` inside a run directory — child runs included (``decide/continued/
+    logs/train.json`` is a training summary) — or None when it has none. The longest known tail of ``rel`` decides."""
+    parts = rel.split("/")
+    for i in range(len(parts)):
+        tail = "/".join(parts[i:])
+        for table in (SCHEMAS, FOLDER_SCHEMAS):
+            if tail in table:
+                return table[tail]
+    return None
 
 
 def catalog() -> html.Catalog:

@@ -17,6 +17,7 @@ import os
 import shutil
 import stat
 import typing
+from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import TypeAdapter, ValidationError
@@ -162,36 +163,56 @@ class RunDir:
     DATA = "data"  # data/<source>/{train,val}/*.jsonl.gz — domainlm prepare
     STATS = "data/stats.json"  # written last: the data stage is complete
     TOKENIZER = "tokenizer"  # HF tokenizer folder — domainlm tokenizer
-    AUDIT = "tokenizer/audit.json"
+    AUDIT_FILE = "audit.json"  # a tokenizer's audit, in its folder (also in an extended base model's folder)
+    AUDIT = f"{TOKENIZER}/{AUDIT_FILE}"
     TOKENS = "tokens"  # tokens/<source>/{train,val}.bin — domainlm tokenize (other tokenizers: tokens-<sha>/)
     COUNTS_FILE = "counts.json"  # in a token folder, written last: its token files are complete
     COUNTS = f"{TOKENS}/{COUNTS_FILE}"
     CHECKPOINTS = "checkpoints"  # domainlm train
-    METRICS = "logs/metrics.jsonl"
-    TRAIN = "logs/train.json"  # the train summary, after the export
+    LOGS = "logs"
+    METRICS = f"{LOGS}/metrics.jsonl"
+    TENSORBOARD = f"{LOGS}/tensorboard"  # TensorBoard events of the training loop
+    TRAIN = f"{LOGS}/train.json"  # the train summary, after the export
     MODEL = "model"  # the Hugging Face export
-    EVAL = "eval/eval.json"  # domainlm eval
-    TASKS = "eval/tasks.json"  # domainlm eval --task
-    FINETUNE_COMPARE = "eval/finetune.json"  # domainlm finetune --compare
-    CLASSIFY_COMPARE = "eval/classify.json"  # domainlm finetune --head classification --compare
+    EVAL_DIR = "eval"
+    EVAL = f"{EVAL_DIR}/eval.json"  # domainlm eval
+    TASKS = f"{EVAL_DIR}/tasks.json"  # domainlm eval --task
+    FINETUNE_COMPARE = f"{EVAL_DIR}/finetune.json"  # domainlm finetune --compare
+    CLASSIFY_COMPARE = f"{EVAL_DIR}/classify.json"  # domainlm finetune --head classification --compare
     TASK_DATA = "tasks/licensedb"  # domainlm run's downstream stage: the LicenseDB split (domainlm tasks licensedb)
-    DOWNSTREAM = "finetune/classify"  # domainlm run's downstream stage: the two fine-tuned classifiers
-    ABLATE = "ablate/ablate.json"  # domainlm ablate
-    VARIANT_EVAL = "eval.json"  # in a variant's folder (ablate/w<W>/): its bpb and probes
-    BASELINE_EVAL = "ablate/w0/eval.json"  # the weight-0 variant's: domainlm run's general-only baseline
-    DECIDE_DIR = "decide"  # domainlm decide: decide/<arm>/ (an arm's training run and its eval.json)
-    DECIDE = "decide/decide.json"  # domainlm decide: scratch vs continued vs the general model, the verdict
+    TASK_BALANCE = "balance.json"  # in a task-data folder, written last: its splits and class balance
+    # Child runs (`child`): each is a run directory of its own (config.yaml, checkpoints/, model/, ...).
+    ABLATE_DIR = "ablate"  # ablate/w<W>/: a domain-weight variant — domainlm ablate; w0: domainlm run's baseline
+    SCALING_DIR = "scaling"  # scaling/C<budget>/N<params>/: a point of the IsoFLOP sweep — domainlm scaling
+    DECIDE_DIR = "decide"  # decide/<arm>/: an arm's training run and its eval.json — domainlm decide
+    FINETUNE_DIR = "finetune"  # finetune/<name>/: a fine-tuning of the run's model — domainlm finetune
+    MIX_DIR = "mix"  # mix/D<tokens>-w<weight>-s<seed>/: one variant of the design — domainlm mix
+    CHILD_KINDS = (ABLATE_DIR, SCALING_DIR, DECIDE_DIR, FINETUNE_DIR, MIX_DIR)
+    SEED_SUFFIX = "-seed"  # a child run trained with another seed than the run's: <name>-seed<S>
+    ABLATE = f"{ABLATE_DIR}/ablate.json"  # domainlm ablate
+    ABLATE_CHART = f"{ABLATE_DIR}/ablate.png"
+    VARIANT_EVAL = "eval.json"  # in a variant's or an arm's folder (ablate/w<W>/, decide/<arm>/): its bpb, probes
+    BASELINE_EVAL = f"{ABLATE_DIR}/w0/{VARIANT_EVAL}"  # the weight-0 variant's: domainlm run's general-only baseline
+    DECIDE = f"{DECIDE_DIR}/decide.json"  # domainlm decide: scratch vs continued vs the general model, the verdict
+    ARM_BASE = "base"  # decide/continued-vocab<N>/base/: the general model with N domain tokens added
     EXTENDED_BASE = "base-extended"  # tokenizer.extend_vocab: the base model + domain tokens (tokenizer_extend.py)
+    EXTENSION_FILE = "extension.json"  # in an extended base model's folder: the tokens added
+    EXTENSION = f"{EXTENDED_BASE}/{EXTENSION_FILE}"
+    EXTENDED_AUDIT = f"{EXTENDED_BASE}/{AUDIT_FILE}"  # the extended tokenizer's audit against the base's
+    DOWNSTREAM = f"{FINETUNE_DIR}/classify"  # domainlm run's downstream stage: the two fine-tuned classifiers
     FINETUNE = "finetune.json"  # in a fine-tuning's --out folder: its summary
-    MIX_DIR = "mix"  # domainlm mix: mix/D<tokens>-w<weight>-s<seed>/ (one variant's training run and eval.json)
-    MIX = "mix/mix.json"  # domainlm mix: the mixing law, its held-out check, the recommended weights
-    MIX_CHART = "mix/frontier.png"
+    COMPARISON = "compare.json"  # in a `finetune --compare` --out folder: the comparison
+    MIX = f"{MIX_DIR}/mix.json"  # domainlm mix: the mixing law, its held-out check, the recommended weights
+    MIX_CHART = f"{MIX_DIR}/frontier.png"
+    LAW = f"{SCALING_DIR}/law.json"  # domainlm scaling
+    POINTS = f"{SCALING_DIR}/points.jsonl"
+    SCALING_CHART = f"{SCALING_DIR}/scaling.png"
     MINE = "mine/mine.json"  # domainlm mine: the rounds (yield, precision, threshold), written last
     MINE_DOCS = "mine/docs"  # domainlm mine: the mined source, mine/docs/<pool>/<rank>.jsonl.gz
     MINE_WORK = ".mine"  # mine's work files (indexes, classifiers, scored candidates per round)
-    LAW = "scaling/law.json"  # domainlm scaling
-    POINTS = "scaling/points.jsonl"
     REPORT = "report/index.html"  # domainlm report
+    LAUNCH_DIR = "launch"  # domainlm launch slurm: the sbatch script and the jobs' logs (slurm-<job>.out)
+    SBATCH = f"{LAUNCH_DIR}/train.sbatch"
     STAGES = ".stages"  # bookkeeping markers (stages.py): not data for other stages
     PREPARE = ".prepare"  # prepare's work files (datatrove tasks, counters): not data for other stages
 
@@ -258,14 +279,133 @@ class RunDir:
     def report(self) -> Path:
         return self.root / self.REPORT
 
-    def read_json(self, rel: str):
-        """A JSON output of another stage, or None when that stage has not written it yet."""
-        path = self.root / rel
-        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
-
     def load(self, rel: str, model):
         """The output ``rel`` as its typed model (outputs.SCHEMAS), or None when its stage has not written it."""
         return load_output(self.root / rel, model)
+
+    # -------------------------------------------------------------------------------------------- child runs
+
+    def child(self, kind: str, *names: str, seed: int | None = None) -> Path:
+        """The folder of a child run of this run (the one place their paths are made): ``<run>/<kind>/<names>``,
+        ``kind`` one of `CHILD_KINDS`. ``seed``: a child trained with another training seed, in its own folder
+        (``<last name>-seed<S>``); None gives the folder a child without a seed has always had."""
+        if kind not in self.CHILD_KINDS:
+            raise ValueError(f"child run kind {kind!r}: expected one of {', '.join(self.CHILD_KINDS)}")
+        if not names or not all(names):
+            raise ValueError("a child run needs a name")
+        if seed is not None:
+            names = (*names[:-1], f"{names[-1]}{self.SEED_SUFFIX}{seed}")
+        return self.root.joinpath(kind, *names)
+
+    def variant(self, domain_weight: float, *, seed: int | None = None) -> Path:
+        """``ablate/w<W>/``: the variant trained with domain weight W (w0: the general-only baseline)."""
+        return self.child(self.ABLATE_DIR, f"w{domain_weight:g}", seed=seed)
+
+    def scaling_point(self, budget: float, params: int, *, seed: int | None = None) -> Path:
+        """``scaling/C<budget>/N<params>/``: one point of the IsoFLOP sweep."""
+        return self.child(self.SCALING_DIR, f"C{budget_label(budget)}", f"N{params}", seed=seed)
+
+    def arm(self, arm: str, *, seed: int | None = None) -> Path:
+        """``decide/<arm>/``: an arm of `domainlm decide` (its training run, or only its eval.json)."""
+        return self.child(self.DECIDE_DIR, arm, seed=seed)
+
+    def mix_variant(self, tokens: float, domain_weight: float, seed: int) -> Path:
+        """``mix/D<tokens>-w<W>-s<seed>/``: one run of `domainlm mix`'s design (its seed always named)."""
+        return self.child(self.MIX_DIR, f"D{budget_label(tokens)}-w{domain_weight:g}-s{seed}")
+
+    def finetuning(self, name: str, *, seed: int | None = None) -> Path:
+        """``finetune/<name>/``: a fine-tuning of the run's model (the default ``--out``)."""
+        return self.child(self.FINETUNE_DIR, name, seed=seed)
+
+
+def budget_label(budget: float) -> str:
+    """A compute budget in a folder or run name: 3e+12 → 3e12 (names allow no "+")."""
+    return f"{budget:.3g}".replace("e+", "e")
+
+
+# ------------------------------------------------------------------------------------------------ model references
+
+HF_CONFIG = "config.json"  # what makes a folder a Hugging Face model folder (not a run-directory file)
+RUN_MARKERS = (RunDir.CONFIG, RunDir.RUN_CONFIG, RunDir.STAGES, RunDir.MODEL)  # what makes a folder a run directory
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """What a MODEL_OR_RUN argument names: a Hugging Face model folder, or a run directory and its ``model/``."""
+
+    path: Path  # as given
+    model_dir: Path  # the Hugging Face folder: ``path`` itself, or ``<run>/model``
+    run_dir: Path | None  # the run directory; None for a bare model folder
+
+    @property
+    def is_run(self) -> bool:
+        return self.run_dir is not None
+
+    @property
+    def trained(self) -> bool:
+        """Whether the model folder holds a model (a run directory's may not exist yet)."""
+        return (self.model_dir / HF_CONFIG).is_file()
+
+    def finetune_out(self, name: str, *, standalone: Path | None = None) -> Path:
+        """Where a fine-tuning of this model goes unless ``--out`` says: ``<run>/finetune/<name>/`` for a run
+        directory; for a bare model folder ``standalone`` when given, else ``<model>-ft-<name>/`` beside it."""
+        if self.run_dir is not None:
+            return RunDir(self.run_dir).finetuning(name)
+        return standalone if standalone is not None else self.model_dir.with_name(f"{self.model_dir.name}-ft-{name}")
+
+
+def resolve_model_ref(path: Path | str, *, key: str | None = None, need_model: bool = True,
+                      outputs: typing.Iterable[str] = ()) -> ModelRef:
+    """Run directory or Hugging Face model folder? The one answer every command uses. A folder with a
+    ``config.json`` is a model folder; one with a ``config.yaml``, ``run-config.yaml``, ``.stages/`` or ``model/``
+    (or any of ``outputs``, run-relative files) is a run directory, whose model is ``model/`` — which must hold a
+    trained model when ``need_model``. Anything else is a one-line `UserError` (prefixed ``<key>: `` when given)."""
+    p = Path(path).expanduser()
+    where = f"{key}: {p}" if key else str(p)
+    if not p.exists():
+        raise UserError(f"{where}: no such model folder or run directory")
+    if not p.is_dir():
+        raise UserError(f"{where}: a file; expected a Hugging Face model folder (config.json) or a domainlm run "
+                        "directory (config.yaml)")
+    if (p / HF_CONFIG).is_file():
+        return ModelRef(p, p, None)
+    if any((p / rel).exists() for rel in (*RUN_MARKERS, *outputs)):
+        ref = ModelRef(p, RunDir(p).model, p)
+        if need_model and not ref.trained:
+            raise UserError(f"{where}: a run directory without a trained model ({RunDir.MODEL}/{HF_CONFIG}); run "
+                            "`domainlm train` on it first")
+        return ref
+    raise UserError(f"{where}: neither a Hugging Face model folder (no config.json) nor a domainlm run directory "
+                    "(no config.yaml)")
+
+
+def load_jsonl(path: Path | str, model) -> list | None:
+    """A JSON-lines output (one ``model`` per line; blank lines skipped), or None when absent; a one-line
+    UserError naming the file and line when one does not match."""
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: cannot read it ({e}); rerun the stage that writes it") from None
+    adapter, rows = TypeAdapter(model), []
+    for i, line in enumerate(lines, 1):
+        if line.strip():
+            try:
+                rows.append(adapter.validate_json(line))
+            except ValidationError as e:
+                raise UserError(f"{path}:{i}: {_invalid(model, e)}") from None
+    return rows
+
+
+def _invalid(model, e: ValidationError) -> str:
+    first = e.errors()[0]
+    where = ".".join(str(x) for x in first["loc"]) or "the file"
+    more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+    name = " or ".join(m.__name__ for m in typing.get_args(model) or [model])
+    return (f"not a valid {name} ({where}: {first['msg']}{more}): damaged, or written by another domainlm version; "
+            "rerun the stage that writes it")
 
 
 def load_output(path: Path | str, model):
@@ -281,9 +421,4 @@ def load_output(path: Path | str, model):
     try:
         return TypeAdapter(model).validate_json(text)
     except ValidationError as e:
-        first = e.errors()[0]
-        where = ".".join(str(x) for x in first["loc"]) or "the file"
-        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
-        name = " or ".join(m.__name__ for m in typing.get_args(model) or [model])
-        raise UserError(f"{path}: not a valid {name} ({where}: {first['msg']}{more}): damaged, or written by another "
-                        "domainlm version; rerun the stage that writes it") from None
+        raise UserError(f"{path}: {_invalid(model, e)}") from None

@@ -31,12 +31,12 @@ from domainlm.config import SPECIAL_TOKENS, RunConfig, SourceConfig, load_config
 from domainlm.data.pipeline import document_files, iter_documents
 from domainlm.errors import UserError
 from domainlm.outputs import Audit, Plan
-from domainlm.rundir import RunDir, clear_temp, swap_dir, write_json
+from domainlm.rundir import RunDir, clear_temp, load_output, swap_dir, write_json
 from domainlm.stages import Stage, file_fingerprint
 
 STAGE = "tokenizer"
 AUDIT_VERSION = 1
-AUDIT_FILE = Path(RunDir.AUDIT).name
+AUDIT_FILE = RunDir.AUDIT_FILE
 BASELINE_FILE = "baseline-tokenizer.json"
 BOS, EOS, PAD = SPECIAL_TOKENS  # ids 0, 1, 2: the trainers put special tokens first, in this order
 ENCODE_BATCH_DOCS = 256
@@ -275,7 +275,7 @@ def run_tokenizer(config: Path | str | None, *, console: Console | None = None) 
                    _data_fingerprint(cfg, run_dir)), intact=(out / "tokenizer.json").exists)
     if stage.done():
         _say(console, f"[dim]tokenizer: up to date ({escape(str(out))}); nothing to do[/]")
-        return {**json.loads((out / AUDIT_FILE).read_text(encoding="utf-8")), "skipped": True}
+        return {**load_output(out / AUDIT_FILE, Audit).model_dump(exclude_unset=True), "skipped": True}
     stage.start()
 
     for stale in run_dir.glob(".tokenizer.tmp-*"):  # left by a killed run

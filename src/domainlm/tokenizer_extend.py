@@ -41,6 +41,7 @@ vocabulary are exactly the base model's.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from collections import Counter
 from collections.abc import Iterable
@@ -54,7 +55,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from domainlm import stages
 from domainlm.errors import UserError
 from domainlm.model.base import model_folder, resolve_base
-from domainlm.rundir import RunDir, clear_temp, swap_dir, write_json
+from domainlm.outputs import Extension, ExtensionAudit
+from domainlm.rundir import HF_CONFIG, RunDir, clear_temp, load_output, swap_dir, write_json
 from domainlm.tokenizer import _normalised, audit, sample_texts, train_bytes
 
 ENCODE_BATCH_DOCS = 256
@@ -208,13 +210,17 @@ def build_extended(cfg, run_dir: Path, base_path: Path, n: int, out: Path, *, ke
     if not run_tok.is_file():
         raise UserError(f"{run_tok}: no domain tokenizer to take tokens from; run `domainlm tokenizer CONFIG` first")
     stage = f"extend-{out.parent.name}-{out.name}" if out.parent != Path(run_dir) else f"extend-{out.name}"
-    audit_file = out / Path(RunDir.AUDIT).name  # the extended tokenizer's audit, beside it as the run's is
+    audit_file = out / RunDir.AUDIT_FILE  # the extended tokenizer's audit, beside it as the run's is (written last)
+    info_file = out / RunDir.EXTENSION_FILE  # what was added
     s = stages.Stage(run_dir, stage, audit_file, (
         "extend-v2", n, resolve_base(base_path, key).fingerprint, stages.file_fingerprint(run_tok),
         cfg.tokenizer.sample_bytes, cfg.tokenizer.seed, cfg.tokenizer.audit_bytes, cfg.tokenizer.domain_terms),
-        intact=lambda: (out / "config.json").is_file())
+        intact=lambda: (out / HF_CONFIG).is_file() and info_file.is_file())
     if s.done():
-        return stages.recorded(run_dir, stage)["extension"]
+        with contextlib.suppress(UserError):  # files this version cannot read: extend again
+            added, checked = load_output(info_file, Extension), load_output(audit_file, ExtensionAudit)
+            if added is not None and checked is not None:
+                return {**added.model_dump(), "audit": checked.model_dump(exclude_unset=True)}
     if console is not None:
         console.print(f"extending {base_path}'s tokenizer with up to {n} domain tokens ...", highlight=False,
                       markup=False)
@@ -223,8 +229,9 @@ def build_extended(cfg, run_dir: Path, base_path: Path, n: int, out: Path, *, ke
     before = AutoTokenizer.from_pretrained(base_path, local_files_only=True)
     after = AutoTokenizer.from_pretrained(out, local_files_only=True)
     info["audit"] = audit(_backend(after), _backend(before), cfg, run_dir)  # "baseline" = the base, before
-    write_json(audit_file, info["audit"])
-    s.finish({"extension": info})
+    write_json(info_file, Extension.checked({k: v for k, v in info.items() if k != "audit"}))
+    write_json(audit_file, ExtensionAudit.checked(info["audit"]))
+    s.finish()
     return info
 
 

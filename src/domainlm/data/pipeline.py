@@ -50,7 +50,7 @@ from domainlm.config import PrepareConfig, RunConfig
 from domainlm.data import sources, steps
 from domainlm.errors import UserError
 from domainlm.outputs import Stats
-from domainlm.rundir import RunDir, atomic_write, open_append, write_json
+from domainlm.rundir import RunDir, atomic_write, load_output, open_append, write_json
 
 STATS_VERSION = 1
 # Part of every fingerprint: bump it when a change to this package changes what prepare writes, so runs
@@ -346,7 +346,7 @@ def prepare_sources(cfg: RunConfig, run_dir: Path, progress) -> dict:
     fps = {s.name: source_fingerprint(s, pcfg, tasks) for s in specs}
     stage = stages.Stage(run_dir, "prepare", RunDir(run_dir).stats, (fps,))
     if stage.done():
-        return json.loads(stage.output.read_text())
+        return load_output(stage.output, Stats).model_dump(exclude_unset=True)
     stage.start()
     stage.output.unlink(missing_ok=True)  # the completion mark of the data stage goes first,
     for counts in Path(run_dir).glob(f"{RunDir.TOKENS}*/{RunDir.COUNTS_FILE}"):  # and every tokenizer's tokens

@@ -25,6 +25,7 @@ from domainlm import faults, stages
 from domainlm.data import pipeline, tokens
 from domainlm.data.pipeline import write_json_atomic
 from domainlm.errors import UserError
+from domainlm.outputs import Stats
 from domainlm.rundir import RunDir
 
 BATCH_BYTES = 1 << 20  # ~1 MB of text per encode_batch call: enough to keep every core busy
@@ -118,10 +119,10 @@ def tokenize(run_dir: Path, tokenizer_dir: Path | None = None, progress=None) ->
     vocab_size = tok.get_vocab_size(with_added_tokens=True)
     dtype = tokens.dtype_for(vocab_size)
     tok_sha = hashlib.sha256((tokenizer_dir / "tokenizer.json").read_bytes()).hexdigest()
-    stats = RunDir(run_dir).read_json(RunDir.STATS)
+    stats = RunDir(run_dir).load(RunDir.STATS, Stats)
     if stats is None:
         raise UserError(f"{RunDir(run_dir).stats}: no prepared data; run `domainlm prepare CONFIG` first")
-    names = list(stats["sources"])
+    names = list(stats.sources)
 
     def intact() -> bool:  # the files are what counts.json says: "rerun `domainlm tokenize`" repairs a bad one
         try:
@@ -131,7 +132,7 @@ def tokenize(run_dir: Path, tokenizer_dir: Path | None = None, progress=None) ->
         return not any(tokens.file_problem(out, n, sp, counts) for n in names for sp in pipeline.SPLITS)
 
     stage = stages.Stage(run_dir, "tokenize" + out.name.removeprefix(RunDir.TOKENS),  # tokenize, tokenize-<sha>
-                         tokens.counts_path(out), ("tokenize-v1", stats["fingerprint"], tok_sha, names), intact)
+                         tokens.counts_path(out), ("tokenize-v1", stats.fingerprint, tok_sha, names), intact)
     if stage.done():
         return tokens.load_counts(out)
     stage.start()

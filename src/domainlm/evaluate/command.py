@@ -18,7 +18,7 @@ from domainlm.evaluate import bpb, inputs
 from domainlm.evaluate import objective as objective_eval
 from domainlm.evaluate.probes import load_probes, packaged_probes, score_probes, summarise
 from domainlm.evaluate.tasks import format_metrics, load_test, score_task
-from domainlm.outputs import AnyEval, EvalOutput, ObjectiveEvalOutput
+from domainlm.outputs import AnyEval, EvalOutput, ObjectiveEvalOutput, TaskResults
 from domainlm.rundir import RunDir, load_output, write_json
 from domainlm.stages import Stage, file_fingerprint, fingerprint
 from domainlm.train.parallel import init_distributed
@@ -252,7 +252,7 @@ def run_tasks(model_or_run: Path, task_names: list[str], *, test: Path | None = 
             results[t] = score_task(target.model_dir, t, items=its, progress=tick)
     dest = out if out is not None else (RunDir(target.run_dir) / RunDir.TASKS if target.is_run else None)
     if dest is not None:
-        write_json(Path(dest), results)
+        write_json(Path(dest), TaskResults.checked(results))
     return results, dest
 
 

@@ -18,7 +18,7 @@ from domainlm.config import RunConfig, validate
 from domainlm.data.tokens import load_counts
 from domainlm.errors import ConfigError, UserError
 from domainlm.model.base import check_loaded
-from domainlm.rundir import RunDir
+from domainlm.rundir import RunDir, resolve_model_ref
 
 # Any one of these makes a folder loadable by AutoTokenizer (fast, sentencepiece or GPT-2-style slow tokenizers).
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
@@ -36,23 +36,16 @@ class Target:
 
 
 def resolve(model_or_run: Path, run: Path | None = None) -> Target:
-    p = Path(model_or_run)
-    if not p.exists():
-        raise UserError(f"{p}: no such model folder or run directory")
-    if (p / "config.json").is_file():  # an HF model folder
-        check_tokenizer_files(p)  # before any text is read: fail fast
+    ref = resolve_model_ref(model_or_run)
+    if not ref.is_run:  # an HF model folder
+        check_tokenizer_files(ref.model_dir)  # before any text is read: fail fast
         cfg = load_run_config(run) if run is not None else None
-        return Target(p, run, cfg, is_run=False)
-    if (p / RunDir.CONFIG).is_file() or (p / RunDir.MODEL).is_dir():
-        if run is not None and Path(run).resolve() != p.resolve():
-            raise UserError(f"--run {run}: only with an HF model folder; {p} is already a run directory")
-        cfg = load_run_config(p)
-        model_dir = p / RunDir.MODEL
-        if not (model_dir / "config.json").is_file():
-            raise UserError(f"{model_dir}: no trained model in this run directory; run `domainlm train` first")
-        check_tokenizer_files(model_dir)
-        return Target(model_dir, p, cfg, is_run=True)
-    raise UserError(f"{p}: neither an HF model folder (config.json) nor a run directory (config.yaml)")
+        return Target(ref.model_dir, run, cfg, is_run=False)
+    if run is not None and Path(run).resolve() != ref.run_dir.resolve():
+        raise UserError(f"--run {run}: only with an HF model folder; {ref.path} is already a run directory")
+    cfg = load_run_config(ref.run_dir)
+    check_tokenizer_files(ref.model_dir)
+    return Target(ref.model_dir, ref.run_dir, cfg, is_run=True)
 
 
 def refuse_classifier(model_dir: Path) -> None:

@@ -37,7 +37,8 @@ from domainlm.data.packaged import (  # noqa: F401 (License, load_licenses, spli
 from domainlm.data.sources import jsonl_lines
 from domainlm.errors import UserError
 from domainlm.evaluate.inputs import load_model
-from domainlm.rundir import atomic_write
+from domainlm.outputs import TaskData
+from domainlm.rundir import RunDir, atomic_write
 
 TASKS = ("licensedb-category", "licensedb-name")
 QUESTIONS = {"licensedb-category": "Which category does this license fall under?",
@@ -85,7 +86,6 @@ def class_balance(items: list[dict]) -> dict[str, int]:
 
 def write_task_data(out_dir: Path, **kw) -> dict:
     """train/val/test JSONL, exclude_ids.txt (for ``sources[].exclude_ids``) and balance.json (written last)."""
-
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     data = build(**kw)
@@ -102,7 +102,7 @@ def write_task_data(out_dir: Path, **kw) -> dict:
     summary = {"dir": str(out_dir), "licenses": {s: len(v) for s, v in seen.items()},
                "items": {s: len(v) for s, v in data.items()}, "excluded_files": len(excl),
                "balance": {s: class_balance(v) for s, v in data.items()}, "params": kw}
-    atomic_write(out_dir / "balance.json", json.dumps(summary, indent=1))
+    atomic_write(out_dir / RunDir.TASK_BALANCE, json.dumps(TaskData.checked(summary), indent=1))
     return summary
 
 

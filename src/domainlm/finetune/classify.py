@@ -44,13 +44,14 @@ from domainlm.evaluate import tasks as downstream
 from domainlm.finetune.loop import (
     FinetuneArgs,
     _save_hf,
-    default_out,
+    data_name,
     example_order,
     finished_or_start,
     inputs_fingerprint,
     resolve_model,
     weight_inputs,
 )
+from domainlm.outputs import ClassifierSummary
 from domainlm.rundir import RunDir, write_json
 from domainlm.train.driver import Driver, Eval
 from domainlm.train.parallel import Dist
@@ -242,12 +243,12 @@ def finetune_classifier(model_or_run: Path, data: Path, *, val: Path | None = No
         raise UserError(f"--too-long: expected truncate or reject, got {args.too_long!r}")
     if args.batch_size % args.micro_batch:
         raise UserError(f"--micro-batch: {args.micro_batch} does not divide --batch-size {args.batch_size}")
-    model_dir, run_dir = resolve_model(model_or_run)
+    ref = resolve_model(model_or_run)
+    model_dir, run_dir = ref.model_dir, ref.run_dir
     train_rows = read_labelled(data)
     check_classes(data, train_rows)
     val_rows = read_labelled(val) if val is not None else []
-    base = default_out(model_dir, run_dir, data)
-    out = Path(out) if out is not None else base.with_name(base.name + "-classify")
+    out = Path(out) if out is not None else ref.finetune_out(f"{data_name(data)}-classify")
     labels = label_list(train_rows)
 
 
@@ -318,7 +319,7 @@ def finetune_classifier(model_or_run: Path, data: Path, *, val: Path | None = No
                "final_loss": driver.last_loss, "val_loss": last_val,
                "val_accuracy": (driver.last_eval or {}).get("val_accuracy"), "examples": len(enc), "truncated": cut,
                "tokens_per_s": driver.tokens_per_s, "args": asdict(args), "fingerprint": fp}
-    write_json(summary_path, summary, indent=1)
+    write_json(summary_path, ClassifierSummary.checked(summary), indent=1)
     stage.finish()
     console.print(f"wrote [bold]{escape(str(out / RunDir.MODEL))}[/] (AutoModelForSequenceClassification); final "
                   f"loss {driver.last_loss:.4f}" + (f", val loss {last_val:.4f}" if last_val is not None else ""))

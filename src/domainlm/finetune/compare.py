@@ -73,15 +73,16 @@ def compare(domain: Path, general: Path, data: Path, *, val: Path | None = None,
     if head == "classification" and tasks != [classify.TASK]:
         raise UserError(f"--task: --head classification scores {classify.TASK} only, got {', '.join(tasks)}")
     fit = finetune if head == "lm" else classify.finetune_classifier
-    domain_dir, run_dir = resolve_model(domain)
-    general_dir, _ = resolve_model(general)
+    ref = resolve_model(domain)
+    domain_dir, run_dir = ref.model_dir, ref.run_dir
+    general_dir = resolve_model(general).model_dir
     test_items = {t: downstream.load_test(t, test) for t in tasks}  # fail fast, before any training
     leaked = _licenses_in(data) & {it["license"] for items in test_items.values() for it in items if "license" in it}
     if leaked:
         raise UserError(f"{data}: {len(leaked)} license(s) also in the test split (e.g. {sorted(leaked)[0]}); "
                         "build both with the same `domainlm tasks licensedb` flags")
     name = "compare" if head == "lm" else "classify"
-    out = Path(out) if out is not None else (run_dir / "finetune" / name if run_dir else Path(f"finetune-{name}"))
+    out = Path(out) if out is not None else ref.finetune_out(name, standalone=Path(f"finetune-{name}"))
 
     if seeds < 1:
         raise UserError(f"--seeds: expected a number ≥ 1, got {seeds}")
@@ -135,7 +136,7 @@ def compare(domain: Path, general: Path, data: Path, *, val: Path | None = None,
                 gold, [scored["domain"][0]["majority_class"]] * len(gold))
     result["verdict"] = verdict(result)
     checked = (FinetuneComparison if head == "lm" else ClassifyComparison).checked(result)
-    written = [write_json(out / "compare.json", checked, indent=1)]
+    written = [write_json(out / RunDir.COMPARISON, checked, indent=1)]
     if run_dir is not None:
         rel = RunDir.FINETUNE_COMPARE if head == "lm" else RunDir.CLASSIFY_COMPARE
         written.append(write_json(RunDir(run_dir) / rel, checked, indent=1))

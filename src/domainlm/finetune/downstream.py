@@ -39,7 +39,7 @@ def run_downstream(cfg: RunConfig, run_dir: Path, console: Console) -> dict | No
         console.print("downstream: needs the trained model and the general-only baseline; skipped")
         return None
     task_dir = rd / RunDir.TASK_DATA
-    if not (task_dir / "balance.json").is_file():  # written last
+    if not (task_dir / RunDir.TASK_BALANCE).is_file():  # written last
         tasks.print_balance(tasks.write_task_data(task_dir), console)
     data, val, test = (task_dir / f"{s}.jsonl" for s in ("train", "val", "test"))
     args = FinetuneArgs(steps=d.steps, batch_size=d.batch_size, micro_batch=min(d.micro_batch, d.batch_size),
@@ -52,7 +52,8 @@ def run_downstream(cfg: RunConfig, run_dir: Path, console: Console) -> dict | No
     result, ran = stage.run(lambda: compare(run_dir, baseline, data, val=val, test=test, out=rd / RunDir.DOWNSTREAM,
                                             args=args, tasks=[d.task], console=console, head=d.head,
                                             seeds=cfg.compare.seeds)[0],
-                            lambda: rd.read_json(RunDir.CLASSIFY_COMPARE))
+                            lambda: rd.load(RunDir.CLASSIFY_COMPARE, ClassifyComparison).model_dump(
+                                exclude_unset=True))
     if not ran:
         console.print("downstream: done already, skipped")
     return result

@@ -15,7 +15,7 @@ One process (CPU or one GPU): fine-tuning sets are small; multi-GPU would need a
 
 from __future__ import annotations
 
-import json
+import contextlib
 import shutil
 from dataclasses import asdict, dataclass
 from functools import lru_cache
@@ -33,7 +33,17 @@ from domainlm.chat import ensure_chat_template, pad_id_of
 from domainlm.errors import UserError
 from domainlm.evaluate.inputs import check_tokenizer_files, load_model
 from domainlm.finetune.data import collate, encode_all, read_jsonl
-from domainlm.rundir import RunDir, clear_temp, swap_dir, write_json
+from domainlm.outputs import AnyFinetune, FinetuneSummary
+from domainlm.rundir import (
+    HF_CONFIG,
+    ModelRef,
+    RunDir,
+    clear_temp,
+    load_output,
+    resolve_model_ref,
+    swap_dir,
+    write_json,
+)
 from domainlm.train import checkpoint as ckpt
 from domainlm.train.driver import Driver, Eval
 from domainlm.train.parallel import Dist
@@ -60,24 +70,17 @@ class FinetuneArgs:
     keep_checkpoints: int = 1
 
 
-def resolve_model(model_or_run: Path) -> tuple[Path, Path | None]:
-    """(model folder, run directory or None). A run directory means its ``model/``."""
+def resolve_model(model_or_run: Path) -> ModelRef:
+    """The model to fine-tune (a run directory means its trained ``model/``), with its tokenizer checked."""
 
-    p = Path(model_or_run)
-    if (p / "config.json").is_file():
-        check_tokenizer_files(p)
-        return p, None
-    if (p / RunDir.MODEL / "config.json").is_file():
-        check_tokenizer_files(p / RunDir.MODEL)
-        return p / RunDir.MODEL, p
-    if not p.exists():
-        raise UserError(f"{p}: no such model folder or run directory")
-    raise UserError(f"{p}: neither an HF model folder (config.json) nor a run directory with a trained model/")
+    ref = resolve_model_ref(model_or_run)
+    check_tokenizer_files(ref.model_dir)
+    return ref
 
 
-def default_out(model_dir: Path, run_dir: Path | None, data: Path) -> Path:
-    stem = Path(data).name.split(".")[0]
-    return (run_dir / "finetune" / stem) if run_dir else model_dir.with_name(f"{model_dir.name}-ft-{stem}")
+def data_name(data: Path) -> str:
+    """A fine-tuning's default folder name: its data file's name without suffixes (``sft.jsonl.gz`` → ``sft``)."""
+    return Path(data).name.split(".")[0]
 
 
 @lru_cache(maxsize=4)
@@ -142,12 +145,17 @@ def finished_or_start(out: Path, fp: str, restart: bool, console: Console) -> tu
     with ``out`` ready to train into (emptied on ``restart``; a half-written checkpoint removed, finished ones
     kept). The caller writes the summary, then ``stage.finish()``."""
     stage = stages.Stage(out, "finetune", out / RunDir.FINETUNE, (fp,),
-                         intact=lambda: (out / RunDir.MODEL / "config.json").is_file())
+                         intact=lambda: (out / RunDir.MODEL / HF_CONFIG).is_file())
     if restart:
         shutil.rmtree(out, ignore_errors=True)
     elif stage.done():
-        console.print(f"finetune: done already ({out / RunDir.MODEL}); --restart to fine-tune again", markup=False)
-        return json.loads(stage.output.read_text(encoding="utf-8")), stage
+        done = None
+        with contextlib.suppress(UserError):  # a summary this version cannot read: fine-tune again
+            done = load_output(stage.output, AnyFinetune)
+        if done is not None:
+            console.print(f"finetune: done already ({out / RunDir.MODEL}); --restart to fine-tune again",
+                          markup=False)
+            return done.model_dump(), stage
     out.mkdir(parents=True, exist_ok=True)
     stage.start()
     ckpt.remove_partial(out)
@@ -162,10 +170,11 @@ def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Pa
         raise UserError(f"--too-long: expected truncate or reject, got {args.too_long!r}")
     if args.batch_size % args.micro_batch:
         raise UserError(f"--micro-batch: {args.micro_batch} does not divide --batch-size {args.batch_size}")
-    model_dir, run_dir = resolve_model(model_or_run)
+    ref = resolve_model(model_or_run)
+    model_dir, run_dir = ref.model_dir, ref.run_dir
     train_convs = read_jsonl(data)  # bad input fails before any model is loaded
     val_convs = read_jsonl(val) if val is not None else []
-    out = Path(out) if out is not None else default_out(model_dir, run_dir, data)
+    out = Path(out) if out is not None else ref.finetune_out(data_name(data))
 
 
 
@@ -236,7 +245,7 @@ def finetune(model_or_run: Path, data: Path, *, val: Path | None = None, out: Pa
                "truncated": enc.truncated, "response_tokens": enc.trained_tokens, "tokens": enc.tokens,
                "tokens_per_s": driver.tokens_per_s, "args": asdict(args), "fingerprint": fp,
                "chat_template": "added" if added else "model's"}
-    write_json(summary_path, summary, indent=1)
+    write_json(summary_path, FinetuneSummary.checked(summary), indent=1)
     stage.finish()
     console.print(f"wrote [bold]{escape(str(out / RunDir.MODEL))}[/] (Hugging Face format, chat template in its "
                   "tokenizer); "

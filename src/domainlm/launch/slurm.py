@@ -49,7 +49,12 @@ ENDED = {"COMPLETING", "COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL
 
 
 def script_path(run_dir: Path) -> Path:
-    return Path(run_dir) / "launch" / "train.sbatch"
+    return RunDir(run_dir) / RunDir.SBATCH
+
+
+def job_log(run_dir: Path, job_id: str) -> Path:
+    """The log of a Slurm job of this run (``%j``: sbatch puts the job id in)."""
+    return RunDir(run_dir) / RunDir.LAUNCH_DIR / f"slurm-{job_id}.out"
 
 
 def no_control(value: str, what: str) -> str:
@@ -89,7 +94,7 @@ def train_script(*, config: Path, workdir: Path, run_dir: Path, job_name: str, n
                         (gres or "", "--gres")):
         no_control(value, what)
     # --output is a filename pattern: %j is the job id, %% a literal % (sbatch(1), "filename pattern")
-    log = str(run_dir / "launch").replace("%", "%%") + "/slurm-%j.out"
+    log = str(RunDir(run_dir) / RunDir.LAUNCH_DIR).replace("%", "%%") + "/slurm-%j.out"
     gpus = [f"--gres={sq(gres)}"] if gres else [f"--gpus-per-node={gpus_per_node}"] if gpus_per_node else []
     directives = [
         f"--job-name={sq(job_name)}",
@@ -188,7 +193,7 @@ def launch_train(config: Path | None, *, nodes: int, gpus_per_node: int, procs_p
            "job_id": None, "log": None, "data_ready": counts.exists()}
     if not dry_run:
         out["job_id"] = sbatch(script)
-        out["log"] = str(run_dir / "launch" / f"slurm-{out['job_id']}.out")
+        out["log"] = str(job_log(run_dir, out["job_id"]))
     return out
 
 

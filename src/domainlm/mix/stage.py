@@ -100,14 +100,6 @@ def parse_objective(max_general_cost: str | None, objective_weights: str | None)
     return law.Objective(weights=ws)
 
 
-def budget_label(tokens: float) -> str:
-    return f"{tokens:.3g}".replace("e+", "e")  # 3e+04 → 3e04 (folder names allow no "+")
-
-
-def run_dir_of(run_dir: Path, tokens: float, weight: float, seed: int) -> Path:
-    return RunDir(run_dir) / RunDir.MIX_DIR / f"D{budget_label(tokens)}-w{weight:g}-s{seed}"
-
-
 def mixture_of(cfg: RunConfig, counts: dict) -> law.Mixture:
     """Roles, within-role shares (`reweighted` at w = 1 for the domain sources, w = 0 for the general) and the
     unique train tokens each source's corpus has (tokens/counts.json)."""
@@ -187,7 +179,8 @@ def train_design(cfg: RunConfig, run_dir: Path, ws: list[float], seeds: int, ds:
     runs = []
     for i, (d, w, k) in enumerate(design, 1):
         console.rule(f"mix {i}/{len(design)}: {d:,.0f} tokens, domain weight {w:g}, seed {k}")
-        vcfg = variant_config(cfg, run_dir, w, tokens=d, seed=cfg.train.seed + k, folder=run_dir_of(run_dir, d, w, k))
+        vcfg = variant_config(cfg, run_dir, w, tokens=d, seed=cfg.train.seed + k,
+                              folder=RunDir(run_dir).mix_variant(d, w, k))
         train_variant(vcfg, run_dir, console)
         ev = evaluate_variant(vcfg.directory(), run_dir, console)
         runs.append({"domain_weight": w, "seed": k, "tokens": d,
@@ -297,6 +290,7 @@ def print_mix(m: dict, console: Console) -> None:
         console.print(f"[yellow]note:[/] {n}", highlight=False)
     if m.get("skipped"):
         console.print("[dim]done before with the same design and data: nothing retrained[/]")
-    console.print(f"wrote {Path(m['plot']).parent / 'mix.json'} and {m['plot']}; plan with it: domainlm plan "
-                  f"{m['config'] or 'CONFIG'} --weights-from {Path(m['plot']).parent / 'mix.json'}",
+    mix_json = Path(m["plot"]).parent / Path(RunDir.MIX).name
+    console.print(f"wrote {mix_json} and {m['plot']}; plan with it: domainlm plan "
+                  f"{m['config'] or 'CONFIG'} --weights-from {mix_json}",
                   highlight=False, markup=False)

@@ -9,7 +9,6 @@ from outside, in `domainlm.train.parallel` and `domainlm.train.step`.
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from domainlm.config import RunConfig
 from domainlm.errors import UserError
 from domainlm.model.base import check_loaded, tokenizer_files
 from domainlm.objectives import Causal, Objective
+from domainlm.outputs import Plan
 from domainlm.rundir import RunDir, clear_temp, swap_dir
 from domainlm.shape import ModelShape, ffn_for, make_shape
 
@@ -40,16 +40,13 @@ def resolve_shape(cfg: RunConfig, run_dir: Path, vocab_size: int) -> ModelShape:
     m = cfg.model
     planned: dict = {}
     if m.d_model is None or m.n_layers is None:
-        plan_path = RunDir(run_dir).plan
-        if not plan_path.exists():
+        plan = RunDir(run_dir).load(RunDir.PLAN, Plan)  # a damaged one: a one-line error naming it
+        if plan is None:
             raise UserError(
-                f"{plan_path}: no plan; run `domainlm plan CONFIG` or fix model.d_model and model.n_layers "
+                f"{RunDir(run_dir).plan}: no plan; run `domainlm plan CONFIG` or fix model.d_model and model.n_layers "
                 "in the config"
             )
-        try:
-            planned = json.loads(plan_path.read_text(encoding="utf-8"))["model"]
-        except (json.JSONDecodeError, KeyError):
-            raise UserError(f"{plan_path}: corrupted plan; rerun `domainlm plan CONFIG`") from None
+        planned = plan.model.model_dump()
     d_model = m.d_model or planned["d_model"]
     same_width = planned.get("d_model") == d_model  # heads and ffn from the plan only for the plan's width
     default = make_shape(d_model, m.n_layers or planned["n_layers"], vocab_size, m.tie_embeddings)

@@ -21,7 +21,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 from domainlm.errors import UserError
-from domainlm.rundir import RunDir
+from domainlm.rundir import HF_CONFIG, RunDir, resolve_model_ref
 from domainlm.shape import ModelShape
 from domainlm.stages import file_fingerprint, fingerprint
 
@@ -30,7 +30,7 @@ WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_mo
                 "pytorch_model.bin.index.json")
 # Files of a model folder that are not its tokenizer (the export copies the rest of a base folder's files).
 NOT_TOKENIZER_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".msgpack", ".h5", ".gguf", ".index.json")
-NOT_TOKENIZER_NAMES = ("config.json", "generation_config.json", Path(RunDir.AUDIT).name)
+NOT_TOKENIZER_NAMES = (HF_CONFIG, "generation_config.json", RunDir.AUDIT_FILE, RunDir.EXTENSION_FILE)
 
 
 @dataclass(frozen=True)
@@ -64,21 +64,7 @@ def _fail(path: Path, what: str, key: str = KEY) -> UserError:
 
 def model_folder(init_from: str | Path, key: str = KEY) -> Path:
     """The HF model folder ``init_from`` names: itself, or a run directory's ``model/``."""
-    p = Path(init_from).expanduser()
-    if not p.exists():
-        raise _fail(p, "no such folder; expected a Hugging Face model folder (config.json, weights, tokenizer) or "
-                    "a domainlm run directory", key)
-    if not p.is_dir():
-        raise _fail(p, "is a file; expected a Hugging Face model folder or a domainlm run directory", key)
-    if (p / "config.json").is_file():
-        return p
-    if (p / RunDir.CONFIG).is_file() or (p / RunDir.MODEL).is_dir():
-        model = RunDir(p).model
-        if not (model / "config.json").is_file():
-            raise _fail(p, "a run directory without a trained model/; run `domainlm train` on it first", key)
-        return model
-    raise _fail(p, "not a Hugging Face model folder (no config.json) nor a domainlm run directory (no config.yaml)",
-                key)
+    return resolve_model_ref(init_from, key=key).model_dir
 
 
 def _shape(cfg) -> ModelShape:

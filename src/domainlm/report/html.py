@@ -31,7 +31,7 @@ from domainlm.units import human
 
 REPORT_DIR = str(Path(RunDir.REPORT).parent)
 # Every PNG this module may write; ones not made this time are deleted, so the folder never shows a stale chart.
-PNGS = ("plan.png", "drops.png", "tokens.png", "epochs.png", "bytes_per_token.png", "loss.png", "eval_bpb.png",
+PNGS = (RunDir.PLAN_CHART, "drops.png", "tokens.png", "epochs.png", "bytes_per_token.png", "loss.png", "eval_bpb.png",
         "probes.png", "ablation.png", "decide.png", "mix.png", "mine.png")
 
 
@@ -204,7 +204,7 @@ def plan_section(r: Report) -> Section:
               ["tokens/s the plan used", escape(f"{_num(run.tokens_per_s, '{:,.0f}')} "
                                                 f"({run.tokens_per_s_from or '-'})")]]
     s.body.append(_table(["", ""], timing, cls="kv"))
-    r.figure(s, draw, "plan.png", plan.model_dump(exclude_unset=True))
+    r.figure(s, draw, RunDir.PLAN_CHART, plan.model_dump(exclude_unset=True))
     if plan.sources:
         rows = [[escape(n), _num(v.weight, "{:.0%}"), human(v.tokens), human(v.unique_tokens),
                  _num(v.epochs, "{:.2f}"), human(v.effective_tokens)] for n, v in plan.sources.items()]

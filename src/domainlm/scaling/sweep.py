@@ -30,7 +30,7 @@ from domainlm.data.tokens import load_counts
 from domainlm.errors import UserError
 from domainlm.outputs import Law, ScalingPoint, TrainSummary
 from domainlm.plan.laws import LAWS, get_law
-from domainlm.rundir import RunDir, atomic_write, write_json
+from domainlm.rundir import RunDir, atomic_write, budget_label, load_jsonl, write_json
 from domainlm.scaling.fit import fit_law
 from domainlm.scaling.plot import plot_scaling, usable_law
 from domainlm.shape import ModelShape, make_shape, shape_for_params
@@ -122,14 +122,6 @@ def sweep_shapes(budget: float, center: float, *, sizes: int, vocab_size: int, t
     return shapes
 
 
-def budget_label(budget: float) -> str:
-    return f"{budget:.3g}".replace("e+", "e")  # 3e+12 → 3e12 (run names allow no "+")
-
-
-def point_dir(run_dir: Path, budget: float, params: int) -> Path:
-    return Path(run_dir) / "scaling" / f"C{budget_label(budget)}" / f"N{params}"
-
-
 def plan_sweep(cfg: RunConfig, run_dir: Path, budgets: list[float], sizes: int) -> list[dict]:
     """Every point of the sweep (budget, shape, steps, tokens), checked before anything trains."""
     if sizes < 3:
@@ -146,7 +138,7 @@ def plan_sweep(cfg: RunConfig, run_dir: Path, budgets: list[float], sizes: int) 
             n = shape.params_total
             steps = max(1, round(c / (6.0 * n * step_tokens)))  # D = C / (6N), in whole steps
             points.append({"budget": c, "law_optimum": center, "shape": shape, "steps": steps,
-                           "tokens": steps * step_tokens, "dir": point_dir(run_dir, c, n)})
+                           "tokens": steps * step_tokens, "dir": RunDir(run_dir).scaling_point(c, n)})
     return points
 
 
@@ -192,9 +184,7 @@ def run_sweep(config: Path | None, budgets: str, sizes: int, *, law_out: Path | 
     out_dir.mkdir(parents=True, exist_ok=True)
     rows: list[dict] = []
     # Seconds of points trained by an earlier invocation (a rerun skips them and keeps their time).
-    old = {}
-    if points_path.exists():
-        old = {r["dir"]: r for r in map(json.loads, points_path.read_text().splitlines()) if r}
+    old = {r.dir: r.model_dump() for r in load_jsonl(points_path, ScalingPoint) or []}
     t_start = time.perf_counter()
     for i, p in enumerate(points, 1):
         shape: ModelShape = p["shape"]
@@ -231,7 +221,7 @@ def run_sweep(config: Path | None, budgets: str, sizes: int, *, law_out: Path | 
     law_path = Path(law_out) if law_out else RunDir(run_dir) / RunDir.LAW
     write_json(law_path, Law.checked(law))
 
-    plot = plot_scaling(rows, law, usable_law(law_path), out_dir / "scaling.png")
+    plot = plot_scaling(rows, law, usable_law(law_path), RunDir(run_dir) / RunDir.SCALING_CHART)
     return {"law": law, "law_path": str(law_path), "points_path": str(points_path),
             "plot": str(plot), "points": rows, "minutes": round(minutes, 2), "config": str(config) if config else None}
 

@@ -144,7 +144,8 @@ class Driver:
         tb = None
         if main and self.tensorboard:
 
-            tb = SummaryWriter(str(path.parent / "tensorboard"), purge_step=self.step + 1 if self.step else None)
+            tb = SummaryWriter(str(RunDir(self.out) / RunDir.TENSORBOARD),
+                               purge_step=self.step + 1 if self.step else None)
         metrics = open_append(path) if main else None
 
         def log(row: dict, scalars: dict) -> None:

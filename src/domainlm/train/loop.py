@@ -40,7 +40,7 @@ from domainlm.model import (
 )
 from domainlm.model.base import BaseModel, base_of
 from domainlm.objectives import Batches, Causal, Objective
-from domainlm.outputs import TrainSummary
+from domainlm.outputs import Plan, Stats, TrainSummary
 from domainlm.rundir import RunDir, write_json
 from domainlm.shape import ModelShape
 from domainlm.train import checkpoint as ckpt
@@ -79,13 +79,14 @@ def run_training(config: Path | None, *, restart: bool = False, max_steps: int |
 # ------------------------------------------------------------------------------------------------ setup
 
 
-def plan_of(run_dir: Path) -> dict:
-    return RunDir(run_dir).read_json(RunDir.PLAN) or {}
+def plan_of(run_dir: Path) -> Plan | None:
+    """The run's plan (`domainlm plan`), or None when there is none."""
+    return RunDir(run_dir).load(RunDir.PLAN, Plan)
 
 
-def planned_tokens(plan: dict) -> float | None:
+def planned_tokens(plan: Plan | None) -> float | None:
     """The tokens the plan says this run trains ("run": the law's tokens, or the budget on the config's shape)."""
-    return (plan.get("run") or {}).get("tokens") or plan.get("tokens")
+    return (plan.run.tokens or plan.tokens) if plan is not None else None
 
 
 def peak_flops(device: torch.device, precision: str, run_dir: Path, world_size: int) -> float | None:
@@ -97,7 +98,8 @@ def peak_flops(device: torch.device, precision: str, run_dir: Path, world_size: 
         if acc is None:
             return None
         return (acc.bf16_flops if precision == "bf16-mixed" else acc.fp32_flops) * world_size
-    return plan_of(run_dir).get("compute", {}).get("measured_flops_per_s")
+    plan = plan_of(run_dir)
+    return plan.compute.get("measured_flops_per_s") if plan is not None else None
 
 
 def _check_batch(cfg: RunConfig, world: Dist) -> tuple[int, int]:
@@ -181,7 +183,7 @@ class Setup:
     global_batch: int
     total_steps: int
     precision: str
-    plan: dict
+    plan: Plan | None
     base: BaseModel | None = None  # continued pretraining (train.init_from): the model, shape and tokenizer's source
     objective: Objective = field(default_factory=Causal)  # model.objective with its settings (objectives/)
 
@@ -230,11 +232,11 @@ def weight_inputs(cfg: RunConfig, z: Setup, data_dir: Path) -> dict:
     """What determines a training run's weights, as flat keys (recorded in each checkpoint; train/driver.py): the
     model and train config (less `NOT_WEIGHT_KEYS`), the resolved shape, the mixture weights, the tokenizer's hash,
     the token files' counts and the prepared data's fingerprint, and the base model's content hash."""
-    stats = RunDir(data_dir).read_json(RunDir.STATS) or {}
+    stats = RunDir(data_dir).load(RunDir.STATS, Stats)
     return {**{f"model.{k}": v for k, v in cfg.model.model_dump().items()},
             **{f"train.{k}": v for k, v in cfg.train.model_dump().items() if k not in NOT_WEIGHT_KEYS},
             "shape": z.shape.as_dict(), "weights": z.weights, "tokenizer": z.counts.get("tokenizer_sha256"),
-            "data.counts": z.counts["sources"], "data.prepared": stats.get("fingerprint"),
+            "data.counts": z.counts["sources"], "data.prepared": stats.fingerprint if stats is not None else None,
             "base": z.base.fingerprint if z.base else None}
 
 
@@ -357,7 +359,7 @@ def train(cfg: RunConfig, run_dir: Path, world: Dist, *, restart: bool = False, 
         skipped_steps=driver.skipped,
         # planned vs actual training time: only when this invocation ran every step
         train_seconds=round(driver.seconds, 1) if driver.first_step == 0 else None,
-        planned_seconds=(z.plan.get("run") or {}).get("planned_seconds"), tokens_per_s=driver.tokens_per_s,
+        planned_seconds=z.plan.run.planned_seconds if z.plan else None, tokens_per_s=driver.tokens_per_s,
         params=params_of(z), model_dir=str(run_dir / MODEL_DIR), parallel=mode, world_size=world.world_size,
         finished=time.time()).model_dump()
     if world.is_main:

@@ -15,6 +15,7 @@ from domainlm.data.tokens import load_counts
 from domainlm.errors import UserError
 from domainlm.model import MODEL_DIR, resolve_shape
 from domainlm.model.base import base_of
+from domainlm.rundir import RunDir
 from domainlm.shape import ModelShape
 from domainlm.train.loop import plan_of, planned_tokens, train
 from domainlm.train.parallel import distributed
@@ -49,7 +50,7 @@ def variant_config(cfg: RunConfig, run_dir: Path, domain_weight: float, *, token
     if budget is None:
         raise UserError("train.max_tokens: no token budget; set it or run `domainlm plan CONFIG` first")
     other = seed is not None and seed != cfg.train.seed
-    folder = Path(folder) if folder is not None else variant_dir(run_dir, domain_weight, seed if other else None)
+    folder = Path(folder) if folder is not None else RunDir(run_dir).variant(domain_weight, seed=seed if other else None)
     train = {} if seed is None else {"seed": seed}
     return fixed_config(cfg, shape, float(budget), name=f"{cfg.name}-{folder.name}", run_dir=folder,
                         weights=reweighted(cfg, domain_weight), **train)
@@ -70,11 +71,6 @@ def fixed_config(cfg: RunConfig, shape: ModelShape, max_tokens: float, *, name: 
     data["name"] = name
     data["run_dir"] = str(run_dir)
     return RunConfig.model_validate(data)
-
-
-def variant_dir(run_dir: Path, domain_weight: float, seed: int | None = None) -> Path:
-    """``<run>/ablate/w<weight>/``; trained with another seed than the run's: ``w<weight>-seed<S>/``."""
-    return Path(run_dir) / "ablate" / (f"w{domain_weight:g}" + (f"-seed{seed}" if seed is not None else ""))
 
 
 def train_variant(vcfg: RunConfig, run_dir: Path, console: Console) -> Path:
