@@ -446,9 +446,12 @@ def test_changed_model_shape_is_not_called_corruption(trained, tmp_path, cli):
         state = json.loads((ck / "state.json").read_text())
         del state["inputs"]
         (ck / "state.json").write_text(json.dumps(state))
-        manifest = json.loads((ck / "manifest.json").read_text())
+        manifest = json.loads((ck / "manifest-0.json").read_text())  # rank 0's manifest lists state.json
         manifest["state.json"] = hashlib.sha256((ck / "state.json").read_bytes()).hexdigest()
-        (ck / "manifest.json").write_text(json.dumps(manifest))
+        (ck / "manifest-0.json").write_text(json.dumps(manifest))
+        index = json.loads((ck / "manifest.json").read_text())  # the index lists each rank's manifest
+        index["manifests"]["manifest-0.json"] = hashlib.sha256((ck / "manifest-0.json").read_bytes()).hexdigest()
+        (ck / "manifest.json").write_text(json.dumps(index))
     msg = one_line(cli("train", str(cfg), "--max-steps", "12"), "another model shape", "--restart")
     assert "corrupted" not in msg and "delete" not in msg and len(msg) < 400
 

@@ -184,26 +184,43 @@ def test_meta_init_equals_eager_init_bit_for_bit(tmp_path):
 
 def test_hub_probe_uses_hf_endpoint_scheme_and_port(monkeypatch):
     """A mirror at HF_ENDPOINT=http://127.0.0.1:<port> is probed on that port (not 443): reachable while it
-    listens, unreachable (naming host and port) once closed. Local sockets only."""
+    answers HTTP, unreachable (naming host and port) once closed. Local sockets only."""
     import socket
+    import threading
+    import urllib.request
+    from http.server import BaseHTTPRequestHandler, HTTPServer
 
     from domainlm.data.sources import _hub_unreachable
 
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        port = server.getsockname()[1]
+    class Mirror(BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"[]")
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Mirror)
+    port = server.server_address[1]
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
         monkeypatch.setenv("HF_ENDPOINT", f"http://127.0.0.1:{port}")
         assert _hub_unreachable() is None
+    finally:
+        server.shutdown()
+        server.server_close()
     why = _hub_unreachable()
     assert why is not None and why.startswith(f"127.0.0.1:{port}: ")
-    seen = []
+    seen, asked = [], []
     monkeypatch.setattr(socket, "create_connection", lambda addr, timeout: seen.append(addr) or socket.socket())
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout: asked.append(url) or socket.socket())
     for endpoint, want in (("http://mirror.local", ("mirror.local", 80)), ("https://hub.example", ("hub.example", 443)),
                            ("https://hub.example:8443/", ("hub.example", 8443))):
         monkeypatch.setenv("HF_ENDPOINT", endpoint)
-        _hub_unreachable()
-        assert seen[-1] == want
+        assert _hub_unreachable() is None
+        assert seen[-1] == want and asked[-1].startswith(endpoint.rstrip("/") + "/api/")
 
 
 # ------------------------------------------------------------------------------------------ sizing

@@ -77,7 +77,8 @@ def test_outputs_match_their_models(quick, tmp_path):
     copy = RunDir(tmp_path)
     for rel, damage in ((RunDir.EVAL, lambda t: t[: len(t) // 2]),  # torn
                         (RunDir.TRAIN, lambda t: t.replace('"steps"', '"step"')),  # another version's field
-                        (RunDir.PLAN, lambda t: t.replace('"follows_plan": false', '"follows_plan": []'))):
+                        (RunDir.PLAN, lambda t: t.replace('"follows_plan": true', '"follows_plan": []')
+                         .replace('"follows_plan": false', '"follows_plan": []'))):
         (copy / rel).parent.mkdir(parents=True, exist_ok=True)
         (copy / rel).write_text(damage((run / rel).read_text()))
         with pytest.raises(UserError) as e:

@@ -317,6 +317,7 @@ def mix_chart(m: Mix, path: Path) -> Path:
     fx.set_title(f"Frontier at {human(target.tokens)} tokens (the law)")
     fx.legend(fontsize=7)
     fx.grid(alpha=0.3)
+    return save(fig, path)
 
 
 def mine_chart(m: Mine, path: Path) -> Path:

@@ -225,7 +225,8 @@ def bootstrap(pts: Points, n_boot: int = 100, seed: int = 0, fit3: dict | None =
         f3 = fit_approach3(sub, inits=start, top_k=top_k)
         samples["alpha"].append(f3["alpha"])
         samples["beta"].append(f3["beta"])
-        samples["a3"].append(f3["beta"] / (f3["alpha"] + f3["beta"]))
+        if f3["alpha"] + f3["beta"] > 0:  # a = β/(α+β) is undefined for a resample whose N and D terms both vanish
+            samples["a3"].append(f3["beta"] / (f3["alpha"] + f3["beta"]))
         try:
             f2 = fit_approach2(sub)
             samples["a"].append(f2["a"])
