@@ -68,6 +68,15 @@ class _Section(BaseModel):
         return v
 
 
+def unique_names(items: list, what: str) -> list:
+    """``items`` (sources, pools) when no two share a name, else the validation error naming the first repeat."""
+    names = [x.name for x in items]
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"two {what} named {dupes[0]!r}; names must be unique")
+    return items
+
+
 class InputConfig(_Section):
     """Where a corpus's documents are read from: a source of the mixture, or a pool `domainlm mine` scores."""
 
@@ -371,11 +380,7 @@ class MineConfig(_Section):
     @field_validator("pools")
     @classmethod
     def _unique_pools(cls, pools: list[InputConfig]) -> list[InputConfig]:
-        names = [p.name for p in pools]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"two pools named {dupes[0]!r}; names must be unique")
-        return pools
+        return unique_names(pools, "pools")
 
 
 class RunConfig(_Section):
@@ -395,10 +400,7 @@ class RunConfig(_Section):
     @field_validator("sources")
     @classmethod
     def _check_sources(cls, sources: list[SourceConfig]) -> list[SourceConfig]:
-        names = [s.name for s in sources]
-        dupes = sorted({n for n in names if names.count(n) > 1})
-        if dupes:
-            raise ValueError(f"two sources named {dupes[0]!r}; names must be unique")
+        unique_names(sources, "sources")
         if sources:
             total = sum(s.weight for s in sources)
             if not math.isclose(total, 1.0, abs_tol=1e-6):

@@ -31,6 +31,7 @@ from domainlm import __version__, stages
 from domainlm.config import RunConfig, dump_config
 from domainlm.data.command import run_prepare
 from domainlm.data.tokens import counts_path
+from domainlm.errors import UserError
 from domainlm.evaluate.command import evaluate_variant, print_eval, run_eval_cached
 from domainlm.finetune.downstream import run_downstream
 from domainlm.mine.command import print_mine, run_mine
@@ -220,8 +221,8 @@ REGISTRY: list[StageDecl] = [
     StageDecl(
         "train", "domainlm train CONFIG",
         "`train/` — `loop.py` (pretraining setup, eval, export), `driver.py` (the one loop), `step.py` (the one "
-        "step), `data.py` (mixture loader), `parallel.py`, `checkpoint.py`, `schedule.py`; `objectives/` (causal, masked, span behind one `Objective` "
-        "interface); "
+        "step), `data.py` (mixture loader), `parallel.py`, `checkpoint.py`, `schedule.py`; `objectives/` (causal, "
+        "masked, span behind one `Objective` interface); "
         "`shape.py` (the shape rule, its parameter and FLOP counts); `model/` (`__init__.py`: the single-device "
         "model and the HF export; `base.py`: continued pretraining's base model)",
         (Output(RunDir.CHECKPOINTS, what="`step-N/`: weights, optimizer, RNG, loader state, manifest (last)",
@@ -385,8 +386,9 @@ def run_stage(decl: StageDecl, c: Ctx) -> object:
         s = stages.Stage(c.run_dir, decl.name, c.run_dir / decl.marker, decl.inputs(c),
                          intact=lambda: _valid(decl, c.run_dir))
         result, ran = s.run(lambda: decl.run(c), lambda: None)
-        if not ran:
+        if not ran:  # `intact` has just checked its outputs
             c.console.print(f"{decl.name}: {decl.skipped}")
+            return result
     check_outputs(decl, c.run_dir)
     return result
 
@@ -395,7 +397,7 @@ def _valid(decl: StageDecl, run_dir: Path) -> bool:
     """Whether every JSON output of a finished stage still parses as its model (a damaged one: redo the stage)."""
     try:
         check_outputs(decl, run_dir)
-    except Exception:  # noqa: BLE001 - any damage means "not done"
+    except UserError:  # load_output's one line: absent is fine, unreadable or not its model is damage
         return False
     return True
 

@@ -127,6 +127,22 @@ def temp_path(path: Path | str, suffix: str = "") -> Path:
     return clear_temp(path.with_name(f".{path.stem}.tmp{suffix or path.suffix}"))
 
 
+def save_figure(fig, path: Path | str, **savefig) -> Path:
+    """A matplotlib figure written to ``path`` through `temp_path` + `publish` (never a torn chart, never through a
+    planted link; a disk-full error names ``path``), then closed whatever happened."""
+    import matplotlib.pyplot as plt  # optional: only where charts are drawn
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    try:
+        with naming(path):
+            fig.savefig(tmp, **savefig)
+    finally:
+        plt.close(fig)
+    return publish(tmp, path)
+
+
 def publish(tmp: Path, path: Path | str) -> Path:
     """Rename a finished temporary file (from ``temp_path``) over ``path``."""
     path = Path(path)

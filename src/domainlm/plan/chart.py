@@ -8,7 +8,7 @@ import numpy as np
 from matplotlib.transforms import Bbox
 
 from domainlm.plan.laws import LAWS, get_law
-from domainlm.rundir import naming, publish, temp_path
+from domainlm.rundir import save_figure
 
 # (name, params, training tokens) — ANCHORS.md "Known models".
 KNOWN_MODELS = [
@@ -51,18 +51,7 @@ def place_labels(ax, points: list[tuple[str, float, float, dict]], avoid: list |
 
 
 def plot_plan(plan: dict, path: str | Path) -> Path:
-    import matplotlib.pyplot as plt
-
-    fig = plan_figure(plan)
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(out)  # through a temp file and a rename: never a torn chart, never through a planted link
-    try:
-        with naming(out):
-            fig.savefig(tmp)
-    finally:
-        plt.close(fig)
-    return publish(tmp, out)
+    return save_figure(plan_figure(plan), path)
 
 
 def plan_figure(plan: dict):

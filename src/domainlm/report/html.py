@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import datetime as dt
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -44,16 +45,16 @@ class Catalog:
     schemas: dict[str, Any]
     producers: dict[str, str]
 
+    @staticmethod
+    def _declared(rel: str, table: dict):
+        # a token folder of another tokenizer (continued pretraining's base): declared as the run's own
+        return table[RunDir.COUNTS if rel not in table and rel.endswith(RunDir.COUNTS_FILE) else rel]
+
     def command(self, rel: str) -> str:
-        # a token folder of another tokenizer (continued pretraining's base): written by the same command
-        if rel not in self.producers and rel.endswith(RunDir.COUNTS_FILE):
-            rel = RunDir.COUNTS
-        return self.producers[rel]
+        return self._declared(rel, self.producers)
 
     def schema(self, rel: str):
-        if rel not in self.schemas and rel.endswith(RunDir.COUNTS_FILE):
-            rel = RunDir.COUNTS
-        return self.schemas[rel]
+        return self._declared(rel, self.schemas)
 
 
 BASELINE = "general-only baseline (domain weight 0)"
@@ -88,17 +89,6 @@ class Report:
             self.cache[rel] = self._read(rel)
         return self.cache[rel]
 
-    def optional(self, rel: str, sid: str, title: str) -> tuple | None:
-        """A section shown only once the command writing ``rel`` has run: None while ``rel`` is absent, else
-        (its model, the section); (None, the section with the hint) when the file is there but unreadable."""
-        data, why = self.read(rel)
-        if data is None and why.startswith("no "):
-            return None
-        s = Section(sid, title)
-        if data is None:
-            s.hints.append(why)
-        return data, s
-
     def _read(self, rel: str):
         path = self.run_dir / rel
         cmd = self.catalog.command(rel).format(run=self.run_dir)
@@ -122,6 +112,28 @@ class Report:
         section.body.append(f'<figure><img src="data:image/png;base64,{data}" alt="{escape(section.title)}: '
                             f'{escape(name)}"><figcaption>{escape(name)}</figcaption></figure>')
         section.images.append(name)
+
+
+def optional_section(rel: str, sid: str, title: str):
+    """A report section shown only once the command writing ``rel`` has run: the decorated ``fill(r, data, s)``
+    gets the file as its model and the empty section; the section is left out while ``rel`` is absent, and shows
+    only the hint when the file is there but unreadable."""
+
+    def wrap(fill):
+        @functools.wraps(fill)
+        def make(r: Report) -> Section | None:
+            data, why = r.read(rel)
+            if data is None and why.startswith("no "):
+                return None
+            s = Section(sid, title)
+            if data is None:
+                s.hints.append(why)
+                return s
+            return fill(r, data, s)
+
+        return make
+
+    return wrap
 
 
 def _jsonl(text: str) -> list[dict]:
@@ -422,14 +434,9 @@ def probes_section(r: Report) -> Section:
     return s
 
 
-def mine_section(r: Report) -> Section | None:
+@optional_section(RunDir.MINE, "mine", "Mined domain documents")
+def mine_section(r: Report, m, s: Section) -> Section:
     """Only when `domainlm mine` has run: yield and precision per round, the score histogram, a few samples."""
-    opened = r.optional(RunDir.MINE, "mine", "Mined domain documents")
-    if opened is None:
-        return None
-    m, s = opened
-    if m is None:
-        return s
     rows = [[str(x.round), _num(x.threshold, "{:.2f}"), _num(x.heldout_precision), _num(x.heldout_recall),
              _num(x.prevalence, "{:.1%}"), _num(x.est_precision), f"{x.scored:,}", f"{x.accepted:,}",
              f"{x.new_docs:,}", human(x.new_bytes, "B"), _num(x.yield_fraction, "{:.1%}"),
@@ -454,14 +461,9 @@ def mine_section(r: Report) -> Section | None:
     return s
 
 
-def ablation_section(r: Report) -> Section | None:
+@optional_section(RunDir.ABLATE, "ablation", "Mixture ablation: domain weight vs bits per byte")
+def ablation_section(r: Report, ab, s: Section) -> Section:
     """Only when `domainlm ablate` has run: the section is left out of the page otherwise."""
-    opened = r.optional(RunDir.ABLATE, "ablation", "Mixture ablation: domain weight vs bits per byte")
-    if opened is None:
-        return None
-    ab, s = opened
-    if ab is None:
-        return s
     sources = list(dict.fromkeys(k for x in ab.results for k in x.bpb))
 
     def cell(x, k: str) -> str:
@@ -483,15 +485,10 @@ def ablation_section(r: Report) -> Section | None:
     return s
 
 
-def mix_section(r: Report) -> Section | None:
+@optional_section(RunDir.MIX, "mix", "The mixture, chosen by a law")
+def mix_section(r: Report, m, s: Section) -> Section:
     """Only when `domainlm mix` has run (mix/stage.py): the fitted law per source, the held-out weight's prediction
     beside its measured bpb, the recommended weight with its interval, and the frontier."""
-    opened = r.optional(RunDir.MIX, "mix", "The mixture, chosen by a law")
-    if opened is None:
-        return None
-    m, s = opened
-    if m is None:
-        return s
     rec = m.recommended
     d = m.design
     s.body.append(f"<p>{len(m.runs)} runs ({len(d['weights'])} domain weights × {d['seeds']} seeds × "
@@ -524,15 +521,10 @@ def mix_section(r: Report) -> Section | None:
     return s
 
 
-def decide_section(r: Report) -> Section | None:
+@optional_section(RunDir.DECIDE, "decide", "From scratch or continued?")
+def decide_section(r: Report, d, s: Section) -> Section:
     """Only when `domainlm decide` has run (decide.py): each arm's bpb per text at equal training tokens, probes,
     compute, and the verdict with its paired-bootstrap intervals."""
-    opened = r.optional(RunDir.DECIDE, "decide", "From scratch or continued?")
-    if opened is None:
-        return None
-    d, s = opened
-    if d is None:
-        return s
     def bpb_cell(a, n: str) -> str:  # the mean, and each seed's point under it
         pts = " ".join(f"{p['bpb'][n]:.4f}" for p in a.seeds or [] if n in p["bpb"])
         return _num(a.bpb.get(n), "{:.4f}") + (f"<br><span class=note>seeds: {pts}</span>" if pts else "")
@@ -571,28 +563,23 @@ def decide_section(r: Report) -> Section | None:
     return s
 
 
-def finetune_section(r: Report) -> Section | None:
+@optional_section(RunDir.FINETUNE_COMPARE, "finetune", "Downstream tasks after fine-tuning: domain vs general")
+def finetune_section(r: Report, ft, s: Section) -> Section:
     """Only when `domainlm finetune --compare` has run: downstream scores of the fine-tuned domain and general
     models side by side, with paired-bootstrap CIs (finetune/compare.py writes the file)."""
-    return _comparison_section(r, RunDir.FINETUNE_COMPARE, "finetune",
-                               "Downstream tasks after fine-tuning: domain vs general")
+    return _comparison(ft, s)
 
 
-def classify_section(r: Report) -> Section | None:
+@optional_section(RunDir.CLASSIFY_COMPARE, "classify", "Downstream classification: domain vs general model")
+def classify_section(r: Report, ft, s: Section) -> Section:
     """Only when `domainlm finetune --head classification --compare` has run (or `domainlm run` of a config with
     a ``downstream`` section): the two classifiers' accuracy and macro-F1 against the majority class."""
-    return _comparison_section(r, RunDir.CLASSIFY_COMPARE, "classify",
-                               "Downstream classification: domain vs general model")
+    return _comparison(ft, s)
 
 
-def _comparison_section(r: Report, rel: str, sid: str, title: str) -> Section | None:
-    opened = r.optional(rel, sid, title)
-    if opened is None:
-        return None
-    ft, s = opened
-    if ft is None:
-        return s
-
+def _comparison(ft, s: Section) -> Section:
+    """The body of the two fine-tuning comparison sections (compare.json's model: per task and metric, both
+    models with their intervals and the difference)."""
     def ci(m, fmt: str = "{:.1%}") -> str:
         return f"{fmt.format(m.value)} [{fmt.format(m.ci95[0])}, {fmt.format(m.ci95[1])}]"
 

@@ -17,7 +17,7 @@ from matplotlib.ticker import FuncFormatter  # noqa: E402
 
 from domainlm.outputs import Ablation, Audit, Counts, Decision, EvalOutput, Mine, Mix, ProbeScores, Stats  # noqa: E402
 from domainlm.plan.laws import MAX_USEFUL_EPOCHS  # noqa: E402
-from domainlm.rundir import publish, temp_path  # noqa: E402
+from domainlm.rundir import save_figure  # noqa: E402
 from domainlm.units import human  # noqa: E402
 
 DPI = 110
@@ -32,13 +32,8 @@ def colours(names: list[str]) -> dict[str, str]:
 
 
 def save(fig, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)
     fig.tight_layout()
-    fig.savefig(tmp, format="png", dpi=DPI)
-    plt.close(fig)
-    return publish(tmp, path)
+    return save_figure(fig, path, format="png", dpi=DPI)
 
 
 def _label_bars(ax, bars, fmt=human, horizontal: bool = False) -> None:

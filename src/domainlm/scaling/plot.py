@@ -14,7 +14,7 @@ import numpy as np
 
 from domainlm.errors import UserError
 from domainlm.plan.laws import LAWS, Law, get_law
-from domainlm.rundir import naming, publish, temp_path
+from domainlm.rundir import save_figure
 
 
 def usable_law(law_path: Path) -> Law | None:
@@ -99,11 +99,4 @@ def plot_scaling(rows: list[dict], law: dict, fitted: Law | None, path: Path) ->
     ax3.set_title("fitted L(N, D) (approach 3); lines: C = 6ND")
 
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path)  # through a temp file and a rename: never a torn plot, never through a planted link
-    try:
-        with naming(path):
-            fig.savefig(tmp)
-    finally:
-        plt.close(fig)
-    return publish(tmp, path)
+    return save_figure(fig, path)
